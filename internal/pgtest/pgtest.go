@@ -1,0 +1,497 @@
+// Package pgtest starts a throwaway PostgreSQL server for tests and examples.
+//
+// It looks for initdb and postgres in PATH, then in /usr/lib/postgresql/*/bin
+// (newest version first), initialises a cluster in a temporary directory with
+// trust authentication and durability switched off, and starts it on a free
+// port on 127.0.0.1. When the process runs as root the server runs as the
+// "postgres" OS user, because PostgreSQL refuses to run as root.
+//
+// TENANTPG_TEST_DATABASE_URL may name an existing server instead; it must be a
+// superuser connection string, and everything the tests create on it carries
+// a per-run prefix and is dropped by Stop.
+//
+// The package is internal: it exists for this module's tests and examples and
+// is not a supported API.
+package pgtest
+
+import (
+	"bufio"
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	_ "github.com/jackc/pgx/v5/stdlib" // the admin connection uses plain pgx
+)
+
+// EnvURL names the environment variable that points the tests at an existing
+// PostgreSQL superuser instead of a throwaway server.
+const EnvURL = "TENANTPG_TEST_DATABASE_URL"
+
+// ErrNotFound reports that no PostgreSQL binaries could be found.
+var ErrNotFound = errors.New("pgtest: PostgreSQL binaries (initdb, postgres) not found in PATH or /usr/lib/postgresql/*/bin; " +
+	"install them (Debian: apt-get install postgresql) or set " + EnvURL + " to a superuser connection string")
+
+// Options configure a throwaway server.
+type Options struct {
+	// MaxConnections is the server's max_connections (default 100). Tests
+	// choose a small value so that limits are really hit.
+	MaxConnections int
+	// Settings are extra "-c name=value" server settings.
+	Settings map[string]string
+}
+
+// Server is a running PostgreSQL server, either started by Start or given by
+// EnvURL.
+type Server struct {
+	Host string
+	Port int
+	// Prefix is prepended to every role and database the helpers create, so
+	// that runs against a shared server do not collide.
+	Prefix string
+
+	adminUser string
+	adminPass string
+	admin     *sql.DB
+
+	// Set only for a server this package started.
+	cmd       *exec.Cmd
+	dir       string
+	binDir    string
+	runAs     *syscall.Credential
+	opts      Options
+	exited    chan struct{}
+	logMu     sync.Mutex
+	logTail   []string
+	createdMu sync.Mutex
+	roles     []string
+	databases []string
+}
+
+// Start starts a throwaway server, or connects to the one named by EnvURL.
+func Start(opts Options) (*Server, error) {
+	if opts.MaxConnections == 0 {
+		opts.MaxConnections = 100
+	}
+	prefix := fmt.Sprintf("tpg%d_", os.Getpid()%100000)
+	if raw := os.Getenv(EnvURL); raw != "" {
+		return attach(raw, prefix)
+	}
+	binDir, err := findBinDir()
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{Host: "127.0.0.1", Prefix: prefix, adminUser: "postgres", binDir: binDir, opts: opts}
+	if os.Geteuid() == 0 {
+		cred, err := postgresCredential()
+		if err != nil {
+			return nil, err
+		}
+		s.runAs = cred
+	}
+	if s.dir, err = os.MkdirTemp("", "tenantpg-pg-"); err != nil {
+		return nil, err
+	}
+	if s.runAs != nil {
+		if err := os.Chown(s.dir, int(s.runAs.Uid), int(s.runAs.Gid)); err != nil {
+			s.cleanup()
+			return nil, err
+		}
+	}
+	if err := s.initdb(); err != nil {
+		s.cleanup()
+		return nil, err
+	}
+	// A free port can be taken by someone else between probing and binding;
+	// postgres then fails fast and we try another.
+	for attempt := 0; ; attempt++ {
+		if s.Port, err = freePort(); err != nil {
+			s.cleanup()
+			return nil, err
+		}
+		err = s.start()
+		if err == nil || attempt == 2 {
+			break
+		}
+	}
+	if err != nil {
+		s.cleanup()
+		return nil, err
+	}
+	if s.admin, err = sql.Open("pgx", s.URL(s.adminUser, "", "postgres")); err != nil {
+		s.Stop()
+		return nil, err
+	}
+	s.admin.SetMaxOpenConns(4)
+	return s, nil
+}
+
+func attach(raw, prefix string) (*Server, error) {
+	u, err := url.Parse(raw)
+	if err != nil || u.Scheme == "" {
+		return nil, fmt.Errorf("pgtest: %s must be a postgres:// URL", EnvURL)
+	}
+	port := 5432
+	if p := u.Port(); p != "" {
+		if port, err = strconv.Atoi(p); err != nil {
+			return nil, fmt.Errorf("pgtest: %s: bad port", EnvURL)
+		}
+	}
+	pass, _ := u.User.Password()
+	s := &Server{Host: u.Hostname(), Port: port, Prefix: prefix, adminUser: u.User.Username(), adminPass: pass}
+	if s.admin, err = sql.Open("pgx", raw); err != nil {
+		return nil, err
+	}
+	s.admin.SetMaxOpenConns(4)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := s.admin.PingContext(ctx); err != nil {
+		return nil, fmt.Errorf("pgtest: cannot reach the server named by %s: %w", EnvURL, err)
+	}
+	return s, nil
+}
+
+func findBinDir() (string, error) {
+	if p, err := exec.LookPath("initdb"); err == nil {
+		if real, err := filepath.EvalSymlinks(p); err == nil {
+			p = real
+		}
+		dir := filepath.Dir(p)
+		if _, err := os.Stat(filepath.Join(dir, "postgres")); err == nil {
+			return dir, nil
+		}
+	}
+	matches, _ := filepath.Glob("/usr/lib/postgresql/*/bin/initdb")
+	sort.Slice(matches, func(i, j int) bool { return versionOf(matches[i]) > versionOf(matches[j]) })
+	for _, m := range matches {
+		dir := filepath.Dir(m)
+		if _, err := os.Stat(filepath.Join(dir, "postgres")); err == nil {
+			return dir, nil
+		}
+	}
+	return "", ErrNotFound
+}
+
+func versionOf(initdbPath string) int {
+	v, _ := strconv.Atoi(filepath.Base(filepath.Dir(filepath.Dir(initdbPath))))
+	return v
+}
+
+func postgresCredential() (*syscall.Credential, error) {
+	u, err := user.Lookup("postgres")
+	if err != nil {
+		return nil, fmt.Errorf("pgtest: running as root needs a 'postgres' OS user to run the server as: %w", err)
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}, nil
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+func (s *Server) command(name string, args ...string) *exec.Cmd {
+	cmd := exec.Command(filepath.Join(s.binDir, name), args...)
+	cmd.Dir = s.dir
+	// SIGQUIT is PostgreSQL's immediate shutdown: if the test binary dies,
+	// the postmaster takes its backends down with it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.runAs, Pdeathsig: syscall.SIGQUIT}
+	cmd.Env = append(os.Environ(), "LC_ALL=C", "LANG=C")
+	return cmd
+}
+
+func (s *Server) dataDir() string { return filepath.Join(s.dir, "data") }
+
+func (s *Server) initdb() error {
+	cmd := s.command("initdb", "-D", s.dataDir(), "-U", s.adminUser, "-A", "trust",
+		"--no-sync", "--locale=C", "-E", "UTF8", "--no-instructions")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("pgtest: initdb failed: %w\n%s", err, out)
+	}
+	return nil
+}
+
+// start runs the postmaster and returns once it logs that it accepts
+// connections: the log line is the readiness signal, so nothing polls.
+func (s *Server) start() error {
+	args := []string{"-D", s.dataDir(), "-p", strconv.Itoa(s.Port), "-h", s.Host, "-k", s.dir,
+		"-c", "max_connections=" + strconv.Itoa(s.opts.MaxConnections),
+		"-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+		"-c", "shared_buffers=64MB", "-c", "log_min_messages=warning",
+		"-c", "log_connections=off", "-c", "log_disconnections=off"}
+	keys := make([]string, 0, len(s.opts.Settings))
+	for k := range s.opts.Settings {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		args = append(args, "-c", k+"="+s.opts.Settings[k])
+	}
+	cmd := s.command("postgres", args...)
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		return err
+	}
+	cmd.Stdout = nil
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("pgtest: starting postgres: %w", err)
+	}
+	ready := make(chan struct{})
+	exited := make(chan struct{})
+	go s.readLog(stderr, ready)
+	go func() {
+		_ = cmd.Wait()
+		close(exited)
+	}()
+	select {
+	case <-ready:
+	case <-exited:
+		return fmt.Errorf("pgtest: postgres exited during start-up:\n%s", s.tail())
+	case <-time.After(60 * time.Second):
+		_ = cmd.Process.Kill()
+		<-exited
+		return fmt.Errorf("pgtest: postgres did not become ready within 60s:\n%s", s.tail())
+	}
+	s.cmd, s.exited = cmd, exited
+	return nil
+}
+
+// readLog keeps draining the server's stderr for its whole life (a full pipe
+// would stall the postmaster) and remembers the last lines for diagnostics.
+func (s *Server) readLog(r interface{ Read([]byte) (int, error) }, ready chan struct{}) {
+	sc := bufio.NewScanner(r)
+	signalled := false
+	for sc.Scan() {
+		line := sc.Text()
+		s.logMu.Lock()
+		s.logTail = append(s.logTail, line)
+		if len(s.logTail) > 50 {
+			s.logTail = s.logTail[len(s.logTail)-50:]
+		}
+		s.logMu.Unlock()
+		if !signalled && strings.Contains(line, "ready to accept connections") {
+			signalled = true
+			close(ready)
+		}
+	}
+}
+
+func (s *Server) tail() string {
+	s.logMu.Lock()
+	defer s.logMu.Unlock()
+	return strings.Join(s.logTail, "\n")
+}
+
+// Log returns the last lines the server wrote to its log.
+func (s *Server) Log() string { return s.tail() }
+
+// Stopped reports whether the server process has exited.
+func (s *Server) stopProcess(sig syscall.Signal) error {
+	if s.cmd == nil {
+		return nil
+	}
+	_ = s.cmd.Process.Signal(sig)
+	select {
+	case <-s.exited:
+	case <-time.After(30 * time.Second):
+		_ = s.cmd.Process.Kill()
+		<-s.exited
+	}
+	s.cmd = nil
+	return nil
+}
+
+// Restart performs a fast shutdown and starts the server again on the same
+// port, as an operator's restart would. It is not available for a server
+// named by EnvURL.
+func (s *Server) Restart() error {
+	if s.dir == "" {
+		return errors.New("pgtest: cannot restart a server this package did not start")
+	}
+	if err := s.stopProcess(syscall.SIGINT); err != nil {
+		return err
+	}
+	return s.start()
+}
+
+// Stop drops what the helpers created (on an external server) or shuts the
+// throwaway server down and removes its files.
+func (s *Server) Stop() error {
+	if s.dir == "" {
+		s.dropCreated()
+	}
+	if s.admin != nil {
+		s.admin.Close()
+	}
+	if s.dir != "" {
+		_ = s.stopProcess(syscall.SIGINT)
+		s.cleanup()
+	}
+	return nil
+}
+
+func (s *Server) cleanup() {
+	if s.dir != "" {
+		_ = os.RemoveAll(s.dir)
+	}
+}
+
+func (s *Server) dropCreated() {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s.createdMu.Lock()
+	defer s.createdMu.Unlock()
+	for _, db := range s.databases {
+		_, _ = s.admin.ExecContext(ctx, "DROP DATABASE IF EXISTS "+quoteIdent(db)+" WITH (FORCE)")
+	}
+	for _, r := range s.roles {
+		_, _ = s.admin.ExecContext(ctx, "DROP ROLE IF EXISTS "+quoteIdent(r))
+	}
+}
+
+// Admin returns a superuser connection pool to the "postgres" database.
+func (s *Server) Admin() *sql.DB { return s.admin }
+
+// URL returns a postgres:// connection string for user and database on this
+// server. sslmode=disable keeps a dial to a single round of start-up.
+func (s *Server) URL(user, password, database string) string {
+	u := url.URL{Scheme: "postgres", Host: net.JoinHostPort(s.Host, strconv.Itoa(s.Port)), Path: "/" + database}
+	if user == s.adminUser && password == "" {
+		password = s.adminPass
+	}
+	if password != "" {
+		u.User = url.UserPassword(user, password)
+	} else {
+		u.User = url.User(user)
+	}
+	u.RawQuery = "sslmode=disable"
+	return u.String()
+}
+
+// CreateRole creates a login role (named Prefix+name) with a password and a
+// CONNECTION LIMIT (-1 for none), and returns the full name. A non-superuser
+// role is what makes the server enforce that limit.
+func (s *Server) CreateRole(ctx context.Context, name, password string, connLimit int) (string, error) {
+	full := s.Prefix + name
+	q := fmt.Sprintf("CREATE ROLE %s LOGIN PASSWORD %s CONNECTION LIMIT %d", quoteIdent(full), quoteLiteral(password), connLimit)
+	if _, err := s.admin.ExecContext(ctx, q); err != nil {
+		return "", fmt.Errorf("pgtest: create role %s: %w", full, err)
+	}
+	s.createdMu.Lock()
+	s.roles = append(s.roles, full)
+	s.createdMu.Unlock()
+	return full, nil
+}
+
+// CreateDatabases creates the databases Prefix+name for each name, owned by
+// owner, a few at a time, and returns their full names in order.
+func (s *Server) CreateDatabases(ctx context.Context, owner string, names ...string) ([]string, error) {
+	full := make([]string, len(names))
+	errs := make(chan error, len(names))
+	sem := make(chan struct{}, 4)
+	var wg sync.WaitGroup
+	for i, n := range names {
+		full[i] = s.Prefix + n
+		wg.Add(1)
+		sem <- struct{}{}
+		go func(db string) {
+			defer wg.Done()
+			defer func() { <-sem }()
+			q := "CREATE DATABASE " + quoteIdent(db) + " OWNER " + quoteIdent(owner) + " TEMPLATE template0"
+			if _, err := s.admin.ExecContext(ctx, q); err != nil {
+				errs <- fmt.Errorf("pgtest: create database %s: %w", db, err)
+				return
+			}
+			s.createdMu.Lock()
+			s.databases = append(s.databases, db)
+			s.createdMu.Unlock()
+		}(full[i])
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return nil, err
+	}
+	return full, nil
+}
+
+// Backends returns how many client backends the server has for role right now.
+func (s *Server) Backends(ctx context.Context, role string) (int, error) {
+	var n int
+	err := s.admin.QueryRowContext(ctx,
+		"SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend'", role).Scan(&n)
+	return n, err
+}
+
+// TerminateBackends terminates every client backend of role and returns how
+// many it signalled.
+func (s *Server) TerminateBackends(ctx context.Context, role string) (int, error) {
+	var n int
+	err := s.admin.QueryRowContext(ctx,
+		"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend'",
+		role).Scan(&n)
+	return n, err
+}
+
+func quoteIdent(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`) + `"` }
+
+func quoteLiteral(s string) string { return `'` + strings.ReplaceAll(s, `'`, `''`) + `'` }
+
+var (
+	mainServer *Server
+	mainErr    error
+)
+
+// Main starts one server for a test binary, runs its tests and stops the
+// server. Use it from TestMain: os.Exit(pgtest.Main(m, opts)). When no
+// PostgreSQL can be found the tests run and each one that calls Require
+// skips, saying how to get one; when the CI environment variable is set that
+// is a failure instead, so that a missing server can never pass CI.
+func Main(m *testing.M, opts Options) int {
+	mainServer, mainErr = Start(opts)
+	if mainErr != nil {
+		if os.Getenv("CI") != "" {
+			fmt.Fprintln(os.Stderr, "FAIL: CI is set and no PostgreSQL is available:", mainErr)
+			return 1
+		}
+		fmt.Fprintln(os.Stderr, "pgtest: tests that need PostgreSQL will skip:", mainErr)
+	}
+	code := m.Run()
+	if mainServer != nil {
+		_ = mainServer.Stop()
+	}
+	return code
+}
+
+// Require returns the server started by Main, or skips the test when there
+// is none.
+func Require(t testing.TB) *Server {
+	t.Helper()
+	if mainServer == nil {
+		if mainErr == nil {
+			mainErr = errors.New("pgtest.Main was not called from TestMain")
+		}
+		t.Skip(mainErr.Error())
+	}
+	return mainServer
+}
