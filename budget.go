@@ -1,0 +1,817 @@
+package tenantpg
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+)
+
+// The budget is the process-wide (per Driver) count of physical connections.
+// A token stands for one server backend: it is taken before a dial starts and
+// given back only after the server has closed that backend's socket, so the
+// server never sees more connections than the budget.
+//
+// Each database may set aside reserved tokens that only it can use; the rest
+// form the shared pool. A database's tokens count against its reservation
+// first, so sharedInUse == Σ max(0, db.open - db.reserved).
+//
+// When the shared pool is empty, the idle connection of the least recently
+// used database is closed and its token handed to the caller that needs one
+// (an eviction). When nothing idle can be closed, callers queue in arrival
+// order until a token frees, their context ends, or the acquire timeout
+// passes.
+//
+// Locking: one mutex, budget.mu, guards all of it, including every
+// database's counters and lists and every conn's state transitions. It is
+// never held during network I/O: connections chosen for closing under the
+// lock are queued in toClose and closed by unlock. Code that only needs to
+// know a conn is checked out reads conn.state atomically without the lock.
+type budget struct {
+	mu sync.Mutex
+
+	// Settings; guarded by mu.
+	limit          int
+	perDB          int
+	lifetime       time.Duration
+	idleTimeout    time.Duration
+	acquireTimeout time.Duration
+	grace          time.Duration
+
+	// Token accounting; guarded by mu.
+	reserved    int // Σ database.reserved
+	sharedInUse int // tokens held beyond reservations
+	open        int // tokens held: dialing, in use, idle or closing
+	dialing     int
+	inUse       int
+	idle        int
+	closing     int // tokens whose connection is being torn down
+	peakOpen    int
+
+	dbs     map[dbKey]*database
+	idleDBs list[database, *database] // databases with idle conns, most recently used first
+	waiters list[waiter, *waiter]     // callers waiting for a token, oldest first
+	closed  bool
+
+	toClose []*conn // chosen for closing under mu; closed by unlock
+
+	reapTimer  *time.Timer
+	reapAt     time.Time
+	reapArmed  bool
+	graceTimer *time.Timer
+	graceAt    time.Time
+	graceArmed bool
+
+	// Cumulative counters; guarded by mu.
+	waitCount    uint64
+	waitDuration time.Duration
+	timeouts     uint64
+	evictions    [numReasons]uint64
+	dials        uint64
+	dialErrors   [numDialErrorKinds]uint64
+
+	drains sync.WaitGroup // sockets being drained after close
+}
+
+// database is the state shared by every connector for one server, user and
+// database. All fields after the first block are guarded by budget.mu.
+type database struct {
+	key  dbKey
+	name string
+
+	workspace   string
+	capOverride int // pool_max_conns; 0 = the driver's per-database default
+	reserved    int // pool_reserved_conns
+	refs        int // connectors that use this state
+
+	open      int // tokens held by this database
+	dialing   int
+	inUse     int
+	idle      int
+	closing   int
+	lastUsed  time.Time
+	evictions uint64
+	idleConns list[conn, *conn] // most recently checked in first
+	lru       links[database]
+}
+
+func (d *database) lnk() *links[database] { return &d.lru }
+
+// waiter is a caller queued for a token.
+type waiter struct {
+	db      *database
+	since   time.Time
+	ready   chan struct{} // closed once granted (or failed, with err set)
+	granted bool
+	err     error
+	claim   *token // a closing connection whose token is promised to this waiter
+	link    links[waiter]
+}
+
+func (w *waiter) lnk() *links[waiter] { return &w.link }
+
+// token tracks one physical connection's claim on the budget from the start
+// of its dial until the server has closed every socket dialed for it.
+// Fields are guarded by budget.mu.
+type token struct {
+	db       *database
+	sockets  int  // sockets dialed for this token and not yet drained
+	ended    bool // the owner is done: dial failed or the connection closed
+	released bool
+	claim    *waiter // the waiter that gets this token when it is released
+}
+
+// Conn states. A conn starts busy, becomes idle at check-in (IsValid) and busy
+// again at checkout (ResetSession or any other driver call). Transitions
+// happen under budget.mu; a busy conn is only ever changed by database/sql's
+// own calls, which it serialises per connection, so reading "busy" without the
+// lock is safe.
+const (
+	stateBusy    int32 = iota
+	stateIdle          // in database/sql's free list; may be evicted after the grace period
+	stateDoomed        // IsValid answered false; database/sql will call Close
+	stateEvicted       // the driver closed it; database/sql's Close is a no-op
+	stateClosed        // Close was called
+)
+
+type evictReason uint8
+
+// Reasons the driver closes a connection. reasonNone is a close asked for by
+// database/sql or the application.
+const (
+	reasonNone         evictReason = iota
+	reasonLRU                      // idle, closed to give its token to another database
+	reasonHandoff                  // closed at check-in because a caller was waiting for its token
+	reasonIdleTimeout              // idle for longer than ConnMaxIdleTime
+	reasonLifetime                 // older than ConnMaxLifetime
+	reasonBudgetShrink             // the budget or a per-database cap was lowered
+	reasonBroken                   // the connection was found closed or broken
+	reasonDriverClosed             // Driver.Close
+	numReasons
+)
+
+var reasonNames = [numReasons]string{"", "lru", "handoff", "idle_timeout", "lifetime", "budget_shrink", "broken", "driver_closed"}
+
+type dialErrorKind uint8
+
+const (
+	dialRejected dialErrorKind = iota // the server refused: too many connections (SQLSTATE 53300)
+	dialOther
+	numDialErrorKinds
+)
+
+// errDriverClosed is returned to callers waiting when the driver closes.
+var errDriverClosed = errors.New("tenantpg: driver closed")
+
+func newBudget(cfg Config) *budget {
+	b := &budget{dbs: make(map[dbKey]*database), grace: defaultHandoffGrace}
+	b.apply(cfg)
+	return b
+}
+
+func (b *budget) apply(cfg Config) {
+	b.limit = cfg.MaxConnections
+	b.perDB = cfg.MaxConnectionsPerDB
+	b.lifetime = cfg.ConnMaxLifetime
+	b.idleTimeout = cfg.ConnMaxIdleTime
+	b.acquireTimeout = cfg.AcquireTimeout
+}
+
+// unlock releases mu and then closes the connections chosen for closing
+// while it was held, so that no network I/O happens under the lock.
+func (b *budget) unlock() {
+	if len(b.toClose) == 0 {
+		b.mu.Unlock()
+		return
+	}
+	victims := b.toClose
+	b.toClose = nil
+	b.mu.Unlock()
+	for _, c := range victims {
+		c.closePhysical()
+	}
+}
+
+func (b *budget) capOf(d *database) int {
+	c := b.perDB
+	if d.capOverride > 0 {
+		c = d.capOverride
+	}
+	if c > b.limit {
+		c = b.limit
+	}
+	if c < d.reserved {
+		c = d.reserved
+	}
+	return c
+}
+
+// roomLocked reports whether d may take a token now without evicting.
+func (b *budget) roomLocked(d *database) bool {
+	return d.open < d.reserved || b.sharedInUse < b.limit-b.reserved
+}
+
+func (b *budget) takeLocked(d *database) {
+	d.open++
+	b.open++
+	if d.open > d.reserved {
+		b.sharedInUse++
+	}
+	if b.open > b.peakOpen {
+		b.peakOpen = b.open
+	}
+}
+
+func (b *budget) giveLocked(d *database) {
+	if d.open > d.reserved {
+		b.sharedInUse--
+	}
+	d.open--
+	b.open--
+}
+
+// acquire takes a token for d, waiting in line when there is none. ctx bounds
+// the wait; caller is the context the application passed, used to tell its
+// cancellation from the driver's own acquire timeout.
+func (b *budget) acquire(ctx, caller context.Context, d *database) (*token, error) {
+	now := time.Now()
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return nil, errDriverClosed
+	}
+	if d.open-d.closing < b.capOf(d) && b.roomLocked(d) {
+		b.takeLocked(d)
+		b.dialingLocked(d)
+		b.mu.Unlock()
+		return &token{db: d}, nil
+	}
+	w := &waiter{db: d, since: now, ready: make(chan struct{})}
+	b.waiters.pushBack(w)
+	b.waitCount++
+	b.serveWaitersLocked(now)
+	b.unlock()
+
+	select {
+	case <-w.ready:
+		if w.err != nil {
+			return nil, w.err
+		}
+		return &token{db: d}, nil
+	case <-ctx.Done():
+	}
+
+	b.mu.Lock()
+	if w.granted {
+		if w.err != nil {
+			b.mu.Unlock()
+			return nil, w.err
+		}
+		// The grant raced with the end of the wait: give the token straight back.
+		d.dialing--
+		b.dialing--
+		b.giveLocked(d)
+		b.serveWaitersLocked(time.Now())
+	} else {
+		b.waiters.remove(w)
+		if w.claim != nil {
+			w.claim.claim = nil
+			w.claim = nil
+		}
+	}
+	waited := time.Since(w.since)
+	b.waitDuration += waited
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		b.timeouts++
+	}
+	e := &BudgetError{
+		Workspace: d.workspace, Database: d.name,
+		Open: b.open, Limit: b.limit,
+		DatabaseOpen: d.open, DatabaseCap: b.capOf(d),
+		Waiting: b.waiters.len, Waited: waited,
+	}
+	if caller.Err() != nil {
+		e.Err = caller.Err()
+	}
+	b.unlock()
+	return nil, e
+}
+
+func (b *budget) dialingLocked(d *database) {
+	d.dialing++
+	b.dialing++
+	b.dials++
+}
+
+func (b *budget) grantLocked(w *waiter, now time.Time) {
+	b.takeLocked(w.db)
+	b.dialingLocked(w.db)
+	w.granted = true
+	b.waiters.remove(w)
+	b.waitDuration += now.Sub(w.since)
+	close(w.ready)
+}
+
+// serveWaitersLocked gives free tokens to waiters in arrival order and, for
+// waiters that no free token can serve, starts evicting the least recently
+// used idle connections, each promised to one waiter. It runs after every
+// event that can make room: a token released, a waiter added, a reservation
+// or the budget changed, the hand-off grace period of an idle conn ended.
+func (b *budget) serveWaitersLocked(now time.Time) {
+	var retryAt time.Time
+	for w := b.waiters.front; w != nil; {
+		next := b.waiters.next(w)
+		if w.claim == nil {
+			d := w.db
+			if d.open-d.closing >= b.capOf(d) {
+				// At its own cap: only closing one of its own idle
+				// connections helps, which happens when several *sql.DB
+				// share one database.
+				if v := d.idleConns.back; v != nil && b.pastGrace(v, now) {
+					b.evictLocked(v, reasonLRU, w)
+				}
+			} else if b.roomLocked(d) {
+				b.grantLocked(w, now)
+			} else if v, at := b.victimLocked(now); v != nil {
+				b.evictLocked(v, reasonLRU, w)
+			} else {
+				if !at.IsZero() && (retryAt.IsZero() || at.Before(retryAt)) {
+					retryAt = at
+				}
+				if b.reserved == 0 {
+					break // no later waiter can be served either
+				}
+			}
+		}
+		w = next
+	}
+	if !retryAt.IsZero() {
+		b.armGraceLocked(retryAt, now)
+	}
+}
+
+func (b *budget) pastGrace(c *conn, now time.Time) bool {
+	return now.Sub(c.idleSince) >= b.grace
+}
+
+// victimLocked returns the idle connection to close to free a shared token:
+// the oldest idle connection of the least recently used database. It skips
+// databases whose connections all sit within their reservation (closing one
+// would free no shared token) and connections still within the hand-off
+// grace period, for which it reports when the earliest becomes eligible.
+// Only databases with idle connections are in idleDBs, so the walk is bounded
+// by the budget, not by the number of databases, and usually stops at the
+// first.
+func (b *budget) victimLocked(now time.Time) (*conn, time.Time) {
+	var retryAt time.Time
+	for x := b.idleDBs.back; x != nil; x = b.idleDBs.prev(x) {
+		if x.open-x.closing <= x.reserved {
+			continue
+		}
+		v := x.idleConns.back
+		if !b.pastGrace(v, now) {
+			at := v.idleSince.Add(b.grace)
+			if retryAt.IsZero() || at.Before(retryAt) {
+				retryAt = at
+			}
+			continue
+		}
+		return v, time.Time{}
+	}
+	return nil, retryAt
+}
+
+// evictLocked marks idle conn v for closing by the driver. If w is not nil,
+// v's token goes to w once the server has closed v's backend.
+func (b *budget) evictLocked(v *conn, reason evictReason, w *waiter) {
+	b.unlinkIdleLocked(v)
+	v.state.Store(stateEvicted)
+	t := v.tok
+	if w != nil {
+		t.claim = w
+		w.claim = t
+	}
+	b.countEvictionLocked(v.db, reason)
+	b.markClosingLocked(t)
+	t.ended = true
+	b.toClose = append(b.toClose, v)
+}
+
+func (b *budget) countEvictionLocked(d *database, reason evictReason) {
+	if reason != reasonNone {
+		b.evictions[reason]++
+		d.evictions++
+	}
+}
+
+func (b *budget) markClosingLocked(t *token) {
+	t.db.closing++
+	b.closing++
+}
+
+// unlinkIdleLocked takes idle conn c out of the idle lists without touching
+// its database's recency.
+func (b *budget) unlinkIdleLocked(c *conn) {
+	d := c.db
+	d.idleConns.remove(c)
+	d.idle--
+	b.idle--
+	if d.idleConns.len == 0 {
+		b.idleDBs.remove(d)
+	}
+}
+
+// endLocked records that the owner of t is done with it; the token returns
+// once every socket dialed for it has been drained.
+func (b *budget) endLocked(t *token) {
+	t.ended = true
+	if t.sockets == 0 {
+		b.releaseLocked(t)
+	}
+}
+
+// socketOpened and socketDrained count the sockets dialed under t.
+func (b *budget) socketOpened(t *token) {
+	b.mu.Lock()
+	t.sockets++
+	b.mu.Unlock()
+}
+
+func (b *budget) socketDrained(t *token) {
+	b.mu.Lock()
+	t.sockets--
+	if t.ended && t.sockets == 0 {
+		b.releaseLocked(t)
+	}
+	b.unlock()
+}
+
+// releaseLocked returns t to the budget: to the waiter it was promised to
+// when that waiter can use it, otherwise to whoever is first in line.
+func (b *budget) releaseLocked(t *token) {
+	if t.released {
+		return
+	}
+	t.released = true
+	d := t.db
+	d.closing--
+	b.closing--
+	b.giveLocked(d)
+	now := time.Now()
+	if w := t.claim; w != nil {
+		t.claim = nil
+		w.claim = nil
+		if !w.granted && w.db.open-w.db.closing < b.capOf(w.db) && b.roomLocked(w.db) {
+			b.grantLocked(w, now)
+		}
+	}
+	b.serveWaitersLocked(now)
+	b.forgetLocked(d)
+}
+
+// forgetLocked drops the state of a database no connector uses and that
+// holds no connection, so that opening many databases over time does not
+// grow memory.
+func (b *budget) forgetLocked(d *database) {
+	if d.refs == 0 && d.open == 0 && b.dbs[d.key] == d {
+		b.reserved -= d.reserved
+		d.reserved = 0
+		delete(b.dbs, d.key)
+		b.serveWaitersLocked(time.Now())
+	}
+}
+
+// connected records a successful dial.
+func (b *budget) connected(c *conn) {
+	b.mu.Lock()
+	d := c.db
+	d.dialing--
+	b.dialing--
+	d.inUse++
+	b.inUse++
+	b.mu.Unlock()
+}
+
+// dialFailed records a failed dial; the token returns once any socket the
+// dial opened has been drained.
+func (b *budget) dialFailed(t *token, kind dialErrorKind) {
+	b.mu.Lock()
+	d := t.db
+	d.dialing--
+	b.dialing--
+	b.dialErrors[kind]++
+	b.markClosingLocked(t)
+	b.endLocked(t)
+	b.unlock()
+}
+
+// checkin is called from IsValid when database/sql takes a connection back.
+// It reports whether database/sql may keep it; when it may not, database/sql
+// closes it, which is how a busy connection is reclaimed without ever being
+// closed under a caller.
+func (b *budget) checkin(c *conn) bool {
+	now := time.Now()
+	b.mu.Lock()
+	if c.state.Load() != stateBusy {
+		b.mu.Unlock()
+		return false
+	}
+	d := c.db
+	d.inUse--
+	b.inUse--
+	d.lastUsed = now
+	reason, w := b.checkinReasonLocked(c, now)
+	if reason != reasonNone {
+		c.state.Store(stateDoomed)
+		b.countEvictionLocked(d, reason)
+		b.markClosingLocked(c.tok)
+		if w != nil {
+			c.tok.claim = w
+			w.claim = c.tok
+		}
+		b.mu.Unlock()
+		return false
+	}
+	c.state.Store(stateIdle)
+	c.idleSince = now
+	d.idleConns.pushFront(c)
+	d.idle++
+	b.idle++
+	if d.lru.listed {
+		b.idleDBs.moveToFront(d)
+	} else {
+		b.idleDBs.pushFront(d)
+	}
+	b.armReaperLocked(b.expiry(c), now)
+	b.mu.Unlock()
+	return true
+}
+
+func (b *budget) checkinReasonLocked(c *conn, now time.Time) (evictReason, *waiter) {
+	d := c.db
+	switch {
+	case c.broken():
+		return reasonBroken, nil
+	case b.closed:
+		return reasonDriverClosed, nil
+	case b.lifetime > 0 && now.Sub(c.created) >= b.lifetime:
+		return reasonLifetime, nil
+	case d.open-d.closing > b.capOf(d):
+		return reasonBudgetShrink, nil
+	case d.open-d.closing > d.reserved && b.sharedInUse-b.closing > b.limit-b.reserved:
+		return reasonBudgetShrink, nil
+	}
+	if b.waiters.len > 0 {
+		if w := b.waiterForLocked(d); w != nil {
+			return reasonHandoff, w
+		}
+	}
+	return reasonNone, nil
+}
+
+// waiterForLocked returns the first waiter that the token of a connection of
+// d, once released, would serve.
+func (b *budget) waiterForLocked(d *database) *waiter {
+	frees := d.open-d.closing > d.reserved
+	for w := b.waiters.front; w != nil; w = b.waiters.next(w) {
+		if w.claim != nil {
+			continue
+		}
+		if w.db == d || (frees && w.db.open-w.db.closing < b.capOf(w.db)) {
+			return w
+		}
+	}
+	return nil
+}
+
+// checkout marks an idle conn busy again. It reports false when the driver
+// has closed the conn, and database/sql then retries on another one.
+func (b *budget) checkout(c *conn) bool {
+	b.mu.Lock()
+	switch c.state.Load() {
+	case stateBusy:
+	case stateIdle:
+		b.unlinkIdleLocked(c)
+		if c.db.idleConns.len > 0 {
+			b.idleDBs.moveToFront(c.db)
+		}
+		c.state.Store(stateBusy)
+		c.db.inUse++
+		b.inUse++
+	default:
+		b.mu.Unlock()
+		return false
+	}
+	b.mu.Unlock()
+	return true
+}
+
+// beginIdleOp protects an operation database/sql runs on a connection in its
+// free list (closing a prepared statement) from a concurrent eviction. It
+// reports whether the operation may touch the connection and whether the
+// connection was idle, which endIdleOp needs.
+func (b *budget) beginIdleOp(c *conn) (ok, wasIdle bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch c.state.Load() {
+	case stateIdle:
+		b.unlinkIdleLocked(c)
+		c.state.Store(stateBusy)
+		return true, true
+	case stateBusy, stateDoomed:
+		return true, false
+	}
+	return false, false
+}
+
+func (b *budget) endIdleOp(c *conn) {
+	b.mu.Lock()
+	if c.state.Load() == stateBusy {
+		c.state.Store(stateIdle)
+		c.db.idleConns.pushBack(c)
+		c.db.idle++
+		b.idle++
+		if !c.db.lru.listed {
+			b.idleDBs.pushBack(c.db)
+		}
+	}
+	b.mu.Unlock()
+}
+
+// closeConn handles Close from database/sql (or a driver.Open user). It
+// reports whether the caller must close the physical connection; a conn the
+// driver evicted is being closed already.
+func (b *budget) closeConn(c *conn) bool {
+	b.mu.Lock()
+	switch c.state.Load() {
+	case stateEvicted, stateClosed:
+		b.mu.Unlock()
+		return false
+	case stateIdle:
+		b.unlinkIdleLocked(c)
+		b.markClosingLocked(c.tok)
+	case stateBusy:
+		c.db.inUse--
+		b.inUse--
+		b.markClosingLocked(c.tok)
+	case stateDoomed:
+		// Counted as closing at check-in.
+	}
+	c.state.Store(stateClosed)
+	b.endLocked(c.tok)
+	b.unlock()
+	return true
+}
+
+func (b *budget) expiry(c *conn) time.Time {
+	at := c.idleSince.Add(b.idleTimeout)
+	if b.lifetime > 0 {
+		if l := c.created.Add(b.lifetime); l.Before(at) {
+			at = l
+		}
+	}
+	return at
+}
+
+func (b *budget) armReaperLocked(at, now time.Time) {
+	if b.closed || (b.reapArmed && !at.Before(b.reapAt)) {
+		return
+	}
+	b.reapAt, b.reapArmed = at, true
+	if b.reapTimer == nil {
+		b.reapTimer = time.AfterFunc(at.Sub(now), b.reap)
+	} else {
+		b.reapTimer.Reset(at.Sub(now))
+	}
+}
+
+// reap closes idle connections past their idle timeout or lifetime. It runs
+// on a timer armed for the earliest expiry, so an idle driver costs no
+// goroutine.
+func (b *budget) reap() {
+	now := time.Now()
+	b.mu.Lock()
+	b.reapArmed = false
+	var next time.Time
+	for x := b.idleDBs.back; x != nil; {
+		prevDB := b.idleDBs.prev(x)
+		for c := x.idleConns.back; c != nil; {
+			prevConn := x.idleConns.prev(c)
+			at := b.expiry(c)
+			if !at.After(now) {
+				reason := reasonIdleTimeout
+				if b.lifetime > 0 && now.Sub(c.created) >= b.lifetime {
+					reason = reasonLifetime
+				}
+				b.evictLocked(c, reason, nil)
+			} else if next.IsZero() || at.Before(next) {
+				next = at
+			}
+			c = prevConn
+		}
+		x = prevDB
+	}
+	if !next.IsZero() {
+		b.armReaperLocked(next, now)
+	}
+	b.unlock()
+}
+
+func (b *budget) armGraceLocked(at, now time.Time) {
+	if b.closed || (b.graceArmed && !at.Before(b.graceAt)) {
+		return
+	}
+	b.graceAt, b.graceArmed = at, true
+	if b.graceTimer == nil {
+		b.graceTimer = time.AfterFunc(at.Sub(now), b.graceExpired)
+	} else {
+		b.graceTimer.Reset(at.Sub(now))
+	}
+}
+
+func (b *budget) graceExpired() {
+	b.mu.Lock()
+	b.graceArmed = false
+	b.serveWaitersLocked(time.Now())
+	b.unlock()
+}
+
+// reconfigure applies new settings. Lowering the budget or a cap closes idle
+// connections down to the new limits at once; busy ones are closed when they
+// are checked in. Raising it serves waiters.
+func (b *budget) reconfigure(cfg Config) error {
+	b.mu.Lock()
+	if cfg.MaxConnections < b.reserved {
+		b.mu.Unlock()
+		return &ConfigError{Field: "MaxConnections", Reason: errReservedExceedsBudget(cfg.MaxConnections, b.reserved)}
+	}
+	b.apply(cfg)
+	now := time.Now()
+	b.shrinkLocked()
+	b.serveWaitersLocked(now)
+	if b.idle > 0 {
+		b.reapArmed = false // the timeouts may have changed: rescan
+		b.armReaperLocked(now, now)
+	}
+	b.unlock()
+	return nil
+}
+
+// shrinkLocked evicts idle connections until every database is within its
+// cap and the shared pool within the budget, counting connections already
+// closing as gone.
+func (b *budget) shrinkLocked() {
+	for x := b.idleDBs.back; x != nil; {
+		prev := b.idleDBs.prev(x)
+		for x.open-x.closing > b.capOf(x) && x.idleConns.back != nil {
+			b.evictLocked(x.idleConns.back, reasonBudgetShrink, nil)
+		}
+		x = prev
+	}
+	for b.sharedInUse-b.closing > b.limit-b.reserved {
+		var v *conn
+		for x := b.idleDBs.back; x != nil && v == nil; x = b.idleDBs.prev(x) {
+			if x.open-x.closing > x.reserved {
+				v = x.idleConns.back
+			}
+		}
+		if v == nil {
+			return
+		}
+		b.evictLocked(v, reasonBudgetShrink, nil)
+	}
+}
+
+// close fails every waiter, closes every idle connection and stops the
+// timers. Busy connections are closed when database/sql returns them.
+func (b *budget) close() {
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		b.drains.Wait()
+		return
+	}
+	b.closed = true
+	for w := b.waiters.front; w != nil; {
+		next := b.waiters.next(w)
+		b.waiters.remove(w)
+		w.granted, w.err = true, errDriverClosed
+		if w.claim != nil {
+			w.claim.claim = nil
+			w.claim = nil
+		}
+		close(w.ready)
+		w = next
+	}
+	for b.idleDBs.back != nil {
+		b.evictLocked(b.idleDBs.back.idleConns.back, reasonDriverClosed, nil)
+	}
+	if b.reapTimer != nil {
+		b.reapTimer.Stop()
+	}
+	if b.graceTimer != nil {
+		b.graceTimer.Stop()
+	}
+	b.unlock()
+	b.drains.Wait()
+}

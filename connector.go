@@ -1,0 +1,335 @@
+package tenantpg
+
+import (
+	"context"
+	"database/sql/driver"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/stdlib"
+)
+
+// drainTimeout bounds how long a closed socket waits for the server to close
+// its end. A healthy server closes within a round trip of receiving
+// Terminate; past this the token is given back anyway so that an unreachable
+// server cannot leak the budget.
+const drainTimeout = 3 * time.Second
+
+// connector is the driver.Connector for one DSN. Every connector for the
+// same server, user and database shares one *database.
+type connector struct {
+	drv   *Driver
+	db    *database
+	inner driver.Connector // pgx stdlib, dialing through trackedDial
+
+	closeOnce sync.Once
+}
+
+var (
+	_ driver.Connector = (*connector)(nil)
+	_ io.Closer        = (*connector)(nil)
+)
+
+// Driver returns the *Driver the connector belongs to.
+func (c *connector) Driver() driver.Driver { return c.drv }
+
+// Close releases the connector's share of its database's state. database/sql
+// calls it from DB.Close.
+func (c *connector) Close() error {
+	c.closeOnce.Do(func() { c.drv.b.unregister(c.db) })
+	return nil
+}
+
+// Connect takes a token from the budget, waiting when there is none, and
+// dials. The whole call is bounded by the acquire timeout because
+// database/sql's connection opener calls Connect with a context that never
+// ends.
+func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
+	b := c.drv.b
+	b.mu.Lock()
+	timeout := b.acquireTimeout
+	b.mu.Unlock()
+	caller := ctx
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+
+	tok, err := b.acquire(ctx, caller, c.db)
+	if err != nil {
+		return nil, err
+	}
+	return c.dial(ctx, tok)
+}
+
+func (c *connector) dial(ctx context.Context, tok *token) (_ driver.Conn, err error) {
+	b := c.drv.b
+	dialed := false
+	defer func() {
+		// A panic in pgx or in a hook must not keep the token.
+		if !dialed {
+			kind := dialOther
+			if p := recover(); p != nil {
+				b.dialFailed(tok, kind)
+				panic(p)
+			}
+			b.dialFailed(tok, classifyDialError(err))
+		}
+	}()
+	created := time.Now()
+	dc, err := c.inner.Connect(context.WithValue(ctx, tokenKey{}, &dialTarget{b: b, tok: tok}))
+	if err != nil {
+		return nil, c.dialError(err)
+	}
+	dialed = true
+	cn := &conn{pc: dc.(*stdlib.Conn), db: c.db, b: b, tok: tok, created: created}
+	b.connected(cn)
+	return cn, nil
+}
+
+func classifyDialError(err error) dialErrorKind {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "53300" {
+		return dialRejected
+	}
+	return dialOther
+}
+
+func (c *connector) dialError(err error) error {
+	b := c.drv.b
+	b.mu.Lock()
+	ws, name := c.db.workspace, c.db.name
+	b.mu.Unlock()
+	return &ConnectError{Workspace: ws, Database: name, Err: err}
+}
+
+// tokenKey carries the dialTarget from Connect to trackedDial through the
+// dial context: pgx calls DialFunc for every attempt (TLS fallback, several
+// hosts) and for cancel requests, and only the first kind belongs to a token.
+type tokenKey struct{}
+
+type dialTarget struct {
+	b   *budget
+	tok *token
+}
+
+// trackedDial wraps pgx's dialer so that every socket opened for a token is
+// counted, and the token is released only after each one is drained.
+func trackedDial(inner pgconn.DialFunc) pgconn.DialFunc {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		nc, err := inner(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		t, _ := ctx.Value(tokenKey{}).(*dialTarget)
+		if t == nil {
+			return nc, nil // a cancel request: no backend is created for it
+		}
+		t.b.socketOpened(t.tok)
+		return &trackedConn{Conn: nc, target: t}, nil
+	}
+}
+
+// trackedConn is a socket whose Close waits, in the background, for the
+// server to close its end before the token is returned. pgconn's Close sends
+// Terminate and closes the socket without waiting, and the backend process
+// lingers for a moment after that; a new dial in that moment would make the
+// server see one connection more than the budget.
+type trackedConn struct {
+	net.Conn
+	target *dialTarget
+	once   sync.Once
+}
+
+func (s *trackedConn) Close() error {
+	s.once.Do(func() {
+		s.target.b.drains.Add(1)
+		go s.drain()
+	})
+	return nil
+}
+
+func (s *trackedConn) drain() {
+	defer s.target.b.drains.Done()
+	// Half-close first: a server that never got Terminate (the dial was
+	// cancelled, pgconn gave up) ends its backend on EOF.
+	if hc, ok := s.Conn.(interface{ CloseWrite() error }); ok {
+		_ = hc.CloseWrite()
+		_ = s.Conn.SetReadDeadline(time.Now().Add(drainTimeout))
+		_, _ = io.Copy(io.Discard, s.Conn)
+	}
+	_ = s.Conn.Close()
+	s.target.b.socketDrained(s.target.tok)
+}
+
+// conn wraps pgx's *stdlib.Conn. It tells the budget when database/sql checks
+// the connection out (ResetSession, or any call) and in (IsValid), so that
+// only connections in database/sql's free list are ever evicted, and it turns
+// a call on a connection the driver has evicted into driver.ErrBadConn, which
+// makes database/sql retry on another connection.
+type conn struct {
+	pc      *stdlib.Conn
+	db      *database
+	b       *budget
+	tok     *token
+	created time.Time
+	state   atomic.Int32
+
+	// Guarded by budget.mu.
+	idleSince time.Time
+	link      links[conn]
+}
+
+func (c *conn) lnk() *links[conn] { return &c.link }
+
+var (
+	_ driver.Conn               = (*conn)(nil)
+	_ driver.ConnBeginTx        = (*conn)(nil)
+	_ driver.ConnPrepareContext = (*conn)(nil)
+	_ driver.ExecerContext      = (*conn)(nil)
+	_ driver.QueryerContext     = (*conn)(nil)
+	_ driver.Pinger             = (*conn)(nil)
+	_ driver.SessionResetter    = (*conn)(nil)
+	_ driver.Validator          = (*conn)(nil)
+	_ driver.NamedValueChecker  = (*conn)(nil)
+)
+
+// use marks the conn busy before any call on it. database/sql does not always
+// call ResetSession before reusing a connection, so every entry point checks.
+func (c *conn) use() bool {
+	return c.state.Load() == stateBusy || c.b.checkout(c)
+}
+
+func (c *conn) broken() bool { return c.pc.Conn().IsClosed() }
+
+// closePhysical closes the pgx connection; the socket drain returns the
+// token.
+func (c *conn) closePhysical() { _ = c.pc.Close() }
+
+func (c *conn) ResetSession(ctx context.Context) error {
+	if !c.use() {
+		return driver.ErrBadConn
+	}
+	return c.pc.ResetSession(ctx)
+}
+
+func (c *conn) IsValid() bool {
+	if c.state.Load() == stateIdle {
+		return true // returned again without a checkout in between
+	}
+	return c.b.checkin(c)
+}
+
+func (c *conn) Close() error {
+	if !c.b.closeConn(c) {
+		return nil
+	}
+	return c.pc.Close()
+}
+
+func (c *conn) Prepare(query string) (driver.Stmt, error) {
+	return c.PrepareContext(context.Background(), query)
+}
+
+func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, error) {
+	if !c.use() {
+		return nil, driver.ErrBadConn
+	}
+	s, err := c.pc.PrepareContext(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	return &stmt{Stmt: s.(*stdlib.Stmt), conn: c}, nil
+}
+
+func (c *conn) Begin() (driver.Tx, error) {
+	return c.BeginTx(context.Background(), driver.TxOptions{})
+}
+
+func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, error) {
+	if !c.use() {
+		return nil, driver.ErrBadConn
+	}
+	return c.pc.BeginTx(ctx, opts)
+}
+
+func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
+	if !c.use() {
+		return nil, driver.ErrBadConn
+	}
+	return c.pc.ExecContext(ctx, query, args)
+}
+
+func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
+	if !c.use() {
+		return nil, driver.ErrBadConn
+	}
+	return c.pc.QueryContext(ctx, query, args)
+}
+
+func (c *conn) Ping(ctx context.Context) error {
+	if !c.use() {
+		return driver.ErrBadConn
+	}
+	return c.pc.Ping(ctx)
+}
+
+func (c *conn) CheckNamedValue(v *driver.NamedValue) error { return c.pc.CheckNamedValue(v) }
+
+// stmt wraps a prepared statement so that closing it on a connection in
+// database/sql's free list cannot race with an eviction.
+type stmt struct {
+	*stdlib.Stmt
+	conn *conn
+}
+
+var (
+	_ driver.StmtExecContext  = (*stmt)(nil)
+	_ driver.StmtQueryContext = (*stmt)(nil)
+)
+
+func (s *stmt) Close() error {
+	ok, wasIdle := s.conn.b.beginIdleOp(s.conn)
+	if !ok {
+		return nil // the connection, and the statement with it, is gone
+	}
+	err := s.Stmt.Close()
+	if wasIdle {
+		s.conn.b.endIdleOp(s.conn)
+	}
+	return err
+}
+
+func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
+	if !s.conn.use() {
+		return nil, driver.ErrBadConn
+	}
+	return s.Stmt.ExecContext(ctx, args)
+}
+
+func (s *stmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
+	if !s.conn.use() {
+		return nil, driver.ErrBadConn
+	}
+	return s.Stmt.QueryContext(ctx, args)
+}
+
+// PgxConn returns the *pgx.Conn under a connection of this driver, for use
+// inside (*sql.Conn).Raw: COPY, LISTEN/NOTIFY, pgx types. The connection is
+// checked out for as long as the *sql.Conn is held, so the driver never
+// evicts it while the *pgx.Conn is in use. Do not keep the *pgx.Conn after
+// Raw returns, and do not close it: database/sql owns it.
+func PgxConn(driverConn any) (*pgx.Conn, error) {
+	c, ok := driverConn.(*conn)
+	if !ok {
+		return nil, errors.New("tenantpg: PgxConn: not a tenantpg connection (call it inside (*sql.Conn).Raw)")
+	}
+	if !c.use() {
+		return nil, driver.ErrBadConn
+	}
+	return c.pc.Conn(), nil
+}

@@ -1,0 +1,88 @@
+package tenantpg
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+// ErrBudgetExhausted is matched by errors.Is for every error returned when a
+// caller found no connection in the budget before its context ended or the
+// acquire timeout passed. An HTTP layer typically answers 503 Service
+// Unavailable with a Retry-After header.
+var ErrBudgetExhausted = errors.New("tenantpg: connection budget exhausted")
+
+// BudgetError is the error a caller gets when it waited for a connection in
+// the budget and got none. errors.Is(err, ErrBudgetExhausted) is true for it;
+// when the caller's own context ended the wait, it also wraps that context's
+// error, so errors.Is(err, context.Canceled) works too.
+type BudgetError struct {
+	Workspace    string        // the workspace label of the database asked for
+	Database     string        // the database name
+	Open         int           // connections held across all databases when the wait ended
+	Limit        int           // the budget
+	DatabaseOpen int           // connections held by this database
+	DatabaseCap  int           // this database's cap
+	Waiting      int           // other callers still waiting
+	Waited       time.Duration // how long this caller waited
+	Err          error         // the caller's context error, or nil when the acquire timeout ended the wait
+}
+
+func (e *BudgetError) Error() string {
+	s := fmt.Sprintf("tenantpg: connection budget exhausted: workspace %q (database %q) waited %s; %d/%d connections open, %d/%d for this database, %d waiting",
+		e.Workspace, e.Database, e.Waited.Round(time.Millisecond), e.Open, e.Limit, e.DatabaseOpen, e.DatabaseCap, e.Waiting)
+	if e.Err != nil {
+		s += ": " + e.Err.Error()
+	}
+	return s
+}
+
+// Is reports whether target is ErrBudgetExhausted.
+func (e *BudgetError) Is(target error) bool { return target == ErrBudgetExhausted }
+
+// Unwrap returns the caller's context error, if that is what ended the wait.
+func (e *BudgetError) Unwrap() error { return e.Err }
+
+// ConnectError is returned when a dial to the server fails after a token was
+// taken (the token is already given back). It wraps pgx's error, so
+// errors.As(err, &*pgconn.PgError) finds the server's SQLSTATE, for example
+// 53300 when the server itself has no connection slot left.
+type ConnectError struct {
+	Workspace string
+	Database  string
+	Err       error
+}
+
+func (e *ConnectError) Error() string {
+	return fmt.Sprintf("tenantpg: workspace %q: connect to database %q: %v", e.Workspace, e.Database, e.Err)
+}
+
+func (e *ConnectError) Unwrap() error { return e.Err }
+
+// DSNError reports a data source name that cannot be used. It never contains
+// the DSN or its password.
+type DSNError struct {
+	Workspace string // best effort: the workspace label or database name, when they could be read
+	Reason    string
+}
+
+func (e *DSNError) Error() string {
+	if e.Workspace == "" {
+		return "tenantpg: invalid DSN: " + e.Reason
+	}
+	return fmt.Sprintf("tenantpg: workspace %q: invalid DSN: %s", e.Workspace, e.Reason)
+}
+
+// ConfigError reports an invalid setting in Config or in the environment.
+type ConfigError struct {
+	Field  string // the Config field or environment variable
+	Reason string
+}
+
+func (e *ConfigError) Error() string {
+	return fmt.Sprintf("tenantpg: invalid %s: %s", e.Field, e.Reason)
+}
+
+func errReservedExceedsBudget(limit, reserved int) string {
+	return fmt.Sprintf("budget %d is below the %d connections databases have reserved (pool_reserved_conns)", limit, reserved)
+}

@@ -1,0 +1,85 @@
+package tenantpg
+
+import (
+	"sort"
+	"time"
+)
+
+// Stats is a snapshot of a driver's budget. Unlike (*sql.DB).Stats, it counts
+// what the server sees: a connection the driver evicted is gone from Open at
+// once, while database/sql counts it until it next touches it. It holds no
+// DSN, host, user or password, and marshals to JSON with camelCase names.
+type Stats struct {
+	Limit    int `json:"limit"`    // the budget
+	Reserved int `json:"reserved"` // connections reserved by databases for themselves
+	Open     int `json:"open"`     // tokens held: InUse + Idle + Dialing + Closing
+	InUse    int `json:"inUse"`
+	Idle     int `json:"idle"`
+	Dialing  int `json:"dialing"`
+	Closing  int `json:"closing"` // closed, waiting for the server to end the backend
+	Waiting  int `json:"waiting"` // callers waiting for a token
+	PeakOpen int `json:"peakOpen"`
+
+	Dials           uint64            `json:"dials"`
+	WaitCount       uint64            `json:"waitCount"`
+	WaitDuration    time.Duration     `json:"waitDurationNs"`
+	Timeouts        uint64            `json:"timeouts"`
+	Evictions       map[string]uint64 `json:"evictions"`  // by reason: lru, handoff, idle_timeout, lifetime, budget_shrink, broken, driver_closed
+	DialErrors      map[string]uint64 `json:"dialErrors"` // rejected (server out of slots, SQLSTATE 53300), other
+	ActiveDatabases int               `json:"activeDatabases"`
+
+	// Databases lists every database holding or reserving connections,
+	// ordered by workspace.
+	Databases []DatabaseStats `json:"databases"`
+}
+
+// DatabaseStats describes one database in a Stats snapshot.
+type DatabaseStats struct {
+	Workspace string    `json:"workspace"`
+	Database  string    `json:"database"`
+	Open      int       `json:"open"`
+	InUse     int       `json:"inUse"`
+	Idle      int       `json:"idle"`
+	Dialing   int       `json:"dialing"`
+	Closing   int       `json:"closing"`
+	Cap       int       `json:"cap"`
+	Reserved  int       `json:"reserved"`
+	LastUsed  time.Time `json:"lastUsed"`
+	Evictions uint64    `json:"evictions"`
+}
+
+// Stats returns a snapshot of the driver's budget and of every database that
+// holds or reserves connections.
+func (d *Driver) Stats() Stats {
+	b := d.b
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	s := Stats{
+		Limit: b.limit, Reserved: b.reserved, Open: b.open, InUse: b.inUse, Idle: b.idle,
+		Dialing: b.dialing, Closing: b.closing, Waiting: b.waiters.len, PeakOpen: b.peakOpen,
+		Dials: b.dials, WaitCount: b.waitCount, WaitDuration: b.waitDuration, Timeouts: b.timeouts,
+		Evictions:  make(map[string]uint64, numReasons-1),
+		DialErrors: map[string]uint64{"rejected": b.dialErrors[dialRejected], "other": b.dialErrors[dialOther]},
+	}
+	for r := reasonNone + 1; r < numReasons; r++ {
+		s.Evictions[reasonNames[r]] = b.evictions[r]
+	}
+	for _, db := range b.dbs {
+		if db.open == 0 && db.reserved == 0 {
+			continue
+		}
+		s.Databases = append(s.Databases, DatabaseStats{
+			Workspace: db.workspace, Database: db.name,
+			Open: db.open, InUse: db.inUse, Idle: db.idle, Dialing: db.dialing, Closing: db.closing,
+			Cap: b.capOf(db), Reserved: db.reserved, LastUsed: db.lastUsed, Evictions: db.evictions,
+		})
+	}
+	s.ActiveDatabases = len(s.Databases)
+	sort.Slice(s.Databases, func(i, j int) bool {
+		if s.Databases[i].Workspace != s.Databases[j].Workspace {
+			return s.Databases[i].Workspace < s.Databases[j].Workspace
+		}
+		return s.Databases[i].Database < s.Databases[j].Database
+	})
+	return s
+}
