@@ -404,8 +404,12 @@ func (s *Server) CreateRole(ctx context.Context, name, password string, connLimi
 }
 
 // CreateDatabases creates the databases Prefix+name for each name, owned by
-// owner, a few at a time, and returns their full names in order.
-func (s *Server) CreateDatabases(ctx context.Context, owner string, names ...string) ([]string, error) {
+// owner and copied from template (template0 when empty; a full name), a few
+// at a time, and returns their full names in order.
+func (s *Server) CreateDatabases(ctx context.Context, owner, template string, names ...string) ([]string, error) {
+	if template == "" {
+		template = "template0"
+	}
 	full := make([]string, len(names))
 	errs := make(chan error, len(names))
 	sem := make(chan struct{}, 4)
@@ -417,7 +421,7 @@ func (s *Server) CreateDatabases(ctx context.Context, owner string, names ...str
 		go func(db string) {
 			defer wg.Done()
 			defer func() { <-sem }()
-			q := "CREATE DATABASE " + quoteIdent(db) + " OWNER " + quoteIdent(owner) + " TEMPLATE template0"
+			q := "CREATE DATABASE " + quoteIdent(db) + " OWNER " + quoteIdent(owner) + " TEMPLATE " + quoteIdent(template)
 			if _, err := s.admin.ExecContext(ctx, q); err != nil {
 				errs <- fmt.Errorf("pgtest: create database %s: %w", db, err)
 				return
@@ -433,6 +437,21 @@ func (s *Server) CreateDatabases(ctx context.Context, owner string, names ...str
 		return nil, err
 	}
 	return full, nil
+}
+
+// Exec runs statements as the superuser in database db (a full name).
+func (s *Server) Exec(ctx context.Context, db string, sqls ...string) error {
+	conn, err := sql.Open("pgx", s.URL(s.adminUser, "", db))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	for _, q := range sqls {
+		if _, err := conn.ExecContext(ctx, q); err != nil {
+			return fmt.Errorf("pgtest: %s: %w", db, err)
+		}
+	}
+	return nil
 }
 
 // Backends returns how many client backends the server has for role right now.

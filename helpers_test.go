@@ -1,0 +1,177 @@
+package tenantpg
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/tenantpg/tenantpg/internal/pgtest"
+)
+
+// testMaxConnections is the throwaway server's max_connections: small, so
+// that tests which exceed it are really refused.
+const testMaxConnections = 60
+
+func TestMain(m *testing.M) {
+	os.Exit(pgtest.Main(m, pgtest.Options{MaxConnections: testMaxConnections}))
+}
+
+const testPassword = "s3cr3t-Pa55w0rd-xyzzy"
+
+var envSeq atomic.Int64
+
+// env is one test's world: a role whose CONNECTION LIMIT equals the budget,
+// so the server itself refuses any connection beyond it, databases owned by
+// that role, and a driver with its own budget.
+type env struct {
+	t    testing.TB
+	srv  *pgtest.Server
+	role string
+	dbs  []string
+	drv  *Driver
+}
+
+// newEnv creates n databases (each with a table kv(id int primary key, v
+// text) holding ids 1..10) and a driver with cfg.
+func newEnv(t testing.TB, n int, cfg Config) *env {
+	t.Helper()
+	srv := pgtest.Require(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	id := envSeq.Add(1)
+	cfgN, err := cfg.normalize()
+	require.NoError(t, err)
+	role, err := srv.CreateRole(ctx, fmt.Sprintf("app%d", id), testPassword, cfgN.MaxConnections)
+	require.NoError(t, err)
+	tpl, err := srv.CreateDatabases(ctx, role, "", fmt.Sprintf("tpl%d", id))
+	require.NoError(t, err)
+	require.NoError(t, srv.Exec(ctx, tpl[0],
+		"CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL)",
+		"INSERT INTO kv SELECT g, 'v' || g FROM generate_series(1, 10) g",
+		"ALTER TABLE kv OWNER TO "+quote(role)))
+	names := make([]string, n)
+	for i := range names {
+		names[i] = fmt.Sprintf("e%d_ws%d", id, i)
+	}
+	dbs, err := srv.CreateDatabases(ctx, role, tpl[0], names...)
+	require.NoError(t, err)
+	drv, err := NewDriver(cfg)
+	require.NoError(t, err)
+	e := &env{t: t, srv: srv, role: role, dbs: dbs, drv: drv}
+	t.Cleanup(func() { drv.Close() })
+	return e
+}
+
+func quote(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`) + `"` }
+
+// dsn returns a URL DSN for database i with extra query parameters.
+func (e *env) dsn(i int, params ...string) string {
+	u := e.srv.URL(e.role, testPassword, e.dbs[i])
+	for _, p := range params {
+		u += "&" + p
+	}
+	return u
+}
+
+// open opens database i through the env's driver with OpenDB limits.
+func (e *env) open(i int, params ...string) *sql.DB {
+	e.t.Helper()
+	db, err := e.drv.OpenDB(e.dsn(i, append([]string{fmt.Sprintf("workspace=ws%d", i)}, params...)...))
+	require.NoError(e.t, err)
+	e.t.Cleanup(func() { db.Close() })
+	return db
+}
+
+// backends is what the server reports for the env's role.
+func (e *env) backends() int {
+	e.t.Helper()
+	n, err := e.srv.Backends(context.Background(), e.role)
+	require.NoError(e.t, err)
+	return n
+}
+
+// requireQuiescent checks the accounting invariant once nothing is in
+// flight: tokens held == connections the driver holds == backends the server
+// reports for the role.
+func (e *env) requireQuiescent() {
+	e.t.Helper()
+	var s Stats
+	require.Eventually(e.t, func() bool {
+		s = e.drv.Stats()
+		return s.Dialing == 0 && s.Closing == 0 && s.Waiting == 0 && s.InUse == 0 && e.backends() == s.Open
+	}, 10*time.Second, 5*time.Millisecond, "not quiescent: stats %+v, server backends %d", s, e.backends())
+	require.Equal(e.t, s.Open, s.Idle, "open tokens must all be idle connections at quiescence")
+	sum := 0
+	for _, d := range s.Databases {
+		sum += d.Open
+		require.LessOrEqual(e.t, d.Open, d.Cap, "database %s over its cap", d.Workspace)
+	}
+	require.Equal(e.t, s.Open, sum, "per-database opens must add up to the budget's")
+}
+
+// peakSampler records the highest number of server backends seen for a role
+// until stopped. It is a measurement, not a synchronisation.
+type peakSampler struct {
+	stop chan struct{}
+	done chan struct{}
+	peak atomic.Int64
+	n    atomic.Int64
+}
+
+func (e *env) samplePeak() *peakSampler {
+	p := &peakSampler{stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(p.done)
+		for {
+			select {
+			case <-p.stop:
+				return
+			default:
+			}
+			n, err := e.srv.Backends(context.Background(), e.role)
+			if err == nil {
+				p.n.Add(1)
+				if int64(n) > p.peak.Load() {
+					p.peak.Store(int64(n))
+				}
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+	}()
+	return p
+}
+
+func (p *peakSampler) finish() (peak, samples int) {
+	close(p.stop)
+	<-p.done
+	return int(p.peak.Load()), int(p.n.Load())
+}
+
+// errCollector records errors from many goroutines.
+type errCollector struct {
+	mu   sync.Mutex
+	errs []error
+}
+
+func (c *errCollector) add(err error) {
+	if err == nil {
+		return
+	}
+	c.mu.Lock()
+	c.errs = append(c.errs, err)
+	c.mu.Unlock()
+}
+
+func (c *errCollector) list() []error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]error(nil), c.errs...)
+}
