@@ -37,6 +37,7 @@ type budget struct {
 	idleTimeout    time.Duration
 	acquireTimeout time.Duration
 	grace          time.Duration
+	handoffAfter   time.Duration
 
 	// Token accounting; guarded by mu.
 	reserved    int // Σ database.reserved
@@ -68,7 +69,10 @@ type budget struct {
 	timeouts     uint64
 	evictions    [numReasons]uint64
 	dials        uint64
-	dialErrors   [numDialErrorKinds]uint64
+	// staleCheckouts counts checkouts of connections the driver had
+	// evicted: database/sql retried them elsewhere.
+	staleCheckouts uint64
+	dialErrors     [numDialErrorKinds]uint64
 
 	drains sync.WaitGroup // sockets being drained after close
 }
@@ -164,7 +168,7 @@ const (
 var errDriverClosed = errors.New("tenantpg: driver closed")
 
 func newBudget(cfg Config) *budget {
-	b := &budget{dbs: make(map[dbKey]*database), grace: defaultHandoffGrace}
+	b := &budget{dbs: make(map[dbKey]*database), grace: defaultHandoffGrace, handoffAfter: defaultHandoffAfter}
 	b.apply(cfg)
 	return b
 }
@@ -521,6 +525,7 @@ func (b *budget) checkin(c *conn) bool {
 	b.inUse--
 	d.lastUsed = now
 	reason, w := b.checkinReasonLocked(c, now)
+
 	if reason != reasonNone {
 		c.state.Store(stateDoomed)
 		b.countEvictionLocked(d, reason)
@@ -543,6 +548,11 @@ func (b *budget) checkin(c *conn) bool {
 		b.idleDBs.pushFront(d)
 	}
 	b.armReaperLocked(b.expiry(c), now)
+	if b.waiters.len > 0 {
+		// A waiter may take this connection once its grace period ends,
+		// unless database/sql reuses it first.
+		b.armGraceLocked(now.Add(b.grace), now)
+	}
 	b.mu.Unlock()
 	return true
 }
@@ -562,7 +572,7 @@ func (b *budget) checkinReasonLocked(c *conn, now time.Time) (evictReason, *wait
 		return reasonBudgetShrink, nil
 	}
 	if b.waiters.len > 0 {
-		if w := b.waiterForLocked(d); w != nil {
+		if w := b.waiterForLocked(d, now); w != nil {
 			return reasonHandoff, w
 		}
 	}
@@ -570,10 +580,17 @@ func (b *budget) checkinReasonLocked(c *conn, now time.Time) (evictReason, *wait
 }
 
 // waiterForLocked returns the first waiter that the token of a connection of
-// d, once released, would serve.
-func (b *budget) waiterForLocked(d *database) *waiter {
+// d, once released, would serve, among those that have waited at least the
+// grace period. A newer waiter is better served by evicting an idle
+// connection of a less recently used database once its grace ends; a waiter
+// older than that has met only connections that database/sql reuses faster
+// than the grace period, and would starve without this hand-off.
+func (b *budget) waiterForLocked(d *database, now time.Time) *waiter {
 	frees := d.open-d.closing > d.reserved
 	for w := b.waiters.front; w != nil; w = b.waiters.next(w) {
+		if now.Sub(w.since) < b.handoffAfter {
+			return nil // later waiters are younger still
+		}
 		if w.claim != nil {
 			continue
 		}
@@ -599,6 +616,7 @@ func (b *budget) checkout(c *conn) bool {
 		c.db.inUse++
 		b.inUse++
 	default:
+		b.staleCheckouts++
 		b.mu.Unlock()
 		return false
 	}
