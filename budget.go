@@ -5,6 +5,8 @@ import (
 	"errors"
 	"sync"
 	"time"
+
+	"github.com/jackc/pgx/v5/stdlib"
 )
 
 // The budget is the process-wide (per Driver) count of physical connections.
@@ -54,7 +56,9 @@ type budget struct {
 	waiters list[waiter, *waiter]     // callers waiting for a token, oldest first
 	closed  bool
 
-	toClose []*conn // chosen for closing under mu; closed by unlock
+	fresh list[conn, *conn] // connections not used since their dial, oldest first
+
+	toClose []*stdlib.Conn // chosen for closing under mu; closed by unlock
 
 	reapTimer  *time.Timer
 	reapAt     time.Time
@@ -125,16 +129,28 @@ type token struct {
 	claim    *waiter // the waiter that gets this token when it is released
 }
 
-// Conn states. A conn starts busy, becomes idle at check-in (IsValid) and busy
-// again at checkout (ResetSession or any other driver call). Transitions
-// happen under budget.mu; a busy conn is only ever changed by database/sql's
-// own calls, which it serialises per connection, so reading "busy" without the
-// lock is safe.
+// Conn states. A conn starts fresh, becomes busy at its first use, idle at
+// check-in (IsValid) and busy again at checkout (ResetSession or any other
+// driver call). Transitions happen under budget.mu; a busy conn is only ever
+// changed by database/sql's own calls, which it serialises per connection, so
+// reading "busy" without the lock is safe.
+//
+// A fresh conn may be anywhere: with the caller that dialed it, in
+// database/sql's free list (its opener dialed it for a caller who was served
+// by another connection meanwhile), or pinned by db.Conn and not used yet.
+// database/sql calls nothing on it in any of these places, so the driver
+// cannot tell them apart. Left alone, fresh conns in free lists can hold the
+// whole budget while the callers of those same databases wait in Connect.
+// So a fresh conn past the grace period may be evicted like an idle one, and
+// because it has no session state yet, its next use dials a new connection in
+// its place (stateRedial) instead of failing.
 const (
-	stateBusy    int32 = iota
+	stateFresh   int32 = iota
+	stateBusy          // checked out by database/sql
 	stateIdle          // in database/sql's free list; may be evicted after the grace period
 	stateDoomed        // IsValid answered false; database/sql will call Close
 	stateEvicted       // the driver closed it; database/sql's Close is a no-op
+	stateRedial        // the driver closed it while fresh; its next use dials again
 	stateClosed        // Close was called
 )
 
@@ -191,8 +207,8 @@ func (b *budget) unlock() {
 	victims := b.toClose
 	b.toClose = nil
 	b.mu.Unlock()
-	for _, c := range victims {
-		c.closePhysical()
+	for _, pc := range victims {
+		_ = pc.Close() // the socket drain returns the token
 	}
 }
 
@@ -244,7 +260,7 @@ func (b *budget) acquire(ctx, caller context.Context, d *database) (*token, erro
 		b.mu.Unlock()
 		return nil, errDriverClosed
 	}
-	if d.open-d.closing < b.capOf(d) && b.roomLocked(d) {
+	if d.open < b.capOf(d) && b.roomLocked(d) {
 		b.takeLocked(d)
 		b.dialingLocked(d)
 		b.mu.Unlock()
@@ -327,7 +343,7 @@ func (b *budget) serveWaitersLocked(now time.Time) {
 		next := b.waiters.next(w)
 		if w.claim == nil {
 			d := w.db
-			if d.open-d.closing >= b.capOf(d) {
+			if d.open >= b.capOf(d) {
 				// At its own cap: only closing one of its own idle
 				// connections helps, which happens when several *sql.DB
 				// share one database.
@@ -382,14 +398,34 @@ func (b *budget) victimLocked(now time.Time) (*conn, time.Time) {
 		}
 		return v, time.Time{}
 	}
+	for v := b.fresh.front; v != nil; v = b.fresh.next(v) {
+		x := v.db
+		if x.open-x.closing <= x.reserved {
+			continue
+		}
+		if at := v.created.Add(b.grace); now.Before(at) {
+			if retryAt.IsZero() || at.Before(retryAt) {
+				retryAt = at
+			}
+			break // the rest are younger
+		}
+		return v, time.Time{}
+	}
 	return nil, retryAt
 }
 
 // evictLocked marks idle conn v for closing by the driver. If w is not nil,
 // v's token goes to w once the server has closed v's backend.
 func (b *budget) evictLocked(v *conn, reason evictReason, w *waiter) {
-	b.unlinkIdleLocked(v)
-	v.state.Store(stateEvicted)
+	if v.state.Load() == stateFresh {
+		b.fresh.remove(v)
+		v.db.inUse--
+		b.inUse--
+		v.state.Store(stateRedial)
+	} else {
+		b.unlinkIdleLocked(v)
+		v.state.Store(stateEvicted)
+	}
 	t := v.tok
 	if w != nil {
 		t.claim = w
@@ -398,7 +434,7 @@ func (b *budget) evictLocked(v *conn, reason evictReason, w *waiter) {
 	b.countEvictionLocked(v.db, reason)
 	b.markClosingLocked(t)
 	t.ended = true
-	b.toClose = append(b.toClose, v)
+	b.toClose = append(b.toClose, v.pc)
 }
 
 func (b *budget) countEvictionLocked(d *database, reason evictReason) {
@@ -465,7 +501,7 @@ func (b *budget) releaseLocked(t *token) {
 	if w := t.claim; w != nil {
 		t.claim = nil
 		w.claim = nil
-		if !w.granted && w.db.open-w.db.closing < b.capOf(w.db) && b.roomLocked(w.db) {
+		if !w.granted && w.db.open < b.capOf(w.db) && b.roomLocked(w.db) {
 			b.grantLocked(w, now)
 		}
 	}
@@ -485,15 +521,34 @@ func (b *budget) forgetLocked(d *database) {
 	}
 }
 
-// connected records a successful dial.
+// connected records a successful dial of a new conn, which starts fresh.
 func (b *budget) connected(c *conn) {
 	b.mu.Lock()
-	d := c.db
+	b.dialedLocked(c.db)
+	c.state.Store(stateFresh)
+	b.fresh.pushBack(c)
+	if b.waiters.len > 0 {
+		b.armGraceLocked(c.created.Add(b.grace), time.Now())
+	}
+	b.armReaperLocked(c.created.Add(b.idleTimeout), time.Now())
+	b.mu.Unlock()
+}
+
+// redialed puts a new physical connection under conn c, whose old one the
+// driver evicted before c was ever used.
+func (b *budget) redialed(c *conn, pc *stdlib.Conn, tok *token, created time.Time) {
+	b.mu.Lock()
+	b.dialedLocked(c.db)
+	c.pc, c.tok, c.created = pc, tok, created
+	c.state.Store(stateBusy)
+	b.mu.Unlock()
+}
+
+func (b *budget) dialedLocked(d *database) {
 	d.dialing--
 	b.dialing--
 	d.inUse++
 	b.inUse++
-	b.mu.Unlock()
 }
 
 // dialFailed records a failed dial; the token returns once any socket the
@@ -516,7 +571,11 @@ func (b *budget) dialFailed(t *token, kind dialErrorKind) {
 func (b *budget) checkin(c *conn) bool {
 	now := time.Now()
 	b.mu.Lock()
-	if c.state.Load() != stateBusy {
+	switch c.state.Load() {
+	case stateFresh:
+		b.fresh.remove(c) // returned without ever being used
+	case stateBusy:
+	default:
 		b.mu.Unlock()
 		return false
 	}
@@ -594,19 +653,27 @@ func (b *budget) waiterForLocked(d *database, now time.Time) *waiter {
 		if w.claim != nil {
 			continue
 		}
-		if w.db == d || (frees && w.db.open-w.db.closing < b.capOf(w.db)) {
+		if w.db == d || (frees && w.db.open < b.capOf(w.db)) {
 			return w
 		}
 	}
 	return nil
 }
 
-// checkout marks an idle conn busy again. It reports false when the driver
-// has closed the conn, and database/sql then retries on another one.
-func (b *budget) checkout(c *conn) bool {
+// checkout marks a fresh or idle conn busy. It reports false when the
+// driver has closed the conn, and database/sql then retries on another one;
+// redial reports that the conn was evicted before its first use and needs a
+// new physical connection.
+func (b *budget) checkout(c *conn) (ok, redial bool) {
 	b.mu.Lock()
 	switch c.state.Load() {
 	case stateBusy:
+	case stateFresh:
+		b.fresh.remove(c)
+		c.state.Store(stateBusy)
+	case stateRedial:
+		b.mu.Unlock()
+		return false, true
 	case stateIdle:
 		b.unlinkIdleLocked(c)
 		if c.db.idleConns.len > 0 {
@@ -618,10 +685,10 @@ func (b *budget) checkout(c *conn) bool {
 	default:
 		b.staleCheckouts++
 		b.mu.Unlock()
-		return false
+		return false, false
 	}
 	b.mu.Unlock()
-	return true
+	return true, false
 }
 
 // beginIdleOp protects an operation database/sql runs on a connection in its
@@ -636,7 +703,7 @@ func (b *budget) beginIdleOp(c *conn) (ok, wasIdle bool) {
 		b.unlinkIdleLocked(c)
 		c.state.Store(stateBusy)
 		return true, true
-	case stateBusy, stateDoomed:
+	case stateBusy, stateDoomed, stateFresh:
 		return true, false
 	}
 	return false, false
@@ -662,9 +729,14 @@ func (b *budget) endIdleOp(c *conn) {
 func (b *budget) closeConn(c *conn) bool {
 	b.mu.Lock()
 	switch c.state.Load() {
-	case stateEvicted, stateClosed:
+	case stateEvicted, stateRedial, stateClosed:
 		b.mu.Unlock()
 		return false
+	case stateFresh:
+		b.fresh.remove(c)
+		c.db.inUse--
+		b.inUse--
+		b.markClosingLocked(c.tok)
 	case stateIdle:
 		b.unlinkIdleLocked(c)
 		b.markClosingLocked(c.tok)
@@ -728,6 +800,18 @@ func (b *budget) reap() {
 			c = prevConn
 		}
 		x = prevDB
+	}
+	for c := b.fresh.front; c != nil; {
+		nextConn := b.fresh.next(c)
+		if at := c.created.Add(b.idleTimeout); !at.After(now) {
+			b.evictLocked(c, reasonIdleTimeout, nil)
+		} else {
+			if next.IsZero() || at.Before(next) {
+				next = at
+			}
+			break
+		}
+		c = nextConn
 	}
 	if !next.IsZero() {
 		b.armReaperLocked(next, now)
@@ -823,6 +907,9 @@ func (b *budget) close() {
 	}
 	for b.idleDBs.back != nil {
 		b.evictLocked(b.idleDBs.back.idleConns.back, reasonDriverClosed, nil)
+	}
+	for b.fresh.front != nil {
+		b.evictLocked(b.fresh.front, reasonDriverClosed, nil)
 	}
 	if b.reapTimer != nil {
 		b.reapTimer.Stop()

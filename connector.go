@@ -51,6 +51,18 @@ func (c *connector) Close() error {
 // database/sql's connection opener calls Connect with a context that never
 // ends.
 func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
+	pc, tok, created, err := c.connect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	cn := &conn{pc: pc, cn: c, db: c.db, b: c.drv.b, tok: tok, created: created}
+	c.drv.b.connected(cn)
+	return cn, nil
+}
+
+// connect takes a token and dials; on success the token is counted as
+// dialing until the caller records the connection.
+func (c *connector) connect(ctx context.Context) (*stdlib.Conn, *token, time.Time, error) {
 	b := c.drv.b
 	b.mu.Lock()
 	timeout := b.acquireTimeout
@@ -61,34 +73,32 @@ func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
 
 	tok, err := b.acquire(ctx, caller, c.db)
 	if err != nil {
-		return nil, err
+		return nil, nil, time.Time{}, err
 	}
-	return c.dial(ctx, tok)
+	pc, err := c.dial(ctx, tok)
+	return pc, tok, time.Now(), err
 }
 
-func (c *connector) dial(ctx context.Context, tok *token) (_ driver.Conn, err error) {
+func (c *connector) dial(ctx context.Context, tok *token) (_ *stdlib.Conn, err error) {
 	b := c.drv.b
 	dialed := false
 	defer func() {
-		// A panic in pgx or in a hook must not keep the token.
-		if !dialed {
-			kind := dialOther
-			if p := recover(); p != nil {
-				b.dialFailed(tok, kind)
-				panic(p)
-			}
-			b.dialFailed(tok, classifyDialError(err))
+		if dialed {
+			return
 		}
+		// A panic in pgx or in a hook must not keep the token.
+		if p := recover(); p != nil {
+			b.dialFailed(tok, dialOther)
+			panic(p)
+		}
+		b.dialFailed(tok, classifyDialError(err))
 	}()
-	created := time.Now()
 	dc, err := c.inner.Connect(context.WithValue(ctx, tokenKey{}, &dialTarget{b: b, tok: tok}))
 	if err != nil {
 		return nil, c.dialError(err)
 	}
 	dialed = true
-	cn := &conn{pc: dc.(*stdlib.Conn), db: c.db, b: b, tok: tok, created: created}
-	b.connected(cn)
-	return cn, nil
+	return dc.(*stdlib.Conn), nil
 }
 
 func classifyDialError(err error) dialErrorKind {
@@ -172,12 +182,17 @@ func (s *trackedConn) drain() {
 // a call on a connection the driver has evicted into driver.ErrBadConn, which
 // makes database/sql retry on another connection.
 type conn struct {
+	cn    *connector
+	db    *database
+	b     *budget
+	state atomic.Int32
+
+	// Replaced, under budget.mu, only when a conn evicted before its first
+	// use dials again; read by database/sql's calls, which that replacement
+	// is serialised with, and by the budget under its lock.
 	pc      *stdlib.Conn
-	db      *database
-	b       *budget
 	tok     *token
 	created time.Time
-	state   atomic.Int32
 
 	// Guarded by budget.mu.
 	idleSince time.Time
@@ -200,19 +215,32 @@ var (
 
 // use marks the conn busy before any call on it. database/sql does not always
 // call ResetSession before reusing a connection, so every entry point checks.
-func (c *conn) use() bool {
-	return c.state.Load() == stateBusy || c.b.checkout(c)
+// It fails with driver.ErrBadConn when the driver has evicted the conn, and
+// database/sql retries on another one.
+func (c *conn) use(ctx context.Context) error {
+	if c.state.Load() == stateBusy {
+		return nil
+	}
+	ok, redial := c.b.checkout(c)
+	switch {
+	case ok:
+		return nil
+	case redial:
+		pc, tok, created, err := c.cn.connect(ctx)
+		if err != nil {
+			return err
+		}
+		c.b.redialed(c, pc, tok, created)
+		return nil
+	}
+	return driver.ErrBadConn
 }
 
 func (c *conn) broken() bool { return c.pc.Conn().IsClosed() }
 
-// closePhysical closes the pgx connection; the socket drain returns the
-// token.
-func (c *conn) closePhysical() { _ = c.pc.Close() }
-
 func (c *conn) ResetSession(ctx context.Context) error {
-	if !c.use() {
-		return driver.ErrBadConn
+	if err := c.use(ctx); err != nil {
+		return err
 	}
 	return c.pc.ResetSession(ctx)
 }
@@ -236,8 +264,8 @@ func (c *conn) Prepare(query string) (driver.Stmt, error) {
 }
 
 func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, error) {
-	if !c.use() {
-		return nil, driver.ErrBadConn
+	if err := c.use(ctx); err != nil {
+		return nil, err
 	}
 	s, err := c.pc.PrepareContext(ctx, query)
 	if err != nil {
@@ -251,29 +279,29 @@ func (c *conn) Begin() (driver.Tx, error) {
 }
 
 func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, error) {
-	if !c.use() {
-		return nil, driver.ErrBadConn
+	if err := c.use(ctx); err != nil {
+		return nil, err
 	}
 	return c.pc.BeginTx(ctx, opts)
 }
 
 func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
-	if !c.use() {
-		return nil, driver.ErrBadConn
+	if err := c.use(ctx); err != nil {
+		return nil, err
 	}
 	return c.pc.ExecContext(ctx, query, args)
 }
 
 func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
-	if !c.use() {
-		return nil, driver.ErrBadConn
+	if err := c.use(ctx); err != nil {
+		return nil, err
 	}
 	return c.pc.QueryContext(ctx, query, args)
 }
 
 func (c *conn) Ping(ctx context.Context) error {
-	if !c.use() {
-		return driver.ErrBadConn
+	if err := c.use(ctx); err != nil {
+		return err
 	}
 	return c.pc.Ping(ctx)
 }
@@ -305,15 +333,15 @@ func (s *stmt) Close() error {
 }
 
 func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
-	if !s.conn.use() {
-		return nil, driver.ErrBadConn
+	if err := s.conn.use(ctx); err != nil {
+		return nil, err
 	}
 	return s.Stmt.ExecContext(ctx, args)
 }
 
 func (s *stmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
-	if !s.conn.use() {
-		return nil, driver.ErrBadConn
+	if err := s.conn.use(ctx); err != nil {
+		return nil, err
 	}
 	return s.Stmt.QueryContext(ctx, args)
 }
@@ -328,8 +356,8 @@ func PgxConn(driverConn any) (*pgx.Conn, error) {
 	if !ok {
 		return nil, errors.New("tenantpg: PgxConn: not a tenantpg connection (call it inside (*sql.Conn).Raw)")
 	}
-	if !c.use() {
-		return nil, driver.ErrBadConn
+	if err := c.use(context.Background()); err != nil {
+		return nil, err
 	}
 	return c.pc.Conn(), nil
 }
