@@ -390,6 +390,9 @@ func parseDSN(dsn string) (*dsnParams, error) {
 		return nil, fail(parseErrorReason(err))
 	}
 	p := &dsnParams{cfg: cfg, workspace: cfg.Database}
+	if validWorkspace(cfg.Database) == "" {
+		label = cfg.Database
+	}
 	rp := cfg.RuntimeParams
 	if ws, ok := rp[paramWorkspace]; ok {
 		delete(rp, paramWorkspace)
@@ -459,8 +462,12 @@ func parseErrorReason(err error) string {
 			s = strings.Replace(s, inner.Error(), ue.Err.Error(), 1)
 		}
 	}
-	return s
+	// What pgx quotes is a piece of the DSN, and in a malformed DSN any
+	// piece may be a password.
+	return quotedFragment.ReplaceAllString(s, `"…"`)
 }
+
+var quotedFragment = regexp.MustCompile(`"(?:[^"\\]|\\.)*"`)
 
 var kvParam = regexp.MustCompile(`([A-Za-z_]+)\s*=\s*(?:'((?:[^'\\]|\\.)*)'|(\S*))`)
 

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
 
 	"github.com/tenantpg/tenantpg/internal/pgtest"
 )
@@ -44,6 +45,10 @@ type env struct {
 func newEnv(t testing.TB, n int, cfg Config) *env {
 	t.Helper()
 	srv := pgtest.Require(t)
+	// Registered first, so it runs last: after the driver and every *sql.DB
+	// of the test are closed, nothing the test started may still run.
+	ignore := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, ignore) })
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	id := envSeq.Add(1)
@@ -104,10 +109,17 @@ func (e *env) backends() int {
 func (e *env) requireQuiescent() {
 	e.t.Helper()
 	var s Stats
-	require.Eventually(e.t, func() bool {
+	quiet := func() bool {
 		s = e.drv.Stats()
 		return s.Dialing == 0 && s.Closing == 0 && s.Waiting == 0 && s.InUse == 0 && e.backends() == s.Open
-	}, 10*time.Second, 5*time.Millisecond, "not quiescent: stats %+v, server backends %d", s, e.backends())
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !quiet() {
+		if time.Now().After(deadline) {
+			e.t.Fatalf("not quiescent: server backends %d, budget:\n%s", e.backends(), e.drv.dumpState())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 	require.Equal(e.t, s.Open, s.Idle, "open tokens must all be idle connections at quiescence")
 	sum := 0
 	for _, d := range s.Databases {
