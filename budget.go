@@ -58,7 +58,7 @@ type budget struct {
 
 	fresh list[conn, *conn] // connections not used since their dial, oldest first
 
-	toClose []*stdlib.Conn // chosen for closing under mu; closed by unlock
+	toClose []closeJob // chosen for closing under mu; closed by unlock
 
 	reapTimer  *time.Timer
 	reapAt     time.Time
@@ -78,7 +78,16 @@ type budget struct {
 	staleCheckouts uint64
 	dialErrors     [numDialErrorKinds]uint64
 
-	drains sync.WaitGroup // sockets being drained after close
+	// draining counts sockets being drained after close; drained is
+	// signalled when it drops to zero. Guarded by mu.
+	draining int
+	drained  *sync.Cond
+}
+
+// closeJob is a connection chosen for closing under mu and closed by unlock.
+type closeJob struct {
+	pc  *stdlib.Conn
+	tok *token
 }
 
 // database is the state shared by every connector for one server, user and
@@ -185,6 +194,7 @@ var errDriverClosed = errors.New("tenantpg: driver closed")
 
 func newBudget(cfg Config) *budget {
 	b := &budget{dbs: make(map[dbKey]*database), grace: defaultHandoffGrace, handoffAfter: defaultHandoffAfter}
+	b.drained = sync.NewCond(&b.mu)
 	b.apply(cfg)
 	return b
 }
@@ -204,11 +214,16 @@ func (b *budget) unlock() {
 		b.mu.Unlock()
 		return
 	}
-	victims := b.toClose
+	jobs := b.toClose
 	b.toClose = nil
 	b.mu.Unlock()
-	for _, pc := range victims {
-		_ = pc.Close() // the socket drain returns the token
+	for _, j := range jobs {
+		_ = j.pc.Close()
+		// The token returns once the socket is drained, or now if pgx had
+		// closed it already (a broken connection).
+		b.mu.Lock()
+		b.endLocked(j.tok)
+		b.unlock()
 	}
 }
 
@@ -228,7 +243,7 @@ func (b *budget) capOf(d *database) int {
 
 // roomLocked reports whether d may take a token now without evicting.
 func (b *budget) roomLocked(d *database) bool {
-	return d.open < d.reserved || b.sharedInUse < b.limit-b.reserved
+	return b.open < b.limit && (d.open < d.reserved || b.sharedInUse < b.limit-b.reserved)
 }
 
 func (b *budget) takeLocked(d *database) {
@@ -267,6 +282,8 @@ func (b *budget) acquire(ctx, caller context.Context, d *database) (*token, erro
 		return &token{db: d}, nil
 	}
 	w := &waiter{db: d, since: now, ready: make(chan struct{})}
+	d.refs++ // a waiter keeps its database's state alive
+	defer b.unregister(d)
 	b.waiters.pushBack(w)
 	b.waitCount++
 	b.serveWaitersLocked(now)
@@ -300,7 +317,9 @@ func (b *budget) acquire(ctx, caller context.Context, d *database) (*token, erro
 		}
 	}
 	waited := time.Since(w.since)
-	b.waitDuration += waited
+	if !w.granted {
+		b.waitDuration += waited
+	}
 	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 		b.timeouts++
 	}
@@ -344,11 +363,13 @@ func (b *budget) serveWaitersLocked(now time.Time) {
 		if w.claim == nil {
 			d := w.db
 			if d.open >= b.capOf(d) {
-				// At its own cap: only closing one of its own idle
-				// connections helps, which happens when several *sql.DB
-				// share one database.
-				if v := d.idleConns.back; v != nil && b.pastGrace(v, now) {
+				// At its own cap: only closing one of its own idle or
+				// unused connections helps, which happens when several
+				// *sql.DB share one database.
+				if v, at := b.ownVictimLocked(d, now); v != nil {
 					b.evictLocked(v, reasonLRU, w)
+				} else if !at.IsZero() && (retryAt.IsZero() || at.Before(retryAt)) {
+					retryAt = at
 				}
 			} else if b.roomLocked(d) {
 				b.grantLocked(w, now)
@@ -374,6 +395,42 @@ func (b *budget) pastGrace(c *conn, now time.Time) bool {
 	return now.Sub(c.idleSince) >= b.grace
 }
 
+// ownVictimLocked returns d's own connection to close for a waiter of d at
+// its cap: its oldest idle one, or one it never used.
+func (b *budget) ownVictimLocked(d *database, now time.Time) (*conn, time.Time) {
+	var retryAt time.Time
+	if v := b.oldestIdleLocked(d); v != nil {
+		if b.pastGrace(v, now) {
+			return v, time.Time{}
+		}
+		retryAt = v.idleSince.Add(b.grace)
+	}
+	for v := b.fresh.front; v != nil; v = b.fresh.next(v) {
+		if v.db != d {
+			continue
+		}
+		if at := v.created.Add(b.grace); now.Before(at) {
+			if retryAt.IsZero() || at.Before(retryAt) {
+				retryAt = at
+			}
+			break
+		}
+		return v, time.Time{}
+	}
+	return nil, retryAt
+}
+
+// oldestIdleLocked returns d's longest-idle connection that no statement
+// close is using right now.
+func (b *budget) oldestIdleLocked(d *database) *conn {
+	for v := d.idleConns.back; v != nil; v = d.idleConns.prev(v) {
+		if !v.inOp {
+			return v
+		}
+	}
+	return nil
+}
+
 // victimLocked returns the idle connection to close to free a shared token:
 // the oldest idle connection of the least recently used database. It skips
 // databases whose connections all sit within their reservation (closing one
@@ -388,7 +445,10 @@ func (b *budget) victimLocked(now time.Time) (*conn, time.Time) {
 		if x.open-x.closing <= x.reserved {
 			continue
 		}
-		v := x.idleConns.back
+		v := b.oldestIdleLocked(x)
+		if v == nil {
+			continue
+		}
 		if !b.pastGrace(v, now) {
 			at := v.idleSince.Add(b.grace)
 			if retryAt.IsZero() || at.Before(retryAt) {
@@ -421,10 +481,15 @@ func (b *budget) evictLocked(v *conn, reason evictReason, w *waiter) {
 		b.fresh.remove(v)
 		v.db.inUse--
 		b.inUse--
-		v.state.Store(stateRedial)
 	} else {
 		b.unlinkIdleLocked(v)
+	}
+	if v.used {
 		v.state.Store(stateEvicted)
+	} else {
+		// Never used, so without session state: its next use, if any
+		// (it may be pinned by db.Conn), dials again in its place.
+		v.state.Store(stateRedial)
 	}
 	t := v.tok
 	if w != nil {
@@ -433,8 +498,7 @@ func (b *budget) evictLocked(v *conn, reason evictReason, w *waiter) {
 	}
 	b.countEvictionLocked(v.db, reason)
 	b.markClosingLocked(t)
-	t.ended = true
-	b.toClose = append(b.toClose, v.pc)
+	b.toClose = append(b.toClose, closeJob{pc: v.pc, tok: t})
 }
 
 func (b *budget) countEvictionLocked(d *database, reason evictReason) {
@@ -477,8 +541,20 @@ func (b *budget) socketOpened(t *token) {
 	b.mu.Unlock()
 }
 
+// drainStarted counts a socket whose drain began, so that close can wait
+// for it.
+func (b *budget) drainStarted() {
+	b.mu.Lock()
+	b.draining++
+	b.mu.Unlock()
+}
+
 func (b *budget) socketDrained(t *token) {
 	b.mu.Lock()
+	b.draining--
+	if b.draining == 0 {
+		b.drained.Broadcast()
+	}
 	t.sockets--
 	if t.ended && t.sockets == 0 {
 		b.releaseLocked(t)
@@ -521,10 +597,18 @@ func (b *budget) forgetLocked(d *database) {
 	}
 }
 
-// connected records a successful dial of a new conn, which starts fresh.
-func (b *budget) connected(c *conn) {
+// connected records a successful dial of a new conn, which starts fresh. It
+// reports false when the driver was closed meanwhile; the caller then closes
+// the connection.
+func (b *budget) connected(c *conn) bool {
 	b.mu.Lock()
 	b.dialedLocked(c.db)
+	c.db.refs++ // released by closeConn
+	if b.closed {
+		c.state.Store(stateBusy)
+		b.mu.Unlock()
+		return false
+	}
 	c.state.Store(stateFresh)
 	b.fresh.pushBack(c)
 	if b.waiters.len > 0 {
@@ -532,16 +616,20 @@ func (b *budget) connected(c *conn) {
 	}
 	b.armReaperLocked(c.created.Add(b.idleTimeout), time.Now())
 	b.mu.Unlock()
+	return true
 }
 
 // redialed puts a new physical connection under conn c, whose old one the
 // driver evicted before c was ever used.
-func (b *budget) redialed(c *conn, pc *stdlib.Conn, tok *token, created time.Time) {
+func (b *budget) redialed(c *conn, pc *stdlib.Conn, tok *token, created time.Time) bool {
 	b.mu.Lock()
 	b.dialedLocked(c.db)
 	c.pc, c.tok, c.created = pc, tok, created
 	c.state.Store(stateBusy)
+	c.used = true
+	closed := b.closed
 	b.mu.Unlock()
+	return !closed
 }
 
 func (b *budget) dialedLocked(d *database) {
@@ -671,6 +759,7 @@ func (b *budget) checkout(c *conn) (ok, redial bool) {
 	case stateFresh:
 		b.fresh.remove(c)
 		c.state.Store(stateBusy)
+		c.used = true
 	case stateRedial:
 		b.mu.Unlock()
 		return false, true
@@ -700,8 +789,7 @@ func (b *budget) beginIdleOp(c *conn) (ok, wasIdle bool) {
 	defer b.mu.Unlock()
 	switch c.state.Load() {
 	case stateIdle:
-		b.unlinkIdleLocked(c)
-		c.state.Store(stateBusy)
+		c.inOp = true // stays idle, in place, but is not evicted meanwhile
 		return true, true
 	case stateBusy, stateDoomed, stateFresh:
 		return true, false
@@ -710,17 +798,18 @@ func (b *budget) beginIdleOp(c *conn) (ok, wasIdle bool) {
 }
 
 func (b *budget) endIdleOp(c *conn) {
+	now := time.Now()
 	b.mu.Lock()
-	if c.state.Load() == stateBusy {
-		c.state.Store(stateIdle)
-		c.db.idleConns.pushBack(c)
-		c.db.idle++
-		b.idle++
-		if !c.db.lru.listed {
-			b.idleDBs.pushBack(c.db)
-		}
+	c.inOp = false
+	switch {
+	case c.broken():
+		b.evictLocked(c, reasonBroken, nil)
+	case b.closed:
+		b.evictLocked(c, reasonDriverClosed, nil)
 	}
-	b.mu.Unlock()
+	// Waiters may have looked for a victim while this one was in use.
+	b.serveWaitersLocked(now)
+	b.unlock()
 }
 
 // closeConn handles Close from database/sql (or a driver.Open user). It
@@ -729,8 +818,15 @@ func (b *budget) endIdleOp(c *conn) {
 func (b *budget) closeConn(c *conn) bool {
 	b.mu.Lock()
 	switch c.state.Load() {
-	case stateEvicted, stateRedial, stateClosed:
+	case stateClosed:
 		b.mu.Unlock()
+		return false
+	case stateEvicted, stateRedial:
+		// The driver closed it already.
+		c.state.Store(stateClosed)
+		c.db.refs--
+		b.forgetLocked(c.db)
+		b.unlock()
 		return false
 	case stateFresh:
 		b.fresh.remove(c)
@@ -749,6 +845,8 @@ func (b *budget) closeConn(c *conn) bool {
 	}
 	c.state.Store(stateClosed)
 	b.endLocked(c.tok)
+	c.db.refs--
+	b.forgetLocked(c.db)
 	b.unlock()
 	return true
 }
@@ -788,7 +886,7 @@ func (b *budget) reap() {
 		for c := x.idleConns.back; c != nil; {
 			prevConn := x.idleConns.prev(c)
 			at := b.expiry(c)
-			if !at.After(now) {
+			if !at.After(now) && !c.inOp {
 				reason := reasonIdleTimeout
 				if b.lifetime > 0 && now.Sub(c.created) >= b.lifetime {
 					reason = reasonLifetime
@@ -865,16 +963,32 @@ func (b *budget) reconfigure(cfg Config) error {
 func (b *budget) shrinkLocked() {
 	for x := b.idleDBs.back; x != nil; {
 		prev := b.idleDBs.prev(x)
-		for x.open-x.closing > b.capOf(x) && x.idleConns.back != nil {
-			b.evictLocked(x.idleConns.back, reasonBudgetShrink, nil)
+		for x.open-x.closing > b.capOf(x) {
+			v := b.oldestIdleLocked(x)
+			if v == nil {
+				break
+			}
+			b.evictLocked(v, reasonBudgetShrink, nil)
 		}
 		x = prev
+	}
+	for v := b.fresh.front; v != nil; {
+		next := b.fresh.next(v)
+		if v.db.open-v.db.closing > b.capOf(v.db) {
+			b.evictLocked(v, reasonBudgetShrink, nil)
+		}
+		v = next
 	}
 	for b.sharedInUse-b.closing > b.limit-b.reserved {
 		var v *conn
 		for x := b.idleDBs.back; x != nil && v == nil; x = b.idleDBs.prev(x) {
 			if x.open-x.closing > x.reserved {
-				v = x.idleConns.back
+				v = b.oldestIdleLocked(x)
+			}
+		}
+		for f := b.fresh.front; f != nil && v == nil; f = b.fresh.next(f) {
+			if f.db.open-f.db.closing > f.db.reserved {
+				v = f
 			}
 		}
 		if v == nil {
@@ -889,8 +1003,8 @@ func (b *budget) shrinkLocked() {
 func (b *budget) close() {
 	b.mu.Lock()
 	if b.closed {
+		b.waitDrainsLocked()
 		b.mu.Unlock()
-		b.drains.Wait()
 		return
 	}
 	b.closed = true
@@ -905,8 +1019,16 @@ func (b *budget) close() {
 		close(w.ready)
 		w = next
 	}
-	for b.idleDBs.back != nil {
-		b.evictLocked(b.idleDBs.back.idleConns.back, reasonDriverClosed, nil)
+	for x := b.idleDBs.back; x != nil; {
+		prev := b.idleDBs.prev(x)
+		for v := x.idleConns.back; v != nil; {
+			p := x.idleConns.prev(v)
+			if !v.inOp { // endIdleOp closes the others
+				b.evictLocked(v, reasonDriverClosed, nil)
+			}
+			v = p
+		}
+		x = prev
 	}
 	for b.fresh.front != nil {
 		b.evictLocked(b.fresh.front, reasonDriverClosed, nil)
@@ -918,5 +1040,15 @@ func (b *budget) close() {
 		b.graceTimer.Stop()
 	}
 	b.unlock()
-	b.drains.Wait()
+	b.mu.Lock()
+	b.waitDrainsLocked()
+	b.mu.Unlock()
+}
+
+// waitDrainsLocked waits until no socket is being drained. Each drain ends
+// within drainTimeout.
+func (b *budget) waitDrainsLocked() {
+	for b.draining > 0 {
+		b.drained.Wait()
+	}
 }

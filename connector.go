@@ -56,7 +56,10 @@ func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
 		return nil, err
 	}
 	cn := &conn{pc: pc, cn: c, db: c.db, b: c.drv.b, tok: tok, created: created}
-	c.drv.b.connected(cn)
+	if !c.drv.b.connected(cn) {
+		_ = cn.Close()
+		return nil, errDriverClosed
+	}
 	return cn, nil
 }
 
@@ -157,14 +160,13 @@ type trackedConn struct {
 
 func (s *trackedConn) Close() error {
 	s.once.Do(func() {
-		s.target.b.drains.Add(1)
+		s.target.b.drainStarted()
 		go s.drain()
 	})
 	return nil
 }
 
 func (s *trackedConn) drain() {
-	defer s.target.b.drains.Done()
 	// Half-close first: a server that never got Terminate (the dial was
 	// cancelled, pgconn gave up) ends its backend on EOF.
 	if hc, ok := s.Conn.(interface{ CloseWrite() error }); ok {
@@ -196,6 +198,8 @@ type conn struct {
 
 	// Guarded by budget.mu.
 	idleSince time.Time
+	used      bool // a driver call has been made on it
+	inOp      bool // idle, but database/sql is closing a statement on it
 	link      links[conn]
 }
 
@@ -230,7 +234,9 @@ func (c *conn) use(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		c.b.redialed(c, pc, tok, created)
+		if !c.b.redialed(c, pc, tok, created) {
+			return driver.ErrBadConn // the driver was closed meanwhile
+		}
 		return nil
 	}
 	return driver.ErrBadConn

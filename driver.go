@@ -339,6 +339,9 @@ func (b *budget) register(p *dsnParams) (*database, error) {
 	d.capOverride = p.maxConns
 	d.workspace = p.workspace
 	d.refs++
+	// A new reservation is backed at once by closing idle shared
+	// connections; busy ones are closed as they are returned.
+	b.shrinkLocked()
 	b.serveWaitersLocked(time.Now())
 	return d, nil
 }
