@@ -94,7 +94,7 @@ func (b *budget) returnUnused(t *token) {
 	t.db.dialing--
 	b.dialing--
 	b.giveLocked(t.db)
-	b.serveWaitersLocked(time.Now())
+	b.serveWaitersLocked()
 	b.unlock()
 }
 

@@ -269,7 +269,6 @@ func (b *budget) giveLocked(d *database) {
 // the wait; caller is the context the application passed, used to tell its
 // cancellation from the driver's own acquire timeout.
 func (b *budget) acquire(ctx, caller context.Context, d *database) (*token, error) {
-	now := time.Now()
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -281,12 +280,12 @@ func (b *budget) acquire(ctx, caller context.Context, d *database) (*token, erro
 		b.mu.Unlock()
 		return &token{db: d}, nil
 	}
-	w := &waiter{db: d, since: now, ready: make(chan struct{})}
+	w := &waiter{db: d, since: time.Now(), ready: make(chan struct{})}
 	d.refs++ // a waiter keeps its database's state alive
 	defer b.unregister(d)
 	b.waiters.pushBack(w)
 	b.waitCount++
-	b.serveWaitersLocked(now)
+	b.serveWaitersLocked()
 	b.unlock()
 
 	select {
@@ -308,7 +307,7 @@ func (b *budget) acquire(ctx, caller context.Context, d *database) (*token, erro
 		d.dialing--
 		b.dialing--
 		b.giveLocked(d)
-		b.serveWaitersLocked(time.Now())
+		b.serveWaitersLocked()
 	} else {
 		b.waiters.remove(w)
 		if w.claim != nil {
@@ -356,7 +355,11 @@ func (b *budget) grantLocked(w *waiter, now time.Time) {
 // used idle connections, each promised to one waiter. It runs after every
 // event that can make room: a token released, a waiter added, a reservation
 // or the budget changed, the hand-off grace period of an idle conn ended.
-func (b *budget) serveWaitersLocked(now time.Time) {
+func (b *budget) serveWaitersLocked() {
+	if b.waiters.len == 0 {
+		return
+	}
+	now := time.Now()
 	var retryAt time.Time
 	for w := b.waiters.front; w != nil; {
 		next := b.waiters.next(w)
@@ -581,7 +584,7 @@ func (b *budget) releaseLocked(t *token) {
 			b.grantLocked(w, now)
 		}
 	}
-	b.serveWaitersLocked(now)
+	b.serveWaitersLocked()
 	b.forgetLocked(d)
 }
 
@@ -593,7 +596,7 @@ func (b *budget) forgetLocked(d *database) {
 		b.reserved -= d.reserved
 		d.reserved = 0
 		delete(b.dbs, d.key)
-		b.serveWaitersLocked(time.Now())
+		b.serveWaitersLocked()
 	}
 }
 
@@ -798,7 +801,6 @@ func (b *budget) beginIdleOp(c *conn) (ok, wasIdle bool) {
 }
 
 func (b *budget) endIdleOp(c *conn) {
-	now := time.Now()
 	b.mu.Lock()
 	c.inOp = false
 	switch {
@@ -808,7 +810,7 @@ func (b *budget) endIdleOp(c *conn) {
 		b.evictLocked(c, reasonDriverClosed, nil)
 	}
 	// Waiters may have looked for a victim while this one was in use.
-	b.serveWaitersLocked(now)
+	b.serveWaitersLocked()
 	b.unlock()
 }
 
@@ -932,7 +934,7 @@ func (b *budget) armGraceLocked(at, now time.Time) {
 func (b *budget) graceExpired() {
 	b.mu.Lock()
 	b.graceArmed = false
-	b.serveWaitersLocked(time.Now())
+	b.serveWaitersLocked()
 	b.unlock()
 }
 
@@ -948,7 +950,7 @@ func (b *budget) reconfigure(cfg Config) error {
 	b.apply(cfg)
 	now := time.Now()
 	b.shrinkLocked()
-	b.serveWaitersLocked(now)
+	b.serveWaitersLocked()
 	if b.idle > 0 {
 		b.reapArmed = false // the timeouts may have changed: rescan
 		b.armReaperLocked(now, now)

@@ -342,7 +342,7 @@ func (b *budget) register(p *dsnParams) (*database, error) {
 	// A new reservation is backed at once by closing idle shared
 	// connections; busy ones are closed as they are returned.
 	b.shrinkLocked()
-	b.serveWaitersLocked(time.Now())
+	b.serveWaitersLocked()
 	return d, nil
 }
 
