@@ -41,7 +41,7 @@ const (
 // before ResetSession; evicting it in that instant makes database/sql retry,
 // and under load every retry met the same fate and callers saw
 // "driver: bad connection".
-const defaultHandoffGrace = 20 * time.Millisecond
+const defaultHandoffGrace = 5 * time.Millisecond
 
 // defaultHandoffAfter bounds how long a waiter waits for an idle connection
 // to evict before it takes the next connection any database checks in. Below
