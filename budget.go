@@ -60,12 +60,8 @@ type budget struct {
 
 	toClose []closeJob // chosen for closing under mu; closed by unlock
 
-	reapTimer  *time.Timer
-	reapAt     time.Time
-	reapArmed  bool
-	graceTimer *time.Timer
-	graceAt    time.Time
-	graceArmed bool
+	reaper     wakeup // closes connections past their idle time or lifetime
+	graceEnded wakeup // lets waiters evict a connection whose grace period ended
 
 	// Cumulative counters; guarded by mu.
 	waitCount    uint64
@@ -195,6 +191,8 @@ var errDriverClosed = errors.New("tenantpg: driver closed")
 func newBudget(cfg Config) *budget {
 	b := &budget{dbs: make(map[dbKey]*database), grace: defaultHandoffGrace, handoffAfter: defaultHandoffAfter}
 	b.drained = sync.NewCond(&b.mu)
+	b.reaper.fn = b.reap
+	b.graceEnded.fn = b.graceExpired
 	b.apply(cfg)
 	return b
 }
@@ -863,15 +861,40 @@ func (b *budget) expiry(c *conn) time.Time {
 	return at
 }
 
-func (b *budget) armReaperLocked(at, now time.Time) {
-	if b.closed || (b.reapArmed && !at.Before(b.reapAt)) {
+// wakeup runs fn at the earliest time it has been armed for. It uses
+// time.AfterFunc, so nothing runs while it is not armed. Guarded by
+// budget.mu; fn must call fired under that lock before looking at the state.
+type wakeup struct {
+	fn    func()
+	timer *time.Timer
+	at    time.Time
+	armed bool
+}
+
+func (w *wakeup) arm(at, now time.Time) {
+	if w.armed && !at.Before(w.at) {
 		return
 	}
-	b.reapAt, b.reapArmed = at, true
-	if b.reapTimer == nil {
-		b.reapTimer = time.AfterFunc(at.Sub(now), b.reap)
+	w.at, w.armed = at, true
+	if w.timer == nil {
+		w.timer = time.AfterFunc(at.Sub(now), w.fn)
 	} else {
-		b.reapTimer.Reset(at.Sub(now))
+		w.timer.Reset(at.Sub(now))
+	}
+}
+
+func (w *wakeup) fired() { w.armed = false }
+
+func (w *wakeup) stop() {
+	if w.timer != nil {
+		w.timer.Stop()
+	}
+	w.armed = false
+}
+
+func (b *budget) armReaperLocked(at, now time.Time) {
+	if !b.closed {
+		b.reaper.arm(at, now)
 	}
 }
 
@@ -881,14 +904,17 @@ func (b *budget) armReaperLocked(at, now time.Time) {
 func (b *budget) reap() {
 	now := time.Now()
 	b.mu.Lock()
-	b.reapArmed = false
+	b.reaper.fired()
 	var next time.Time
 	for x := b.idleDBs.back; x != nil; {
 		prevDB := b.idleDBs.prev(x)
 		for c := x.idleConns.back; c != nil; {
 			prevConn := x.idleConns.prev(c)
 			at := b.expiry(c)
-			if !at.After(now) && !c.inOp {
+			if c.inOp && !at.After(now) {
+				at = now.Add(b.grace) // a statement is being closed on it: look again soon
+			}
+			if !at.After(now) {
 				reason := reasonIdleTimeout
 				if b.lifetime > 0 && now.Sub(c.created) >= b.lifetime {
 					reason = reasonLifetime
@@ -920,20 +946,14 @@ func (b *budget) reap() {
 }
 
 func (b *budget) armGraceLocked(at, now time.Time) {
-	if b.closed || (b.graceArmed && !at.Before(b.graceAt)) {
-		return
-	}
-	b.graceAt, b.graceArmed = at, true
-	if b.graceTimer == nil {
-		b.graceTimer = time.AfterFunc(at.Sub(now), b.graceExpired)
-	} else {
-		b.graceTimer.Reset(at.Sub(now))
+	if !b.closed {
+		b.graceEnded.arm(at, now)
 	}
 }
 
 func (b *budget) graceExpired() {
 	b.mu.Lock()
-	b.graceArmed = false
+	b.graceEnded.fired()
 	b.serveWaitersLocked()
 	b.unlock()
 }
@@ -952,7 +972,7 @@ func (b *budget) reconfigure(cfg Config) error {
 	b.shrinkLocked()
 	b.serveWaitersLocked()
 	if b.idle > 0 {
-		b.reapArmed = false // the timeouts may have changed: rescan
+		b.reaper.fired() // the timeouts may have changed: rescan now
 		b.armReaperLocked(now, now)
 	}
 	b.unlock()
@@ -1035,12 +1055,8 @@ func (b *budget) close() {
 	for b.fresh.front != nil {
 		b.evictLocked(b.fresh.front, reasonDriverClosed, nil)
 	}
-	if b.reapTimer != nil {
-		b.reapTimer.Stop()
-	}
-	if b.graceTimer != nil {
-		b.graceTimer.Stop()
-	}
+	b.reaper.stop()
+	b.graceEnded.stop()
 	b.unlock()
 	b.mu.Lock()
 	b.waitDrainsLocked()

@@ -14,7 +14,7 @@ func (d *Driver) dumpState() string {
 	var sb strings.Builder
 	now := time.Now()
 	fmt.Fprintf(&sb, "limit %d reserved %d shared %d open %d dialing %d inUse %d idle %d closing %d waiters %d graceArmed %v(%s) reapArmed %v\n",
-		b.limit, b.reserved, b.sharedInUse, b.open, b.dialing, b.inUse, b.idle, b.closing, b.waiters.len, b.graceArmed, b.graceAt.Sub(now), b.reapArmed)
+		b.limit, b.reserved, b.sharedInUse, b.open, b.dialing, b.inUse, b.idle, b.closing, b.waiters.len, b.graceEnded.armed, b.graceEnded.at.Sub(now), b.reaper.armed)
 	for w := b.waiters.front; w != nil; w = b.waiters.next(w) {
 		fmt.Fprintf(&sb, "  waiter %s age %s claim %v granted %v\n", w.db.workspace, now.Sub(w.since), w.claim != nil, w.granted)
 	}
