@@ -3,7 +3,9 @@ package tenantpg
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/stdlib"
@@ -69,6 +71,7 @@ type budget struct {
 	timeouts     uint64
 	evictions    [numReasons]uint64
 	dials        uint64
+	exhausted    uint64 // BudgetErrors returned
 	// staleCheckouts counts checkouts of connections the driver had
 	// evicted: database/sql retried them elsewhere.
 	staleCheckouts uint64
@@ -78,12 +81,17 @@ type budget struct {
 	// signalled when it drops to zero. Guarded by mu.
 	draining int
 	drained  *sync.Cond
+
+	metrics atomic.Pointer[metrics]
+	log     atomic.Pointer[slog.Logger] // nil: no logging
 }
 
 // closeJob is a connection chosen for closing under mu and closed by unlock.
 type closeJob struct {
-	pc  *stdlib.Conn
-	tok *token
+	pc        *stdlib.Conn
+	tok       *token
+	reason    evictReason
+	workspace string
 }
 
 // database is the state shared by every connector for one server, user and
@@ -104,8 +112,11 @@ type database struct {
 	closing   int
 	lastUsed  time.Time
 	evictions uint64
+	waiting   int               // callers waiting for a token for this database
 	idleConns list[conn, *conn] // most recently checked in first
-	lru       links[database]
+
+	metricOpts *dbMetricOpts // built on first collection while it holds connections
+	lru        links[database]
 }
 
 func (d *database) lnk() *links[database] { return &d.lru }
@@ -203,6 +214,7 @@ func (b *budget) apply(cfg Config) {
 	b.lifetime = cfg.ConnMaxLifetime
 	b.idleTimeout = cfg.ConnMaxIdleTime
 	b.acquireTimeout = cfg.AcquireTimeout
+	b.log.Store(cfg.Logger)
 }
 
 // unlock releases mu and then closes the connections chosen for closing
@@ -215,6 +227,14 @@ func (b *budget) unlock() {
 	jobs := b.toClose
 	b.toClose = nil
 	b.mu.Unlock()
+	if l := b.log.Load(); l != nil && l.Enabled(bg, slog.LevelDebug) {
+		workspaces := make([]string, len(jobs))
+		for i, j := range jobs {
+			workspaces[i] = j.workspace
+		}
+		l.LogAttrs(bg, slog.LevelDebug, "tenantpg: closing idle connections",
+			slog.String("reason", reasonNames[jobs[0].reason]), slog.Int("count", len(jobs)), slog.Any("workspaces", workspaces))
+	}
 	for _, j := range jobs {
 		_ = j.pc.Close()
 		// The token returns once the socket is drained, or now if pgx had
@@ -276,10 +296,12 @@ func (b *budget) acquire(ctx, caller context.Context, d *database) (*token, erro
 		b.takeLocked(d)
 		b.dialingLocked(d)
 		b.mu.Unlock()
+		b.metrics.Load().recordWait(0)
 		return &token{db: d}, nil
 	}
 	w := &waiter{db: d, since: time.Now(), ready: make(chan struct{})}
 	d.refs++ // a waiter keeps its database's state alive
+	d.waiting++
 	defer b.unregister(d)
 	b.waiters.pushBack(w)
 	b.waitCount++
@@ -291,6 +313,7 @@ func (b *budget) acquire(ctx, caller context.Context, d *database) (*token, erro
 		if w.err != nil {
 			return nil, w.err
 		}
+		b.metrics.Load().recordWait(time.Since(w.since))
 		return &token{db: d}, nil
 	case <-ctx.Done():
 	}
@@ -308,6 +331,7 @@ func (b *budget) acquire(ctx, caller context.Context, d *database) (*token, erro
 		b.serveWaitersLocked()
 	} else {
 		b.waiters.remove(w)
+		d.waiting--
 		if w.claim != nil {
 			w.claim.claim = nil
 			w.claim = nil
@@ -317,9 +341,11 @@ func (b *budget) acquire(ctx, caller context.Context, d *database) (*token, erro
 	if !w.granted {
 		b.waitDuration += waited
 	}
-	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+	deadline := errors.Is(ctx.Err(), context.DeadlineExceeded)
+	if deadline {
 		b.timeouts++
 	}
+	b.exhausted++
 	e := &BudgetError{
 		Workspace: d.workspace, Database: d.name,
 		Open: b.open, Limit: b.limit,
@@ -330,6 +356,17 @@ func (b *budget) acquire(ctx, caller context.Context, d *database) (*token, erro
 		e.Err = caller.Err()
 	}
 	b.unlock()
+	m := b.metrics.Load()
+	m.recordWait(waited)
+	if deadline {
+		m.recordTimeout()
+	}
+	if l := b.log.Load(); l != nil {
+		l.LogAttrs(bg, slog.LevelWarn, "tenantpg: connection budget exhausted",
+			slog.String("workspace", e.Workspace), slog.Duration("waited", waited), slog.Int("open", e.Open),
+			slog.Int("limit", e.Limit), slog.Int("databaseOpen", e.DatabaseOpen), slog.Int("waiting", e.Waiting),
+			slog.Bool("callerContextEnded", e.Err != nil))
+	}
 	return nil, e
 }
 
@@ -340,6 +377,7 @@ func (b *budget) dialingLocked(d *database) {
 }
 
 func (b *budget) grantLocked(w *waiter, now time.Time) {
+	w.db.waiting--
 	b.takeLocked(w.db)
 	b.dialingLocked(w.db)
 	w.granted = true
@@ -499,7 +537,7 @@ func (b *budget) evictLocked(v *conn, reason evictReason, w *waiter) {
 	}
 	b.countEvictionLocked(v.db, reason)
 	b.markClosingLocked(t)
-	b.toClose = append(b.toClose, closeJob{pc: v.pc, tok: t})
+	b.toClose = append(b.toClose, closeJob{pc: v.pc, tok: t, reason: reason, workspace: v.db.workspace})
 }
 
 func (b *budget) countEvictionLocked(d *database, reason evictReason) {
@@ -628,6 +666,7 @@ func (b *budget) redialed(c *conn, pc *stdlib.Conn, tok *token, created time.Tim
 	c.pc, c.tok, c.created = pc, tok, created
 	c.state.Store(stateBusy)
 	c.used = true
+	c.checkedOut = created
 	closed := b.closed
 	b.mu.Unlock()
 	return !closed
@@ -642,7 +681,7 @@ func (b *budget) dialedLocked(d *database) {
 
 // dialFailed records a failed dial; the token returns once any socket the
 // dial opened has been drained.
-func (b *budget) dialFailed(t *token, kind dialErrorKind) {
+func (b *budget) dialFailed(t *token, kind dialErrorKind, cause error) {
 	b.mu.Lock()
 	d := t.db
 	d.dialing--
@@ -650,7 +689,19 @@ func (b *budget) dialFailed(t *token, kind dialErrorKind) {
 	b.dialErrors[kind]++
 	b.markClosingLocked(t)
 	b.endLocked(t)
+	ws := d.workspace
 	b.unlock()
+	if l := b.log.Load(); l != nil {
+		msg := "tenantpg: dial failed"
+		if kind == dialRejected {
+			msg = "tenantpg: server rejected a connection: no connection slot left (SQLSTATE 53300)"
+		}
+		attrs := []slog.Attr{slog.String("workspace", ws)}
+		if cause != nil {
+			attrs = append(attrs, slog.String("error", cause.Error()))
+		}
+		l.LogAttrs(bg, slog.LevelWarn, msg, attrs...)
+	}
 }
 
 // checkin is called from IsValid when database/sql takes a connection back.
@@ -674,6 +725,7 @@ func (b *budget) checkin(c *conn) bool {
 	d.lastUsed = now
 	reason, w := b.checkinReasonLocked(c, now)
 
+	used := now.Sub(c.checkedOut)
 	if reason != reasonNone {
 		c.state.Store(stateDoomed)
 		b.countEvictionLocked(d, reason)
@@ -682,7 +734,13 @@ func (b *budget) checkin(c *conn) bool {
 			c.tok.claim = w
 			w.claim = c.tok
 		}
+		ws := d.workspace
 		b.mu.Unlock()
+		b.recordUse(c, used)
+		if l := b.log.Load(); l != nil {
+			l.LogAttrs(bg, slog.LevelDebug, "tenantpg: closing a returned connection",
+				slog.String("workspace", ws), slog.String("reason", reasonNames[reason]))
+		}
 		return false
 	}
 	c.state.Store(stateIdle)
@@ -702,7 +760,16 @@ func (b *budget) checkin(c *conn) bool {
 		b.armGraceLocked(now.Add(b.grace), now)
 	}
 	b.mu.Unlock()
+	b.recordUse(c, used)
 	return true
+}
+
+// recordUse records how long database/sql held a connection. A connection
+// returned without ever being checked out has no use to record.
+func (b *budget) recordUse(c *conn, d time.Duration) {
+	if c.used {
+		b.metrics.Load().recordUse(d)
+	}
 }
 
 func (b *budget) checkinReasonLocked(c *conn, now time.Time) (evictReason, *waiter) {
@@ -754,6 +821,7 @@ func (b *budget) waiterForLocked(d *database, now time.Time) *waiter {
 // redial reports that the conn was evicted before its first use and needs a
 // new physical connection.
 func (b *budget) checkout(c *conn) (ok, redial bool) {
+	now := time.Now()
 	b.mu.Lock()
 	switch c.state.Load() {
 	case stateBusy:
@@ -761,6 +829,7 @@ func (b *budget) checkout(c *conn) (ok, redial bool) {
 		b.fresh.remove(c)
 		c.state.Store(stateBusy)
 		c.used = true
+		c.checkedOut = now
 	case stateRedial:
 		b.mu.Unlock()
 		return false, true
@@ -770,6 +839,7 @@ func (b *budget) checkout(c *conn) (ok, redial bool) {
 			b.idleDBs.moveToFront(c.db)
 		}
 		c.state.Store(stateBusy)
+		c.checkedOut = now
 		c.db.inUse++
 		b.inUse++
 	default:
@@ -1033,6 +1103,7 @@ func (b *budget) close() {
 	for w := b.waiters.front; w != nil; {
 		next := b.waiters.next(w)
 		b.waiters.remove(w)
+		w.db.waiting--
 		w.granted, w.err = true, errDriverClosed
 		if w.claim != nil {
 			w.claim.claim = nil
@@ -1057,6 +1128,7 @@ func (b *budget) close() {
 	}
 	b.reaper.stop()
 	b.graceEnded.stop()
+	b.metrics.Load().close()
 	b.unlock()
 	b.mu.Lock()
 	b.waitDrainsLocked()

@@ -91,16 +91,18 @@ func (c *connector) dial(ctx context.Context, tok *token) (_ *stdlib.Conn, err e
 		}
 		// A panic in pgx or in a hook must not keep the token.
 		if p := recover(); p != nil {
-			b.dialFailed(tok, dialOther)
+			b.dialFailed(tok, dialOther, nil)
 			panic(p)
 		}
-		b.dialFailed(tok, classifyDialError(err))
+		b.dialFailed(tok, classifyDialError(err), err)
 	}()
+	start := time.Now()
 	dc, err := c.inner.Connect(context.WithValue(ctx, tokenKey{}, &dialTarget{b: b, tok: tok}))
 	if err != nil {
 		return nil, c.dialError(err)
 	}
 	dialed = true
+	b.metrics.Load().recordCreate(time.Since(start))
 	return dc.(*stdlib.Conn), nil
 }
 
@@ -197,10 +199,11 @@ type conn struct {
 	created time.Time
 
 	// Guarded by budget.mu.
-	idleSince time.Time
-	used      bool // a driver call has been made on it
-	inOp      bool // idle, but database/sql is closing a statement on it
-	link      links[conn]
+	idleSince  time.Time
+	used       bool      // a driver call has been made on it
+	checkedOut time.Time // when database/sql last took it
+	inOp       bool      // idle, but database/sql is closing a statement on it
+	link       links[conn]
 }
 
 func (c *conn) lnk() *links[conn] { return &c.link }

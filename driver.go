@@ -6,6 +6,7 @@ import (
 	"database/sql/driver"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/url"
 	"os"
 	"regexp"
@@ -19,6 +20,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/stdlib"
+	"go.opentelemetry.io/otel/metric"
 )
 
 // DriverName is the name the package registers its default driver under.
@@ -80,6 +82,18 @@ type Config struct {
 	// database/sql's background opener calls Connect with a context that
 	// never ends, so the driver needs a bound of its own. Default 10s.
 	AcquireTimeout time.Duration
+
+	// Name is the db.client.connection.pool.name of the driver-wide metrics
+	// (the budget, the histograms). Default "tenantpg".
+	Name string
+	// MeterProvider receives the driver's metrics. Default: the global
+	// MeterProvider (otel.GetMeterProvider), which is a no-op until the
+	// application installs one.
+	MeterProvider metric.MeterProvider
+	// Logger receives one line per eviction batch (Debug), budget
+	// exhaustion, server rejection and dial failure (Warn). Nil: no
+	// logging. No line contains a password or a DSN.
+	Logger *slog.Logger
 }
 
 // normalize fills defaults and validates.
@@ -116,6 +130,9 @@ func (c Config) normalize() (Config, error) {
 		if *f.v == 0 {
 			*f.v = f.def
 		}
+	}
+	if c.Name == "" {
+		c.Name = DriverName
 	}
 	if c.MaxConnectionsPerDB > c.MaxConnections {
 		return c, &ConfigError{Field: "MaxConnectionsPerDB",
@@ -161,8 +178,11 @@ func ConfigFromEnv() (Config, error) {
 type Driver struct {
 	b *budget
 
-	initMu     sync.Mutex
-	envPending bool // the registered driver reads the environment on first use
+	initMu        sync.Mutex // guards the fields below
+	envPending    bool       // the registered driver reads the environment on first use
+	metricsSet    bool
+	meterProvider metric.MeterProvider
+	name          string
 }
 
 var (
@@ -174,7 +194,11 @@ var defaultDriver = newDefaultDriver()
 
 func newDefaultDriver() *Driver {
 	cfg, _ := Config{}.normalize()
-	return &Driver{b: newBudget(cfg), envPending: true}
+	d := &Driver{b: newBudget(cfg), envPending: true}
+	// The global MeterProvider delegates to whatever provider the
+	// application installs later, so instruments made now report then.
+	_ = d.setupMetrics(nil, cfg.Name)
+	return d
 }
 
 func init() {
@@ -191,7 +215,11 @@ func NewDriver(cfg Config) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Driver{b: newBudget(cfg)}, nil
+	d := &Driver{b: newBudget(cfg)}
+	if err := d.setupMetrics(cfg.MeterProvider, cfg.Name); err != nil {
+		return nil, err
+	}
+	return d, nil
 }
 
 // Configure sets the registered driver's settings from code, in place of the
@@ -214,7 +242,7 @@ func (d *Driver) Configure(cfg Config) error {
 		return err
 	}
 	d.envPending = false
-	return nil
+	return d.setupMetrics(cfg.MeterProvider, cfg.Name)
 }
 
 // ready applies the environment to the registered driver on first use.

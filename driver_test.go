@@ -141,7 +141,7 @@ func TestConfigValidation(t *testing.T) {
 	c, err := Config{}.normalize()
 	require.NoError(t, err)
 	require.Equal(t, Config{MaxConnections: 80, MaxConnectionsPerDB: 3, ConnMaxLifetime: 10 * time.Minute,
-		ConnMaxIdleTime: 5 * time.Minute, AcquireTimeout: 10 * time.Second}, c)
+		ConnMaxIdleTime: 5 * time.Minute, AcquireTimeout: 10 * time.Second, Name: "tenantpg"}, c)
 	for _, bad := range []struct {
 		cfg   Config
 		field string

@@ -1,0 +1,251 @@
+package tenantpg
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
+	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
+	"go.opentelemetry.io/otel/semconv/v1.43.0/dbconv"
+)
+
+// Version is the library's version, reported as the instrumentation scope
+// version of its metrics.
+const Version = "0.1.0"
+
+const instrumentationName = "github.com/tenantpg/tenantpg"
+
+// Attribute keys of the budget's own instruments.
+const (
+	attrConnState      = attribute.Key("tenantpg.connection.state")
+	attrEvictionReason = attribute.Key("tenantpg.eviction.reason")
+)
+
+// metrics holds a driver's instruments.
+//
+// Cardinality is bounded by design. Per-workspace series come only from
+// observable instruments, reported by one callback for the whole driver, for
+// the databases that hold connections at that moment: at most the budget's
+// worth, and a workspace that drops to zero stops reporting. The
+// synchronous instruments (histograms, timeouts) carry the driver's pool
+// name instead of the workspace's, because an SDK keeps every attribute set
+// a synchronous instrument has seen, and per-workspace sets would grow with
+// every workspace ever used.
+type metrics struct {
+	createTime dbconv.ClientConnectionCreateTime
+	waitTime   dbconv.ClientConnectionWaitTime
+	useTime    dbconv.ClientConnectionUseTime
+	timeouts   dbconv.ClientConnectionTimeouts
+
+	count   dbconv.ClientConnectionCountObservable
+	max     dbconv.ClientConnectionMaxObservable
+	idleMax dbconv.ClientConnectionIdleMaxObservable
+	pending dbconv.ClientConnectionPendingRequestsObservable
+
+	budgetLimit       metric.Int64ObservableUpDownCounter
+	budgetConnections metric.Int64ObservableUpDownCounter
+	budgetWaiters     metric.Int64ObservableUpDownCounter
+	budgetEvictions   metric.Int64ObservableCounter
+	budgetDialErrors  metric.Int64ObservableCounter
+	budgetExhausted   metric.Int64ObservableCounter
+
+	driverSet  attribute.Set // pool name = the driver's name
+	driverOpt  metric.MeasurementOption
+	reg        metric.Registration
+	stateAttrs [4]metric.MeasurementOption // budget connections by state
+	reasonOpts [numReasons]metric.MeasurementOption
+	dialOpts   [numDialErrorKinds]metric.MeasurementOption
+}
+
+// newMetrics creates the instruments on mp (the global MeterProvider when
+// nil) and registers the one callback that observes b.
+func newMetrics(mp metric.MeterProvider, name string, b *budget) (*metrics, error) {
+	if mp == nil {
+		mp = otel.GetMeterProvider()
+	}
+	meter := mp.Meter(instrumentationName, metric.WithInstrumentationVersion(Version),
+		metric.WithSchemaURL(semconv.SchemaURL))
+	m := &metrics{driverSet: attribute.NewSet(
+		semconv.DBClientConnectionPoolName(name), semconv.DBSystemNamePostgreSQL)}
+	m.driverOpt = metric.WithAttributeSet(m.driverSet)
+	var err, e error
+	keep := func(e error) { err = errors.Join(err, e) }
+	// Durations in seconds, with buckets for connection pools: from
+	// sub-millisecond checkouts to waits of many seconds.
+	buckets := metric.WithExplicitBucketBoundaries(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+	m.createTime, e = dbconv.NewClientConnectionCreateTime(meter, buckets)
+	keep(e)
+	m.waitTime, e = dbconv.NewClientConnectionWaitTime(meter, buckets)
+	keep(e)
+	m.useTime, e = dbconv.NewClientConnectionUseTime(meter, buckets)
+	keep(e)
+	m.timeouts, e = dbconv.NewClientConnectionTimeouts(meter)
+	keep(e)
+	m.count, e = dbconv.NewClientConnectionCountObservable(meter)
+	keep(e)
+	m.max, e = dbconv.NewClientConnectionMaxObservable(meter)
+	keep(e)
+	m.idleMax, e = dbconv.NewClientConnectionIdleMaxObservable(meter)
+	keep(e)
+	m.pending, e = dbconv.NewClientConnectionPendingRequestsObservable(meter)
+	keep(e)
+	m.budgetLimit, e = meter.Int64ObservableUpDownCounter("tenantpg.budget.limit", metric.WithUnit("{connection}"),
+		metric.WithDescription("The budget: the most connections the driver holds to the server across all databases."))
+	keep(e)
+	m.budgetConnections, e = meter.Int64ObservableUpDownCounter("tenantpg.budget.connections", metric.WithUnit("{connection}"),
+		metric.WithDescription("Tokens held, by tenantpg.connection.state: used, idle, dialing, closing."))
+	keep(e)
+	m.budgetWaiters, e = meter.Int64ObservableUpDownCounter("tenantpg.budget.waiters", metric.WithUnit("{request}"),
+		metric.WithDescription("Callers waiting for a token."))
+	keep(e)
+	m.budgetEvictions, e = meter.Int64ObservableCounter("tenantpg.budget.evictions", metric.WithUnit("{connection}"),
+		metric.WithDescription("Connections the driver closed, by tenantpg.eviction.reason."))
+	keep(e)
+	m.budgetDialErrors, e = meter.Int64ObservableCounter("tenantpg.budget.dial_errors", metric.WithUnit("{error}"),
+		metric.WithDescription("Failed dials, by error.type: 53300 when the server had no connection slot left, _OTHER otherwise."))
+	keep(e)
+	m.budgetExhausted, e = meter.Int64ObservableCounter("tenantpg.budget.exhausted", metric.WithUnit("{error}"),
+		metric.WithDescription("Callers that got ErrBudgetExhausted."))
+	keep(e)
+	if err != nil {
+		return nil, err
+	}
+	with := func(kvs ...attribute.KeyValue) metric.MeasurementOption {
+		return metric.WithAttributeSet(attribute.NewSet(append(m.driverSet.ToSlice(), kvs...)...))
+	}
+	for i, s := range []string{"used", "idle", "dialing", "closing"} {
+		m.stateAttrs[i] = with(attrConnState.String(s))
+	}
+	for r := reasonNone + 1; r < numReasons; r++ {
+		m.reasonOpts[r] = with(attrEvictionReason.String(reasonNames[r]))
+	}
+	m.dialOpts[dialRejected] = with(semconv.ErrorTypeKey.String("53300"))
+	m.dialOpts[dialOther] = with(semconv.ErrorTypeOther)
+
+	m.reg, err = meter.RegisterCallback(func(ctx context.Context, o metric.Observer) error {
+		m.observe(o, b)
+		return nil
+	}, m.count.Inst(), m.max.Inst(), m.idleMax.Inst(), m.pending.Inst(), m.budgetLimit, m.budgetConnections,
+		m.budgetWaiters, m.budgetEvictions, m.budgetDialErrors, m.budgetExhausted)
+	if err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// dbSample is one database's numbers at collection time.
+type dbSample struct {
+	opts                     *dbMetricOpts
+	idle, used, cap, waiting int
+}
+
+// dbMetricOpts are a database's attribute sets, built once while it holds
+// connections so that a collection allocates nothing per database.
+type dbMetricOpts struct {
+	base, idle, used metric.MeasurementOption
+}
+
+func newDBMetricOpts(workspace, name string) *dbMetricOpts {
+	kvs := []attribute.KeyValue{semconv.DBClientConnectionPoolName(workspace), semconv.DBSystemNamePostgreSQL, semconv.DBNamespace(name)}
+	with := func(extra ...attribute.KeyValue) metric.MeasurementOption {
+		return metric.WithAttributeSet(attribute.NewSet(append(append([]attribute.KeyValue(nil), kvs...), extra...)...))
+	}
+	return &dbMetricOpts{
+		base: with(),
+		idle: with(semconv.DBClientConnectionStateIdle),
+		used: with(semconv.DBClientConnectionStateUsed),
+	}
+}
+
+// observe reports the budget and every database holding connections. The
+// numbers are copied under the lock and reported after it is released.
+func (m *metrics) observe(o metric.Observer, b *budget) {
+	b.mu.Lock()
+	var samples []dbSample
+	for _, d := range b.dbs {
+		if d.open == 0 && d.waiting == 0 {
+			continue
+		}
+		if d.metricOpts == nil {
+			d.metricOpts = newDBMetricOpts(d.workspace, d.name)
+		}
+		samples = append(samples, dbSample{opts: d.metricOpts, idle: d.idle, used: d.open - d.idle,
+			cap: b.capOf(d), waiting: d.waiting})
+	}
+	limit, used, idle, dialing, closing, waiting := b.limit, b.open-b.idle-b.dialing-b.closing, b.idle, b.dialing, b.closing, b.waiters.len
+	evictions, dialErrors, exhausted := b.evictions, b.dialErrors, b.exhausted
+	b.mu.Unlock()
+
+	for _, s := range samples {
+		o.ObserveInt64(m.count.Inst(), int64(s.idle), s.opts.idle)
+		o.ObserveInt64(m.count.Inst(), int64(s.used), s.opts.used)
+		o.ObserveInt64(m.max.Inst(), int64(s.cap), s.opts.base)
+		o.ObserveInt64(m.idleMax.Inst(), int64(s.cap), s.opts.base)
+		o.ObserveInt64(m.pending.Inst(), int64(s.waiting), s.opts.base)
+	}
+	o.ObserveInt64(m.budgetLimit, int64(limit), m.driverOpt)
+	for i, v := range []int{used, idle, dialing, closing} {
+		o.ObserveInt64(m.budgetConnections, int64(v), m.stateAttrs[i])
+	}
+	o.ObserveInt64(m.budgetWaiters, int64(waiting), m.driverOpt)
+	for r := reasonNone + 1; r < numReasons; r++ {
+		o.ObserveInt64(m.budgetEvictions, int64(evictions[r]), m.reasonOpts[r])
+	}
+	for k := dialErrorKind(0); k < numDialErrorKinds; k++ {
+		o.ObserveInt64(m.budgetDialErrors, int64(dialErrors[k]), m.dialOpts[k])
+	}
+	o.ObserveInt64(m.budgetExhausted, int64(exhausted), m.driverOpt)
+}
+
+func (m *metrics) close() {
+	if m != nil && m.reg != nil {
+		_ = m.reg.Unregister()
+	}
+}
+
+var bg = context.Background()
+
+// The record methods do nothing on a nil *metrics, for a driver whose
+// instruments could not be created.
+
+func (m *metrics) recordCreate(d time.Duration) {
+	if m != nil {
+		m.createTime.RecordSet(bg, d.Seconds(), m.driverSet)
+	}
+}
+
+func (m *metrics) recordWait(d time.Duration) {
+	if m != nil {
+		m.waitTime.RecordSet(bg, d.Seconds(), m.driverSet)
+	}
+}
+
+func (m *metrics) recordUse(d time.Duration) {
+	if m != nil {
+		m.useTime.RecordSet(bg, d.Seconds(), m.driverSet)
+	}
+}
+
+func (m *metrics) recordTimeout() {
+	if m != nil {
+		m.timeouts.AddSet(bg, 1, m.driverSet)
+	}
+}
+
+// setupMetrics (re)creates the driver's instruments when the provider or
+// the name changed.
+func (d *Driver) setupMetrics(mp metric.MeterProvider, name string) error {
+	if d.metricsSet && mp == d.meterProvider && name == d.name {
+		return nil
+	}
+	m, err := newMetrics(mp, name, d.b)
+	if err != nil {
+		return err
+	}
+	d.b.metrics.Swap(m).close()
+	d.meterProvider, d.name, d.metricsSet = mp, name, true
+	return nil
+}
