@@ -65,7 +65,10 @@ func BenchmarkSelect1(b *testing.B) {
 // pooled connection: the checkout (ResetSession) and check-in (IsValid)
 // bookkeeping, on a real connection, without the round trip.
 func BenchmarkCheckoutCheckin(b *testing.B) {
-	e := newEnv(b, 1, Config{MaxConnections: 4})
+	benchmarkCheckoutCheckin(b, newEnv(b, 1, Config{MaxConnections: 4}))
+}
+
+func benchmarkCheckoutCheckin(b *testing.B, e *env) {
 	c, err := e.drv.OpenConnector(e.dsn(0))
 	if err != nil {
 		b.Fatal(err)

@@ -1,6 +1,8 @@
 package tenantpg
 
 import (
+	"encoding/json"
+	"net/http"
 	"sort"
 	"time"
 )
@@ -82,4 +84,28 @@ func (d *Driver) Stats() Stats {
 		return s.Databases[i].Database < s.Databases[j].Database
 	})
 	return s
+}
+
+// StatsHandler serves d.Stats() as JSON on GET (and HEAD); any other method
+// gets 405 Method Not Allowed. It has no authentication of its own: the
+// snapshot names workspaces and shows their load, so mount it behind the
+// application's own authentication.
+func StatsHandler(d *Driver) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			w.Header().Set("Allow", "GET, HEAD")
+			http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+			return
+		}
+		body, err := json.Marshal(d.Stats())
+		if err != nil {
+			http.Error(w, "cannot encode stats", http.StatusInternalServerError)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Cache-Control", "no-store")
+		if r.Method == http.MethodGet {
+			_, _ = w.Write(body)
+		}
+	})
 }
