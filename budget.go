@@ -767,7 +767,7 @@ func (b *budget) checkin(c *conn) bool {
 // recordUse records how long database/sql held a connection. A connection
 // returned without ever being checked out has no use to record.
 func (b *budget) recordUse(c *conn, d time.Duration) {
-	if c.used {
+	if c.used && !c.checkedOut.IsZero() {
 		b.metrics.Load().recordUse(d)
 	}
 }
@@ -821,7 +821,10 @@ func (b *budget) waiterForLocked(d *database, now time.Time) *waiter {
 // redial reports that the conn was evicted before its first use and needs a
 // new physical connection.
 func (b *budget) checkout(c *conn) (ok, redial bool) {
-	now := time.Now()
+	var now time.Time
+	if b.metrics.Load().timesUse() {
+		now = time.Now()
+	}
 	b.mu.Lock()
 	switch c.state.Load() {
 	case stateBusy:

@@ -54,6 +54,8 @@ type metrics struct {
 
 	driverSet  attribute.Set // pool name = the driver's name
 	driverOpt  metric.MeasurementOption
+	recordOpts []metric.RecordOption // driverOpt, allocated once so that recording allocates nothing
+	addOpts    []metric.AddOption
 	reg        metric.Registration
 	stateAttrs [4]metric.MeasurementOption // budget connections by state
 	reasonOpts [numReasons]metric.MeasurementOption
@@ -71,6 +73,8 @@ func newMetrics(mp metric.MeterProvider, name string, b *budget) (*metrics, erro
 	m := &metrics{driverSet: attribute.NewSet(
 		semconv.DBClientConnectionPoolName(name), semconv.DBSystemNamePostgreSQL)}
 	m.driverOpt = metric.WithAttributeSet(m.driverSet)
+	m.recordOpts = []metric.RecordOption{m.driverOpt}
+	m.addOpts = []metric.AddOption{m.driverOpt}
 	var err, e error
 	keep := func(e error) { err = errors.Join(err, e) }
 	// Durations in seconds, with buckets for connection pools: from
@@ -213,25 +217,31 @@ var bg = context.Background()
 
 func (m *metrics) recordCreate(d time.Duration) {
 	if m != nil {
-		m.createTime.RecordSet(bg, d.Seconds(), m.driverSet)
+		m.createTime.Inst().Record(bg, d.Seconds(), m.recordOpts...)
 	}
 }
 
 func (m *metrics) recordWait(d time.Duration) {
 	if m != nil {
-		m.waitTime.RecordSet(bg, d.Seconds(), m.driverSet)
+		m.waitTime.Inst().Record(bg, d.Seconds(), m.recordOpts...)
 	}
+}
+
+// timesUse reports whether use time is recorded, so that the checkout can
+// skip reading the clock when nobody collects it.
+func (m *metrics) timesUse() bool {
+	return m != nil && m.useTime.Inst().Enabled(bg)
 }
 
 func (m *metrics) recordUse(d time.Duration) {
 	if m != nil {
-		m.useTime.RecordSet(bg, d.Seconds(), m.driverSet)
+		m.useTime.Inst().Record(bg, d.Seconds(), m.recordOpts...)
 	}
 }
 
 func (m *metrics) recordTimeout() {
 	if m != nil {
-		m.timeouts.AddSet(bg, 1, m.driverSet)
+		m.timeouts.Inst().Add(bg, 1, m.addOpts...)
 	}
 }
 
