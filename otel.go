@@ -176,7 +176,9 @@ func (m *metrics) observe(o metric.Observer, b *budget) {
 		if d.metricOpts == nil {
 			d.metricOpts = newDBMetricOpts(d.workspace, d.name)
 		}
-		samples = append(samples, dbSample{opts: d.metricOpts, idle: d.idle, used: d.open - d.idle,
+		// A connection being dialed is not one yet; one being closed still
+		// holds its backend.
+		samples = append(samples, dbSample{opts: d.metricOpts, idle: d.idle, used: d.open - d.idle - d.dialing,
 			cap: b.capOf(d), waiting: d.waiting})
 	}
 	limit, used, idle, dialing, closing, waiting := b.limit, b.open-b.idle-b.dialing-b.closing, b.idle, b.dialing, b.closing, b.waiters.len

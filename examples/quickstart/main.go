@@ -24,14 +24,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"math/rand"
 	"os"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/tenantpg/tenantpg"
-	"github.com/tenantpg/tenantpg/internal/pgtest"
+	"github.com/tenantpg/tenantpg/internal/demo"
 )
 
 type options struct {
@@ -73,30 +70,12 @@ func main() {
 }
 
 func run(ctx context.Context, o options, out io.Writer) (*result, error) {
-	if url := os.Getenv("DATABASE_URL"); url != "" {
-		os.Setenv(pgtest.EnvURL, url)
-	}
-	fmt.Fprintln(out, "starting PostgreSQL (or attaching to DATABASE_URL)...")
-	srv, err := pgtest.Start(pgtest.Options{MaxConnections: o.budget + 20})
+	fmt.Fprintf(out, "starting PostgreSQL (or attaching to DATABASE_URL) and creating %d workspace databases...\n", o.workspaces)
+	world, err := demo.Start(ctx, o.workspaces, o.budget)
 	if err != nil {
 		return nil, err
 	}
-	defer srv.Stop()
-
-	fmt.Fprintf(out, "creating %d workspace databases...\n", o.workspaces)
-	const password = "quickstart-secret"
-	role, err := srv.CreateRole(ctx, "app", password, o.budget)
-	if err != nil {
-		return nil, err
-	}
-	names := make([]string, o.workspaces)
-	for i := range names {
-		names[i] = fmt.Sprintf("ws_%04d", i)
-	}
-	dbNames, err := srv.CreateDatabases(ctx, role, "", names...)
-	if err != nil {
-		return nil, err
-	}
+	defer world.Stop()
 
 	// The registered driver: configured once, from code here (or from the
 	// TENANTPG_* environment variables when Configure is not called).
@@ -104,8 +83,7 @@ func run(ctx context.Context, o options, out io.Writer) (*result, error) {
 		return nil, err
 	}
 	dbs := make([]*sql.DB, o.workspaces)
-	for i, name := range dbNames {
-		dsn := srv.URL(role, password, name) + "&workspace=" + names[i]
+	for i, dsn := range world.DSNs {
 		db, err := sql.Open("tenantpg", dsn) // the one-line change from sql.Open("pgx", dsn)
 		if err != nil {
 			return nil, err
@@ -123,67 +101,38 @@ func run(ctx context.Context, o options, out io.Writer) (*result, error) {
 	fmt.Fprintf(out, "running %d workers over %d workspaces for %s: budget %d connections (naive pools would need up to %d)\n",
 		o.workers, o.workspaces, o.duration, o.budget, res.naiveWouldNeed)
 
-	var ops, errCount atomic.Int64
-	var firstErr atomic.Value
-	var peak atomic.Int64
+	var counters demo.Counters
+	peak := world.SamplePeak(20 * time.Millisecond)
 	trafficCtx, stop := context.WithTimeout(ctx, o.duration)
 	defer stop()
 	start := time.Now()
+	trafficDone := make(chan struct{})
+	go func() {
+		defer close(trafficDone)
+		demo.Traffic(trafficCtx, o.workspaces, o.workers, &counters, func(ctx context.Context, i int) error {
+			var n int
+			return dbs[i].QueryRowContext(ctx, "SELECT count(*) FROM pg_class WHERE relkind = 'r'").Scan(&n)
+		})
+	}()
 
-	var wg sync.WaitGroup
-	for w := 0; w < o.workers; w++ {
-		wg.Add(1)
-		go func(seed int64) {
-			defer wg.Done()
-			r := rand.New(rand.NewSource(seed))
-			z := rand.NewZipf(r, 1.1, 1, uint64(o.workspaces-1))
-			for trafficCtx.Err() == nil {
-				db := dbs[z.Uint64()]
-				qctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-				var n int
-				err := db.QueryRowContext(qctx, "SELECT count(*) FROM pg_class WHERE relkind = 'r'").Scan(&n)
-				cancel()
-				if err != nil {
-					if errCount.Add(1) == 1 {
-						firstErr.Store(err)
-					}
-					continue
-				}
-				ops.Add(1)
-			}
-		}(int64(w))
-	}
-
-	// A status line every second; the server's own count of the role's
-	// connections is sampled in between.
 	ticker := time.NewTicker(time.Second)
 	defer ticker.Stop()
-	sample := time.NewTicker(20 * time.Millisecond)
-	defer sample.Stop()
-	trafficDone := make(chan struct{})
-	go func() { wg.Wait(); close(trafficDone) }()
 	var lastOps int64
 	for done := false; !done; {
 		select {
 		case <-trafficDone:
 			done = true
-		case <-sample.C:
-			if n, err := srv.Backends(ctx, role); err == nil && int64(n) > peak.Load() {
-				peak.Store(int64(n))
-			}
 		case <-ticker.C:
 			s := tenantpg.Default().Stats()
-			cur := ops.Load()
+			cur := counters.Ops.Load()
 			fmt.Fprintf(out, "%6.0f ops/s  open %2d/%d (in use %2d, idle %2d)  active workspaces %3d  evictions %6d  waits %6d  errors %d  server peak %d\n",
-				float64(cur-lastOps), s.Open, s.Limit, s.InUse, s.Idle, s.ActiveDatabases, sumEvictions(s), s.WaitCount, errCount.Load(), peak.Load())
+				float64(cur-lastOps), s.Open, s.Limit, s.InUse, s.Idle, s.ActiveDatabases, sumEvictions(s), s.WaitCount, counters.Errors.Load(), peak.Peak())
 			lastOps = cur
 		}
 	}
 	res.elapsed = time.Since(start)
-	res.ops, res.errors, res.serverPeak = ops.Load(), errCount.Load(), int(peak.Load())
-	if e, ok := firstErr.Load().(error); ok {
-		res.firstError = e
-	}
+	res.serverPeak = peak.Stop()
+	res.ops, res.errors, res.firstError = counters.Ops.Load(), counters.Errors.Load(), counters.FirstError()
 	res.stats = tenantpg.Default().Stats()
 	res.evictions, res.dial = sumEvictions(res.stats), res.stats.Dials
 
