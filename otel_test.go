@@ -147,6 +147,7 @@ func TestMetricsAgreeWithStatsAndServer(t *testing.T) {
 	ns, _ := got.value("db.client.connection.count", pool("ws0"), state("used"),
 		attribute.String("db.namespace", e.dbs[0]), attribute.String("db.system.name", "postgresql"))
 	require.Equal(t, int64(1), ns, "db.namespace and db.system.name are set")
+	require.NotContains(t, fmt.Sprintf("%+v", got.rm), testPassword, "no metric attribute may carry the password")
 	limit, _ := got.value("tenantpg.budget.limit", pool("tenantpg"))
 	require.Equal(t, int64(4), limit)
 	usedTokens, _ := got.value("tenantpg.budget.connections", attribute.String("tenantpg.connection.state", "used"))
@@ -202,7 +203,7 @@ func TestMetricsAttributeEvictionReasons(t *testing.T) {
 	e.drv.b.grace = 0
 	a, b := e.open(0), e.open(1)
 	queryOne(t, a)
-	queryOne(t, b) // evicts a's idle connection: lru
+	queryOne(t, b)                                                                                            // evicts a's idle connection: lru
 	require.Eventually(t, func() bool { return e.drv.Stats().Open == 0 }, 10*time.Second, 5*time.Millisecond) // idle_timeout
 	got := collect(t, reader)
 	lru, _ := got.value("tenantpg.budget.evictions", attribute.String("tenantpg.eviction.reason", "lru"))
