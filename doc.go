@@ -67,6 +67,16 @@
 // lowering the budget closes idle connections at once and busy ones as they
 // are returned.
 //
+// # Metrics, stats and logs
+//
+// Each driver reports OpenTelemetry metrics (the db.client.connection.*
+// semantic conventions per workspace, tenantpg.budget.* for the budget)
+// through [Config.MeterProvider] or the global provider. Per-workspace
+// series exist only while a workspace holds connections or has callers
+// waiting. [Driver.Stats] returns a JSON-ready snapshot and [StatsHandler]
+// serves it; [Config.Logger] receives evictions, exhaustion and dial
+// failures.
+//
 // # Errors
 //
 // [BudgetError] (errors.Is [ErrBudgetExhausted]): no connection within the
