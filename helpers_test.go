@@ -187,3 +187,10 @@ func (c *errCollector) list() []error {
 	defer c.mu.Unlock()
 	return append([]error(nil), c.errs...)
 }
+
+// e2eWait and pollEvery bound the waits for asynchronous effects that the
+// tests observe through Stats or the server (a socket drained, a timer run).
+const (
+	e2eWait   = 10 * time.Second
+	pollEvery = 2 * time.Millisecond
+)
