@@ -71,7 +71,7 @@ type Config struct {
 	MaxConnections int
 	// MaxConnectionsPerDB caps one database's connections, so that a busy
 	// workspace cannot take the whole budget. A DSN may override it with
-	// pool_max_conns. Default 3.
+	// pool_max_conns. Default 3, or the budget if that is smaller.
 	MaxConnectionsPerDB int
 	// ConnMaxLifetime closes a connection this old when it is next idle.
 	// Default 10m.
@@ -98,13 +98,17 @@ type Config struct {
 
 // normalize fills defaults and validates.
 func (c Config) normalize() (Config, error) {
+	perDBDefault := DefaultMaxConnectionsPerDB
+	if c.MaxConnections > 0 && c.MaxConnections < perDBDefault {
+		perDBDefault = c.MaxConnections // a default must not make a small budget invalid
+	}
 	ints := []struct {
 		name string
 		v    *int
 		def  int
 	}{
 		{"MaxConnections", &c.MaxConnections, DefaultMaxConnections},
-		{"MaxConnectionsPerDB", &c.MaxConnectionsPerDB, DefaultMaxConnectionsPerDB},
+		{"MaxConnectionsPerDB", &c.MaxConnectionsPerDB, perDBDefault},
 	}
 	for _, f := range ints {
 		if *f.v < 0 {
