@@ -1,0 +1,133 @@
+// Command gorm uses GORM over tenantpg for many workspaces: each workspace
+// database gets its own *gorm.DB over a *sql.DB from tenantpg.OpenDB, runs
+// AutoMigrate, creates and queries rows and commits a transaction, while
+// all of them share one connection budget far below what per-workspace
+// pools would need.
+//
+//	go run ./examples/gorm
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+
+	"gorm.io/driver/postgres"
+	"gorm.io/gorm"
+	"gorm.io/gorm/logger"
+
+	"github.com/tenantpg/tenantpg"
+	"github.com/tenantpg/tenantpg/internal/demo"
+)
+
+// Contact is a workspace's contact.
+type Contact struct {
+	ID     uint   `gorm:"primaryKey"`
+	Email  string `gorm:"uniqueIndex;not null"`
+	Name   string
+	Emails []Email
+}
+
+// Email is a message sent to a contact.
+type Email struct {
+	ID        uint `gorm:"primaryKey"`
+	ContactID uint
+	Subject   string
+}
+
+func main() {
+	if err := run(context.Background(), 40, 8, os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "gorm:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, workspaces, budget int, out io.Writer) error {
+	world, err := demo.Start(ctx, workspaces, budget)
+	if err != nil {
+		return err
+	}
+	defer world.Stop()
+	drv, err := tenantpg.NewDriver(tenantpg.Config{MaxConnections: budget})
+	if err != nil {
+		return err
+	}
+	defer drv.Close()
+
+	// One goroutine per workspace, all at once: 40 workspaces × 3
+	// connections would be 120; the budget is 8.
+	errs := make(chan error, workspaces)
+	var wg sync.WaitGroup
+	for i, dsn := range world.DSNs {
+		wg.Add(1)
+		go func(i int, dsn string) {
+			defer wg.Done()
+			if err := workspace(ctx, drv, dsn); err != nil {
+				errs <- fmt.Errorf("workspace %s: %w", world.Workspaces[i], err)
+			}
+		}(i, dsn)
+	}
+	wg.Wait()
+	close(errs)
+	if err := errors.Join(func() (all []error) {
+		for e := range errs {
+			all = append(all, e)
+		}
+		return
+	}()...); err != nil {
+		return err
+	}
+	s := drv.Stats()
+	fmt.Fprintf(out, "%d workspaces migrated and used; peak %d connections of a budget of %d; %d dials\n",
+		workspaces, s.PeakOpen, s.Limit, s.Dials)
+	return nil
+}
+
+func workspace(ctx context.Context, drv *tenantpg.Driver, dsn string) error {
+	sqlDB, err := drv.OpenDB(dsn)
+	if err != nil {
+		return err
+	}
+	defer sqlDB.Close()
+	db, err := gorm.Open(postgres.New(postgres.Config{Conn: sqlDB}), &gorm.Config{Logger: logger.Discard})
+	if err != nil {
+		return err
+	}
+	db = db.WithContext(ctx)
+	if err := db.AutoMigrate(&Contact{}, &Email{}); err != nil {
+		return err
+	}
+	err = db.Transaction(func(tx *gorm.DB) error {
+		c := Contact{Email: "ada@example.com", Name: "Ada", Emails: []Email{{Subject: "Welcome"}, {Subject: "Your invoice"}}}
+		if err := tx.Create(&c).Error; err != nil {
+			return err
+		}
+		return tx.Model(&Contact{}).Where("id = ?", c.ID).Update("name", "Ada Lovelace").Error
+	})
+	if err != nil {
+		return err
+	}
+	var got Contact
+	if err := db.Preload("Emails").First(&got, "email = ?", "ada@example.com").Error; err != nil {
+		return err
+	}
+	if got.Name != "Ada Lovelace" || len(got.Emails) != 2 {
+		return fmt.Errorf("read back %+v", got)
+	}
+	// A transaction that fails leaves nothing behind.
+	_ = db.Transaction(func(tx *gorm.DB) error {
+		tx.Create(&Contact{Email: "ghost@example.com"})
+		return errors.New("roll back")
+	})
+	var n int64
+	if err := db.Model(&Contact{}).Where("email = ?", "ghost@example.com").Count(&n).Error; err != nil {
+		return err
+	}
+	if n != 0 {
+		return errors.New("rolled-back row is visible")
+	}
+	return nil
+}
