@@ -130,3 +130,24 @@ func ExampleNewDriver() {
 	}
 	defer db.Close()
 }
+
+// NewWorkspaces replaces an application's map of pools: each workspace's
+// *sql.DB is opened once, on first use, through the budget.
+func ExampleNewWorkspaces() {
+	workspaces, err := tenantpg.NewWorkspaces(tenantpg.WorkspacesConfig{
+		DSN: func(id string) (string, error) {
+			return "postgres://app:secret@localhost:5432/notifuse_ws_" + id + "?workspace=" + id, nil
+		},
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer workspaces.Close()
+
+	db, err := workspaces.DB(context.Background(), "abc")
+	if err != nil {
+		log.Fatal(err)
+	}
+	var n int
+	_ = db.QueryRowContext(context.Background(), "SELECT count(*) FROM contacts").Scan(&n)
+}
