@@ -1,0 +1,124 @@
+package tenantpg
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// TestHungDialReturnsToken dials a listener that accepts and never
+// answers: the caller's dial ends at the acquire timeout, the token comes
+// back once the socket is given up on, and another workspace keeps working
+// meanwhile.
+func TestHungDialReturnsToken(t *testing.T) {
+	e := newEnv(t, 1, Config{MaxConnections: 2, MaxConnectionsPerDB: 1, AcquireTimeout: 300 * time.Millisecond})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	var held []net.Conn
+	var mu sync.Mutex
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c) // accepted, never answered
+			mu.Unlock()
+		}
+	}()
+	defer func() {
+		ln.Close()
+		<-done
+		mu.Lock()
+		for _, c := range held {
+			c.Close()
+		}
+		mu.Unlock()
+	}()
+
+	hung, err := e.drv.OpenDB("postgres://app:" + testPassword + "@" + ln.Addr().String() + "/hung?sslmode=disable&workspace=hung")
+	require.NoError(t, err)
+	defer hung.Close()
+	good := e.open(0)
+
+	start := time.Now()
+	err = hung.PingContext(context.Background())
+	require.Error(t, err)
+	require.Less(t, time.Since(start), 2*time.Second, "the dial must end at the acquire timeout")
+	var ce *ConnectError
+	require.True(t, errors.As(err, &ce), "%v", err)
+	require.Equal(t, "hung", ce.Workspace)
+	require.NotContains(t, err.Error(), testPassword)
+
+	queryOne(t, good) // the other workspace is unaffected
+	require.Eventually(t, func() bool { return dbStats(e.drv.Stats(), "hung").Open == 0 }, drainTimeout+2*time.Second, pollEvery,
+		"the hung dial's token must come back")
+	require.Equal(t, uint64(1), e.drv.Stats().DialErrors["other"])
+	e.requireQuiescent()
+}
+
+// TestKilledBackendsReturnTokens terminates the role's backends repeatedly
+// while callers run queries: afterwards every workspace answers and the
+// driver's accounting equals the server's view.
+func TestKilledBackendsReturnTokens(t *testing.T) {
+	e := newEnv(t, 20, Config{MaxConnections: 6, AcquireTimeout: 10 * time.Second})
+	sqlDBs := make([]*sql.DB, 20)
+	for i := range sqlDBs {
+		sqlDBs[i] = e.open(i)
+	}
+	ctx, stop := context.WithTimeout(context.Background(), 3*time.Second)
+	defer stop()
+	var wg sync.WaitGroup
+	var okOps, failed int64
+	var mu sync.Mutex
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			for n := 0; ctx.Err() == nil; n++ {
+				var v string
+				err := sqlDBs[(g*7+n)%20].QueryRowContext(context.Background(), "SELECT v FROM kv WHERE id = 1").Scan(&v)
+				mu.Lock()
+				if err != nil {
+					failed++
+				} else {
+					okOps++
+				}
+				mu.Unlock()
+			}
+		}(g)
+	}
+	kills := 0
+	for ctx.Err() == nil {
+		n, err := e.srv.TerminateBackends(context.Background(), e.role)
+		require.NoError(t, err)
+		kills += n
+		time.Sleep(50 * time.Millisecond)
+	}
+	wg.Wait()
+	t.Logf("%d queries succeeded, %d failed on killed backends, %d backends killed", okOps, failed, kills)
+	require.Greater(t, kills, 0)
+	require.Greater(t, okOps, int64(0))
+	// Every workspace answers afterwards: broken connections were discarded.
+	for _, db := range sqlDBs {
+		for attempt := 0; ; attempt++ {
+			var v string
+			err := db.QueryRowContext(context.Background(), "SELECT v FROM kv WHERE id = 1").Scan(&v)
+			if err == nil {
+				break
+			}
+			// A connection killed while idle fails its next statement once.
+			require.Less(t, attempt, 3, "workspace does not recover: %v", err)
+		}
+	}
+	e.requireQuiescent()
+}
