@@ -81,6 +81,7 @@ type budget struct {
 	// signalled when it drops to zero. Guarded by mu.
 	draining int
 	drained  *sync.Cond
+	jobs     int // close jobs chosen under mu whose pc.Close has not returned
 
 	metrics atomic.Pointer[metrics]
 	log     atomic.Pointer[slog.Logger] // nil: no logging
@@ -240,6 +241,10 @@ func (b *budget) unlock() {
 		// The token returns once the socket is drained, or now if pgx had
 		// closed it already (a broken connection).
 		b.mu.Lock()
+		b.jobs--
+		if b.jobs == 0 && b.draining == 0 {
+			b.drained.Broadcast()
+		}
 		b.endLocked(j.tok)
 		b.unlock()
 	}
@@ -399,7 +404,13 @@ func (b *budget) serveWaitersLocked() {
 	var retryAt time.Time
 	for w := b.waiters.front; w != nil; {
 		next := b.waiters.next(w)
-		if w.claim == nil {
+		if w.claim != nil && w.db.open < b.capOf(w.db) && b.roomLocked(w.db) {
+			// A token freed before the claimed one: take it, and let the
+			// claimed one go to whoever is first when it is released.
+			w.claim.claim = nil
+			w.claim = nil
+			b.grantLocked(w, now)
+		} else if w.claim == nil {
 			d := w.db
 			if d.open >= b.capOf(d) {
 				// At its own cap: only closing one of its own idle or
@@ -537,6 +548,7 @@ func (b *budget) evictLocked(v *conn, reason evictReason, w *waiter) {
 	}
 	b.countEvictionLocked(v.db, reason)
 	b.markClosingLocked(t)
+	b.jobs++
 	b.toClose = append(b.toClose, closeJob{pc: v.pc, tok: t, reason: reason, workspace: v.db.workspace})
 }
 
@@ -591,7 +603,7 @@ func (b *budget) drainStarted() {
 func (b *budget) socketDrained(t *token) {
 	b.mu.Lock()
 	b.draining--
-	if b.draining == 0 {
+	if b.draining == 0 && b.jobs == 0 {
 		b.drained.Broadcast()
 	}
 	t.sockets--
@@ -842,6 +854,7 @@ func (b *budget) checkout(c *conn) (ok, redial bool) {
 			b.idleDBs.moveToFront(c.db)
 		}
 		c.state.Store(stateBusy)
+		c.used = true
 		c.checkedOut = now
 		c.db.inUse++
 		b.inUse++
@@ -1044,7 +1057,7 @@ func (b *budget) reconfigure(cfg Config) error {
 	now := time.Now()
 	b.shrinkLocked()
 	b.serveWaitersLocked()
-	if b.idle > 0 {
+	if b.idle > 0 || b.fresh.len > 0 {
 		b.reaper.fired() // the timeouts may have changed: rescan now
 		b.armReaperLocked(now, now)
 	}
@@ -1131,8 +1144,10 @@ func (b *budget) close() {
 	}
 	b.reaper.stop()
 	b.graceEnded.stop()
-	b.metrics.Load().close()
 	b.unlock()
+	// Never under mu: a collection holds the SDK's pipeline lock while its
+	// callback takes mu, and Unregister takes that pipeline lock.
+	b.metrics.Load().close()
 	b.mu.Lock()
 	b.waitDrainsLocked()
 	b.mu.Unlock()
@@ -1141,7 +1156,7 @@ func (b *budget) close() {
 // waitDrainsLocked waits until no socket is being drained. Each drain ends
 // within drainTimeout.
 func (b *budget) waitDrainsLocked() {
-	for b.draining > 0 {
+	for b.draining > 0 || b.jobs > 0 {
 		b.drained.Wait()
 	}
 }

@@ -158,14 +158,41 @@ type trackedConn struct {
 	net.Conn
 	target *dialTarget
 	once   sync.Once
+	closed atomic.Bool
 }
 
 func (s *trackedConn) Close() error {
 	s.once.Do(func() {
+		s.closed.Store(true)
 		s.target.b.drainStarted()
 		go s.drain()
 	})
 	return nil
+}
+
+// After Close the drain owns the deadlines: pgconn's context watcher clears
+// them when it stops watching, which would leave the drain of a server that
+// never answers waiting forever, its token with it.
+
+func (s *trackedConn) SetDeadline(t time.Time) error {
+	if s.closed.Load() {
+		return nil
+	}
+	return s.Conn.SetDeadline(t)
+}
+
+func (s *trackedConn) SetReadDeadline(t time.Time) error {
+	if s.closed.Load() {
+		return nil
+	}
+	return s.Conn.SetReadDeadline(t)
+}
+
+func (s *trackedConn) SetWriteDeadline(t time.Time) error {
+	if s.closed.Load() {
+		return nil
+	}
+	return s.Conn.SetWriteDeadline(t)
 }
 
 func (s *trackedConn) drain() {
@@ -248,8 +275,17 @@ func (c *conn) use(ctx context.Context) error {
 func (c *conn) broken() bool { return c.pc.Conn().IsClosed() }
 
 func (c *conn) ResetSession(ctx context.Context) error {
-	if err := c.use(ctx); err != nil {
-		return err
+	if c.state.Load() != stateBusy {
+		ok, redial := c.b.checkout(c)
+		switch {
+		case redial:
+			// database/sql ignores every ResetSession error but ErrBadConn
+			// and hands the conn out anyway: leave the redial to the first
+			// real call, whose error reaches the caller.
+			return nil
+		case !ok:
+			return driver.ErrBadConn
+		}
 	}
 	return c.pc.ResetSession(ctx)
 }

@@ -369,7 +369,10 @@ func (b *budget) register(p *dsnParams) (*database, error) {
 	b.reserved += p.reserved - d.reserved
 	d.reserved = p.reserved
 	d.capOverride = p.maxConns
-	d.workspace = p.workspace
+	if d.workspace != p.workspace {
+		d.workspace = p.workspace
+		d.metricOpts = nil // rebuilt with the new label at the next collection
+	}
 	d.refs++
 	// A new reservation is backed at once by closing idle shared
 	// connections; busy ones are closed as they are returned.

@@ -214,6 +214,17 @@ func (m *metrics) close() {
 
 var bg = context.Background()
 
+// sameProvider compares providers without panicking on a provider whose
+// dynamic type is not comparable.
+func sameProvider(a, b metric.MeterProvider) (same bool) {
+	defer func() {
+		if recover() != nil {
+			same = false
+		}
+	}()
+	return a == b
+}
+
 // The record methods do nothing on a nil *metrics, for a driver whose
 // instruments could not be created.
 
@@ -250,8 +261,14 @@ func (m *metrics) recordTimeout() {
 // setupMetrics (re)creates the driver's instruments when the provider or
 // the name changed.
 func (d *Driver) setupMetrics(mp metric.MeterProvider, name string) error {
-	if d.metricsSet && mp == d.meterProvider && name == d.name {
+	if d.metricsSet && sameProvider(mp, d.meterProvider) && name == d.name {
 		return nil
+	}
+	d.b.mu.Lock()
+	closed := d.b.closed
+	d.b.mu.Unlock()
+	if closed {
+		return nil // a closed driver reports nothing; registering would leak
 	}
 	m, err := newMetrics(mp, name, d.b)
 	if err != nil {

@@ -1,0 +1,136 @@
+package tenantpg
+
+// Regression tests for bugs found in review, each failing before its fix.
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"go.opentelemetry.io/otel/metric"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
+)
+
+// TestCloseDoesNotDeadlockWithCollection: Driver.Close calls
+// Registration.Unregister (SDK pipeline lock) while holding budget.mu; a
+// collection holds the pipeline lock while the driver's callback takes
+// budget.mu. No server needed.
+func TestCloseDoesNotDeadlockWithCollection(t *testing.T) {
+	reader := sdkmetric.NewManualReader()
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+	// A callback registered before the driver's runs first in a collection,
+	// while the pipeline lock is held: it starts Driver.Close and gives it
+	// time to take budget.mu and block in Unregister.
+	var drv *Driver
+	closeStarted := make(chan struct{})
+	closeDone := make(chan struct{})
+	m := mp.Meter("review")
+	g, _ := m.Int64ObservableGauge("review.g")
+	first := true
+	_, err := m.RegisterCallback(func(ctx context.Context, o metric.Observer) error {
+		if first {
+			first = false
+			go func() { close(closeStarted); drv.Close(); close(closeDone) }()
+			<-closeStarted
+			time.Sleep(100 * time.Millisecond)
+		}
+		return nil
+	}, g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	drv, err = NewDriver(Config{MaxConnections: 2, MaxConnectionsPerDB: 1, MeterProvider: mp})
+	if err != nil {
+		t.Fatal(err)
+	}
+	collected := make(chan struct{})
+	go func() {
+		var rm metricdata.ResourceMetrics
+		_ = reader.Collect(context.Background(), &rm)
+		close(collected)
+	}()
+	select {
+	case <-collected:
+	case <-time.After(5 * time.Second):
+		t.Fatal("deadlock: Collect blocked in the driver callback on budget.mu, Driver.Close blocked in Unregister on the SDK pipeline lock")
+	}
+	<-closeDone
+}
+
+// TestCheckoutOfIdleConnMarksItUsed: a conn returned unused (fresh -> idle)
+// and then used is never marked used; an eviction then makes it stateRedial
+// instead of stateEvicted, so its prepared statement costs a dial that is
+// thrown away, and its use time is never recorded.
+func TestCheckoutOfIdleConnMarksItUsed(t *testing.T) {
+	e := newEnv(t, 2, Config{MaxConnections: 1, MaxConnectionsPerDB: 1, AcquireTimeout: 5 * time.Second})
+	e.drv.b.grace = 0
+	ctx := context.Background()
+	a, b := e.open(0), e.open(1)
+	b.SetMaxIdleConns(0)
+
+	pinned, err := a.Conn(ctx)
+	require.NoError(t, err)
+	require.NoError(t, pinned.Close()) // fresh -> idle, never used
+
+	st, err := a.PrepareContext(ctx, "SELECT v FROM kv WHERE id = $1") // idle -> busy: a real use
+	require.NoError(t, err)
+	defer st.Close()
+	var v string
+	require.NoError(t, st.QueryRowContext(ctx, 4).Scan(&v))
+
+	bb := e.drv.b
+	bb.mu.Lock()
+	var x *conn
+	for _, d := range bb.dbs {
+		if d.idleConns.front != nil {
+			x = d.idleConns.front
+		}
+	}
+	used := x.used
+	bb.mu.Unlock()
+
+	dials := e.drv.Stats().Dials
+	queryOne(t, b) // evicts x
+	require.Equal(t, uint64(1), e.drv.Stats().Evictions["lru"])
+	stateAfterEviction := x.state.Load()
+	t.Logf("x.used=%v state after eviction=%d (evicted=%d redial=%d)", used, x.state.Load(), stateEvicted, stateRedial)
+	afterB := e.drv.Stats().Dials
+	require.NoError(t, st.QueryRowContext(ctx, 5).Scan(&v))
+	t.Logf("dials for b: %d, dials for the statement's next use: %d", afterB-dials, e.drv.Stats().Dials-afterB)
+	require.True(t, used, "a conn that ran a statement must be marked used")
+	require.Equal(t, stateEvicted, stateAfterEviction)
+}
+
+// TestRedialErrorReachesTheCaller: database/sql ignores any
+// ResetSession error other than driver.ErrBadConn and hands the conn out
+// anyway. A redial that fails inside ResetSession is therefore retried by
+// the next call: one query waits twice the acquire timeout and counts two
+// timeouts.
+func TestRedialErrorReachesTheCaller(t *testing.T) {
+	const timeout = 400 * time.Millisecond
+	e := newEnv(t, 2, Config{MaxConnections: 1, MaxConnectionsPerDB: 1, AcquireTimeout: timeout})
+	e.drv.b.grace = 0
+	ctx := context.Background()
+	a, b := e.open(0), e.open(1)
+
+	pinned, err := a.Conn(ctx)
+	require.NoError(t, err)
+	require.NoError(t, pinned.Close()) // unused, back in a's free list with needReset
+
+	holder, err := b.Conn(ctx)
+	require.NoError(t, err)
+	require.NoError(t, holder.PingContext(ctx)) // evicts a's unused conn: stateRedial
+	defer holder.Close()
+	require.Equal(t, uint64(1), e.drv.Stats().Evictions["lru"])
+
+	before := e.drv.Stats().Timeouts
+	start := time.Now()
+	var one int
+	err = a.QueryRowContext(ctx, "SELECT 1").Scan(&one)
+	took := time.Since(start)
+	require.ErrorIs(t, err, ErrBudgetExhausted)
+	t.Logf("one query waited %s with AcquireTimeout %s; timeouts counted: %d", took, timeout, e.drv.Stats().Timeouts-before)
+	require.Less(t, took, timeout+timeout/2, "one query must not wait for two acquire timeouts")
+}
