@@ -3,23 +3,16 @@ package main
 import (
 	"bytes"
 	"context"
-	"errors"
-	"os"
 	"strings"
 	"testing"
 
-	"github.com/tenantpg/tenantpg/internal/pgtest"
+	"github.com/tenantpg/tenantpg/internal/demo"
 )
 
 func TestCopy(t *testing.T) {
 	var out bytes.Buffer
 	err := run(context.Background(), 3, 10000, &out)
-	if errors.Is(err, pgtest.ErrNotFound) && os.Getenv("CI") == "" {
-		t.Skip(err)
-	}
-	if err != nil {
-		t.Fatalf("%v\n%s", err, out.String())
-	}
+	demo.CheckRun(t, err, out.String())
 	if got := strings.Count(out.String(), "copied 10000 contacts"); got != 3 {
 		t.Fatalf("want 3 workspaces with 10000 rows each:\n%s", out.String())
 	}

@@ -3,13 +3,11 @@ package main
 import (
 	"bytes"
 	"context"
-	"errors"
-	"os"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/tenantpg/tenantpg/internal/pgtest"
+	"github.com/tenantpg/tenantpg/internal/demo"
 )
 
 // TestQuickstart runs the demo small and short: it must finish with no
@@ -18,12 +16,7 @@ func TestQuickstart(t *testing.T) {
 	var out bytes.Buffer
 	res, err := run(context.Background(), options{workspaces: 40, budget: 8, perDB: 2, workers: 12, duration: 3 * time.Second}, &out)
 	t.Log("\n" + out.String())
-	if errors.Is(err, pgtest.ErrNotFound) && os.Getenv("CI") == "" {
-		t.Skip(err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
+	demo.CheckRun(t, err, out.String())
 	if res.errors != 0 {
 		t.Fatalf("%d errors, first: %v", res.errors, res.firstError)
 	}

@@ -3,26 +3,19 @@ package main
 import (
 	"bytes"
 	"context"
-	"errors"
-	"os"
 	"strings"
 	"testing"
 
 	"github.com/jmoiron/sqlx"
 
 	"github.com/tenantpg/tenantpg"
-	"github.com/tenantpg/tenantpg/internal/pgtest"
+	"github.com/tenantpg/tenantpg/internal/demo"
 )
 
 func TestSqlx(t *testing.T) {
 	var out bytes.Buffer
 	err := run(context.Background(), 3, 2, &out)
-	if errors.Is(err, pgtest.ErrNotFound) && os.Getenv("CI") == "" {
-		t.Skip(err)
-	}
-	if err != nil {
-		t.Fatalf("%v\n%s", err, out.String())
-	}
+	demo.CheckRun(t, err, out.String())
 	if got := strings.Count(out.String(), "3 contacts, In matched 2"); got != 3 {
 		t.Fatalf("want 3 workspaces with 3 contacts each:\n%s", out.String())
 	}

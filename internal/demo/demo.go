@@ -5,11 +5,13 @@ package demo
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand"
 	"os"
 	"sync"
 	"sync/atomic"
+	"testing"
 	"time"
 
 	"github.com/tenantpg/tenantpg/internal/pgtest"
@@ -146,4 +148,17 @@ func Traffic(ctx context.Context, n, workers int, c *Counters, query func(ctx co
 		}(int64(w))
 	}
 	wg.Wait()
+}
+
+// CheckRun ends an example's test on the error its run returned: a skip
+// when no PostgreSQL is installed (a failure instead when CI is set), a
+// failure with the program's output for any other error.
+func CheckRun(t testing.TB, err error, output string) {
+	t.Helper()
+	if errors.Is(err, pgtest.ErrNotFound) && os.Getenv("CI") == "" {
+		t.Skip(err)
+	}
+	if err != nil {
+		t.Fatalf("%v\n%s", err, output)
+	}
 }
