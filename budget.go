@@ -42,6 +42,7 @@ type budget struct {
 	acquireTimeout time.Duration
 	grace          time.Duration
 	handoffAfter   time.Duration
+	livenessAfter  time.Duration
 
 	// Token accounting; guarded by mu.
 	reserved    int // Σ database.reserved
@@ -140,8 +141,9 @@ func (w *waiter) lnk() *links[waiter] { return &w.link }
 // Fields are guarded by budget.mu.
 type token struct {
 	db       *database
-	sockets  int  // sockets dialed for this token and not yet drained
-	ended    bool // the owner is done: dial failed or the connection closed
+	sock     *trackedConn // the last socket dialed for it: the connection's own
+	sockets  int          // sockets dialed for this token and not yet drained
+	ended    bool         // the owner is done: dial failed or the connection closed
 	released bool
 	claim    *waiter // the waiter that gets this token when it is released
 }
@@ -201,7 +203,8 @@ const (
 var errDriverClosed = errors.New("tenantpg: driver closed")
 
 func newBudget(cfg Config) *budget {
-	b := &budget{dbs: make(map[dbKey]*database), grace: defaultHandoffGrace, handoffAfter: defaultHandoffAfter}
+	b := &budget{dbs: make(map[dbKey]*database), grace: defaultHandoffGrace, handoffAfter: defaultHandoffAfter,
+		livenessAfter: defaultLivenessAfter}
 	b.drained = sync.NewCond(&b.mu)
 	b.reaper.fn = b.reap
 	b.graceEnded.fn = b.graceExpired
@@ -586,9 +589,17 @@ func (b *budget) endLocked(t *token) {
 }
 
 // socketOpened and socketDrained count the sockets dialed under t.
-func (b *budget) socketOpened(t *token) {
+func (b *budget) socketOpened(t *token, s *trackedConn) {
 	b.mu.Lock()
 	t.sockets++
+	t.sock = s
+	b.mu.Unlock()
+}
+
+// countBroken records a connection found dead at checkout.
+func (b *budget) countBroken(c *conn) {
+	b.mu.Lock()
+	b.countEvictionLocked(c.db, reasonBroken)
 	b.mu.Unlock()
 }
 

@@ -144,8 +144,9 @@ func trackedDial(inner pgconn.DialFunc) pgconn.DialFunc {
 		if t == nil {
 			return nc, nil // a cancel request: no backend is created for it
 		}
-		t.b.socketOpened(t.tok)
-		return &trackedConn{Conn: nc, target: t}, nil
+		s := &trackedConn{Conn: nc, target: t}
+		t.b.socketOpened(t.tok, s)
+		return s, nil
 	}
 }
 
@@ -274,9 +275,25 @@ func (c *conn) use(ctx context.Context) error {
 
 func (c *conn) broken() bool { return c.pc.Conn().IsClosed() }
 
+// deadPeer reports whether a connection idle for a while has been closed by
+// the server meanwhile. Only the checkout path calls it, after the conn is
+// busy, so idleSince and tok are stable.
+func (c *conn) deadPeer() bool {
+	if c.tok.sock == nil || time.Since(c.idleSince) < c.b.livenessAfter {
+		return false
+	}
+	return c.tok.sock.peerGone()
+}
+
 func (c *conn) ResetSession(ctx context.Context) error {
-	if c.state.Load() != stateBusy {
+	if st := c.state.Load(); st != stateBusy {
 		ok, redial := c.b.checkout(c)
+		if ok && st == stateIdle && c.deadPeer() {
+			// Found before a statement was sent: database/sql retries on
+			// another connection and the caller never sees this one.
+			c.b.countBroken(c)
+			return driver.ErrBadConn
+		}
 		switch {
 		case redial:
 			// database/sql ignores every ResetSession error but ErrBadConn

@@ -53,6 +53,13 @@ const defaultHandoffGrace = 5 * time.Millisecond
 // by hot ones that reuse their connections faster than the grace period.
 const defaultHandoffAfter = 100 * time.Millisecond
 
+// defaultLivenessAfter is how long a connection must have been idle before
+// its checkout peeks at the socket for a server that closed it (a
+// terminated backend, a restart). The peek is a non-blocking system call
+// (about a microsecond); connections reused sooner skip it, and pgx's own
+// ping covers those idle for more than a second.
+const defaultLivenessAfter = 50 * time.Millisecond
+
 // Environment variables read by the registered driver the first time it is
 // used, unless Configure was called first.
 const (

@@ -122,3 +122,30 @@ func TestKilledBackendsReturnTokens(t *testing.T) {
 	}
 	e.requireQuiescent()
 }
+
+// TestIdleKilledBackendsAreReplaced terminates every backend while its
+// connection sits idle: the next statement of each workspace must succeed,
+// because the checkout notices the server closed the connection before a
+// statement is sent, and database/sql retries on a new one.
+func TestIdleKilledBackendsAreReplaced(t *testing.T) {
+	// Room for the replacements, so that no dead connection is evicted for
+	// lack of a token before its own checkout finds it dead.
+	e := newEnv(t, 4, Config{MaxConnections: 8})
+	e.drv.b.livenessAfter = 0
+	dbs := []*sql.DB{e.open(0), e.open(1), e.open(2), e.open(3)}
+	for _, db := range dbs {
+		queryOne(t, db)
+		queryOne(t, db) // a second use: the connection is now idle after a reset-worthy check-in
+	}
+	n, err := e.srv.TerminateBackends(context.Background(), e.role)
+	require.NoError(t, err)
+	require.Equal(t, 4, n)
+	require.Eventually(t, func() bool { return e.backends() == 0 }, e2eWait, pollEvery)
+	for _, db := range dbs {
+		var v string
+		require.NoError(t, db.QueryRowContext(context.Background(), "SELECT v FROM kv WHERE id = 3").Scan(&v),
+			"a backend killed while idle must not fail the next statement")
+	}
+	require.Equal(t, uint64(4), e.drv.Stats().Evictions["broken"])
+	e.requireQuiescent()
+}
