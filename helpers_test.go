@@ -47,8 +47,11 @@ func newEnv(t testing.TB, n int, cfg Config) *env {
 	srv := pgtest.Require(t)
 	// Registered first, so it runs last: after the driver and every *sql.DB
 	// of the test are closed, nothing the test started may still run.
-	ignore := goleak.IgnoreCurrent()
-	t.Cleanup(func() { goleak.VerifyNone(t, ignore) })
+	ignore := []goleak.Option{goleak.IgnoreCurrent()}
+	for _, f := range pgtest.HarnessFunctions { // a server restarted by the test
+		ignore = append(ignore, goleak.IgnoreAnyFunction(f))
+	}
+	t.Cleanup(func() { goleak.VerifyNone(t, ignore...) })
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	id := envSeq.Add(1)

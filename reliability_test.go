@@ -149,3 +149,57 @@ func TestIdleKilledBackendsAreReplaced(t *testing.T) {
 	require.Equal(t, uint64(4), e.drv.Stats().Evictions["broken"])
 	e.requireQuiescent()
 }
+
+// TestServerRestartMidLoad restarts the server (fast shutdown, same port)
+// while callers run queries: during the outage they get errors promptly,
+// bounded by their context; afterwards every workspace answers without
+// restarting anything, and the accounting equals the server's view.
+func TestServerRestartMidLoad(t *testing.T) {
+	e := newEnv(t, 10, Config{MaxConnections: 6, AcquireTimeout: 2 * time.Second})
+	dbs := make([]*sql.DB, 10)
+	for i := range dbs {
+		dbs[i] = e.open(i)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var slowest time.Duration
+	for g := 0; g < 6; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			for n := 0; ctx.Err() == nil; n++ {
+				qctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+				start := time.Now()
+				var v string
+				_ = dbs[(g+n)%10].QueryRowContext(qctx, "SELECT v FROM kv WHERE id = 2").Scan(&v)
+				took := time.Since(start)
+				cancel()
+				mu.Lock()
+				if took > slowest {
+					slowest = took
+				}
+				mu.Unlock()
+			}
+		}(g)
+	}
+	require.Eventually(t, func() bool { return e.drv.Stats().Dials >= 6 }, e2eWait, pollEvery)
+	require.NoError(t, e.srv.Restart())
+	// Traffic across the restart for a moment, then stop it.
+	time.Sleep(500 * time.Millisecond)
+	stop()
+	wg.Wait()
+	require.Less(t, slowest, 4*time.Second, "a caller hung past its context during the outage")
+
+	for i, db := range dbs {
+		var err error
+		for attempt := 0; attempt < 4; attempt++ {
+			var v string
+			if err = db.QueryRowContext(context.Background(), "SELECT v FROM kv WHERE id = 2").Scan(&v); err == nil {
+				break
+			}
+		}
+		require.NoError(t, err, "workspace %d does not recover after the restart", i)
+	}
+	e.requireQuiescent()
+}

@@ -331,7 +331,21 @@ func (s *Server) Restart() error {
 	if err := s.stopProcess(syscall.SIGINT); err != nil {
 		return err
 	}
-	return s.start()
+	if err := s.start(); err != nil {
+		return err
+	}
+	// The admin pool's idle connections died with the old server: drop
+	// them, so the next admin query dials the new one.
+	s.admin.SetMaxIdleConns(0)
+	s.admin.SetMaxIdleConns(2)
+	return nil
+}
+
+// HarnessFunctions name the functions of the goroutines a running server
+// keeps (its log reader and process waiter), for leak checkers to ignore.
+var HarnessFunctions = []string{
+	"github.com/tenantpg/tenantpg/internal/pgtest.(*Server).readLog",
+	"github.com/tenantpg/tenantpg/internal/pgtest.(*Server).start.func1",
 }
 
 // Stop drops what the helpers created (on an external server) or shuts the
