@@ -99,7 +99,7 @@ func (c *connector) dial(ctx context.Context, tok *token) (_ *stdlib.Conn, err e
 	start := time.Now()
 	dc, err := c.inner.Connect(context.WithValue(ctx, tokenKey{}, &dialTarget{b: b, tok: tok}))
 	if err != nil {
-		return nil, c.dialError(err)
+		return nil, c.dialError(ctx, err)
 	}
 	dialed = true
 	b.metrics.Load().recordCreate(time.Since(start))
@@ -114,12 +114,18 @@ func classifyDialError(err error) dialErrorKind {
 	return dialOther
 }
 
-func (c *connector) dialError(err error) error {
+func (c *connector) dialError(ctx context.Context, err error) error {
 	b := c.drv.b
 	b.mu.Lock()
 	ws, name := c.db.workspace, c.db.name
 	b.mu.Unlock()
-	return &ConnectError{Workspace: ws, Database: name, Err: err}
+	e := &ConnectError{Workspace: ws, Database: name, Err: err}
+	if ctxErr := ctx.Err(); ctxErr != nil {
+		e.ctxErr = ctxErr
+	} else if dl, ok := ctx.Deadline(); ok && !time.Now().Before(dl) {
+		e.ctxErr = context.DeadlineExceeded
+	}
+	return e
 }
 
 // tokenKey carries the dialTarget from Connect to trackedDial through the

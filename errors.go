@@ -51,13 +51,25 @@ type ConnectError struct {
 	Workspace string
 	Database  string
 	Err       error
+
+	// ctxErr is the context's error when the dial ran out of time: pgconn
+	// reports a dial that hit the context's deadline as a network timeout
+	// when the deadline fires before the context notices.
+	ctxErr error
 }
 
 func (e *ConnectError) Error() string {
 	return fmt.Sprintf("tenantpg: workspace %q: connect to database %q: %v", e.Workspace, e.Database, e.Err)
 }
 
-func (e *ConnectError) Unwrap() error { return e.Err }
+// Unwrap returns pgx's error and, when the dial ran out of time, the
+// context's error, so errors.Is(err, context.DeadlineExceeded) holds.
+func (e *ConnectError) Unwrap() []error {
+	if e.ctxErr != nil {
+		return []error{e.Err, e.ctxErr}
+	}
+	return []error{e.Err}
+}
 
 // DSNError reports a data source name that cannot be used. It never contains
 // the DSN or its password.

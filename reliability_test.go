@@ -203,3 +203,69 @@ func TestServerRestartMidLoad(t *testing.T) {
 	}
 	e.requireQuiescent()
 }
+
+// TestContextStorm sends two thousand callers with short deadlines, or
+// cancelled at random, at a full budget: afterwards no token, waiter or
+// goroutine is left behind, and every workspace still answers.
+func TestContextStorm(t *testing.T) {
+	e := newEnv(t, 8, Config{MaxConnections: 3, MaxConnectionsPerDB: 1, AcquireTimeout: time.Second})
+	dbs := make([]*sql.DB, 8)
+	for i := range dbs {
+		dbs[i] = e.open(i)
+	}
+	// Hold two of the three tokens for the whole storm.
+	ctx := context.Background()
+	var pins []*sql.Conn
+	for i := 0; i < 2; i++ {
+		c, err := dbs[i].Conn(ctx)
+		require.NoError(t, err)
+		require.NoError(t, c.PingContext(ctx))
+		pins = append(pins, c)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	outcomes := map[string]int{}
+	for n := 0; n < 2000; n++ {
+		wg.Add(1)
+		go func(n int) {
+			defer wg.Done()
+			qctx, cancel := context.WithTimeout(ctx, time.Duration(1+n%20)*time.Millisecond)
+			if n%3 == 0 {
+				go cancel() // cancelled at some moment, not by the deadline
+			}
+			defer cancel()
+			var one int
+			err := dbs[2+n%6].QueryRowContext(qctx, "SELECT 1").Scan(&one)
+			kind := "ok"
+			switch {
+			case err == nil:
+			case errors.Is(err, context.Canceled):
+				kind = "canceled"
+			case errors.Is(err, context.DeadlineExceeded):
+				kind = "deadline"
+			default:
+				kind = err.Error()
+			}
+			mu.Lock()
+			outcomes[kind]++
+			mu.Unlock()
+		}(n)
+	}
+	wg.Wait()
+	t.Logf("outcomes: %v", outcomes)
+	for kind := range outcomes {
+		require.Contains(t, []string{"ok", "canceled", "deadline"}, kind)
+	}
+	// database/sql's opener goroutines may still wait for connections that
+	// callers who gave up had asked for: their context never ends, so the
+	// acquire timeout bounds them.
+	require.Eventually(t, func() bool { return e.drv.Stats().Waiting == 0 }, 2*time.Second+time.Second, pollEvery,
+		"no waiter may outlive the acquire timeout")
+	for _, c := range pins {
+		require.NoError(t, c.Close())
+	}
+	for _, db := range dbs {
+		queryOne(t, db)
+	}
+	e.requireQuiescent()
+}
