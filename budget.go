@@ -145,7 +145,8 @@ type token struct {
 	sockets  int          // sockets dialed for this token and not yet drained
 	ended    bool         // the owner is done: dial failed or the connection closed
 	released bool
-	claim    *waiter // the waiter that gets this token when it is released
+	claim    *waiter       // the waiter that gets this token when it is released
+	gone     chan struct{} // made on demand; closed when the token is released
 }
 
 // Conn states. A conn starts fresh, becomes busy at its first use, idle at
@@ -186,10 +187,11 @@ const (
 	reasonBudgetShrink             // the budget or a per-database cap was lowered
 	reasonBroken                   // the connection was found closed or broken
 	reasonDriverClosed             // Driver.Close
+	reasonServerFull               // idle, closed because the server refused a dial for lack of slots
 	numReasons
 )
 
-var reasonNames = [numReasons]string{"", "lru", "handoff", "idle_timeout", "lifetime", "budget_shrink", "broken", "driver_closed"}
+var reasonNames = [numReasons]string{"", "lru", "handoff", "idle_timeout", "lifetime", "budget_shrink", "broken", "driver_closed", "server_full"}
 
 type dialErrorKind uint8
 
@@ -596,6 +598,33 @@ func (b *budget) socketOpened(t *token, s *trackedConn) {
 	b.mu.Unlock()
 }
 
+// countRejection records a dial the server refused for lack of slots.
+func (b *budget) countRejection() {
+	b.mu.Lock()
+	b.dialErrors[dialRejected]++
+	b.mu.Unlock()
+}
+
+// relieveServer closes the least recently used idle connection, because the server refused a dial of d for lack of
+// connection slots: the server's limit is below the budget (other clients,
+// a role or database CONNECTION LIMIT). It returns a channel closed once
+// that backend is gone, or nil when nothing idle can be closed.
+func (b *budget) relieveServer(d *database) <-chan struct{} {
+	b.mu.Lock()
+	v, _ := b.victimLocked(time.Now())
+	if v == nil {
+		b.mu.Unlock()
+		return nil
+	}
+	t := v.tok
+	if t.gone == nil {
+		t.gone = make(chan struct{})
+	}
+	b.evictLocked(v, reasonServerFull, nil)
+	b.unlock()
+	return t.gone
+}
+
 // countBroken records a connection found dead at checkout.
 func (b *budget) countBroken(c *conn) {
 	b.mu.Lock()
@@ -631,6 +660,9 @@ func (b *budget) releaseLocked(t *token) {
 		return
 	}
 	t.released = true
+	if t.gone != nil {
+		close(t.gone)
+	}
 	d := t.db
 	d.closing--
 	b.closing--
@@ -709,7 +741,9 @@ func (b *budget) dialFailed(t *token, kind dialErrorKind, cause error) {
 	d := t.db
 	d.dialing--
 	b.dialing--
-	b.dialErrors[kind]++
+	if kind != dialRejected { // rejections are counted as they happen, retries included
+		b.dialErrors[kind]++
+	}
 	b.markClosingLocked(t)
 	b.endLocked(t)
 	ws := d.workspace

@@ -5,6 +5,7 @@ import (
 	"database/sql/driver"
 	"errors"
 	"io"
+	"math/rand/v2"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -97,13 +98,47 @@ func (c *connector) dial(ctx context.Context, tok *token) (_ *stdlib.Conn, err e
 		b.dialFailed(tok, classifyDialError(err), err)
 	}()
 	start := time.Now()
-	dc, err := c.inner.Connect(context.WithValue(ctx, tokenKey{}, &dialTarget{b: b, tok: tok}))
+	dctx := context.WithValue(ctx, tokenKey{}, &dialTarget{b: b, tok: tok})
+	dc, err := c.inner.Connect(dctx)
+	for attempt := 1; err != nil && classifyDialError(err) == dialRejected; attempt++ {
+		// The server has no slot although the budget has a token: close an
+		// idle connection, back off, and try again within the deadline.
+		// This token's own refused socket drains meanwhile.
+		b.countRejection()
+		if ctx.Err() == nil {
+			gone := b.relieveServer(c.db)
+			pause := time.NewTimer(rejectionBackoff(attempt))
+			select {
+			case <-ctx.Done():
+			case <-gone: // a nil channel never fires: the timer decides
+			case <-pause.C:
+			}
+			pause.Stop()
+		}
+		if ctx.Err() != nil {
+			e := c.dialError(ctx, err).(*ConnectError)
+			e.Attempts = attempt
+			return nil, e
+		}
+		dc, err = c.inner.Connect(dctx)
+	}
 	if err != nil {
 		return nil, c.dialError(ctx, err)
 	}
 	dialed = true
 	b.metrics.Load().recordCreate(time.Since(start))
 	return dc.(*stdlib.Conn), nil
+}
+
+// rejectionBackoff is the pause before the next dial after the server
+// refused attempt n for lack of slots: doubling from 5ms to at most 200ms,
+// with jitter so that dialers refused together do not retry together.
+func rejectionBackoff(n int) time.Duration {
+	d := 5 * time.Millisecond << min(n-1, 6)
+	if d > 200*time.Millisecond {
+		d = 200 * time.Millisecond
+	}
+	return d/2 + time.Duration(rand.Int64N(int64(d/2)+1))
 }
 
 func classifyDialError(err error) dialErrorKind {

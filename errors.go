@@ -51,6 +51,9 @@ type ConnectError struct {
 	Workspace string
 	Database  string
 	Err       error
+	// Attempts is how many dials the server refused for lack of connection
+	// slots (SQLSTATE 53300) before the deadline; 0 for other failures.
+	Attempts int
 
 	// ctxErr is the context's error when the dial ran out of time: pgconn
 	// reports a dial that hit the context's deadline as a network timeout
@@ -59,6 +62,10 @@ type ConnectError struct {
 }
 
 func (e *ConnectError) Error() string {
+	if e.Attempts > 0 {
+		return fmt.Sprintf("tenantpg: workspace %q: connect to database %q: the server refused %d attempts for lack of connection slots (its limit is below the budget; other clients?): %v",
+			e.Workspace, e.Database, e.Attempts, e.Err)
+	}
 	return fmt.Sprintf("tenantpg: workspace %q: connect to database %q: %v", e.Workspace, e.Database, e.Err)
 }
 

@@ -269,3 +269,31 @@ func TestContextStorm(t *testing.T) {
 	}
 	e.requireQuiescent()
 }
+
+// TestServerLimitBelowBudget gives the role a CONNECTION LIMIT of 2 under
+// a budget of 4. While two idle connections of one workspace fill the
+// server's slots, another workspace's dial is refused (53300): the driver
+// closes an idle connection and retries, and the caller sees no error.
+func TestServerLimitBelowBudget(t *testing.T) {
+	e := newEnv(t, 2, Config{MaxConnections: 4, MaxConnectionsPerDB: 2, AcquireTimeout: 5 * time.Second})
+	e.drv.b.grace = 0
+	ctx := context.Background()
+	_, err := e.srv.Admin().ExecContext(ctx, "ALTER ROLE "+quote(e.role)+" CONNECTION LIMIT 2")
+	require.NoError(t, err)
+	a, b := e.open(0), e.open(1)
+	c1, err := a.Conn(ctx)
+	require.NoError(t, err)
+	c2, err := a.Conn(ctx)
+	require.NoError(t, err)
+	require.NoError(t, c1.PingContext(ctx))
+	require.NoError(t, c2.PingContext(ctx))
+	require.NoError(t, c1.Close())
+	require.NoError(t, c2.Close()) // two idle connections hold both server slots
+
+	queryOne(t, b)
+	s := e.drv.Stats()
+	require.GreaterOrEqual(t, s.DialErrors["rejected"], uint64(1), "the server must have refused the first dial")
+	require.GreaterOrEqual(t, s.Evictions["server_full"], uint64(1))
+	e.requireQuiescent()
+	require.LessOrEqual(t, e.backends(), 2)
+}

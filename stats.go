@@ -26,7 +26,7 @@ type Stats struct {
 	WaitCount       uint64            `json:"waitCount"`
 	WaitDuration    time.Duration     `json:"waitDurationNs"`
 	Timeouts        uint64            `json:"timeouts"`
-	Evictions       map[string]uint64 `json:"evictions"`  // by reason: lru, handoff, idle_timeout, lifetime, budget_shrink, broken, driver_closed
+	Evictions       map[string]uint64 `json:"evictions"`  // by reason: lru, handoff, idle_timeout, lifetime, budget_shrink, broken, driver_closed, server_full
 	DialErrors      map[string]uint64 `json:"dialErrors"` // rejected (server out of slots, SQLSTATE 53300), other
 	ActiveDatabases int               `json:"activeDatabases"`
 
