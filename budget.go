@@ -877,11 +877,10 @@ func (b *budget) waiterForLocked(d *database, now time.Time) *waiter {
 // driver has closed the conn, and database/sql then retries on another one;
 // redial reports that the conn was evicted before its first use and needs a
 // new physical connection.
-func (b *budget) checkout(c *conn) (ok, redial bool) {
-	var now time.Time
-	if b.metrics.Load().timesUse() {
-		now = time.Now()
-	}
+//
+// now is the checkout time for the use-time histogram; zero when the caller
+// did not read the clock.
+func (b *budget) checkout(c *conn, now time.Time) (ok, redial bool) {
 	b.mu.Lock()
 	switch c.state.Load() {
 	case stateBusy:

@@ -297,7 +297,11 @@ func (c *conn) use(ctx context.Context) error {
 	if c.state.Load() == stateBusy {
 		return nil
 	}
-	ok, redial := c.b.checkout(c)
+	var now time.Time
+	if c.b.metrics.Load().timesUse() {
+		now = time.Now()
+	}
+	ok, redial := c.b.checkout(c, now)
 	switch {
 	case ok:
 		return nil
@@ -319,8 +323,8 @@ func (c *conn) broken() bool { return c.pc.Conn().IsClosed() }
 // deadPeer reports whether a connection idle for a while has been closed by
 // the server meanwhile. Only the checkout path calls it, after the conn is
 // busy, so idleSince and tok are stable.
-func (c *conn) deadPeer() bool {
-	if c.tok.sock == nil || time.Since(c.idleSince) < c.b.livenessAfter {
+func (c *conn) deadPeer(now time.Time) bool {
+	if c.tok.sock == nil || now.Sub(c.idleSince) < c.b.livenessAfter {
 		return false
 	}
 	return c.tok.sock.peerGone()
@@ -328,8 +332,9 @@ func (c *conn) deadPeer() bool {
 
 func (c *conn) ResetSession(ctx context.Context) error {
 	if st := c.state.Load(); st != stateBusy {
-		ok, redial := c.b.checkout(c)
-		if ok && st == stateIdle && c.deadPeer() {
+		now := time.Now() // one clock read serves the use time and the liveness check
+		ok, redial := c.b.checkout(c, now)
+		if ok && st == stateIdle && c.deadPeer(now) {
 			// Found before a statement was sent: database/sql retries on
 			// another connection and the caller never sees this one.
 			c.b.countBroken(c)

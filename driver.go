@@ -510,11 +510,12 @@ func parseErrorReason(err error) string {
 		}
 	}
 	// What pgx quotes is a piece of the DSN, and in a malformed DSN any
-	// piece may be a password.
+	// piece may be a password. A piece may hold quotes itself, so all from
+	// the first quote to the last goes.
 	return quotedFragment.ReplaceAllString(s, `"…"`)
 }
 
-var quotedFragment = regexp.MustCompile(`"(?:[^"\\]|\\.)*"`)
+var quotedFragment = regexp.MustCompile(`(?s)".*"`)
 
 var kvParam = regexp.MustCompile(`([A-Za-z_]+)\s*=\s*(?:'((?:[^'\\]|\\.)*)'|(\S*))`)
 
@@ -528,7 +529,7 @@ func dsnHints(dsn string) (label string, secrets []string) {
 				secrets = append(secrets, pw)
 			}
 			q := u.Query()
-			secrets = append(secrets, q.Get("password"))
+			secrets = append(secrets, q.Get("password"), q.Get("sslpassword"))
 			label = q.Get(paramWorkspace)
 			if label == "" {
 				label = strings.TrimPrefix(u.Path, "/")
@@ -546,7 +547,7 @@ func dsnHints(dsn string) (label string, secrets []string) {
 		for _, m := range kvParam.FindAllStringSubmatch(dsn, -1) {
 			v := m[2] + m[3]
 			switch m[1] {
-			case "password":
+			case "password", "sslpassword":
 				secrets = append(secrets, v, m[0])
 			case paramWorkspace:
 				label = v

@@ -132,43 +132,8 @@ func (e *env) requireQuiescent() {
 	require.Equal(e.t, s.Open, sum, "per-database opens must add up to the budget's")
 }
 
-// peakSampler records the highest number of server backends seen for a role
-// until stopped. It is a measurement, not a synchronisation.
-type peakSampler struct {
-	stop chan struct{}
-	done chan struct{}
-	peak atomic.Int64
-	n    atomic.Int64
-}
-
-func (e *env) samplePeak() *peakSampler {
-	p := &peakSampler{stop: make(chan struct{}), done: make(chan struct{})}
-	go func() {
-		defer close(p.done)
-		for {
-			select {
-			case <-p.stop:
-				return
-			default:
-			}
-			n, err := e.srv.Backends(context.Background(), e.role)
-			if err == nil {
-				p.n.Add(1)
-				if int64(n) > p.peak.Load() {
-					p.peak.Store(int64(n))
-				}
-			}
-			time.Sleep(2 * time.Millisecond)
-		}
-	}()
-	return p
-}
-
-func (p *peakSampler) finish() (peak, samples int) {
-	close(p.stop)
-	<-p.done
-	return int(p.peak.Load()), int(p.n.Load())
-}
+// samplePeak measures the most backends the server reports for the role.
+func (e *env) samplePeak() *pgtest.PeakSampler { return e.srv.SamplePeak(e.role, 2*time.Millisecond) }
 
 // errCollector records errors from many goroutines.
 type errCollector struct {

@@ -71,7 +71,7 @@ func TestManyWorkspacesUnderLoad(t *testing.T) {
 		t.Logf("after %s: dials %d, evictions %v, waits %d (%s)", ph.name, s.Dials, s.Evictions, s.WaitCount, s.WaitDuration.Round(time.Millisecond))
 	}
 	elapsed := time.Since(start)
-	peak, samples := sampler.finish()
+	peak, samples := sampler.Stop()
 	s := e.drv.Stats()
 	t.Logf("%d ops in %s (%.0f ops/s); dials %d, evictions %v, waits %d (%s), server peak %d/%d over %d samples",
 		ops.Load(), elapsed.Round(time.Millisecond), float64(ops.Load())/elapsed.Seconds(),

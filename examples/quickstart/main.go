@@ -102,7 +102,7 @@ func run(ctx context.Context, o options, out io.Writer) (*result, error) {
 		o.workers, o.workspaces, o.duration, o.budget, res.naiveWouldNeed)
 
 	var counters demo.Counters
-	peak := world.SamplePeak(20 * time.Millisecond)
+	peak := world.Server.SamplePeak(world.Role, 20*time.Millisecond)
 	trafficCtx, stop := context.WithTimeout(ctx, o.duration)
 	defer stop()
 	start := time.Now()
@@ -131,7 +131,7 @@ func run(ctx context.Context, o options, out io.Writer) (*result, error) {
 		}
 	}
 	res.elapsed = time.Since(start)
-	res.serverPeak = peak.Stop()
+	res.serverPeak, _ = peak.Stop()
 	res.ops, res.errors, res.firstError = counters.Ops.Load(), counters.Errors.Load(), counters.FirstError()
 	res.stats = tenantpg.Default().Stats()
 	res.evictions, res.dial = sumEvictions(res.stats), res.stats.Dials

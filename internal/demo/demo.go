@@ -63,45 +63,6 @@ func Start(ctx context.Context, n, budget int) (*World, error) {
 // Stop drops or shuts down what Start made.
 func (w *World) Stop() { w.Server.Stop() }
 
-// PeakSampler records the most backends the server reported for the role.
-type PeakSampler struct {
-	peak atomic.Int64
-	stop chan struct{}
-	done chan struct{}
-}
-
-// SamplePeak polls pg_stat_activity every interval until Stop: a
-// measurement of the server's view, independent of the driver's.
-func (w *World) SamplePeak(interval time.Duration) *PeakSampler {
-	p := &PeakSampler{stop: make(chan struct{}), done: make(chan struct{})}
-	go func() {
-		defer close(p.done)
-		t := time.NewTicker(interval)
-		defer t.Stop()
-		for {
-			select {
-			case <-p.stop:
-				return
-			case <-t.C:
-				if n, err := w.Server.Backends(context.Background(), w.Role); err == nil && int64(n) > p.peak.Load() {
-					p.peak.Store(int64(n))
-				}
-			}
-		}
-	}()
-	return p
-}
-
-// Peak returns the highest count seen so far.
-func (p *PeakSampler) Peak() int { return int(p.peak.Load()) }
-
-// Stop ends sampling and returns the peak.
-func (p *PeakSampler) Stop() int {
-	close(p.stop)
-	<-p.done
-	return p.Peak()
-}
-
 // Counters are the traffic's running totals.
 type Counters struct {
 	Ops, Errors atomic.Int64

@@ -30,6 +30,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -474,6 +475,47 @@ func (s *Server) Backends(ctx context.Context, role string) (int, error) {
 	err := s.admin.QueryRowContext(ctx,
 		"SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend'", role).Scan(&n)
 	return n, err
+}
+
+// PeakSampler records the most client backends the server reported for a
+// role. It measures the server's own view, independent of any driver.
+type PeakSampler struct {
+	peak, samples atomic.Int64
+	stop, done    chan struct{}
+}
+
+// SamplePeak polls pg_stat_activity for role every interval until Stop.
+func (s *Server) SamplePeak(role string, interval time.Duration) *PeakSampler {
+	p := &PeakSampler{stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(p.done)
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-p.stop:
+				return
+			case <-t.C:
+				if n, err := s.Backends(context.Background(), role); err == nil {
+					p.samples.Add(1)
+					if int64(n) > p.peak.Load() {
+						p.peak.Store(int64(n))
+					}
+				}
+			}
+		}
+	}()
+	return p
+}
+
+// Peak returns the highest count seen so far.
+func (p *PeakSampler) Peak() int { return int(p.peak.Load()) }
+
+// Stop ends sampling and returns the peak and how many samples were taken.
+func (p *PeakSampler) Stop() (peak, samples int) {
+	close(p.stop)
+	<-p.done
+	return p.Peak(), int(p.samples.Load())
 }
 
 // TerminateBackends terminates every client backend of role and returns how
