@@ -401,6 +401,8 @@ func TestServerRejectionReturnsToken(t *testing.T) {
 	var ce *ConnectError
 	require.ErrorAs(t, err, &ce)
 	require.Equal(t, "ws1", ce.Workspace)
+	require.GreaterOrEqual(t, ce.Attempts, 1, "the driver retries a refusal until the deadline")
+	require.Contains(t, err.Error(), "for lack of connection slots")
 	var pgErr *pgconn.PgError
 	require.ErrorAs(t, err, &pgErr)
 	require.Equal(t, "53300", pgErr.Code)

@@ -100,14 +100,18 @@ func (c *connector) dial(ctx context.Context, tok *token) (_ *stdlib.Conn, err e
 	start := time.Now()
 	dctx := context.WithValue(ctx, tokenKey{}, &dialTarget{b: b, tok: tok})
 	dc, err := c.inner.Connect(dctx)
-	for attempt := 1; err != nil && classifyDialError(err) == dialRejected; attempt++ {
+	var refused error // the last refusal for lack of slots, if any
+	attempts := 0
+	for err != nil && classifyDialError(err) == dialRejected {
 		// The server has no slot although the budget has a token: close an
 		// idle connection, back off, and try again within the deadline.
 		// This token's own refused socket drains meanwhile.
+		attempts++
+		refused = err
 		b.countRejection()
 		if ctx.Err() == nil {
 			gone := b.relieveServer(c.db)
-			pause := time.NewTimer(rejectionBackoff(attempt))
+			pause := time.NewTimer(rejectionBackoff(attempts))
 			select {
 			case <-ctx.Done():
 			case <-gone: // a nil channel never fires: the timer decides
@@ -116,14 +120,17 @@ func (c *connector) dial(ctx context.Context, tok *token) (_ *stdlib.Conn, err e
 			pause.Stop()
 		}
 		if ctx.Err() != nil {
-			e := c.dialError(ctx, err).(*ConnectError)
-			e.Attempts = attempt
-			return nil, e
+			break
 		}
 		dc, err = c.inner.Connect(dctx)
 	}
 	if err != nil {
-		return nil, c.dialError(ctx, err)
+		if refused != nil && ctx.Err() != nil {
+			err = refused // the deadline cut a retry short: the refusal is what happened
+		}
+		e := c.dialError(ctx, err).(*ConnectError)
+		e.Attempts = attempts
+		return nil, e
 	}
 	dialed = true
 	b.metrics.Load().recordCreate(time.Since(start))
