@@ -18,7 +18,10 @@ import (
 //
 // Each database may set aside reserved tokens that only it can use; the rest
 // form the shared pool. A database's tokens count against its reservation
-// first, so sharedInUse == Σ max(0, db.open - db.reserved).
+// first, so sharedInUse == Σ max(0, db.open - db.reserved). Tokens of
+// connections being closed still count, as their backends still count on
+// the server; sharedLive leaves them out, to tell whether the shared pool
+// is over a lowered budget once those are gone.
 //
 // When the shared pool is empty, the idle connection of the least recently
 // used database is closed and its token handed to the caller that needs one
@@ -47,6 +50,7 @@ type budget struct {
 	// Token accounting; guarded by mu.
 	reserved    int // Σ database.reserved
 	sharedInUse int // tokens held beyond reservations
+	sharedLive  int // Σ max(0, db.open - db.closing - db.reserved)
 	open        int // tokens held: dialing, in use, idle or closing
 	dialing     int
 	inUse       int
@@ -116,6 +120,10 @@ type database struct {
 	evictions uint64
 	waiting   int               // callers waiting for a token for this database
 	idleConns list[conn, *conn] // most recently checked in first
+	// busy holds the connections database/sql has checked out, oldest
+	// checkout first, so that Stats can name a connection held for
+	// minutes (a leaked *sql.Conn, Rows or Tx) without a scan.
+	busy list[conn, *conn]
 
 	metricOpts *dbMetricOpts // built on first collection while it holds connections
 	lru        links[database]
@@ -242,7 +250,9 @@ func (b *budget) unlock() {
 			slog.String("reason", reasonNames[jobs[0].reason]), slog.Int("count", len(jobs)), slog.Any("workspaces", workspaces))
 	}
 	for _, j := range jobs {
-		_ = j.pc.Close()
+		if j.pc != nil { // nil only in the state-machine fuzz test
+			_ = j.pc.Close()
+		}
 		// The token returns once the socket is drained, or now if pgx had
 		// closed it already (a broken connection).
 		b.mu.Lock()
@@ -274,8 +284,13 @@ func (b *budget) roomLocked(d *database) bool {
 	return b.open < b.limit && (d.open < d.reserved || b.sharedInUse < b.limit-b.reserved)
 }
 
+// liveShared is d's part of sharedLive.
+func liveShared(d *database) int { return max(0, d.open-d.closing-d.reserved) }
+
 func (b *budget) takeLocked(d *database) {
+	old := liveShared(d)
 	d.open++
+	b.sharedLive += liveShared(d) - old
 	b.open++
 	if d.open > d.reserved {
 		b.sharedInUse++
@@ -289,7 +304,9 @@ func (b *budget) giveLocked(d *database) {
 	if d.open > d.reserved {
 		b.sharedInUse--
 	}
+	old := liveShared(d)
 	d.open--
+	b.sharedLive += liveShared(d) - old
 	b.open--
 }
 
@@ -565,7 +582,9 @@ func (b *budget) countEvictionLocked(d *database, reason evictReason) {
 }
 
 func (b *budget) markClosingLocked(t *token) {
+	old := liveShared(t.db)
 	t.db.closing++
+	b.sharedLive += liveShared(t.db) - old
 	b.closing++
 }
 
@@ -664,7 +683,9 @@ func (b *budget) releaseLocked(t *token) {
 		close(t.gone)
 	}
 	d := t.db
+	old := liveShared(d)
 	d.closing--
+	b.sharedLive += liveShared(d) - old
 	b.closing--
 	b.giveLocked(d)
 	now := time.Now()
@@ -722,6 +743,7 @@ func (b *budget) redialed(c *conn, pc *stdlib.Conn, tok *token, created time.Tim
 	c.state.Store(stateBusy)
 	c.used = true
 	c.checkedOut = created
+	c.db.busy.pushBack(c)
 	closed := b.closed
 	b.mu.Unlock()
 	return !closed
@@ -772,6 +794,7 @@ func (b *budget) checkin(c *conn) bool {
 	case stateFresh:
 		b.fresh.remove(c) // returned without ever being used
 	case stateBusy:
+		c.db.busy.remove(c)
 	default:
 		b.mu.Unlock()
 		return false
@@ -838,9 +861,7 @@ func (b *budget) checkinReasonLocked(c *conn, now time.Time) (evictReason, *wait
 		return reasonDriverClosed, nil
 	case b.lifetime > 0 && now.Sub(c.created) >= b.lifetime:
 		return reasonLifetime, nil
-	case d.open-d.closing > b.capOf(d):
-		return reasonBudgetShrink, nil
-	case d.open-d.closing > d.reserved && b.sharedInUse-b.closing > b.limit-b.reserved:
+	case b.overLimitLocked(d):
 		return reasonBudgetShrink, nil
 	}
 	if b.waiters.len > 0 {
@@ -849,6 +870,14 @@ func (b *budget) checkinReasonLocked(c *conn, now time.Time) (evictReason, *wait
 		}
 	}
 	return reasonNone, nil
+}
+
+// overLimitLocked reports whether d holds more live connections than its
+// cap, or holds shared ones while the shared pool is over the budget: both
+// after a limit was lowered.
+func (b *budget) overLimitLocked(d *database) bool {
+	live := d.open - d.closing
+	return live > b.capOf(d) || live > d.reserved && b.sharedLive > b.limit-b.reserved
 }
 
 // waiterForLocked returns the first waiter that the token of a connection of
@@ -878,8 +907,7 @@ func (b *budget) waiterForLocked(d *database, now time.Time) *waiter {
 // redial reports that the conn was evicted before its first use and needs a
 // new physical connection.
 //
-// now is the checkout time for the use-time histogram; zero when the caller
-// did not read the clock.
+// now is the checkout time, for the use-time histogram and Stats.LongestUse.
 func (b *budget) checkout(c *conn, now time.Time) (ok, redial bool) {
 	b.mu.Lock()
 	switch c.state.Load() {
@@ -889,6 +917,7 @@ func (b *budget) checkout(c *conn, now time.Time) (ok, redial bool) {
 		c.state.Store(stateBusy)
 		c.used = true
 		c.checkedOut = now
+		c.db.busy.pushBack(c)
 	case stateRedial:
 		b.mu.Unlock()
 		return false, true
@@ -900,6 +929,7 @@ func (b *budget) checkout(c *conn, now time.Time) (ok, redial bool) {
 		c.state.Store(stateBusy)
 		c.used = true
 		c.checkedOut = now
+		c.db.busy.pushBack(c)
 		c.db.inUse++
 		b.inUse++
 	default:
@@ -931,11 +961,16 @@ func (b *budget) beginIdleOp(c *conn) (ok, wasIdle bool) {
 func (b *budget) endIdleOp(c *conn) {
 	b.mu.Lock()
 	c.inOp = false
-	switch {
-	case c.broken():
-		b.evictLocked(c, reasonBroken, nil)
-	case b.closed:
-		b.evictLocked(c, reasonDriverClosed, nil)
+	if c.state.Load() == stateIdle {
+		switch {
+		case c.broken():
+			b.evictLocked(c, reasonBroken, nil)
+		case b.closed:
+			b.evictLocked(c, reasonDriverClosed, nil)
+		case b.overLimitLocked(c.db):
+			// A shrink skipped it while the statement was being closed.
+			b.evictLocked(c, reasonBudgetShrink, nil)
+		}
 	}
 	// Waiters may have looked for a victim while this one was in use.
 	b.serveWaitersLocked()
@@ -967,6 +1002,7 @@ func (b *budget) closeConn(c *conn) bool {
 		b.unlinkIdleLocked(c)
 		b.markClosingLocked(c.tok)
 	case stateBusy:
+		c.db.busy.remove(c)
 		c.db.inUse--
 		b.inUse--
 		b.markClosingLocked(c.tok)
@@ -1131,7 +1167,7 @@ func (b *budget) shrinkLocked() {
 		}
 		v = next
 	}
-	for b.sharedInUse-b.closing > b.limit-b.reserved {
+	for b.sharedLive > b.limit-b.reserved {
 		var v *conn
 		for x := b.idleDBs.back; x != nil && v == nil; x = b.idleDBs.prev(x) {
 			if x.open-x.closing > x.reserved {

@@ -304,11 +304,7 @@ func (c *conn) use(ctx context.Context) error {
 	if c.state.Load() == stateBusy {
 		return nil
 	}
-	var now time.Time
-	if c.b.metrics.Load().timesUse() {
-		now = time.Now()
-	}
-	ok, redial := c.b.checkout(c, now)
+	ok, redial := c.b.checkout(c, time.Now())
 	switch {
 	case ok:
 		return nil
@@ -325,7 +321,9 @@ func (c *conn) use(ctx context.Context) error {
 	return driver.ErrBadConn
 }
 
-func (c *conn) broken() bool { return c.pc.Conn().IsClosed() }
+// broken reports whether pgx found the connection closed. pc is nil only in
+// the budget's state-machine fuzz test, which runs without a server.
+func (c *conn) broken() bool { return c.pc != nil && c.pc.Conn().IsClosed() }
 
 // deadPeer reports whether a connection idle for a while has been closed by
 // the server meanwhile. Only the checkout path calls it, after the conn is

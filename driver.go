@@ -376,7 +376,9 @@ func (b *budget) register(p *dsnParams) (*database, error) {
 		b.sharedInUse += d.open - p.reserved
 	}
 	b.reserved += p.reserved - d.reserved
+	old := liveShared(d)
 	d.reserved = p.reserved
+	b.sharedLive += liveShared(d) - old
 	d.capOverride = p.maxConns
 	if d.workspace != p.workspace {
 		d.workspace = p.workspace

@@ -272,12 +272,12 @@ func TestStatsJSONFieldNames(t *testing.T) {
 	}
 	slices.Sort(keys)
 	require.Equal(t, []string{"activeDatabases", "closing", "databases", "dialErrors", "dialing", "dials", "evictions",
-		"idle", "inUse", "limit", "open", "peakOpen", "reserved", "timeouts", "waitCount", "waitDurationNs", "waiting"}, keys)
+		"idle", "inUse", "limit", "longestUseNs", "open", "peakOpen", "reserved", "timeouts", "waitCount", "waitDurationNs", "waiting"}, keys)
 	db := m["databases"].([]any)[0].(map[string]any)
 	keys = keys[:0]
 	for k := range db {
 		keys = append(keys, k)
 	}
 	slices.Sort(keys)
-	require.Equal(t, []string{"cap", "closing", "database", "dialing", "evictions", "idle", "inUse", "lastUsed", "open", "reserved", "workspace"}, keys)
+	require.Equal(t, []string{"cap", "closing", "database", "dialing", "evictions", "idle", "inUse", "lastUsed", "longestUseNs", "open", "reserved", "workspace"}, keys)
 }

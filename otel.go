@@ -240,12 +240,6 @@ func (m *metrics) recordWait(d time.Duration) {
 	}
 }
 
-// timesUse reports whether use time is recorded, so that the checkout can
-// skip reading the clock when nobody collects it.
-func (m *metrics) timesUse() bool {
-	return m != nil && m.useTime.Inst().Enabled(bg)
-}
-
 func (m *metrics) recordUse(d time.Duration) {
 	if m != nil {
 		m.useTime.Inst().Record(bg, d.Seconds(), m.recordOpts...)

@@ -21,6 +21,10 @@ type Stats struct {
 	Closing  int `json:"closing"` // closed, waiting for the server to end the backend
 	Waiting  int `json:"waiting"` // callers waiting for a token
 	PeakOpen int `json:"peakOpen"`
+	// LongestUse is how long the connection checked out longest ago has
+	// been held by its caller, across all databases: minutes here mean a
+	// *sql.Conn, Rows or Tx that is never closed.
+	LongestUse time.Duration `json:"longestUseNs"`
 
 	Dials           uint64            `json:"dials"`
 	WaitCount       uint64            `json:"waitCount"`
@@ -48,6 +52,9 @@ type DatabaseStats struct {
 	Reserved  int       `json:"reserved"`
 	LastUsed  time.Time `json:"lastUsed"`
 	Evictions uint64    `json:"evictions"`
+	// LongestUse is how long this database's connection checked out
+	// longest ago has been held; zero when none is checked out.
+	LongestUse time.Duration `json:"longestUseNs"`
 }
 
 // Stats returns a snapshot of the driver's budget and of every database that
@@ -66,15 +73,21 @@ func (d *Driver) Stats() Stats {
 	for r := reasonNone + 1; r < numReasons; r++ {
 		s.Evictions[reasonNames[r]] = b.evictions[r]
 	}
+	now := time.Now()
 	for _, db := range b.dbs {
 		if db.open == 0 && db.reserved == 0 {
 			continue
 		}
-		s.Databases = append(s.Databases, DatabaseStats{
+		ds := DatabaseStats{
 			Workspace: db.workspace, Database: db.name,
 			Open: db.open, InUse: db.inUse, Idle: db.idle, Dialing: db.dialing, Closing: db.closing,
 			Cap: b.capOf(db), Reserved: db.reserved, LastUsed: db.lastUsed, Evictions: db.evictions,
-		})
+		}
+		if c := db.busy.front; c != nil {
+			ds.LongestUse = now.Sub(c.checkedOut)
+			s.LongestUse = max(s.LongestUse, ds.LongestUse)
+		}
+		s.Databases = append(s.Databases, ds)
 	}
 	s.ActiveDatabases = len(s.Databases)
 	sort.Slice(s.Databases, func(i, j int) bool {
