@@ -130,6 +130,11 @@ func (e *env) requireQuiescent() {
 		require.LessOrEqual(e.t, d.Open, d.Cap, "database %s over its cap", d.Workspace)
 	}
 	require.Equal(e.t, s.Open, sum, "per-database opens must add up to the budget's")
+	b := e.drv.b
+	b.mu.Lock()
+	err := b.checkInvariantsLocked()
+	b.mu.Unlock()
+	require.NoError(e.t, err)
 }
 
 // samplePeak measures the most backends the server reports for the role.
