@@ -1,13 +1,17 @@
 package tenantpg
 
 import (
+	"bytes"
 	"context"
 	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
+	"net"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -223,42 +227,110 @@ func TestRegisteredDriver(t *testing.T) {
 	require.Equal(t, 1, odb.Stats().MaxOpenConnections, "OpenDB sets database/sql's limit to the cap")
 }
 
-// TestSecretsNeverLeak drives the error paths a test can reach with a
-// distinctive password and checks every error text and the stats JSON.
+// TestSecretsNeverLeak drives every error path a test can reach with a
+// distinctive password, with debug logging on, and checks every error (as
+// text and formatted with %+v and %#v), every log line and the stats JSON.
 func TestSecretsNeverLeak(t *testing.T) {
-	e := newEnv(t, 2, Config{MaxConnections: 1, MaxConnectionsPerDB: 1, AcquireTimeout: 100 * time.Millisecond})
+	var logs bytes.Buffer
+	var logMu sync.Mutex
+	logger := slog.New(slog.NewJSONHandler(lockedWriter{&logs, &logMu}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	e := newEnv(t, 2, Config{MaxConnections: 2, MaxConnectionsPerDB: 1, AcquireTimeout: 300 * time.Millisecond, Logger: logger})
 	ctx := context.Background()
-	var texts []string
-	collect := func(err error) {
-		if err != nil {
-			texts = append(texts, err.Error())
-		}
+	const wrongPassword = "wr0ng-Pa55-plugh"
+	var errs []error
+	collect := func(what string, err error) {
+		t.Helper()
+		require.Error(t, err, what)
+		errs = append(errs, err)
 	}
-	// A DSN error, a connect error (no such database), a budget error.
-	_, err := e.drv.OpenConnector(e.dsn(0, "pool_max_conns=many"))
-	collect(err)
-	missing, err := e.drv.OpenDB(strings.Replace(e.dsn(0), e.dbs[0], e.dbs[0]+"_missing", 1))
+	ping := func(dsn string) error {
+		db, err := e.drv.OpenDB(dsn)
+		if err != nil {
+			return err
+		}
+		defer db.Close()
+		return db.PingContext(ctx)
+	}
+	refused, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	defer missing.Close()
-	collect(missing.PingContext(ctx))
+	refusedAddr := refused.Addr().String()
+	require.NoError(t, refused.Close())
+	hung, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer hung.Close() // accepts into its backlog, never answers
+
+	// The server's limit below the budget (53300), then the budget itself.
+	_, err = e.srv.Admin().ExecContext(ctx, "ALTER ROLE "+quote(e.role)+" CONNECTION LIMIT 1")
+	require.NoError(t, err)
 	a, b := e.open(0), e.open(1)
 	pinned, err := a.Conn(ctx)
 	require.NoError(t, err)
 	require.NoError(t, pinned.PingContext(ctx))
-	collect(b.PingContext(ctx))
+	collect("server limit (53300)", b.PingContext(ctx))
+	_, err = e.srv.Admin().ExecContext(ctx, "ALTER ROLE "+quote(e.role)+" CONNECTION LIMIT 2")
+	require.NoError(t, err)
+	pinnedB, err := b.Conn(ctx)
+	require.NoError(t, err)
+	require.NoError(t, pinnedB.PingContext(ctx))
+	third, err := e.drv.OpenDB(e.dsn(1, "workspace=third"))
+	require.NoError(t, err)
+	defer third.Close()
+	collect("budget exhausted", third.PingContext(ctx))
 	require.NoError(t, pinned.Close())
-	require.Len(t, texts, 3)
+	require.NoError(t, pinnedB.Close())
+	// A query error from the server.
+	_, err = a.ExecContext(ctx, "SELECT no_such_column FROM kv")
+	collect("query error", err)
+
+	// DSN errors, URL and keyword/value.
+	collect("bad pool_max_conns", ping(e.dsn(0, "pool_max_conns=many")))
+	collect("unknown pool_ parameter", ping(e.dsn(0, "pool_min_conns=1")))
+	collect("reservation over the budget", ping(e.dsn(0, "pool_reserved_conns=3")))
+	collect("bad port, URL", ping("postgres://app:"+testPassword+"@localhost:99999/db?workspace=badport"))
+	collect("bad port, keyword/value", ping("host=localhost port=notaport user=app password='"+testPassword+"' dbname=db"))
+	collect("unterminated quote", ping("host=localhost password='"+testPassword+" dbname=db"))
+	// Dial errors: no such database, wrong password, refused, hung.
+	collect("no such database", ping(strings.Replace(e.dsn(0), e.dbs[0], e.dbs[0]+"_missing", 1)))
+	// The harness's server trusts local connections, so a startup refusal
+	// comes from a role that does not exist, with a password of its own.
+	collect("no such role", ping(strings.Replace(strings.Replace(e.dsn(0), testPassword, wrongPassword, 1), e.role+":", "nosuchrole:", 1)))
+	collect("refused", ping("postgres://app:"+testPassword+"@"+refusedAddr+"/db?sslmode=disable&workspace=refused"))
+	collect("hung", ping("postgres://app:"+testPassword+"@"+hung.Addr().String()+"/db?sslmode=disable&workspace=hung"))
 	var ce *ConnectError
-	require.ErrorAs(t, missing.PingContext(ctx), &ce, "a missing database is a ConnectError")
+	require.ErrorAs(t, errs[9], &ce, "a missing database is a ConnectError")
 	require.Equal(t, e.dbs[0]+"_missing", ce.Workspace, "the workspace defaults to the database name")
+	require.ErrorIs(t, errs[1], ErrBudgetExhausted)
 
 	js, err := json.Marshal(e.drv.Stats())
 	require.NoError(t, err)
-	texts = append(texts, string(js))
+	require.NoError(t, e.drv.Close())
+	collect("driver closed", ping(e.dsn(0)))
+
+	texts := []string{string(js)}
+	for _, err := range errs {
+		texts = append(texts, err.Error(), fmt.Sprintf("%+v", err), fmt.Sprintf("%#v", err))
+	}
+	logMu.Lock()
+	texts = append(texts, logs.String())
+	logMu.Unlock()
+	require.Contains(t, logs.String(), `"level":"WARN"`, "the failures were logged")
 	for _, s := range texts {
 		require.NotContains(t, s, testPassword)
+		require.NotContains(t, s, wrongPassword)
 		require.NotContains(t, s, "postgres://")
 	}
+}
+
+// lockedWriter serialises writes to a buffer shared with the test.
+type lockedWriter struct {
+	buf *bytes.Buffer
+	mu  *sync.Mutex
+}
+
+func (w lockedWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.Write(p)
 }
 
 func TestStatsJSONFieldNames(t *testing.T) {
