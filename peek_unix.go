@@ -19,10 +19,13 @@ func (s *trackedConn) peerGone() bool {
 	}
 	gone := false
 	var buf [1]byte
-	_ = rc.Read(func(fd uintptr) bool {
+	// Control, not Read: Read takes the socket's read lock, which pgx's
+	// background reader can hold in a blocking read of an idle connection,
+	// and the peek then waited for it forever, past every deadline.
+	// MSG_DONTWAIT makes the peek itself non-blocking, so no lock is needed.
+	_ = rc.Control(func(fd uintptr) {
 		n, _, err := syscall.Recvfrom(int(fd), buf[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
 		gone = (n == 0 && err == nil) || (n > 0 && buf[0] == 'E')
-		return true // never wait for data
 	})
 	return gone
 }

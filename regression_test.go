@@ -4,6 +4,9 @@ package tenantpg
 
 import (
 	"context"
+	"net"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -133,4 +136,53 @@ func TestRedialErrorReachesTheCaller(t *testing.T) {
 	require.ErrorIs(t, err, ErrBudgetExhausted)
 	t.Logf("one query waited %s with AcquireTimeout %s; timeouts counted: %d", took, timeout, e.drv.Stats().Timeouts-before)
 	require.Less(t, took, timeout+timeout/2, "one query must not wait for two acquire timeouts")
+}
+
+// TestPeekDoesNotWaitForABlockedReader checks the liveness peek of a socket
+// that another goroutine is blocked reading, as pgx's background reader can
+// be on an idle connection: the peek must return, not wait for the reader.
+func TestPeekDoesNotWaitForABlockedReader(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			accepted <- c
+		}
+		close(accepted)
+	}()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	defer client.Close()
+	server := <-accepted
+	require.NotNil(t, server)
+	defer server.Close()
+
+	readDone := make(chan struct{})
+	go func() {
+		defer close(readDone)
+		var b [1]byte
+		_, _ = client.Read(b[:]) // blocks, holding the read lock, until the server writes
+	}()
+	// The signal that the reader holds the lock: its goroutine is parked in
+	// the poller's read.
+	require.Eventually(t, func() bool {
+		buf := make([]byte, 1<<20)
+		return strings.Contains(string(buf[:runtime.Stack(buf, true)]), "internal/poll.(*FD).Read")
+	}, e2eWait, pollEvery)
+
+	s := &trackedConn{Conn: client}
+	peeked := make(chan bool, 1)
+	go func() { peeked <- s.peerGone() }()
+	select {
+	case gone := <-peeked:
+		require.False(t, gone, "an open, silent connection is not gone")
+	case <-time.After(e2eWait):
+		t.Fatal("the peek waited for the blocked reader")
+	}
+	_, err = server.Write([]byte{'Z'})
+	require.NoError(t, err)
+	<-readDone
 }
