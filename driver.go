@@ -316,10 +316,13 @@ func (d *Driver) OpenConnector(dsn string) (driver.Connector, error) {
 func OpenDB(dsn string) (*sql.DB, error) { return defaultDriver.OpenDB(dsn) }
 
 // OpenDB opens dsn through d and sets the *sql.DB's own limits to agree with
-// the budget: at most the database's cap open and idle, and the driver's
-// idle time and lifetime. With those limits database/sql queues callers of
-// a busy database itself instead of asking the driver for connections the
-// cap would refuse.
+// the budget: at most the database's cap open and idle. With those limits
+// database/sql queues callers of a busy database itself instead of asking
+// the driver for connections the cap would refuse.
+//
+// It leaves database/sql's idle time and lifetime unset: the driver enforces
+// both (ConnMaxIdleTime, ConnMaxLifetime), and database/sql checking them too
+// would read the clock and do time arithmetic on every query.
 func (d *Driver) OpenDB(dsn string) (*sql.DB, error) {
 	c, err := d.OpenConnector(dsn)
 	if err != nil {
@@ -328,13 +331,10 @@ func (d *Driver) OpenDB(dsn string) (*sql.DB, error) {
 	b := d.b
 	b.mu.Lock()
 	capacity := b.capOf(c.(*connector).db)
-	idle, life := b.idleTimeout, b.lifetime
 	b.mu.Unlock()
 	db := sql.OpenDB(c)
 	db.SetMaxOpenConns(capacity)
 	db.SetMaxIdleConns(capacity)
-	db.SetConnMaxIdleTime(idle)
-	db.SetConnMaxLifetime(life)
 	return db, nil
 }
 
