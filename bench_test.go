@@ -168,7 +168,7 @@ func BenchmarkEvictionDecision(b *testing.B) {
 				d.idleConns.pushFront(c)
 				d.idle++
 				bg.idle++
-				bg.idleDBs.pushFront(d)
+				bg.probation.pushFront(d)
 			}
 			now := time.Now()
 			b.ReportAllocs()
@@ -180,7 +180,7 @@ func BenchmarkEvictionDecision(b *testing.B) {
 				v.db.idleConns.pushFront(v)
 				v.db.idle++
 				bg.idle++
-				bg.idleDBs.pushFront(v.db)
+				bg.probation.pushFront(v.db)
 				bg.mu.Unlock()
 			}
 		})

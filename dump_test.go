@@ -19,7 +19,7 @@ func (d *Driver) dumpState() string {
 		fmt.Fprintf(&sb, "  waiter %s age %s claim %v granted %v\n", w.db.workspace, now.Sub(w.since), w.claim != nil, w.granted)
 	}
 	for _, x := range b.dbs {
-		fmt.Fprintf(&sb, "  db %s open %d dialing %d inUse %d idle %d closing %d listed %v\n", x.workspace, x.open, x.dialing, x.inUse, x.idle, x.closing, x.lru.listed)
+		fmt.Fprintf(&sb, "  db %s open %d dialing %d inUse %d idle %d closing %d listed %v protected %v\n", x.workspace, x.open, x.dialing, x.inUse, x.idle, x.closing, x.lru.listed, x.protected)
 	}
 	return sb.String()
 }

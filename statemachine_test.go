@@ -17,7 +17,7 @@ import (
 // shared invariant of the state-machine fuzz test and of every server test
 // at quiescence. It returns the first violation found.
 func (b *budget) checkInvariantsLocked() error {
-	var open, dialing, inUse, idle, closing, shared, live, reserved, waiting, idleDBs, busy int
+	var open, dialing, inUse, idle, closing, shared, live, reserved, waiting, idleDBs, busy, protectedOpen int
 	for k, d := range b.dbs {
 		if d.key != k {
 			return fmt.Errorf("database %q filed under another key", d.workspace)
@@ -64,6 +64,12 @@ func (b *budget) checkInvariantsLocked() error {
 		if d.lru.listed {
 			idleDBs++
 		}
+		if d.protected {
+			protectedOpen += d.open
+			if d.open == 0 {
+				return fmt.Errorf("database %q protected without a connection", d.workspace)
+			}
+		}
 	}
 	switch {
 	case open != b.open || dialing != b.dialing || inUse != b.inUse || idle != b.idle || closing != b.closing:
@@ -75,14 +81,26 @@ func (b *budget) checkInvariantsLocked() error {
 		return fmt.Errorf("sharedLive %d, but databases hold %d live beyond their reservations", b.sharedLive, live)
 	case reserved != b.reserved:
 		return fmt.Errorf("reserved %d, but databases reserve %d", b.reserved, reserved)
-	case idleDBs != b.idleDBs.len:
-		return fmt.Errorf("%d databases in the recency list, %d listed as idle", b.idleDBs.len, idleDBs)
+	case idleDBs != b.probation.len+b.protected.len:
+		return fmt.Errorf("%d databases in the recency lists, %d listed as idle", b.probation.len+b.protected.len, idleDBs)
+	case protectedOpen != b.protectedOpen:
+		return fmt.Errorf("protectedOpen %d, but protected databases hold %d", b.protectedOpen, protectedOpen)
 	case waiting != b.waiters.len:
 		return fmt.Errorf("%d waiters queued, databases count %d", b.waiters.len, waiting)
 	case b.peakOpen < b.open:
 		return fmt.Errorf("peak %d below open %d", b.peakOpen, b.open)
 	case !b.closed && inUse != busy+b.fresh.len:
 		return fmt.Errorf("inUse %d, but %d busy and %d fresh conns listed", inUse, busy, b.fresh.len)
+	}
+	for x := b.probation.front; x != nil; x = b.probation.next(x) {
+		if x.protected {
+			return fmt.Errorf("protected database %q on probation", x.workspace)
+		}
+	}
+	for x := b.protected.front; x != nil; x = b.protected.next(x) {
+		if !x.protected {
+			return fmt.Errorf("database %q on probation in the protected list", x.workspace)
+		}
 	}
 	for c := b.fresh.front; c != nil; c = b.fresh.next(c) {
 		if c.state.Load() != stateFresh {
@@ -149,6 +167,8 @@ type stateMachine struct {
 	nextID  int
 	clock   int         // model time, one tick per event
 	touched map[int]int // database index -> model time of its last check-in or idle checkout
+	demoted map[int]int // database index -> model time it was last demoted from protected
+	wasProtected []bool
 	// reconfigured marks an event that changed the limits: its evictions
 	// follow the shrink's rules, not the waiters'.
 	reconfigured bool
@@ -226,7 +246,7 @@ func runStateMachine(t *testing.T, data []byte) {
 	b.reaper.fn = func() {}
 	b.graceEnded.fn = func() {}
 
-	m := &stateMachine{t: t, b: b, results: make(chan smResult, 64), touched: map[int]int{}}
+	m := &stateMachine{t: t, b: b, results: make(chan smResult, 64), touched: map[int]int{}, demoted: map[int]int{}}
 	for i := 0; i < nDB; i++ {
 		p := &dsnParams{cfg: &pgx.ConnConfig{}, key: dbKey{database: fmt.Sprint("db", i)}, workspace: fmt.Sprint("ws", i)}
 		p.cfg.Database = p.key.database
@@ -248,6 +268,7 @@ func runStateMachine(t *testing.T, data []byte) {
 		m.clock++
 		m.reconfigured = false
 		m.step(opWeights[op%byte(len(opWeights))], arg)
+		m.noteSegments()
 		m.settle()
 		m.check()
 	}
@@ -413,6 +434,27 @@ func (m *stateMachine) step(op byte, arg int) {
 	}
 }
 
+// noteSegments records the databases the last event demoted from the
+// protected segment, and checks that only a reuse protects a database.
+func (m *stateMachine) noteSegments() {
+	b := m.b
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if m.wasProtected == nil {
+		m.wasProtected = make([]bool, len(m.dbs))
+	}
+	for i, d := range m.dbs {
+		switch {
+		case m.wasProtected[i] && !d.protected && d.open > 0:
+			m.demoted[i] = m.clock
+			smCoverage.demotions++
+		case !m.wasProtected[i] && d.protected && m.touched[i] != m.clock:
+			m.fail("%s protected without a reuse", d.workspace)
+		}
+		m.wasProtected[i] = d.protected
+	}
+}
+
 func (m *stateMachine) indexOf(sc *smConn) int {
 	for i, x := range m.conns {
 		if x == sc {
@@ -572,16 +614,24 @@ func (m *stateMachine) settle() {
 	}
 }
 
-// checkVictims checks that evicted idle conns were chosen least recently
-// used database first and, within a database, longest idle first: no conn
-// left idle may be older than one evicted, unless it sits within its
-// database's reservation, is in use by an idle op, or its database was
-// evicted from because it was at its own cap.
+// checkVictims checks that evicted idle conns were chosen in segmented
+// recency order (SLRU): databases on probation before protected ones, the
+// least recently used first within a segment, where a database demoted from
+// protected counts as used when it was demoted; within a database, the
+// longest idle conn first. No conn left idle may rank before one evicted,
+// unless it sits within its database's reservation, is in use by an idle
+// op, or its database was evicted from because it was at its own cap.
 func (m *stateMachine) checkVictims(evicted []*smConn) {
 	if len(evicted) == 0 {
 		return
 	}
-	lastTouched := func(sc *smConn) int { return m.touched[m.dbIndex(sc.c.db)] }
+	rank := func(sc *smConn) (segment, used int) {
+		i := m.dbIndex(sc.c.db)
+		if sc.c.db.protected {
+			return 1, m.touched[i]
+		}
+		return 0, max(m.touched[i], m.demoted[i])
+	}
 	b := m.b
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -608,8 +658,10 @@ func (m *stateMachine) checkVictims(evicted []*smConn) {
 				continue // closed for a caller of its own database at its cap
 			}
 			smCoverage.lruCompared++
-			if lastTouched(sc) < lastTouched(v) {
-				m.fail("%s (used at %d) evicted while %s (used at %d) kept an idle conn", vd.workspace, lastTouched(v), d.workspace, lastTouched(sc))
+			vs, vu := rank(v)
+			ks, ku := rank(sc)
+			if ks < vs || ks == vs && ku < vu {
+				m.fail("%s (segment %d, used at %d) evicted while %s (segment %d, used at %d) kept an idle conn", vd.workspace, vs, vu, d.workspace, ks, ku)
 			}
 		}
 	}
@@ -618,7 +670,7 @@ func (m *stateMachine) checkVictims(evicted []*smConn) {
 // smCoverage counts what the seed corpus exercises, so that a change to the
 // generator that stops reaching evictions fails a test instead of passing
 // vacuously.
-var smCoverage struct{ evictions, lruCompared, waits, reconfigures int }
+var smCoverage struct{ evictions, lruCompared, waits, reconfigures, demotions int }
 
 // check compares the budget with the model after an event.
 func (m *stateMachine) check() {
@@ -750,7 +802,7 @@ func smSeeds() [][]byte {
 // TestBudgetStateMachineCoverage runs the fuzz seeds and checks that they
 // reach the interesting states at all.
 func TestBudgetStateMachineCoverage(t *testing.T) {
-	smCoverage = struct{ evictions, lruCompared, waits, reconfigures int }{}
+	smCoverage = struct{ evictions, lruCompared, waits, reconfigures, demotions int }{}
 	for _, seq := range smSeeds() {
 		runStateMachine(t, seq)
 	}
@@ -759,4 +811,5 @@ func TestBudgetStateMachineCoverage(t *testing.T) {
 	require.Greater(t, smCoverage.lruCompared, 0)
 	require.Greater(t, smCoverage.waits, 100)
 	require.Greater(t, smCoverage.reconfigures, 10)
+	require.Greater(t, smCoverage.demotions, 0)
 }
