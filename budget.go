@@ -64,6 +64,9 @@ type budget struct {
 	peakOpen    int
 
 	dbs     map[dbKey]*database
+	waiters list[waiter, *waiter] // callers waiting for a token, oldest first
+	closed  bool
+
 	// Databases with idle conns, most recently used first, in two
 	// segments: probation (no reuse yet) is evicted before protected.
 	probation list[database, *database]
@@ -71,8 +74,6 @@ type budget struct {
 	// protectedOpen is Σ db.open over protected databases; above
 	// protectedLimit the least recently used protected database is demoted.
 	protectedOpen int
-	waiters list[waiter, *waiter]     // callers waiting for a token, oldest first
-	closed  bool
 
 	fresh list[conn, *conn] // connections not used since their dial, oldest first
 
@@ -136,7 +137,7 @@ type database struct {
 	// minutes (a leaked *sql.Conn, Rows or Tx) without a scan.
 	busy list[conn, *conn]
 
-	metricOpts *dbMetricOpts // built on first collection while it holds connections
+	metricOpts *dbMetricOpts   // built on first collection while it holds connections
 	lru        links[database] // in budget.probation or budget.protected while it has idle conns
 	// protected: one of its idle connections was reused since it last had
 	// none. Cleared when it holds no connection or is demoted.

@@ -155,19 +155,19 @@ type smWaiter struct {
 }
 
 type stateMachine struct {
-	t       *testing.T
-	b       *budget
-	dbs     []*database
-	conns   []*smConn
-	dialing []*token // granted tokens, not dialed yet
-	drains  []*token // tokens whose socket the driver or the app closed: drain pending
-	waiters []*smWaiter
-	results chan smResult
-	early   []smResult // results taken while waiting for another
-	nextID  int
-	clock   int         // model time, one tick per event
-	touched map[int]int // database index -> model time of its last check-in or idle checkout
-	demoted map[int]int // database index -> model time it was last demoted from protected
+	t            *testing.T
+	b            *budget
+	dbs          []*database
+	conns        []*smConn
+	dialing      []*token // granted tokens, not dialed yet
+	drains       []*token // tokens whose socket the driver or the app closed: drain pending
+	waiters      []*smWaiter
+	results      chan smResult
+	early        []smResult // results taken while waiting for another
+	nextID       int
+	clock        int         // model time, one tick per event
+	touched      map[int]int // database index -> model time of its last check-in or idle checkout
+	demoted      map[int]int // database index -> model time it was last demoted from protected
 	wasProtected []bool
 	// reconfigured marks an event that changed the limits: its evictions
 	// follow the shrink's rules, not the waiters'.
