@@ -652,7 +652,7 @@ func (b *budget) touchLocked(d *database) {
 // reusedLocked records a hit: an idle connection of d was checked out
 // again. A database on probation is promoted; when that makes the protected
 // segment hold more than its share of the budget, the least recently used
-// protected databases go back on probation.
+// protected database with idle connections goes back on probation.
 func (b *budget) reusedLocked(d *database) {
 	if !d.protected {
 		if d.lru.listed {
@@ -660,11 +660,10 @@ func (b *budget) reusedLocked(d *database) {
 		}
 		d.protected = true
 		b.protectedOpen += d.open
-		for limit := b.protectedLimit(); b.protectedOpen > limit; {
-			x := b.protected.back
-			if x == nil {
-				break
-			}
+		// One demotion per promotion, as in SLRU: databases whose
+		// connections are all busy count but cannot be demoted, and
+		// demoting until under the limit could empty the segment.
+		if x := b.protected.back; x != nil && b.protectedOpen > b.protectedLimit() {
 			b.protected.remove(x)
 			x.protected = false
 			b.protectedOpen -= x.open
@@ -1220,9 +1219,12 @@ func (b *budget) reconfigure(cfg Config) error {
 	now := time.Now()
 	b.shrinkLocked()
 	b.serveWaitersLocked()
+	// The timeouts may have changed. Disarm even with nothing idle: a later
+	// check-in skips arming a reaper armed early enough, and the old time
+	// may be later than the new idle timeout allows.
+	b.reaper.stop()
 	if b.idle > 0 || b.fresh.len > 0 {
-		b.reaper.fired() // the timeouts may have changed: rescan now
-		b.armReaperLocked(now, now)
+		b.armReaperLocked(now, now) // rescan now
 	}
 	b.unlock()
 	return nil

@@ -316,13 +316,15 @@ func (d *Driver) OpenConnector(dsn string) (driver.Connector, error) {
 func OpenDB(dsn string) (*sql.DB, error) { return defaultDriver.OpenDB(dsn) }
 
 // OpenDB opens dsn through d and sets the *sql.DB's own limits to agree with
-// the budget: at most the database's cap open and idle. With those limits
-// database/sql queues callers of a busy database itself instead of asking
-// the driver for connections the cap would refuse.
+// the budget: at most the database's cap open and idle, and the driver's
+// idle time. With those limits database/sql queues callers of a busy
+// database itself instead of asking the driver for connections the cap
+// would refuse, and its cleaner drops the entries of connections the driver
+// closed from its free list.
 //
-// It leaves database/sql's idle time and lifetime unset: the driver enforces
-// both (ConnMaxIdleTime, ConnMaxLifetime), and database/sql checking them too
-// would read the clock and do time arithmetic on every query.
+// It leaves database/sql's lifetime unset: the driver enforces
+// ConnMaxLifetime itself, and database/sql checking it too would read the
+// clock and do time arithmetic on every query.
 func (d *Driver) OpenDB(dsn string) (*sql.DB, error) {
 	c, err := d.OpenConnector(dsn)
 	if err != nil {
@@ -331,10 +333,12 @@ func (d *Driver) OpenDB(dsn string) (*sql.DB, error) {
 	b := d.b
 	b.mu.Lock()
 	capacity := b.capOf(c.(*connector).db)
+	idle := b.idleTimeout
 	b.mu.Unlock()
 	db := sql.OpenDB(c)
 	db.SetMaxOpenConns(capacity)
 	db.SetMaxIdleConns(capacity)
+	db.SetConnMaxIdleTime(idle)
 	return db, nil
 }
 

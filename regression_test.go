@@ -186,3 +186,41 @@ func TestPeekDoesNotWaitForABlockedReader(t *testing.T) {
 	require.NoError(t, err)
 	<-readDone
 }
+
+// TestLoweredIdleTimeoutRearmsTheReaper lowers ConnMaxIdleTime while no
+// connection is idle: the next check-in must arm the reaper for the new
+// timeout, not leave it armed for the old one (found in review).
+func TestLoweredIdleTimeoutRearmsTheReaper(t *testing.T) {
+	cfg, err := Config{MaxConnections: 4, ConnMaxIdleTime: 30 * time.Minute, ConnMaxLifetime: time.Hour}.normalize()
+	require.NoError(t, err)
+	b := newBudget(cfg)
+	defer b.close()
+	d := &database{key: dbKey{database: "db"}, workspace: "ws", refs: 1}
+	b.dbs[d.key] = d
+	ctx := context.Background()
+	dial := func() *conn {
+		tok, err := b.acquire(ctx, ctx, d)
+		require.NoError(t, err)
+		c := &conn{db: d, b: b, tok: tok, created: time.Now()}
+		require.True(t, b.connected(c))
+		ok, _ := b.checkout(c, time.Now())
+		require.True(t, ok)
+		return c
+	}
+	c1, c2 := dial(), dial() // both busy; the reaper is armed for +30m
+	require.True(t, b.checkin(c1))
+	ok, _ := b.checkout(c1, time.Now())
+	require.True(t, ok) // nothing idle now
+
+	cfg.ConnMaxIdleTime = time.Minute
+	require.NoError(t, b.reconfigure(cfg))
+	require.True(t, b.checkin(c2))
+	b.mu.Lock()
+	armed, at := b.reaper.armed, b.reaper.at
+	b.mu.Unlock()
+	require.True(t, armed)
+	require.LessOrEqual(t, time.Until(at), time.Minute, "the reaper must run by the new idle timeout")
+	for _, c := range []*conn{c1, c2} {
+		b.closeConn(c)
+	}
+}
