@@ -72,6 +72,7 @@ type options struct {
 	pgbouncer      string
 	pgbouncerSet   []string // extra PgBouncer settings, name=value
 	setupOnly      bool
+	simOnly        bool
 	tty            bool // stderr is a terminal: rewrite the progress line in place
 }
 
@@ -117,6 +118,7 @@ func main() {
 	pgbSet := strList(nil)
 	flag.Var(&pgbSet, "pgbouncer-set", "comma-separated extra PgBouncer settings name=value, e.g. server_login_retry=1 (default: PgBouncer's defaults)")
 	flag.BoolVar(&o.setupOnly, "setup-only", false, "create the databases, report how long that took, and stop")
+	flag.BoolVar(&o.simOnly, "sim-only", false, "only simulate LRU and Belady on the traces, without a server (for W too large for this disk)")
 	cpuProfile := flag.String("cpuprofile", "", "write the harness's CPU profile (all contenders, setup included) to this file")
 	timeout := flag.Duration("timeout", 3*time.Hour, "stop everything after this long")
 	flag.Parse()
@@ -198,6 +200,20 @@ func run(ctx context.Context, o options, stdout, stderr io.Writer) (*report, err
 		return nil, err
 	}
 	rep := &report{opts: o, pgbouncer: "not installed"}
+	if o.simOnly {
+		for _, n := range o.workspaces {
+			for _, dist := range o.dists {
+				perWorker := (o.traceOps + o.workers - 1) / o.workers
+				tr, err := newTrace(dist, n, o.workers, perWorker, o.rows, o.writes, o.seed)
+				if err != nil {
+					return rep, err
+				}
+				rep.sims = append(rep.sims, simulate(tr, o.budget)...)
+			}
+		}
+		writeTable(stdout, rep)
+		return rep, nil
+	}
 	e := &env{budget: o.budget, workers: o.workers, acquireTimeout: o.acquireTimeout, pgbouncerSet: o.pgbouncerSet}
 	if bin, err := findPgbouncer(o.pgbouncer); err == nil {
 		e.pgbouncerBin = bin

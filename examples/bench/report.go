@@ -24,9 +24,13 @@ import (
 // simulations as markdown, to be pasted into BENCHMARKS.md as is.
 func writeTable(out io.Writer, rep *report) {
 	o := rep.opts
-	if o.setupOnly {
+	switch {
+	case o.simOnly:
+		fmt.Fprintf(out, "Cache models only, without a server: C = %d workers, traces of %d operations from seed %d.\n",
+			o.workers, (o.traceOps+o.workers-1)/o.workers*o.workers, o.seed)
+	case o.setupOnly:
 		fmt.Fprintf(out, "PostgreSQL %s, template database with a %d-row kv table.\n\n", rep.server, o.rows)
-	} else {
+	default:
 		fmt.Fprintf(out, "PostgreSQL %s, PgBouncer: %s. Budget B = %d (the app role's CONNECTION LIMIT; every contender's cap), "+
 			"C = %d workers, %s, %d-row kv table per workspace, %s measured per contender after %s of warm-up, "+
 			"operation deadline %s, tenantpg AcquireTimeout %s; traces of %d operations from seed %d.\n\n",
@@ -39,22 +43,8 @@ func writeTable(out io.Writer, rep *report) {
 				c.created, c.total, c.took.Round(100*time.Millisecond), float64(c.created)/math.Max(c.took.Seconds(), 1e-9))
 		}
 	}
-	if len(rep.results) == 0 {
-		return
-	}
-	fmt.Fprintln(out)
-	fmt.Fprintln(out, "| W | dist | contender | ok ops/s | errors | 53300 | exhausted | deadline | stuck | other | p50 ms | p99 ms | p99.9 ms | new server conns | conn reuse | server peak | tenantpg hit rate |")
-	fmt.Fprintln(out, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-	for _, r := range rep.results {
-		if r.status != "" {
-			fmt.Fprintf(out, "| %d | %s | %s | %s | | | | | | | | | | | | | |\n", r.workspaces, r.dist, r.contender, r.status)
-			continue
-		}
-		m := r.m
-		fmt.Fprintf(out, "| %d | %s | %s | %.0f | %d | %d | %d | %d | %d | %d | %.2f | %.2f | %.2f | %s | %s | %d/%d | %s |\n",
-			r.workspaces, r.dist, r.contender, r.opsPerSec, m.errors(),
-			m.errs[errTooMany], m.errs[errExhausted], m.errs[errDeadline], m.errs[errStuck], m.errs[errOther],
-			ms(r.p50), ms(r.p99), ms(r.p999), countOrNA(r.serverConns), pct(r.reuse), r.peak, r.budget, pct(r.hitRate))
+	if len(rep.results) > 0 {
+		writeResults(out, rep)
 	}
 
 	if len(rep.sims) == 0 {
@@ -110,6 +100,9 @@ func writeTable(out io.Writer, rep *report) {
 			}
 		}
 		fmt.Fprintln(out, row+" "+pct(measured)+" |")
+	}
+	if len(rep.results) == 0 {
+		return // the legend below explains the contenders' table
 	}
 	fmt.Fprintln(out)
 	fmt.Fprintln(out, "ok ops/s: successful operations per second, counting every operation that ended after the warm-up, over the time from the warm-up's end "+
@@ -341,4 +334,22 @@ func addSeries(p *plot.Plot, name string, i int, xys plotter.XYs) error {
 	p.Add(l, s)
 	p.Legend.Add(strings.TrimSpace(name), l, s)
 	return nil
+}
+
+// writeResults prints the contenders' table.
+func writeResults(out io.Writer, rep *report) {
+	fmt.Fprintln(out)
+	fmt.Fprintln(out, "| W | dist | contender | ok ops/s | errors | 53300 | exhausted | deadline | stuck | other | p50 ms | p99 ms | p99.9 ms | new server conns | conn reuse | server peak | tenantpg hit rate |")
+	fmt.Fprintln(out, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	for _, r := range rep.results {
+		if r.status != "" {
+			fmt.Fprintf(out, "| %d | %s | %s | %s | | | | | | | | | | | | | |\n", r.workspaces, r.dist, r.contender, r.status)
+			continue
+		}
+		m := r.m
+		fmt.Fprintf(out, "| %d | %s | %s | %.0f | %d | %d | %d | %d | %d | %d | %.2f | %.2f | %.2f | %s | %s | %d/%d | %s |\n",
+			r.workspaces, r.dist, r.contender, r.opsPerSec, m.errors(),
+			m.errs[errTooMany], m.errs[errExhausted], m.errs[errDeadline], m.errs[errStuck], m.errs[errOther],
+			ms(r.p50), ms(r.p99), ms(r.p999), countOrNA(r.serverConns), pct(r.reuse), r.peak, r.budget, pct(r.hitRate))
+	}
 }

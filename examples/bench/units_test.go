@@ -1,9 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"path/filepath"
 	"slices"
@@ -209,5 +211,25 @@ func TestReportEdgeCases(t *testing.T) {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("table lacks %q:\n%s", want, out.String())
 		}
+	}
+}
+
+// TestSimOnly runs the cache models without a server, as for workspace
+// counts too large for the disk.
+func TestSimOnly(t *testing.T) {
+	o := defaultOptions()
+	o.simOnly = true
+	o.workspaces = []int{50, 500}
+	o.traceOps = 20_000
+	var out bytes.Buffer
+	rep, err := run(context.Background(), o, &out, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.results) != 0 || len(rep.sims) != len(o.workspaces)*len(o.dists)*2*2 { // K = B/3 and B, LRU and Belady
+		t.Fatalf("%d results, %d simulations", len(rep.results), len(rep.sims))
+	}
+	if !strings.Contains(out.String(), "| 500 | zipf |") || strings.Contains(out.String(), "ok ops/s") {
+		t.Fatalf("unexpected output:\n%s", out.String())
 	}
 }
