@@ -38,7 +38,10 @@
 //
 // When a connection is needed and the budget is full, the idle connection
 // of the least recently used database is closed and its token handed to the
-// caller. The recency order is updated in O(1) on every checkout and check-in,
+// caller. Recency is segmented: databases that have reused a connection are
+// protected (up to 80% of the budget) and evicted only after those that have
+// not, so a long tail of workspaces seen once does not push out the hot
+// ones. The recency order is updated in O(1) on every checkout and check-in,
 // and choosing a victim does not depend on the number of databases. Only
 // connections database/sql has handed back are ever closed this way: a
 // connection in use, in a transaction, pinned by db.Conn or under Raw is
