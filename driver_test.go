@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -198,16 +199,21 @@ func TestConfigFromEnv(t *testing.T) {
 
 // TestRegisteredDriver uses sql.Open("tenantpg", …) exactly as an
 // application would, configured from the environment on first use.
+var registeredRuns atomic.Int64
+
 func TestRegisteredDriver(t *testing.T) {
 	require.True(t, slices.Contains(sql.Drivers(), "tenantpg"))
 	e := newEnv(t, 2, Config{MaxConnections: 5})
 	defaultDriver = newDefaultDriver() // a fresh registered driver, for this test only
-	sql.Register("tenantpg-registered-test", defaultDriver)
+	// sql.Register panics on a second registration of a name: a new name
+	// per run keeps the test repeatable with -count.
+	name := fmt.Sprintf("tenantpg-registered-test-%d", registeredRuns.Add(1))
+	sql.Register(name, defaultDriver)
 	t.Cleanup(func() { defaultDriver.Close() })
 	t.Setenv(EnvMaxConnections, "5")
 	t.Setenv(EnvMaxConnectionsPerDB, "2")
 
-	db, err := sql.Open("tenantpg-registered-test", e.dsn(0, "workspace=registered"))
+	db, err := sql.Open(name, e.dsn(0, "workspace=registered"))
 	require.NoError(t, err)
 	defer db.Close()
 	var v string

@@ -67,6 +67,8 @@ func TestWorkspacesOpenEachOnce(t *testing.T) {
 	require.Zero(t, e.drv.Stats().Open, "closing the registry gives every token back")
 }
 
+var lazyRuns atomic.Int64
+
 func TestWorkspacesCreateIfMissing(t *testing.T) {
 	e := newEnv(t, 1, Config{MaxConnections: 4})
 	ctx := context.Background()
@@ -94,12 +96,15 @@ func TestWorkspacesCreateIfMissing(t *testing.T) {
 	require.NoError(t, err)
 	defer ws.Close()
 
+	// A new workspace per run: the database outlives the test, and -count
+	// would find it created already.
+	id := fmt.Sprintf("fresh%d", lazyRuns.Add(1))
 	var wg sync.WaitGroup
 	for g := 0; g < 4; g++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			db, err := ws.DB(ctx, "fresh")
+			db, err := ws.DB(ctx, id)
 			require.NoError(t, err)
 			var one int
 			require.NoError(t, db.QueryRowContext(ctx, "SELECT 1").Scan(&one))
