@@ -386,9 +386,7 @@ func TestIdleTimeoutAndLifetimeReturnTokens(t *testing.T) {
 func TestServerRejectionReturnsToken(t *testing.T) {
 	ctx := context.Background()
 	e := newEnv(t, 2, Config{MaxConnections: 4, MaxConnectionsPerDB: 2, AcquireTimeout: 2 * time.Second})
-	srv := e.srv
-	_, err := srv.Admin().ExecContext(ctx, "ALTER ROLE "+quote(e.role)+" CONNECTION LIMIT 1")
-	require.NoError(t, err)
+	e.setRoleLimit(1)
 	a, b := e.open(0), e.open(1)
 	ca, err := a.Conn(ctx)
 	require.NoError(t, err)

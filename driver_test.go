@@ -266,15 +266,13 @@ func TestSecretsNeverLeak(t *testing.T) {
 	defer hung.Close() // accepts into its backlog, never answers
 
 	// The server's limit below the budget (53300), then the budget itself.
-	_, err = e.srv.Admin().ExecContext(ctx, "ALTER ROLE "+quote(e.role)+" CONNECTION LIMIT 1")
-	require.NoError(t, err)
+	e.setRoleLimit(1)
 	a, b := e.open(0), e.open(1)
 	pinned, err := a.Conn(ctx)
 	require.NoError(t, err)
 	require.NoError(t, pinned.PingContext(ctx))
 	collect("server limit (53300)", b.PingContext(ctx))
-	_, err = e.srv.Admin().ExecContext(ctx, "ALTER ROLE "+quote(e.role)+" CONNECTION LIMIT 2")
-	require.NoError(t, err)
+	e.setRoleLimit(2)
 	pinnedB, err := b.Conn(ctx)
 	require.NoError(t, err)
 	require.NoError(t, pinnedB.PingContext(ctx))

@@ -5,7 +5,6 @@ import (
 	"database/sql"
 	"fmt"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -64,7 +63,7 @@ func newEnv(t testing.TB, n int, cfg Config) *env {
 	require.NoError(t, srv.Exec(ctx, tpl[0],
 		"CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL)",
 		"INSERT INTO kv SELECT g, 'v' || g FROM generate_series(1, 10) g",
-		"ALTER TABLE kv OWNER TO "+quote(role)))
+		"ALTER TABLE kv OWNER TO "+pgtest.QuoteIdent(role)))
 	names := make([]string, n)
 	for i := range names {
 		names[i] = fmt.Sprintf("e%d_ws%d", id, i)
@@ -78,7 +77,12 @@ func newEnv(t testing.TB, n int, cfg Config) *env {
 	return e
 }
 
-func quote(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`) + `"` }
+// setRoleLimit sets the CONNECTION LIMIT of the env's role on the server.
+func (e *env) setRoleLimit(n int) {
+	e.t.Helper()
+	_, err := e.srv.Admin().ExecContext(context.Background(), fmt.Sprintf("ALTER ROLE %s CONNECTION LIMIT %d", pgtest.QuoteIdent(e.role), n))
+	require.NoError(e.t, err)
+}
 
 // dsn returns a URL DSN for database i with extra query parameters.
 func (e *env) dsn(i int, params ...string) string {

@@ -278,8 +278,7 @@ func TestServerLimitBelowBudget(t *testing.T) {
 	e := newEnv(t, 2, Config{MaxConnections: 4, MaxConnectionsPerDB: 2, AcquireTimeout: 5 * time.Second})
 	e.drv.b.grace = 0
 	ctx := context.Background()
-	_, err := e.srv.Admin().ExecContext(ctx, "ALTER ROLE "+quote(e.role)+" CONNECTION LIMIT 2")
-	require.NoError(t, err)
+	e.setRoleLimit(2)
 	a, b := e.open(0), e.open(1)
 	c1, err := a.Conn(ctx)
 	require.NoError(t, err)

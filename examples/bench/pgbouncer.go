@@ -45,13 +45,14 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/tenantpg/tenantpg/internal/pgtest"
 )
 
 // errNotInstalled reports that no pgbouncer binary was found.
@@ -100,13 +101,10 @@ type bouncer struct {
 func startBouncer(ctx context.Context, bin string, w *world, budget, maxClients int, extra []string) (*bouncer, error) {
 	var cred *syscall.Credential
 	if os.Geteuid() == 0 {
-		u, err := user.Lookup("postgres")
-		if err != nil {
-			return nil, fmt.Errorf("pgbouncer refuses to run as root and there is no postgres OS user to run it as: %w", err)
+		var err error
+		if cred, err = pgtest.PostgresCredential(); err != nil {
+			return nil, fmt.Errorf("pgbouncer refuses to run as root: %w", err)
 		}
-		uid, _ := strconv.Atoi(u.Uid)
-		gid, _ := strconv.Atoi(u.Gid)
-		cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
 	}
 	dir, err := os.MkdirTemp("", "tenantpg-bench-pgbouncer-")
 	if err != nil {
@@ -143,7 +141,7 @@ func startBouncer(ctx context.Context, bin string, w *world, budget, maxClients 
 }
 
 func launchBouncer(ctx context.Context, bin, dir string, cred *syscall.Credential, w *world, budget, maxClients int, extra []string) (*bouncer, error) {
-	port, err := freePort()
+	port, err := pgtest.FreePort()
 	if err != nil {
 		return nil, fmt.Errorf("pgbouncer: free port: %w", err)
 	}
@@ -248,15 +246,6 @@ func (b *bouncer) stop() {
 }
 
 func pgbQuote(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`) + `"` }
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
 
 // capBuffer keeps the first max bytes written to it.
 type capBuffer struct {

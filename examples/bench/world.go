@@ -76,7 +76,7 @@ func startWorld(ctx context.Context, budget, workers, rows int, log io.Writer) (
 	err = srv.Exec(ctx, w.template,
 		"CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL)",
 		fmt.Sprintf("INSERT INTO kv SELECT g, md5(g::text) FROM generate_series(1, %d) g", rows),
-		"ALTER TABLE kv OWNER TO "+quoteIdent(w.role),
+		"ALTER TABLE kv OWNER TO "+pgtest.QuoteIdent(w.role),
 		"VACUUM ANALYZE kv")
 	if err != nil {
 		w.stop()
@@ -251,15 +251,4 @@ func (w *world) serverVersion(ctx context.Context) string {
 		return "unknown"
 	}
 	return v
-}
-
-func quoteIdent(s string) string {
-	out := []byte{'"'}
-	for i := range len(s) {
-		if s[i] == '"' {
-			out = append(out, '"')
-		}
-		out = append(out, s[i])
-	}
-	return string(append(out, '"'))
 }

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/tenantpg/tenantpg/internal/pgtest"
 )
 
 // faultKind is one fault of the rotation; faultQuiet is the time between.
@@ -268,7 +270,7 @@ func (s *soak) restart(ctx context.Context, end time.Time) {
 // tokens, and the driver must back off and free idle connections rather
 // than loop or keep tokens for refused dials.
 func (s *soak) limit(ctx context.Context, end time.Time) {
-	role := quoteIdent(s.w.role)
+	role := pgtest.QuoteIdent(s.w.role)
 	if err := s.adminExec(fmt.Sprintf("ALTER ROLE %s CONNECTION LIMIT %d", role, max(1, s.o.budget/2))); err != nil {
 		s.notes.harnessError("lower the connection limit", err)
 		return

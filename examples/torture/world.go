@@ -59,7 +59,7 @@ func startWorld(ctx context.Context, o options) (*world, error) {
 	if err := srv.Exec(setup, tpl[0],
 		"CREATE TABLE kv (id int PRIMARY KEY, n bigint NOT NULL DEFAULT 0, v text NOT NULL)",
 		"INSERT INTO kv (id, v) SELECT g, 'v' || g FROM generate_series(1, 10) g",
-		"ALTER TABLE kv OWNER TO "+quoteIdent(w.role)); err != nil {
+		"ALTER TABLE kv OWNER TO "+pgtest.QuoteIdent(w.role)); err != nil {
 		return fail(err)
 	}
 	w.labels = make([]string, o.workspaces)
@@ -86,17 +86,6 @@ func (w *world) dsn(addr, db, label string, extra ...string) string {
 }
 
 func (w *world) addr() string { return net.JoinHostPort(w.srv.Host, strconv.Itoa(w.srv.Port)) }
-
-func quoteIdent(s string) string {
-	out := []byte{'"'}
-	for i := 0; i < len(s); i++ {
-		if s[i] == '"' {
-			out = append(out, '"')
-		}
-		out = append(out, s[i])
-	}
-	return string(append(out, '"'))
-}
 
 // sockets tracks the sockets a fake server holds so that closing it ends
 // every goroutine it started.

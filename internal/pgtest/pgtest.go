@@ -97,7 +97,7 @@ func Start(opts Options) (*Server, error) {
 	}
 	s := &Server{Host: "127.0.0.1", Prefix: prefix, adminUser: "postgres", binDir: binDir, opts: opts}
 	if os.Geteuid() == 0 {
-		cred, err := postgresCredential()
+		cred, err := PostgresCredential()
 		if err != nil {
 			return nil, err
 		}
@@ -119,7 +119,7 @@ func Start(opts Options) (*Server, error) {
 	// A free port can be taken by someone else between probing and binding;
 	// postgres then fails fast and we try another.
 	for attempt := 0; ; attempt++ {
-		if s.Port, err = freePort(); err != nil {
+		if s.Port, err = FreePort(); err != nil {
 			s.cleanup()
 			return nil, err
 		}
@@ -191,17 +191,20 @@ func versionOf(initdbPath string) int {
 	return v
 }
 
-func postgresCredential() (*syscall.Credential, error) {
+// PostgresCredential is the credential of the postgres OS user, for servers
+// (PostgreSQL, PgBouncer) that refuse to run as root.
+func PostgresCredential() (*syscall.Credential, error) {
 	u, err := user.Lookup("postgres")
 	if err != nil {
-		return nil, fmt.Errorf("pgtest: running as root needs a 'postgres' OS user to run the server as: %w", err)
+		return nil, fmt.Errorf("running as root needs a 'postgres' OS user to run the server as: %w", err)
 	}
 	uid, _ := strconv.Atoi(u.Uid)
 	gid, _ := strconv.Atoi(u.Gid)
 	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}, nil
 }
 
-func freePort() (int, error) {
+// FreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+func FreePort() (int, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return 0, err
@@ -377,10 +380,10 @@ func (s *Server) dropCreated() {
 	s.createdMu.Lock()
 	defer s.createdMu.Unlock()
 	for _, db := range s.databases {
-		_, _ = s.admin.ExecContext(ctx, "DROP DATABASE IF EXISTS "+quoteIdent(db)+" WITH (FORCE)")
+		_, _ = s.admin.ExecContext(ctx, "DROP DATABASE IF EXISTS "+QuoteIdent(db)+" WITH (FORCE)")
 	}
 	for _, r := range s.roles {
-		_, _ = s.admin.ExecContext(ctx, "DROP ROLE IF EXISTS "+quoteIdent(r))
+		_, _ = s.admin.ExecContext(ctx, "DROP ROLE IF EXISTS "+QuoteIdent(r))
 	}
 }
 
@@ -408,7 +411,7 @@ func (s *Server) URL(user, password, database string) string {
 // role is what makes the server enforce that limit.
 func (s *Server) CreateRole(ctx context.Context, name, password string, connLimit int) (string, error) {
 	full := s.Prefix + name
-	q := fmt.Sprintf("CREATE ROLE %s LOGIN PASSWORD %s CONNECTION LIMIT %d", quoteIdent(full), quoteLiteral(password), connLimit)
+	q := fmt.Sprintf("CREATE ROLE %s LOGIN PASSWORD %s CONNECTION LIMIT %d", QuoteIdent(full), quoteLiteral(password), connLimit)
 	if _, err := s.admin.ExecContext(ctx, q); err != nil {
 		return "", fmt.Errorf("pgtest: create role %s: %w", full, err)
 	}
@@ -436,7 +439,7 @@ func (s *Server) CreateDatabases(ctx context.Context, owner, template string, na
 		go func(db string) {
 			defer wg.Done()
 			defer func() { <-sem }()
-			q := "CREATE DATABASE " + quoteIdent(db) + " OWNER " + quoteIdent(owner) + " TEMPLATE " + quoteIdent(template)
+			q := "CREATE DATABASE " + QuoteIdent(db) + " OWNER " + QuoteIdent(owner) + " TEMPLATE " + QuoteIdent(template)
 			if _, err := s.admin.ExecContext(ctx, q); err != nil {
 				errs <- fmt.Errorf("pgtest: create database %s: %w", db, err)
 				return
@@ -528,7 +531,8 @@ func (s *Server) TerminateBackends(ctx context.Context, role string) (int, error
 	return n, err
 }
 
-func quoteIdent(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`) + `"` }
+// QuoteIdent quotes an SQL identifier.
+func QuoteIdent(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`) + `"` }
 
 func quoteLiteral(s string) string { return `'` + strings.ReplaceAll(s, `'`, `''`) + `'` }
 
