@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tenantpg/tenantpg/internal/demo"
+	"github.com/tenantpg/tenantpg/examples/internal/demo"
 )
 
 // TestBenchShort runs the whole harness small and short: 30 workspaces, a

@@ -47,7 +47,7 @@ const databaseOverhead = 30
 func startWorld(ctx context.Context, budget, workers, rows int, log io.Writer) (*world, error) {
 	external := false
 	if u := os.Getenv("DATABASE_URL"); u != "" {
-		// As internal/demo does: a superuser URL; everything is created
+		// As examples/internal/demo does: a superuser URL; everything is created
 		// under a per-run prefix and dropped at the end.
 		os.Setenv(pgtest.EnvURL, u)
 	}

@@ -16,7 +16,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/tenantpg/tenantpg"
-	"github.com/tenantpg/tenantpg/internal/demo"
+	"github.com/tenantpg/tenantpg/examples/internal/demo"
 )
 
 func main() {

@@ -6,7 +6,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/tenantpg/tenantpg/internal/demo"
+	"github.com/tenantpg/tenantpg/examples/internal/demo"
 )
 
 func TestCopy(t *testing.T) {

@@ -31,7 +31,7 @@ import (
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 
 	"github.com/tenantpg/tenantpg"
-	"github.com/tenantpg/tenantpg/internal/demo"
+	"github.com/tenantpg/tenantpg/examples/internal/demo"
 )
 
 type options struct {

@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/tenantpg/tenantpg"
-	"github.com/tenantpg/tenantpg/internal/demo"
+	"github.com/tenantpg/tenantpg/examples/internal/demo"
 	"github.com/tenantpg/tenantpg/internal/pgtest"
 )
 

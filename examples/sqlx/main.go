@@ -20,7 +20,7 @@ import (
 	"github.com/jmoiron/sqlx"
 
 	"github.com/tenantpg/tenantpg"
-	"github.com/tenantpg/tenantpg/internal/demo"
+	"github.com/tenantpg/tenantpg/examples/internal/demo"
 )
 
 func init() {
