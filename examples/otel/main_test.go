@@ -5,10 +5,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"io"
 	"net/http"
-	"os"
 	"strconv"
 	"strings"
 	"testing"
@@ -16,7 +14,6 @@ import (
 
 	"github.com/tenantpg/tenantpg"
 	"github.com/tenantpg/tenantpg/examples/internal/demo"
-	"github.com/tenantpg/tenantpg/internal/pgtest"
 )
 
 // TestScrape runs the example briefly, scrapes /metrics while traffic runs
@@ -35,9 +32,7 @@ func TestScrape(t *testing.T) {
 	select {
 	case addr = <-addrc:
 	case err := <-errc:
-		if errors.Is(err, pgtest.ErrNotFound) && os.Getenv("CI") == "" {
-			t.Skip(err)
-		}
+		demo.SkipIfNoServer(t, err)
 		t.Fatalf("example ended before serving: %v\n%s", err, out.String())
 	}
 

@@ -6,6 +6,10 @@
 // port on 127.0.0.1. When the process runs as root the server runs as the
 // "postgres" OS user, because PostgreSQL refuses to run as root.
 //
+// In a test binary run with -short, Start starts nothing and returns
+// ErrShort, and Main runs the tests without a server: every test that calls
+// Require skips, so go test -short runs only the tests that need no server.
+//
 // TENANTPG_TEST_DATABASE_URL may name an existing server instead; it must be a
 // superuser connection string, and everything the tests create on it carries
 // a per-run prefix and is dropped by Stop.
@@ -19,6 +23,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"flag"
 	"fmt"
 	"net"
 	"net/url"
@@ -45,6 +50,17 @@ const EnvURL = "TENANTPG_TEST_DATABASE_URL"
 // ErrNotFound reports that no PostgreSQL binaries could be found.
 var ErrNotFound = errors.New("pgtest: PostgreSQL binaries (initdb, postgres) not found in PATH or /usr/lib/postgresql/*/bin; " +
 	"install them (Debian: apt-get install postgresql) or set " + EnvURL + " to a superuser connection string")
+
+// ErrShort reports that a test binary runs with -short, in which no server
+// is started (nor attached to): the tests that need one skip.
+var ErrShort = errors.New("needs PostgreSQL; skipped in -short mode")
+
+// shortMode reports whether this is a test binary run with -short.
+// testing.Short panics before the test flags are parsed, so it is asked
+// only once they are.
+func shortMode() bool {
+	return testing.Testing() && flag.Parsed() && testing.Short()
+}
 
 // Options configure a throwaway server.
 type Options struct {
@@ -84,6 +100,9 @@ type Server struct {
 
 // Start starts a throwaway server, or connects to the one named by EnvURL.
 func Start(opts Options) (*Server, error) {
+	if shortMode() {
+		return nil, ErrShort
+	}
 	if opts.MaxConnections == 0 {
 		opts.MaxConnections = 100
 	}
@@ -545,9 +564,17 @@ var (
 // server. Use it from TestMain: os.Exit(pgtest.Main(m, opts)). When no
 // PostgreSQL can be found the tests run and each one that calls Require
 // skips, saying how to get one; when the CI environment variable is set that
-// is a failure instead, so that a missing server can never pass CI.
+// is a failure instead, so that a missing server can never pass CI. With
+// -short no server is started, CI or not, and the tests that call Require
+// skip: go test -short is the quick run of the tests that need no server.
 func Main(m *testing.M, opts Options) int {
+	if !flag.Parsed() {
+		flag.Parse()
+	}
 	mainServer, mainErr = Start(opts)
+	if errors.Is(mainErr, ErrShort) {
+		return m.Run()
+	}
 	if mainErr != nil {
 		if os.Getenv("CI") != "" {
 			fmt.Fprintln(os.Stderr, "FAIL: CI is set and no PostgreSQL is available:", mainErr)
@@ -563,10 +590,13 @@ func Main(m *testing.M, opts Options) int {
 }
 
 // Require returns the server started by Main, or skips the test when there
-// is none.
+// is none (in -short mode, always).
 func Require(t testing.TB) *Server {
 	t.Helper()
 	if mainServer == nil {
+		if shortMode() {
+			t.Skip(ErrShort.Error())
+		}
 		if mainErr == nil {
 			mainErr = errors.New("pgtest.Main was not called from TestMain")
 		}

@@ -112,14 +112,22 @@ func Traffic(ctx context.Context, n, workers int, c *Counters, query func(ctx co
 }
 
 // CheckRun ends an example's test on the error its run returned: a skip
-// when no PostgreSQL is installed (a failure instead when CI is set), a
-// failure with the program's output for any other error.
+// when no PostgreSQL is installed (a failure instead when CI is set) or in
+// -short mode, a failure with the program's output for any other error.
 func CheckRun(t testing.TB, err error, output string) {
 	t.Helper()
-	if errors.Is(err, pgtest.ErrNotFound) && os.Getenv("CI") == "" {
-		t.Skip(err)
-	}
+	SkipIfNoServer(t, err)
 	if err != nil {
 		t.Fatalf("%v\n%s", err, output)
+	}
+}
+
+// SkipIfNoServer skips the test when err says that there is no server to
+// run against: in -short mode (pgtest.ErrShort), or when no PostgreSQL is
+// installed and CI is not set.
+func SkipIfNoServer(t testing.TB, err error) {
+	t.Helper()
+	if errors.Is(err, pgtest.ErrShort) || errors.Is(err, pgtest.ErrNotFound) && os.Getenv("CI") == "" {
+		t.Skip(err)
 	}
 }
