@@ -14,8 +14,10 @@
 // superuser connection string, and everything the tests create on it carries
 // a per-run prefix and is dropped by Stop.
 //
-// The package is internal: it exists for this module's tests and examples and
-// is not a supported API.
+// The package is internal: it exists for this repository's tests and for the
+// examples module (internal is by import path, so the module
+// github.com/tenantpg/tenantpg/examples may import it), and is not a
+// supported API.
 package pgtest
 
 import (
