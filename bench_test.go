@@ -83,6 +83,7 @@ func benchmarkCheckoutCheckin(b *testing.B, e *env) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	defer c.(*connector).Close()
 	dc, err := c.Connect(context.Background())
 	if err != nil {
 		b.Fatal(err)
@@ -92,8 +93,8 @@ func benchmarkCheckoutCheckin(b *testing.B, e *env) {
 	ctx := context.Background()
 	b.ReportAllocs()
 	for b.Loop() {
-		if err := cn.use(ctx); err != nil {
-			b.Fatal(err)
+		if err := cn.ResetSession(ctx); err != nil || cn.be == nil {
+			b.Fatal(err, cn.pending)
 		}
 		if !cn.IsValid() {
 			b.Fatal("invalid")
@@ -101,86 +102,99 @@ func benchmarkCheckoutCheckin(b *testing.B, e *env) {
 	}
 }
 
-// returnUnused gives back a token that never dialed.
-func (b *budget) returnUnused(t *token) {
-	b.mu.Lock()
-	t.db.dialing--
-	b.dialing--
-	b.giveLocked(t.db)
-	b.serveWaitersLocked()
-	b.unlock()
+// nopIO stands in for pgx where the budget runs without a server: closing
+// does nothing (tests drain sockets themselves) and nothing is broken.
+type nopIO struct{}
+
+func (nopIO) close(*backend)       {}
+func (nopIO) broken(*backend) bool { return false }
+
+// newBenchBudget is a budget with n databases, each holding one idle
+// backend, as if each had been used once long ago.
+func newBenchBudget(n, limit, perDB int) (*budget, []*database) {
+	bg := newBudget(Config{MaxConnections: limit, MaxConnectionsPerDB: perDB, AcquireTimeout: time.Minute,
+		ConnMaxIdleTime: time.Hour, ConnMaxLifetime: time.Hour}, realClock{}, nopIO{})
+	past := time.Now().Add(-time.Minute)
+	dbs := make([]*database, n)
+	for i := range dbs {
+		d := &database{key: dbKey{database: fmt.Sprint(i)}, name: fmt.Sprint(i), workspace: fmt.Sprint(i), refs: 1}
+		bg.dbs[d.key] = d
+		bg.takeLocked(d)
+		be := &backend{db: d, tok: &token{db: d}, created: past, state: backendIdle, idleSince: past}
+		d.idleBackends.pushFront(be)
+		d.idle++
+		bg.idle++
+		bg.recency.touchLocked(d)
+		dbs[i] = d
+	}
+	return bg, dbs
 }
 
-// BenchmarkBudgetAcquireRelease measures taking and giving back a token, the
-// work behind every new connection, uncontended and from all cores.
-func BenchmarkBudgetAcquireRelease(b *testing.B) {
-	newDB := func(limit int) (*budget, *database) {
-		bg := newBudget(Config{MaxConnections: limit, MaxConnectionsPerDB: limit, AcquireTimeout: time.Minute})
-		d := &database{key: dbKey{database: "bench"}, name: "bench", workspace: "bench", refs: 1}
-		bg.dbs[d.key] = d
-		return bg, d
-	}
-	ctx := context.Background()
+// BenchmarkBudgetCheckoutCheckin measures the budget's part of every query:
+// taking an idle backend and checking it back in, uncontended and from all
+// cores on one database.
+func BenchmarkBudgetCheckoutCheckin(b *testing.B) {
 	b.Run("uncontended", func(b *testing.B) {
-		bg, d := newDB(100)
+		bg, dbs := newBenchBudget(1, 100, 3)
 		b.ReportAllocs()
 		for b.Loop() {
-			t, err := bg.acquire(ctx, ctx, d)
-			if err != nil {
-				b.Fatal(err)
+			be, w, err := bg.take(dbs[0], bg.clock.Now())
+			if err != nil || w != nil {
+				b.Fatal("no idle backend", err)
 			}
-			bg.returnUnused(t)
+			bg.checkin(be)
 		}
 	})
-	for _, limit := range []int{1000, 4} {
-		b.Run(fmt.Sprintf("parallel-limit-%d", limit), func(b *testing.B) {
-			bg, d := newDB(limit)
-			b.ReportAllocs()
-			b.RunParallel(func(pb *testing.PB) {
-				for pb.Next() {
-					t, err := bg.acquire(ctx, ctx, d)
-					if err != nil {
-						b.Error(err)
+	b.Run("parallel", func(b *testing.B) {
+		bg, dbs := newBenchBudget(1, 100, 100)
+		for range 7 { // one idle backend per core and more
+			d := dbs[0]
+			bg.mu.Lock()
+			bg.takeLocked(d)
+			be := &backend{db: d, tok: &token{db: d}, created: time.Now(), state: backendIdle, idleSince: time.Now()}
+			d.idleBackends.pushFront(be)
+			d.idle++
+			bg.idle++
+			bg.mu.Unlock()
+		}
+		ctx := context.Background()
+		b.ReportAllocs()
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				be, w, err := bg.take(dbs[0], bg.clock.Now())
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				if w != nil { // all taken: wait for one
+					if be, _, err = bg.await(ctx, ctx, w); err != nil || be == nil {
+						b.Error("no backend", err)
 						return
 					}
-					bg.returnUnused(t)
 				}
-			})
+				bg.checkin(be)
+			}
 		})
-	}
+	})
 }
 
-// BenchmarkEvictionDecision measures choosing and unlinking the connection
-// to evict and putting it back, with one idle connection in each of N
-// databases: the cost must not grow with N.
+// BenchmarkEvictionDecision measures choosing and unlinking the backend to
+// evict and putting it back, with one idle backend in each of N databases:
+// the cost must not grow with N.
 func BenchmarkEvictionDecision(b *testing.B) {
 	for _, n := range []int{10, 1000, 100000} {
 		b.Run(fmt.Sprintf("databases-%d", n), func(b *testing.B) {
-			bg := newBudget(Config{MaxConnections: n, MaxConnectionsPerDB: 1})
-			bg.grace = 0
-			past := time.Now().Add(-time.Hour)
-			for i := 0; i < n; i++ {
-				d := &database{key: dbKey{database: fmt.Sprint(i)}, refs: 1}
-				bg.dbs[d.key] = d
-				bg.takeLocked(d)
-				c := &conn{db: d, b: bg, created: past, idleSince: past}
-				c.state.Store(stateIdle)
-				d.idleConns.pushFront(c)
-				d.idle++
-				bg.idle++
-				bg.probation.pushFront(d)
-			}
-			now := time.Now()
+			bg, _ := newBenchBudget(n, n, 1)
 			b.ReportAllocs()
 			for b.Loop() {
 				bg.mu.Lock()
-				v, _ := bg.victimLocked(now)
+				v := bg.recency.victimLocked(bg)
 				bg.unlinkIdleLocked(v)
 				// Used again: back at the front of the recency order.
-				v.db.idleConns.pushFront(v)
+				v.db.idleBackends.pushFront(v)
 				v.db.idle++
 				bg.idle++
-				bg.probation.pushFront(v.db)
+				bg.recency.touchLocked(v.db)
 				bg.mu.Unlock()
 			}
 		})

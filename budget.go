@@ -3,43 +3,41 @@ package tenantpg
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/jackc/pgx/v5/stdlib"
 )
 
-// The budget is the process-wide (per Driver) count of physical connections.
-// A token stands for one server backend: it is taken before a dial starts and
-// given back only after the server has closed that backend's socket, so the
-// server never sees more connections than the budget.
+// The budget is the process-wide (per Driver) count of physical connections
+// (backends). A token stands for one backend: it is taken before a dial
+// starts and given back only after the server has closed that backend's
+// socket, so the server never sees more connections than the budget.
 //
 // Each database may set aside reserved tokens that only it can use; the rest
 // form the shared pool. A database's tokens count against its reservation
 // first, so sharedInUse == Σ max(0, db.open - db.reserved). Tokens of
-// connections being closed still count, as their backends still count on
-// the server; sharedLive leaves them out, to tell whether the shared pool
-// is over a lowered budget once those are gone.
+// backends being closed still count, as they still count on the server;
+// sharedLive leaves them out, to tell whether the shared pool is over a
+// lowered budget once those are gone.
 //
-// When the shared pool is empty, the idle connection of the least recently
-// used database is closed and its token handed to the caller that needs one
-// (an eviction). Recency is segmented (SLRU): a database whose idle
-// connection was reused is protected, and databases on probation, which got
-// connections and have not reused one, are evicted first. A long tail of
-// workspaces each seen once then cycles through probation instead of
-// evicting the connections hot workspaces reuse; the protected segment is
-// bounded, so a workspace that cooled off is demoted and evicted in turn. When nothing idle can be closed, callers queue in arrival
-// order until a token frees, their context ends, or the acquire timeout
-// passes.
+// The driver owns the backends; database/sql's connections are handles
+// (conn.go) that hold a backend only between checkout and check-in. A
+// caller that finds no idle backend of its database queues on the database
+// (connector.go decides whether it should also dial), and a caller that
+// dials needs a token: a free one, one freed by evicting the least recently
+// used idle backend (lru.go), or one it waits for in the budget's queue.
 //
-// Locking: one mutex, budget.mu, guards all of it, including every
-// database's counters and lists and every conn's state transitions. It is
-// never held during network I/O: connections chosen for closing under the
-// lock are queued in toClose and closed by unlock. Code that only needs to
-// know a conn is checked out reads conn.state atomically without the lock.
+// Locking: one mutex, budget.mu, guards all of it, every database's
+// counters and lists and every backend's state included. Only this file
+// takes it; helpers called under it end in Locked. It is never held during
+// network I/O: backends chosen for closing under the lock are queued in
+// toClose and closed by unlock.
 type budget struct {
+	clock clock     // set once by newBudget
+	io    backendIO // set once by newBudget
+
 	mu sync.Mutex
 
 	// Settings; guarded by mu.
@@ -48,7 +46,6 @@ type budget struct {
 	lifetime       time.Duration
 	idleTimeout    time.Duration
 	acquireTimeout time.Duration
-	grace          time.Duration
 	handoffAfter   time.Duration
 	livenessAfter  time.Duration
 
@@ -60,27 +57,21 @@ type budget struct {
 	dialing     int
 	inUse       int
 	idle        int
-	closing     int // tokens whose connection is being torn down
+	closing     int // tokens whose backend is being torn down
 	peakOpen    int
 
-	dbs     map[dbKey]*database
-	waiters list[waiter, *waiter] // callers waiting for a token, oldest first
-	closed  bool
+	dbs     map[dbKey]*database               // guarded by mu
+	queue   list[waiter, waiterInBudgetQueue] // callers that need a token, oldest first; guarded by mu
+	waiting int                               // callers waiting for a backend or a token; guarded by mu
+	recency slru                              // databases with idle backends; guarded by mu
+	closed  bool                              // guarded by mu
+	shut    atomic.Bool                       // closed, for a check-in that holds no backend
+	toClose []closeJob                        // chosen for closing under mu, closed by unlock; guarded by mu
+	reaper  wakeup                            // closes idle backends past their idle time or lifetime; guarded by mu
 
-	// Databases with idle conns, most recently used first, in two
-	// segments: probation (no reuse yet) is evicted before protected.
-	probation list[database, *database]
-	protected list[database, *database]
-	// protectedOpen is Σ db.open over protected databases; above
-	// protectedLimit the least recently used protected database is demoted.
-	protectedOpen int
-
-	fresh list[conn, *conn] // connections not used since their dial, oldest first
-
-	toClose []closeJob // chosen for closing under mu; closed by unlock
-
-	reaper     wakeup // closes connections past their idle time or lifetime
-	graceEnded wakeup // lets waiters evict a connection whose grace period ended
+	// dialTime is the driver's EWMA of a dial's duration, what a caller
+	// pays for a new backend; guarded by mu.
+	dialTime ewma
 
 	// Cumulative counters; guarded by mu.
 	waitCount    uint64
@@ -88,133 +79,88 @@ type budget struct {
 	timeouts     uint64
 	evictions    [numReasons]uint64
 	dials        uint64
+	handoffs     uint64 // backends passed from one caller straight to the next
 	exhausted    uint64 // BudgetErrors returned
-	// staleCheckouts counts checkouts of connections the driver had
-	// evicted: database/sql retried them elsewhere.
-	staleCheckouts uint64
-	dialErrors     [numDialErrorKinds]uint64
+	dialErrors   [numDialErrorKinds]uint64
 
-	// draining counts sockets being drained after close; drained is
-	// signalled when it drops to zero. Guarded by mu.
+	// draining counts sockets being drained after close and jobs the close
+	// jobs whose Close has not returned; drained is signalled when both
+	// drop to zero. Guarded by mu.
 	draining int
+	jobs     int
 	drained  *sync.Cond
-	jobs     int // close jobs chosen under mu whose pc.Close has not returned
 
 	metrics atomic.Pointer[metrics]
 	log     atomic.Pointer[slog.Logger] // nil: no logging
 }
 
-// closeJob is a connection chosen for closing under mu and closed by unlock.
+// closeJob is a backend chosen for closing under mu and closed by unlock.
 type closeJob struct {
-	pc        *stdlib.Conn
-	tok       *token
+	be        *backend
 	reason    evictReason
 	workspace string
 }
 
-// database is the state shared by every connector for one server, user and
-// database. All fields after the first block are guarded by budget.mu.
-type database struct {
-	key  dbKey
-	name string
-
-	workspace   string
-	capOverride int // pool_max_conns; 0 = the driver's per-database default
-	reserved    int // pool_reserved_conns
-	refs        int // connectors that use this state
-
-	open      int // tokens held by this database
-	dialing   int
-	inUse     int
-	idle      int
-	closing   int
-	lastUsed  time.Time
-	evictions uint64
-	waiting   int               // callers waiting for a token for this database
-	idleConns list[conn, *conn] // most recently checked in first
-	// busy holds the connections database/sql has checked out, oldest
-	// checkout first, so that Stats can name a connection held for
-	// minutes (a leaked *sql.Conn, Rows or Tx) without a scan.
-	busy list[conn, *conn]
-
-	metricOpts *dbMetricOpts   // built on first collection while it holds connections
-	lru        links[database] // in budget.probation or budget.protected while it has idle conns
-	// protected: one of its idle connections was reused since it last had
-	// none. Cleared when it holds no connection or is demoted.
-	protected bool
-}
-
-func (d *database) lnk() *links[database] { return &d.lru }
-
-// waiter is a caller queued for a token.
+// waiter is a caller queued for a backend of its database and, when it is
+// to dial one, for a token.
 type waiter struct {
-	db      *database
-	since   time.Time
-	ready   chan struct{} // closed once granted (or failed, with err set)
-	granted bool
+	db    *database
+	since time.Time
+	ready chan struct{} // closed once served (be or tok set) or failed (err set)
+
+	// Guarded by budget.mu.
+	done    bool // out of the queues: served, failed or given up
+	be      *backend // served with a backend another caller checked in
+	tok     *token   // served with a token: dial
 	err     error
-	claim   *token // a closing connection whose token is promised to this waiter
-	link    links[waiter]
+	seeking bool   // in the budget's queue: it is to dial when it gets a token
+	claim   *token // a closing backend's token promised to this waiter
+	// patience fires when the waiter has waited as long as a dial takes:
+	// waiting has then cost more than dialing would have.
+	patience timer
+
+	inDB, inBudget links[waiter]
 }
 
-func (w *waiter) lnk() *links[waiter] { return &w.link }
+type waiterInDBQueue struct{}
 
-// token tracks one physical connection's claim on the budget from the start
-// of its dial until the server has closed every socket dialed for it.
-// Fields are guarded by budget.mu.
+func (waiterInDBQueue) links(w *waiter) *links[waiter] { return &w.inDB }
+
+type waiterInBudgetQueue struct{}
+
+func (waiterInBudgetQueue) links(w *waiter) *links[waiter] { return &w.inBudget }
+
+// token tracks one backend's claim on the budget from the start of its dial
+// until the server has closed every socket dialed for it. Guarded by
+// budget.mu.
 type token struct {
 	db       *database
-	sock     *trackedConn // the last socket dialed for it: the connection's own
+	sock     *trackedConn // the last socket dialed for it: the backend's own
 	sockets  int          // sockets dialed for this token and not yet drained
-	ended    bool         // the owner is done: dial failed or the connection closed
+	ended    bool         // the owner is done: the dial failed or the backend closed
 	released bool
 	claim    *waiter       // the waiter that gets this token when it is released
 	gone     chan struct{} // made on demand; closed when the token is released
 }
 
-// Conn states. A conn starts fresh, becomes busy at its first use, idle at
-// check-in (IsValid) and busy again at checkout (ResetSession or any other
-// driver call). Transitions happen under budget.mu; a busy conn is only ever
-// changed by database/sql's own calls, which it serialises per connection, so
-// reading "busy" without the lock is safe.
-//
-// A fresh conn may be anywhere: with the caller that dialed it, in
-// database/sql's free list (its opener dialed it for a caller who was served
-// by another connection meanwhile), or pinned by db.Conn and not used yet.
-// database/sql calls nothing on it in any of these places, so the driver
-// cannot tell them apart. Left alone, fresh conns in free lists can hold the
-// whole budget while the callers of those same databases wait in Connect.
-// So a fresh conn past the grace period may be evicted like an idle one, and
-// because it has no session state yet, its next use dials a new connection in
-// its place (stateRedial) instead of failing.
-const (
-	stateFresh   int32 = iota
-	stateBusy          // checked out by database/sql
-	stateIdle          // in database/sql's free list; may be evicted after the grace period
-	stateDoomed        // IsValid answered false; database/sql will call Close
-	stateEvicted       // the driver closed it; database/sql's Close is a no-op
-	stateRedial        // the driver closed it while fresh; its next use dials again
-	stateClosed        // Close was called
-)
-
 type evictReason uint8
 
-// Reasons the driver closes a connection. reasonNone is a close asked for by
-// database/sql or the application.
+// Reasons the driver closes a backend.
 const (
 	reasonNone         evictReason = iota
 	reasonLRU                      // idle, closed to give its token to another database
-	reasonHandoff                  // closed at check-in because a caller was waiting for its token
+	reasonHandoff                  // closed at check-in for a caller of another database that waited too long
 	reasonIdleTimeout              // idle for longer than ConnMaxIdleTime
 	reasonLifetime                 // older than ConnMaxLifetime
 	reasonBudgetShrink             // the budget or a per-database cap was lowered
-	reasonBroken                   // the connection was found closed or broken
+	reasonBroken                   // found closed or broken, or returned mid-transaction
 	reasonDriverClosed             // Driver.Close
 	reasonServerFull               // idle, closed because the server refused a dial for lack of slots
+	reasonUnused                   // idle, closed because the last *sql.DB and handle of its database were closed
 	numReasons
 )
 
-var reasonNames = [numReasons]string{"", "lru", "handoff", "idle_timeout", "lifetime", "budget_shrink", "broken", "driver_closed", "server_full"}
+var reasonNames = [numReasons]string{"", "lru", "handoff", "idle_timeout", "lifetime", "budget_shrink", "broken", "driver_closed", "server_full", "unused"}
 
 type dialErrorKind uint8
 
@@ -227,12 +173,25 @@ const (
 // errDriverClosed is returned to callers waiting when the driver closes.
 var errDriverClosed = errors.New("tenantpg: driver closed")
 
-func newBudget(cfg Config) *budget {
-	b := &budget{dbs: make(map[dbKey]*database), grace: defaultHandoffGrace, handoffAfter: defaultHandoffAfter,
-		livenessAfter: defaultLivenessAfter}
+// defaultHandoffAfter bounds how long a caller that needs a token waits
+// before it takes the token of the next backend any other database checks
+// in. Below it, hot databases pass their backends from caller to caller,
+// which costs no dial; above it, a cold workspace is not starved by hot
+// ones whose backends never go idle.
+const defaultHandoffAfter = 100 * time.Millisecond
+
+// defaultLivenessAfter is how long a backend must have been idle before its
+// checkout peeks at the socket for a server that closed it (a terminated
+// backend, a restart). The peek is a non-blocking system call (about a
+// microsecond); backends reused sooner skip it, and pgx's own ping covers
+// those idle for more than a second.
+const defaultLivenessAfter = 50 * time.Millisecond
+
+func newBudget(cfg Config, clk clock, io backendIO) *budget {
+	b := &budget{clock: clk, io: io, dbs: make(map[dbKey]*database),
+		handoffAfter: defaultHandoffAfter, livenessAfter: defaultLivenessAfter}
 	b.drained = sync.NewCond(&b.mu)
 	b.reaper.fn = b.reap
-	b.graceEnded.fn = b.graceExpired
 	b.apply(cfg)
 	return b
 }
@@ -246,8 +205,8 @@ func (b *budget) apply(cfg Config) {
 	b.log.Store(cfg.Logger)
 }
 
-// unlock releases mu and then closes the connections chosen for closing
-// while it was held, so that no network I/O happens under the lock.
+// unlock releases mu and then closes the backends chosen for closing while
+// it was held, so that no network I/O happens under the lock.
 func (b *budget) unlock() {
 	if len(b.toClose) == 0 {
 		b.mu.Unlock()
@@ -261,25 +220,31 @@ func (b *budget) unlock() {
 		for i, j := range jobs {
 			workspaces[i] = j.workspace
 		}
-		l.LogAttrs(bg, slog.LevelDebug, "tenantpg: closing idle connections",
+		l.LogAttrs(bg, slog.LevelDebug, "tenantpg: closing backends",
 			slog.String("reason", reasonNames[jobs[0].reason]), slog.Int("count", len(jobs)), slog.Any("workspaces", workspaces))
 	}
 	for _, j := range jobs {
-		if j.pc != nil { // nil only in the state-machine fuzz test
-			_ = j.pc.Close()
-		}
+		b.io.close(j.be)
 		// The token returns once the socket is drained, or now if pgx had
-		// closed it already (a broken connection).
+		// closed it already (a broken backend).
 		b.mu.Lock()
 		b.jobs--
 		if b.jobs == 0 && b.draining == 0 {
 			b.drained.Broadcast()
 		}
-		b.endLocked(j.tok)
+		b.endLocked(j.be.tok)
 		b.unlock()
 	}
 }
 
+// settings returns what a connector needs outside the lock.
+func (b *budget) settings() (acquireTimeout, livenessAfter time.Duration) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.acquireTimeout, b.livenessAfter
+}
+
+// capOf returns d's cap; guarded by mu.
 func (b *budget) capOf(d *database) int {
 	c := b.perDB
 	if d.capOverride > 0 {
@@ -294,6 +259,27 @@ func (b *budget) capOf(d *database) int {
 	return c
 }
 
+// settingsLimit returns the budget.
+func (b *budget) settingsLimit() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.limit
+}
+
+// names returns d's workspace label and database name.
+func (b *budget) names(d *database) (workspace, name string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return d.workspace, d.name
+}
+
+// dbCap returns d's cap, for a caller outside the lock.
+func (b *budget) dbCap(d *database) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.capOf(d)
+}
+
 // roomLocked reports whether d may take a token now without evicting.
 func (b *budget) roomLocked(d *database) bool {
 	return b.open < b.limit && (d.open < d.reserved || b.sharedInUse < b.limit-b.reserved)
@@ -305,7 +291,7 @@ func liveShared(d *database) int { return max(0, d.open-d.closing-d.reserved) }
 func (b *budget) takeLocked(d *database) {
 	old := liveShared(d)
 	if d.protected {
-		b.protectedOpen++
+		b.recency.protectedOpen++
 	}
 	d.open++
 	b.sharedLive += liveShared(d) - old
@@ -324,7 +310,7 @@ func (b *budget) giveLocked(d *database) {
 	}
 	old := liveShared(d)
 	if d.protected {
-		b.protectedOpen--
+		b.recency.protectedOpen--
 		if d.open == 1 {
 			d.protected = false // out of the cache: a new arrival starts on probation
 		}
@@ -334,64 +320,157 @@ func (b *budget) giveLocked(d *database) {
 	b.open--
 }
 
-// acquire takes a token for d, waiting in line when there is none. ctx bounds
-// the wait; caller is the context the application passed, used to tell its
-// cancellation from the driver's own acquire timeout.
-func (b *budget) acquire(ctx, caller context.Context, d *database) (*token, error) {
+// register attaches a parsed DSN to its database's shared state.
+func (b *budget) register(p *dsnParams) (*database, error) {
+	b.mu.Lock()
+	defer b.unlock()
+	if b.closed {
+		return nil, errDriverClosed
+	}
+	if p.maxConns > b.limit {
+		return nil, &DSNError{Workspace: p.workspace,
+			Reason: fmt.Sprintf("pool_max_conns %d exceeds the budget of %d connections", p.maxConns, b.limit)}
+	}
+	d := b.dbs[p.key]
+	if d == nil {
+		d = &database{key: p.key, name: p.cfg.Database}
+		b.dbs[p.key] = d
+	}
+	if others := b.reserved - d.reserved; others+p.reserved > b.limit {
+		b.forgetLocked(d)
+		return nil, &DSNError{Workspace: p.workspace,
+			Reason: fmt.Sprintf("pool_reserved_conns %d does not fit: the budget is %d and other databases reserve %d", p.reserved, b.limit, others)}
+	}
+	// Move this database's share of the shared pool to the new reservation.
+	if d.open > d.reserved {
+		b.sharedInUse -= d.open - d.reserved
+	}
+	if d.open > p.reserved {
+		b.sharedInUse += d.open - p.reserved
+	}
+	b.reserved += p.reserved - d.reserved
+	old := liveShared(d)
+	d.reserved = p.reserved
+	b.sharedLive += liveShared(d) - old
+	d.capOverride = p.maxConns
+	if d.workspace != p.workspace {
+		d.workspace = p.workspace
+		d.metricOpts.Store(nil) // rebuilt with the new label at the next collection
+	}
+	d.refs++
+	// A new reservation is backed at once by closing idle shared backends;
+	// busy ones are closed as they are checked in.
+	b.shrinkLocked()
+	b.serveQueueLocked()
+	b.growLocked(d)
+	return d, nil
+}
+
+// retain and release count the handles and connectors that use d, which
+// keep its state alive.
+func (b *budget) retain(d *database) {
+	b.mu.Lock()
+	d.refs++
+	b.mu.Unlock()
+}
+
+func (b *budget) unregister(d *database) {
+	b.mu.Lock()
+	d.refs--
+	if d.refs == 0 {
+		// Nothing can check these out any more: an application that closed
+		// its *sql.DB expects its connections closed.
+		for d.idleBackends.back != nil {
+			b.evictLocked(d.idleBackends.back, reasonUnused, nil)
+		}
+	}
+	b.forgetLocked(d)
+	b.unlock()
+}
+
+// forgetLocked drops the state of a database nothing uses and that holds no
+// backend, so that opening many databases over time does not grow memory.
+func (b *budget) forgetLocked(d *database) {
+	if d.refs == 0 && d.open == 0 && b.dbs[d.key] == d {
+		b.reserved -= d.reserved
+		d.reserved = 0
+		delete(b.dbs, d.key)
+		b.serveQueueLocked()
+	}
+}
+
+// take is the start of a checkout for d. It returns the most recently used
+// idle backend of d when there is one (the fast path: no allocation, no
+// wait), or else a waiter queued on d, which may already hold a token; the
+// caller then calls await. now is the checkout time.
+func (b *budget) take(d *database, now time.Time) (*backend, *waiter, error) {
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
-		return nil, errDriverClosed
+		return nil, nil, errDriverClosed
 	}
-	if d.open < b.capOf(d) && b.roomLocked(d) {
-		b.takeLocked(d)
-		b.dialingLocked(d)
+	if be := d.idleBackends.front; be != nil {
+		b.unlinkIdleLocked(be)
+		b.checkoutLocked(be, now)
+		b.recency.reusedLocked(b, d)
 		b.mu.Unlock()
-		b.metrics.Load().recordWait(0)
-		return &token{db: d}, nil
+		return be, nil, nil
 	}
-	w := &waiter{db: d, since: time.Now(), ready: make(chan struct{})}
+	w := &waiter{db: d, since: now, ready: make(chan struct{})}
 	d.refs++ // a waiter keeps its database's state alive
-	d.waiting++
-	defer b.unregister(d)
-	b.waiters.pushBack(w)
-	b.waitCount++
-	b.serveWaitersLocked()
+	d.waiters.pushBack(w)
+	b.waiting++
+	b.growLocked(d)
+	if !w.done {
+		b.waitCount++ // not served at once: it waits
+	}
+	if !w.seeking && !w.done {
+		w.patience = b.clock.AfterFunc(b.dialCostLocked(d), func() { b.impatient(w) })
+	}
 	b.unlock()
+	return nil, w, nil
+}
 
+// await waits until w is served: with a backend another caller checked in,
+// or with a token to dial one. ctx bounds the wait; caller is the context
+// the application passed, to tell its cancellation from the acquire
+// timeout.
+func (b *budget) await(ctx, caller context.Context, w *waiter) (*backend, *token, error) {
+	d := w.db
+	defer b.unregister(d)
 	select {
 	case <-w.ready:
 		if w.err != nil {
-			return nil, w.err
+			return nil, nil, w.err
 		}
-		b.metrics.Load().recordWait(time.Since(w.since))
-		return &token{db: d}, nil
+		b.metrics.Load().recordWait(b.clock.Now().Sub(w.since))
+		return w.be, w.tok, nil
 	case <-ctx.Done():
 	}
 
 	b.mu.Lock()
-	if w.granted {
+	now := b.clock.Now()
+	if w.done {
 		if w.err != nil {
 			b.mu.Unlock()
-			return nil, w.err
+			return nil, nil, w.err
 		}
-		// The grant raced with the end of the wait: give the token straight back.
-		d.dialing--
-		b.dialing--
-		b.giveLocked(d)
-		b.serveWaitersLocked()
+		// The grant raced with the end of the wait: pass on what it got.
+		if w.be != nil {
+			b.checkinLocked(w.be, now, false)
+		} else {
+			d.dialing--
+			b.dialing--
+			b.giveLocked(d)
+			b.serveQueueLocked()
+			b.growLocked(d)
+		}
 	} else {
-		b.waiters.remove(w)
-		d.waiting--
-		if w.claim != nil {
-			w.claim.claim = nil
-			w.claim = nil
-		}
+		b.dequeueLocked(w)
+		w.done = true // out of the queues: a patience timer that fired meanwhile must not queue it again
+		b.waitDuration += now.Sub(w.since)
 	}
-	waited := time.Since(w.since)
-	if !w.granted {
-		b.waitDuration += waited
-	}
+	waited := now.Sub(w.since)
 	deadline := errors.Is(ctx.Err(), context.DeadlineExceeded)
 	if deadline {
 		b.timeouts++
@@ -401,7 +480,7 @@ func (b *budget) acquire(ctx, caller context.Context, d *database) (*token, erro
 		Workspace: d.workspace, Database: d.name,
 		Open: b.open, Limit: b.limit,
 		DatabaseOpen: d.open, DatabaseCap: b.capOf(d),
-		Waiting: b.waiters.len, Waited: waited,
+		Waiting: b.waiting, Waited: waited,
 	}
 	if caller.Err() != nil {
 		e.Err = caller.Err()
@@ -418,7 +497,65 @@ func (b *budget) acquire(ctx, caller context.Context, d *database) (*token, erro
 			slog.Int("limit", e.Limit), slog.Int("databaseOpen", e.DatabaseOpen), slog.Int("waiting", e.Waiting),
 			slog.Bool("callerContextEnded", e.Err != nil))
 	}
-	return nil, e
+	return nil, nil, e
+}
+
+// impatient lets w dial when it has waited as long as a dial takes, unless
+// its database is at its cap: its backends are held longer than the use
+// time measured so far (a pinned connection, a long transaction), or
+// nothing was measured yet.
+func (b *budget) impatient(w *waiter) {
+	b.mu.Lock()
+	d := w.db
+	if !w.done && !w.seeking && d.open-d.closing+d.seeking < b.capOf(d) {
+		b.seekLocked(w)
+	}
+	b.unlock()
+}
+
+// dequeueLocked takes a waiter that was not served out of both queues.
+func (b *budget) dequeueLocked(w *waiter) {
+	d := w.db
+	if w.patience != nil {
+		w.patience.Stop()
+	}
+	d.waiters.remove(w)
+	b.waiting--
+	if w.seeking {
+		w.seeking = false
+		d.seeking--
+		b.queue.remove(w)
+	}
+	if w.claim != nil {
+		w.claim.claim = nil
+		w.claim = nil
+	}
+}
+
+// serveLocked ends w's wait, served with a backend or a token.
+func (b *budget) serveLocked(w *waiter, now time.Time) {
+	b.dequeueLocked(w)
+	b.waitDuration += now.Sub(w.since)
+	w.done = true
+	close(w.ready)
+}
+
+// grantLocked gives w a token to dial a backend of its database.
+func (b *budget) grantLocked(w *waiter, now time.Time) {
+	d := w.db
+	b.takeLocked(d)
+	b.dialingLocked(d)
+	w.tok = &token{db: d}
+	b.serveLocked(w, now)
+}
+
+// handOverLocked gives w the backend be, which another caller of the same
+// database is checking in: no dial, no eviction.
+func (b *budget) handOverLocked(w *waiter, be *backend, now time.Time) {
+	b.handoffs++
+	b.checkoutLocked(be, now)
+	w.be = be
+	b.serveLocked(w, now)
 }
 
 func (b *budget) dialingLocked(d *database) {
@@ -427,177 +564,206 @@ func (b *budget) dialingLocked(d *database) {
 	b.dials++
 }
 
-func (b *budget) grantLocked(w *waiter, now time.Time) {
-	w.db.waiting--
-	b.takeLocked(w.db)
-	b.dialingLocked(w.db)
-	w.granted = true
-	b.waiters.remove(w)
-	b.waitDuration += now.Sub(w.since)
-	close(w.ready)
+// seekLocked puts w, queued on its database, in the budget's queue too: it
+// is to dial a backend as soon as it gets a token, unless a backend of its
+// database is checked in first.
+func (b *budget) seekLocked(w *waiter) {
+	w.seeking = true
+	w.db.seeking++
+	b.queue.pushBack(w)
+	b.serveQueueLocked()
 }
 
-// serveWaitersLocked gives free tokens to waiters in arrival order and, for
-// waiters that no free token can serve, starts evicting the least recently
-// used idle connections, each promised to one waiter. It runs after every
-// event that can make room: a token released, a waiter added, a reservation
-// or the budget changed, the hand-off grace period of an idle conn ended.
-func (b *budget) serveWaitersLocked() {
-	if b.waiters.len == 0 {
+// growLocked lets waiters of d dial while its pool should grow (see
+// shouldDialLocked in connector.go).
+func (b *budget) growLocked(d *database) {
+	for d.waiters.len > d.seeking && b.shouldDialLocked(d) {
+		w := d.waiters.front
+		for w.seeking {
+			w = d.waiters.next(w)
+		}
+		b.seekLocked(w)
+	}
+}
+
+// serveQueueLocked gives free tokens to the callers that are to dial, in
+// arrival order, and for those that no free token can serve, starts
+// evicting the least recently used idle backends, each promised to one
+// caller. It runs after every event that can make room: a token released, a
+// caller queued, a reservation or the budget changed, a backend gone idle.
+func (b *budget) serveQueueLocked() {
+	if b.queue.len == 0 {
 		return
 	}
-	now := time.Now()
-	var retryAt time.Time
-	for w := b.waiters.front; w != nil; {
-		next := b.waiters.next(w)
-		if w.claim != nil && w.db.open < b.capOf(w.db) && b.roomLocked(w.db) {
-			// A token freed before the claimed one: take it, and let the
-			// claimed one go to whoever is first when it is released.
-			w.claim.claim = nil
-			w.claim = nil
+	now := b.clock.Now()
+	for w := b.queue.front; w != nil; {
+		next := b.queue.next(w)
+		d := w.db
+		switch {
+		case d.open-d.closing >= b.capOf(d):
+			// A lowered cap: it can only wait for a backend of its own.
+			w.seeking = false
+			d.seeking--
+			b.queue.remove(w)
+			if w.claim != nil {
+				w.claim.claim = nil
+				w.claim = nil
+			}
+		case b.roomLocked(d):
+			// A token freed before the claimed one, if any: take it, and
+			// let the claimed one go to whoever is first when released.
+			if w.claim != nil {
+				w.claim.claim = nil
+				w.claim = nil
+			}
 			b.grantLocked(w, now)
-		} else if w.claim == nil {
-			d := w.db
-			if d.open >= b.capOf(d) {
-				// At its own cap: only closing one of its own idle or
-				// unused connections helps, which happens when several
-				// *sql.DB share one database.
-				if v, at := b.ownVictimLocked(d, now); v != nil {
-					b.evictLocked(v, reasonLRU, w)
-				} else if !at.IsZero() && (retryAt.IsZero() || at.Before(retryAt)) {
-					retryAt = at
-				}
-			} else if b.roomLocked(d) {
-				b.grantLocked(w, now)
-			} else if v, at := b.victimLocked(now); v != nil {
+		case w.claim != nil:
+		default:
+			if v := b.recency.victimLocked(b); v != nil {
 				b.evictLocked(v, reasonLRU, w)
-			} else {
-				if !at.IsZero() && (retryAt.IsZero() || at.Before(retryAt)) {
-					retryAt = at
-				}
-				if b.reserved == 0 {
-					break // no later waiter can be served either
-				}
+			} else if b.reserved == 0 {
+				return // no later caller can be served either
 			}
 		}
 		w = next
 	}
-	if !retryAt.IsZero() {
-		b.armGraceLocked(retryAt, now)
-	}
 }
 
-func (b *budget) pastGrace(c *conn, now time.Time) bool {
-	return now.Sub(c.idleSince) >= b.grace
+// checkoutLocked marks be checked out by a caller.
+func (b *budget) checkoutLocked(be *backend, now time.Time) {
+	d := be.db
+	if be.state == backendBusy {
+		d.busy.remove(be) // handed over: a new use starts now
+	} else {
+		d.inUse++
+		b.inUse++
+	}
+	be.state = backendBusy
+	be.checkedOut = now
+	d.busy.pushBack(be)
 }
 
-// ownVictimLocked returns d's own connection to close for a waiter of d at
-// its cap: its oldest idle one, or one it never used.
-func (b *budget) ownVictimLocked(d *database, now time.Time) (*conn, time.Time) {
-	var retryAt time.Time
-	if v := b.oldestIdleLocked(d); v != nil {
-		if b.pastGrace(v, now) {
-			return v, time.Time{}
-		}
-		retryAt = v.idleSince.Add(b.grace)
-	}
-	for v := b.fresh.front; v != nil; v = b.fresh.next(v) {
-		if v.db != d {
-			continue
-		}
-		if at := v.created.Add(b.grace); now.Before(at) {
-			if retryAt.IsZero() || at.Before(retryAt) {
-				retryAt = at
-			}
-			break
-		}
-		return v, time.Time{}
-	}
-	return nil, retryAt
+// checkin takes back a backend its handle is done with. used is false for
+// a backend a caller got and never used (its wait ended meanwhile).
+func (b *budget) checkin(be *backend) {
+	now := b.clock.Now()
+	b.mu.Lock()
+	used := now.Sub(be.checkedOut)
+	b.checkinLocked(be, now, true)
+	b.unlock()
+	b.metrics.Load().recordUse(used)
 }
 
-// oldestIdleLocked returns d's longest-idle connection that no statement
-// close is using right now.
-func (b *budget) oldestIdleLocked(d *database) *conn {
-	for v := d.idleConns.back; v != nil; v = d.idleConns.prev(v) {
-		if !v.inOp {
-			return v
+func (b *budget) checkinLocked(be *backend, now time.Time, used bool) {
+	d := be.db
+	if used {
+		d.useTime.add(now.Sub(be.checkedOut), useTimeAlpha)
+		d.lastUsed = now
+	}
+	if reason := b.checkinReasonLocked(be, now); reason != reasonNone {
+		b.closeBusyLocked(be, reason, nil)
+		b.growLocked(d)
+		return
+	}
+	if w := b.starvingLocked(d, now); w != nil {
+		b.closeBusyLocked(be, reasonHandoff, w)
+		b.growLocked(d)
+		return
+	}
+	if w := d.waiters.front; w != nil {
+		b.recency.reusedLocked(b, d)
+		b.handOverLocked(w, be, now)
+		b.growLocked(d)
+		return
+	}
+	d.busy.remove(be)
+	d.inUse--
+	b.inUse--
+	be.state = backendIdle
+	be.idleSince = now
+	d.idleBackends.pushFront(be)
+	d.idle++
+	b.idle++
+	b.recency.touchLocked(d)
+	// An armed reaper runs no later than this backend's idle expiry (it is
+	// armed for the earliest expiry, and every earlier check-in expires
+	// first), so only an earlier end of life needs arming. Skipping the
+	// time arithmetic otherwise is a measurable part of a check-in.
+	if !b.reaper.armed || b.lifetime > 0 && b.reaper.at.Sub(be.created) > b.lifetime {
+		b.armReaperLocked(b.expiry(be), now)
+	}
+	b.serveQueueLocked()
+}
+
+func (b *budget) checkinReasonLocked(be *backend, now time.Time) evictReason {
+	switch {
+	case b.io.broken(be):
+		return reasonBroken
+	case b.closed:
+		return reasonDriverClosed
+	case b.lifetime > 0 && now.Sub(be.created) >= b.lifetime:
+		return reasonLifetime
+	case b.overLimitLocked(be.db):
+		return reasonBudgetShrink
+	}
+	return reasonNone
+}
+
+// starvingLocked returns a caller of another database, waiting for a token
+// for at least handoffAfter, that the token of d's backend being checked in
+// would serve. Below that wait, hot databases keep passing their backends
+// between their own callers; above it, a cold workspace would starve.
+func (b *budget) starvingLocked(d *database, now time.Time) *waiter {
+	if d.open-d.closing <= d.reserved {
+		return nil // closing this backend frees no shared token
+	}
+	for w := b.queue.front; w != nil; w = b.queue.next(w) {
+		if now.Sub(w.since) < b.handoffAfter {
+			return nil // later ones are younger still
+		}
+		if w.claim == nil && w.db != d {
+			return w
 		}
 	}
 	return nil
 }
 
-// victimLocked returns the idle connection to close to free a shared token:
-// the oldest idle connection of the least recently used database. It skips
-// databases whose connections all sit within their reservation (closing one
-// would free no shared token) and connections still within the hand-off
-// grace period, for which it reports when the earliest becomes eligible.
-// Databases on probation go first. Only databases with idle connections are
-// in the recency lists, so the walk is bounded by the budget, not by the
-// number of databases, and usually stops at the first.
-func (b *budget) victimLocked(now time.Time) (*conn, time.Time) {
-	var retryAt time.Time
-	for _, l := range b.recency() {
-		for x := l.back; x != nil; x = l.prev(x) {
-			if x.open-x.closing <= x.reserved {
-				continue
-			}
-			v := b.oldestIdleLocked(x)
-			if v == nil {
-				continue
-			}
-			if !b.pastGrace(v, now) {
-				at := v.idleSince.Add(b.grace)
-				if retryAt.IsZero() || at.Before(retryAt) {
-					retryAt = at
-				}
-				continue
-			}
-			return v, time.Time{}
-		}
-	}
-	for v := b.fresh.front; v != nil; v = b.fresh.next(v) {
-		x := v.db
-		if x.open-x.closing <= x.reserved {
-			continue
-		}
-		if at := v.created.Add(b.grace); now.Before(at) {
-			if retryAt.IsZero() || at.Before(retryAt) {
-				retryAt = at
-			}
-			break // the rest are younger
-		}
-		return v, time.Time{}
-	}
-	return nil, retryAt
+// overLimitLocked reports whether d holds more live backends than its cap,
+// or holds shared ones while the shared pool is over the budget: both after
+// a limit was lowered.
+func (b *budget) overLimitLocked(d *database) bool {
+	live := d.open - d.closing
+	return live > b.capOf(d) || live > d.reserved && b.sharedLive > b.limit-b.reserved
 }
 
-// evictLocked marks idle conn v for closing by the driver. If w is not nil,
-// v's token goes to w once the server has closed v's backend.
-func (b *budget) evictLocked(v *conn, reason evictReason, w *waiter) {
-	if v.state.Load() == stateFresh {
-		b.fresh.remove(v)
-		v.db.inUse--
-		b.inUse--
-	} else {
-		b.unlinkIdleLocked(v)
-	}
-	if v.used {
-		v.state.Store(stateEvicted)
-	} else {
-		// Never used, so without session state: its next use, if any
-		// (it may be pinned by db.Conn), dials again in its place.
-		v.state.Store(stateRedial)
-	}
-	t := v.tok
+// closeBusyLocked closes a backend being checked in. If w is not nil, its
+// token goes to w once the server has closed the backend.
+func (b *budget) closeBusyLocked(be *backend, reason evictReason, w *waiter) {
+	d := be.db
+	d.busy.remove(be)
+	d.inUse--
+	b.inUse--
+	b.closeLocked(be, reason, w)
+}
+
+// evictLocked closes idle backend v. If w is not nil, v's token goes to w
+// once the server has closed v.
+func (b *budget) evictLocked(v *backend, reason evictReason, w *waiter) {
+	b.unlinkIdleLocked(v)
+	b.closeLocked(v, reason, w)
+}
+
+func (b *budget) closeLocked(be *backend, reason evictReason, w *waiter) {
+	be.state = backendClosing
+	t := be.tok
 	if w != nil {
 		t.claim = w
 		w.claim = t
 	}
-	b.countEvictionLocked(v.db, reason)
+	b.countEvictionLocked(be.db, reason)
 	b.markClosingLocked(t)
 	b.jobs++
-	b.toClose = append(b.toClose, closeJob{pc: v.pc, tok: t, reason: reason, workspace: v.db.workspace})
+	b.toClose = append(b.toClose, closeJob{be: be, reason: reason, workspace: be.db.workspace})
 }
 
 func (b *budget) countEvictionLocked(d *database, reason evictReason) {
@@ -614,226 +780,46 @@ func (b *budget) markClosingLocked(t *token) {
 	b.closing++
 }
 
-// unlinkIdleLocked takes idle conn c out of the idle lists without touching
-// its database's recency.
-func (b *budget) unlinkIdleLocked(c *conn) {
-	d := c.db
-	d.idleConns.remove(c)
+// unlinkIdleLocked takes idle backend be out of the idle lists without
+// touching its database's recency.
+func (b *budget) unlinkIdleLocked(be *backend) {
+	d := be.db
+	d.idleBackends.remove(be)
 	d.idle--
 	b.idle--
-	if d.idleConns.len == 0 {
-		b.recencyOf(d).remove(d)
+	if d.idleBackends.len == 0 {
+		b.recency.removeLocked(d)
 	}
 }
 
-// recency returns the recency lists in eviction order.
-func (b *budget) recency() [2]*list[database, *database] {
-	return [2]*list[database, *database]{&b.probation, &b.protected}
-}
-
-// recencyOf returns the recency list d belongs in.
-func (b *budget) recencyOf(d *database) *list[database, *database] {
-	if d.protected {
-		return &b.protected
-	}
-	return &b.probation
-}
-
-// touchLocked moves d, which has idle conns, to the front of its segment.
-func (b *budget) touchLocked(d *database) {
-	l := b.recencyOf(d)
-	if d.lru.listed {
-		l.moveToFront(d)
-	} else {
-		l.pushFront(d)
-	}
-}
-
-// reusedLocked records a hit: an idle connection of d was checked out
-// again. A database on probation is promoted; when that makes the protected
-// segment hold more than its share of the budget, the least recently used
-// protected database with idle connections goes back on probation.
-func (b *budget) reusedLocked(d *database) {
-	if !d.protected {
-		if d.lru.listed {
-			b.probation.remove(d)
-		}
-		d.protected = true
-		b.protectedOpen += d.open
-		// One demotion per promotion, as in SLRU: databases whose
-		// connections are all busy count but cannot be demoted, and
-		// demoting until under the limit could empty the segment.
-		if x := b.protected.back; x != nil && b.protectedOpen > b.protectedLimit() {
-			b.protected.remove(x)
-			x.protected = false
-			b.protectedOpen -= x.open
-			b.probation.pushFront(x)
-		}
-	}
-	if d.idleConns.len > 0 {
-		b.touchLocked(d)
-	}
-}
-
-// protectedLimit is the protected segment's share of the budget: 80%, the
-// usual SLRU split; on a Zipf(1.1) trace over 400 databases it measured
-// 58% hits with 20 slots where plain LRU measured 48%.
-func (b *budget) protectedLimit() int { return max(1, b.limit*4/5) }
-
-// endLocked records that the owner of t is done with it; the token returns
-// once every socket dialed for it has been drained.
-func (b *budget) endLocked(t *token) {
-	t.ended = true
-	if t.sockets == 0 {
-		b.releaseLocked(t)
-	}
-}
-
-// socketOpened and socketDrained count the sockets dialed under t.
-func (b *budget) socketOpened(t *token, s *trackedConn) {
+// discard closes a backend a checkout found dead before using it.
+func (b *budget) discard(be *backend) {
 	b.mu.Lock()
-	t.sockets++
-	t.sock = s
-	b.mu.Unlock()
-}
-
-// countRejection records a dial the server refused for lack of slots.
-func (b *budget) countRejection() {
-	b.mu.Lock()
-	b.dialErrors[dialRejected]++
-	b.mu.Unlock()
-}
-
-// relieveServer closes the least recently used idle connection, because the server refused a dial of d for lack of
-// connection slots: the server's limit is below the budget (other clients,
-// a role or database CONNECTION LIMIT). It returns a channel closed once
-// that backend is gone, or nil when nothing idle can be closed.
-func (b *budget) relieveServer(d *database) <-chan struct{} {
-	b.mu.Lock()
-	v, _ := b.victimLocked(time.Now())
-	if v == nil {
-		b.mu.Unlock()
-		return nil
-	}
-	t := v.tok
-	if t.gone == nil {
-		t.gone = make(chan struct{})
-	}
-	b.evictLocked(v, reasonServerFull, nil)
-	b.unlock()
-	return t.gone
-}
-
-// countBroken records a connection found dead at checkout.
-func (b *budget) countBroken(c *conn) {
-	b.mu.Lock()
-	b.countEvictionLocked(c.db, reasonBroken)
-	b.mu.Unlock()
-}
-
-// drainStarted counts a socket whose drain began, so that close can wait
-// for it.
-func (b *budget) drainStarted() {
-	b.mu.Lock()
-	b.draining++
-	b.mu.Unlock()
-}
-
-func (b *budget) socketDrained(t *token) {
-	b.mu.Lock()
-	b.draining--
-	if b.draining == 0 && b.jobs == 0 {
-		b.drained.Broadcast()
-	}
-	t.sockets--
-	if t.ended && t.sockets == 0 {
-		b.releaseLocked(t)
-	}
+	d := be.db
+	b.closeBusyLocked(be, reasonBroken, nil)
+	b.growLocked(d)
 	b.unlock()
 }
 
-// releaseLocked returns t to the budget: to the waiter it was promised to
-// when that waiter can use it, otherwise to whoever is first in line.
-func (b *budget) releaseLocked(t *token) {
-	if t.released {
-		return
-	}
-	t.released = true
-	if t.gone != nil {
-		close(t.gone)
-	}
-	d := t.db
-	old := liveShared(d)
-	d.closing--
-	b.sharedLive += liveShared(d) - old
-	b.closing--
-	b.giveLocked(d)
-	now := time.Now()
-	if w := t.claim; w != nil {
-		t.claim = nil
-		w.claim = nil
-		if !w.granted && w.db.open < b.capOf(w.db) && b.roomLocked(w.db) {
-			b.grantLocked(w, now)
-		}
-	}
-	b.serveWaitersLocked()
-	b.forgetLocked(d)
-}
-
-// forgetLocked drops the state of a database no connector uses and that
-// holds no connection, so that opening many databases over time does not
-// grow memory.
-func (b *budget) forgetLocked(d *database) {
-	if d.refs == 0 && d.open == 0 && b.dbs[d.key] == d {
-		b.reserved -= d.reserved
-		d.reserved = 0
-		delete(b.dbs, d.key)
-		b.serveWaitersLocked()
-	}
-}
-
-// connected records a successful dial of a new conn, which starts fresh. It
-// reports false when the driver was closed meanwhile; the caller then closes
-// the connection.
-func (b *budget) connected(c *conn) bool {
+// dialed records a successful dial: the new backend is checked out by the
+// caller that dialed it. It returns nil when the driver was closed
+// meanwhile, after closing the backend.
+func (b *budget) dialed(tok *token, be *backend, took time.Duration) *backend {
 	b.mu.Lock()
-	b.dialedLocked(c.db)
-	c.db.refs++ // released by closeConn
-	if b.closed {
-		c.state.Store(stateBusy)
-		b.mu.Unlock()
-		return false
-	}
-	c.state.Store(stateFresh)
-	b.fresh.pushBack(c)
-	if b.waiters.len > 0 {
-		b.armGraceLocked(c.created.Add(b.grace), time.Now())
-	}
-	b.armReaperLocked(c.created.Add(b.idleTimeout), time.Now())
-	b.mu.Unlock()
-	return true
-}
-
-// redialed puts a new physical connection under conn c, whose old one the
-// driver evicted before c was ever used.
-func (b *budget) redialed(c *conn, pc *stdlib.Conn, tok *token, created time.Time) bool {
-	b.mu.Lock()
-	b.dialedLocked(c.db)
-	c.pc, c.tok, c.created = pc, tok, created
-	c.state.Store(stateBusy)
-	c.used = true
-	c.checkedOut = created
-	c.db.busy.pushBack(c)
-	closed := b.closed
-	b.mu.Unlock()
-	return !closed
-}
-
-func (b *budget) dialedLocked(d *database) {
+	d := tok.db
 	d.dialing--
 	b.dialing--
-	d.inUse++
-	b.inUse++
+	b.dialTime.add(took, dialTimeAlpha)
+	be.db, be.tok = d, tok
+	be.created = b.clock.Now()
+	b.checkoutLocked(be, be.created)
+	if b.closed {
+		b.closeBusyLocked(be, reasonDriverClosed, nil)
+		b.unlock()
+		return nil
+	}
+	b.mu.Unlock()
+	return be
 }
 
 // dialFailed records a failed dial; the token returns once any socket the
@@ -863,352 +849,148 @@ func (b *budget) dialFailed(t *token, kind dialErrorKind, cause error) {
 	}
 }
 
-// checkin is called from IsValid when database/sql takes a connection back.
-// It reports whether database/sql may keep it; when it may not, database/sql
-// closes it, which is how a busy connection is reclaimed without ever being
-// closed under a caller.
-func (b *budget) checkin(c *conn) bool {
-	now := time.Now()
-	b.mu.Lock()
-	switch c.state.Load() {
-	case stateFresh:
-		b.fresh.remove(c) // returned without ever being used
-	case stateBusy:
-		c.db.busy.remove(c)
-	default:
-		b.mu.Unlock()
-		return false
+// endLocked records that the owner of t is done with it; the token returns
+// once every socket dialed for it has been drained.
+func (b *budget) endLocked(t *token) {
+	t.ended = true
+	if t.sockets == 0 {
+		b.releaseLocked(t)
 	}
-	d := c.db
-	d.inUse--
-	b.inUse--
-	d.lastUsed = now
-	reason, w := b.checkinReasonLocked(c, now)
+}
 
-	used := now.Sub(c.checkedOut)
-	if reason != reasonNone {
-		c.state.Store(stateDoomed)
-		b.countEvictionLocked(d, reason)
-		b.markClosingLocked(c.tok)
-		if w != nil {
-			c.tok.claim = w
-			w.claim = c.tok
+// releaseLocked returns t to the budget: to the waiter it was promised to
+// when that waiter can use it, otherwise to whoever is first in line.
+func (b *budget) releaseLocked(t *token) {
+	if t.released {
+		return
+	}
+	t.released = true
+	if t.gone != nil {
+		close(t.gone)
+	}
+	d := t.db
+	old := liveShared(d)
+	d.closing--
+	b.sharedLive += liveShared(d) - old
+	b.closing--
+	b.giveLocked(d)
+	if w := t.claim; w != nil {
+		t.claim = nil
+		w.claim = nil
+		if !w.done && w.db.open-w.db.closing < b.capOf(w.db) && b.roomLocked(w.db) {
+			b.grantLocked(w, b.clock.Now())
 		}
-		ws := d.workspace
-		b.mu.Unlock()
-		b.recordUse(c, used)
-		if l := b.log.Load(); l != nil {
-			l.LogAttrs(bg, slog.LevelDebug, "tenantpg: closing a returned connection",
-				slog.String("workspace", ws), slog.String("reason", reasonNames[reason]))
-		}
-		return false
 	}
-	c.state.Store(stateIdle)
-	c.idleSince = now
-	d.idleConns.pushFront(c)
-	d.idle++
-	b.idle++
-	b.touchLocked(d)
-	// An armed reaper runs no later than this conn's idle expiry (it is
-	// armed for the earliest expiry, and every earlier check-in expires
-	// first), so only an earlier end of life needs arming. Skipping the
-	// time arithmetic otherwise is a measurable part of a check-in.
-	if !b.reaper.armed || b.lifetime > 0 && b.reaper.at.Sub(c.created) > b.lifetime {
-		b.armReaperLocked(b.expiry(c), now)
-	}
-	if b.waiters.len > 0 {
-		// A waiter may take this connection once its grace period ends,
-		// unless database/sql reuses it first.
-		b.armGraceLocked(now.Add(b.grace), now)
-	}
+	b.serveQueueLocked()
+	b.growLocked(d)
+	b.forgetLocked(d)
+}
+
+// socketOpened and socketDrained count the sockets dialed under t.
+func (b *budget) socketOpened(t *token, s *trackedConn) {
+	b.mu.Lock()
+	t.sockets++
+	t.sock = s
 	b.mu.Unlock()
-	b.recordUse(c, used)
-	return true
 }
 
-// recordUse records how long database/sql held a connection. A connection
-// returned without ever being checked out has no use to record.
-func (b *budget) recordUse(c *conn, d time.Duration) {
-	if c.used && !c.checkedOut.IsZero() {
-		b.metrics.Load().recordUse(d)
-	}
-}
-
-func (b *budget) checkinReasonLocked(c *conn, now time.Time) (evictReason, *waiter) {
-	d := c.db
-	switch {
-	case c.broken():
-		return reasonBroken, nil
-	case b.closed:
-		return reasonDriverClosed, nil
-	case b.lifetime > 0 && now.Sub(c.created) >= b.lifetime:
-		return reasonLifetime, nil
-	case b.overLimitLocked(d):
-		return reasonBudgetShrink, nil
-	}
-	if b.waiters.len > 0 {
-		if w := b.waiterForLocked(d, now); w != nil {
-			return reasonHandoff, w
-		}
-	}
-	return reasonNone, nil
-}
-
-// overLimitLocked reports whether d holds more live connections than its
-// cap, or holds shared ones while the shared pool is over the budget: both
-// after a limit was lowered.
-func (b *budget) overLimitLocked(d *database) bool {
-	live := d.open - d.closing
-	return live > b.capOf(d) || live > d.reserved && b.sharedLive > b.limit-b.reserved
-}
-
-// waiterForLocked returns the first waiter that the token of a connection of
-// d, once released, would serve, among those that have waited at least the
-// grace period. A newer waiter is better served by evicting an idle
-// connection of a less recently used database once its grace ends; a waiter
-// older than that has met only connections that database/sql reuses faster
-// than the grace period, and would starve without this hand-off.
-func (b *budget) waiterForLocked(d *database, now time.Time) *waiter {
-	frees := d.open-d.closing > d.reserved
-	for w := b.waiters.front; w != nil; w = b.waiters.next(w) {
-		if now.Sub(w.since) < b.handoffAfter {
-			return nil // later waiters are younger still
-		}
-		if w.claim != nil {
-			continue
-		}
-		if w.db == d || (frees && w.db.open < b.capOf(w.db)) {
-			return w
-		}
-	}
-	return nil
-}
-
-// checkout marks a fresh or idle conn busy. It reports false when the
-// driver has closed the conn, and database/sql then retries on another one;
-// redial reports that the conn was evicted before its first use and needs a
-// new physical connection.
-//
-// now is the checkout time, for the use-time histogram and Stats.LongestUse.
-func (b *budget) checkout(c *conn, now time.Time) (ok, redial bool) {
+// drainStarted counts a socket whose drain began, so that close can wait
+// for it.
+func (b *budget) drainStarted() {
 	b.mu.Lock()
-	switch c.state.Load() {
-	case stateBusy:
-	case stateFresh:
-		b.fresh.remove(c)
-		c.state.Store(stateBusy)
-		c.used = true
-		c.checkedOut = now
-		c.db.busy.pushBack(c)
-	case stateRedial:
-		b.mu.Unlock()
-		return false, true
-	case stateIdle:
-		b.unlinkIdleLocked(c)
-		b.reusedLocked(c.db)
-		c.state.Store(stateBusy)
-		c.used = true
-		c.checkedOut = now
-		c.db.busy.pushBack(c)
-		c.db.inUse++
-		b.inUse++
-	default:
-		b.staleCheckouts++
-		b.mu.Unlock()
-		return false, false
-	}
+	b.draining++
 	b.mu.Unlock()
-	return true, false
 }
 
-// beginIdleOp protects an operation database/sql runs on a connection in its
-// free list (closing a prepared statement) from a concurrent eviction. It
-// reports whether the operation may touch the connection and whether the
-// connection was idle, which endIdleOp needs.
-func (b *budget) beginIdleOp(c *conn) (ok, wasIdle bool) {
+func (b *budget) socketDrained(t *token) {
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	switch c.state.Load() {
-	case stateIdle:
-		c.inOp = true // stays idle, in place, but is not evicted meanwhile
-		return true, true
-	case stateBusy, stateDoomed, stateFresh:
-		return true, false
+	b.draining--
+	if b.draining == 0 && b.jobs == 0 {
+		b.drained.Broadcast()
 	}
-	return false, false
-}
-
-func (b *budget) endIdleOp(c *conn) {
-	b.mu.Lock()
-	c.inOp = false
-	if c.state.Load() == stateIdle {
-		switch {
-		case c.broken():
-			b.evictLocked(c, reasonBroken, nil)
-		case b.closed:
-			b.evictLocked(c, reasonDriverClosed, nil)
-		case b.overLimitLocked(c.db):
-			// A shrink skipped it while the statement was being closed.
-			b.evictLocked(c, reasonBudgetShrink, nil)
-		}
+	t.sockets--
+	if t.ended && t.sockets == 0 {
+		b.releaseLocked(t)
 	}
-	// Waiters may have looked for a victim while this one was in use.
-	b.serveWaitersLocked()
 	b.unlock()
 }
 
-// closeConn handles Close from database/sql (or a driver.Open user). It
-// reports whether the caller must close the physical connection; a conn the
-// driver evicted is being closed already.
-func (b *budget) closeConn(c *conn) bool {
+// countRejection records a dial the server refused for lack of slots.
+func (b *budget) countRejection() {
 	b.mu.Lock()
-	switch c.state.Load() {
-	case stateClosed:
-		b.mu.Unlock()
-		return false
-	case stateEvicted, stateRedial:
-		// The driver closed it already.
-		c.state.Store(stateClosed)
-		c.db.refs--
-		b.forgetLocked(c.db)
-		b.unlock()
-		return false
-	case stateFresh:
-		b.fresh.remove(c)
-		c.db.inUse--
-		b.inUse--
-		b.markClosingLocked(c.tok)
-	case stateIdle:
-		b.unlinkIdleLocked(c)
-		b.markClosingLocked(c.tok)
-	case stateBusy:
-		c.db.busy.remove(c)
-		c.db.inUse--
-		b.inUse--
-		b.markClosingLocked(c.tok)
-	case stateDoomed:
-		// Counted as closing at check-in.
-	}
-	c.state.Store(stateClosed)
-	b.endLocked(c.tok)
-	c.db.refs--
-	b.forgetLocked(c.db)
-	b.unlock()
-	return true
+	b.dialErrors[dialRejected]++
+	b.mu.Unlock()
 }
 
-func (b *budget) expiry(c *conn) time.Time {
-	at := c.idleSince.Add(b.idleTimeout)
+// relieveServer closes the least recently used idle backend, because the
+// server refused a dial for lack of connection slots: its limit is below
+// the budget (other clients, a role or database CONNECTION LIMIT). It
+// returns a channel closed once that backend is gone, or nil when nothing
+// idle can be closed.
+func (b *budget) relieveServer() <-chan struct{} {
+	b.mu.Lock()
+	v := b.recency.victimLocked(b)
+	if v == nil {
+		b.mu.Unlock()
+		return nil
+	}
+	t := v.tok
+	if t.gone == nil {
+		t.gone = make(chan struct{})
+	}
+	b.evictLocked(v, reasonServerFull, nil)
+	b.unlock()
+	return t.gone
+}
+
+func (b *budget) expiry(be *backend) time.Time {
+	at := be.idleSince.Add(b.idleTimeout)
 	if b.lifetime > 0 {
-		if l := c.created.Add(b.lifetime); l.Before(at) {
+		if l := be.created.Add(b.lifetime); l.Before(at) {
 			at = l
 		}
 	}
 	return at
 }
 
-// wakeup runs fn at the earliest time it has been armed for. It uses
-// time.AfterFunc, so nothing runs while it is not armed. Guarded by
-// budget.mu; fn must call fired under that lock before looking at the state.
-type wakeup struct {
-	fn    func()
-	timer *time.Timer
-	at    time.Time
-	armed bool
-}
-
-func (w *wakeup) arm(at, now time.Time) {
-	if w.armed && !at.Before(w.at) {
-		return
-	}
-	w.at, w.armed = at, true
-	if w.timer == nil {
-		w.timer = time.AfterFunc(at.Sub(now), w.fn)
-	} else {
-		w.timer.Reset(at.Sub(now))
-	}
-}
-
-func (w *wakeup) fired() { w.armed = false }
-
-func (w *wakeup) stop() {
-	if w.timer != nil {
-		w.timer.Stop()
-	}
-	w.armed = false
-}
-
 func (b *budget) armReaperLocked(at, now time.Time) {
 	if !b.closed {
-		b.reaper.arm(at, now)
+		b.reaper.arm(b.clock, at, now)
 	}
 }
 
-// reap closes idle connections past their idle timeout or lifetime. It runs
-// on a timer armed for the earliest expiry, so an idle driver costs no
+// reap closes idle backends past their idle timeout or lifetime. It runs on
+// a timer armed for the earliest expiry, so an idle driver costs no
 // goroutine.
 func (b *budget) reap() {
-	now := time.Now()
 	b.mu.Lock()
+	now := b.clock.Now()
 	b.reaper.fired()
 	var next time.Time
-	for _, l := range b.recency() {
-		for x := l.back; x != nil; {
-			prevDB := l.prev(x)
-			for c := x.idleConns.back; c != nil; {
-				prevConn := x.idleConns.prev(c)
-				at := b.expiry(c)
-				if c.inOp && !at.After(now) {
-					at = now.Add(b.grace) // a statement is being closed on it: look again soon
+	b.recency.eachLocked(func(x *database) {
+		for be := x.idleBackends.back; be != nil; {
+			prev := x.idleBackends.prev(be)
+			if at := b.expiry(be); !at.After(now) {
+				reason := reasonIdleTimeout
+				if b.lifetime > 0 && now.Sub(be.created) >= b.lifetime {
+					reason = reasonLifetime
 				}
-				if !at.After(now) {
-					reason := reasonIdleTimeout
-					if b.lifetime > 0 && now.Sub(c.created) >= b.lifetime {
-						reason = reasonLifetime
-					}
-					b.evictLocked(c, reason, nil)
-				} else if next.IsZero() || at.Before(next) {
-					next = at
-				}
-				c = prevConn
-			}
-			x = prevDB
-		}
-	}
-	for c := b.fresh.front; c != nil; {
-		nextConn := b.fresh.next(c)
-		if at := c.created.Add(b.idleTimeout); !at.After(now) {
-			b.evictLocked(c, reasonIdleTimeout, nil)
-		} else {
-			if next.IsZero() || at.Before(next) {
+				b.evictLocked(be, reason, nil)
+			} else if next.IsZero() || at.Before(next) {
 				next = at
 			}
-			break
+			be = prev
 		}
-		c = nextConn
-	}
+	})
 	if !next.IsZero() {
 		b.armReaperLocked(next, now)
 	}
 	b.unlock()
 }
 
-func (b *budget) armGraceLocked(at, now time.Time) {
-	if !b.closed {
-		b.graceEnded.arm(at, now)
-	}
-}
-
-func (b *budget) graceExpired() {
-	b.mu.Lock()
-	b.graceEnded.fired()
-	b.serveWaitersLocked()
-	b.unlock()
-}
-
-// reconfigure applies new settings. Lowering the budget or a cap closes idle
-// connections down to the new limits at once; busy ones are closed when they
-// are checked in. Raising it serves waiters.
+// reconfigure applies new settings. Lowering the budget or a cap closes
+// idle backends down to the new limits at once; busy ones are closed when
+// they are checked in. Raising it serves waiters.
 func (b *budget) reconfigure(cfg Config) error {
 	b.mu.Lock()
 	if cfg.MaxConnections < b.reserved {
@@ -1216,58 +998,34 @@ func (b *budget) reconfigure(cfg Config) error {
 		return &ConfigError{Field: "MaxConnections", Reason: errReservedExceedsBudget(cfg.MaxConnections, b.reserved)}
 	}
 	b.apply(cfg)
-	now := time.Now()
+	now := b.clock.Now()
 	b.shrinkLocked()
-	b.serveWaitersLocked()
+	b.serveQueueLocked()
+	for _, d := range b.dbs {
+		b.growLocked(d)
+	}
 	// The timeouts may have changed. Disarm even with nothing idle: a later
 	// check-in skips arming a reaper armed early enough, and the old time
 	// may be later than the new idle timeout allows.
 	b.reaper.stop()
-	if b.idle > 0 || b.fresh.len > 0 {
+	if b.idle > 0 {
 		b.armReaperLocked(now, now) // rescan now
 	}
 	b.unlock()
 	return nil
 }
 
-// shrinkLocked evicts idle connections until every database is within its
-// cap and the shared pool within the budget, counting connections already
-// closing as gone.
+// shrinkLocked evicts idle backends until every database is within its cap
+// and the shared pool within the budget, counting backends already closing
+// as gone.
 func (b *budget) shrinkLocked() {
-	for _, l := range b.recency() {
-		for x := l.back; x != nil; {
-			prev := l.prev(x)
-			for x.open-x.closing > b.capOf(x) {
-				v := b.oldestIdleLocked(x)
-				if v == nil {
-					break
-				}
-				b.evictLocked(v, reasonBudgetShrink, nil)
-			}
-			x = prev
+	b.recency.eachLocked(func(x *database) {
+		for x.open-x.closing > b.capOf(x) && x.idleBackends.back != nil {
+			b.evictLocked(x.idleBackends.back, reasonBudgetShrink, nil)
 		}
-	}
-	for v := b.fresh.front; v != nil; {
-		next := b.fresh.next(v)
-		if v.db.open-v.db.closing > b.capOf(v.db) {
-			b.evictLocked(v, reasonBudgetShrink, nil)
-		}
-		v = next
-	}
+	})
 	for b.sharedLive > b.limit-b.reserved {
-		var v *conn
-		for _, l := range b.recency() {
-			for x := l.back; x != nil && v == nil; x = l.prev(x) {
-				if x.open-x.closing > x.reserved {
-					v = b.oldestIdleLocked(x)
-				}
-			}
-		}
-		for f := b.fresh.front; f != nil && v == nil; f = b.fresh.next(f) {
-			if f.db.open-f.db.closing > f.db.reserved {
-				v = f
-			}
-		}
+		v := b.recency.victimLocked(b)
 		if v == nil {
 			return
 		}
@@ -1275,8 +1033,8 @@ func (b *budget) shrinkLocked() {
 	}
 }
 
-// close fails every waiter, closes every idle connection and stops the
-// timers. Busy connections are closed when database/sql returns them.
+// close fails every waiter, closes every idle backend and stops the timer.
+// Busy backends are closed when they are checked in.
 func (b *budget) close() {
 	b.mu.Lock()
 	if b.closed {
@@ -1285,36 +1043,22 @@ func (b *budget) close() {
 		return
 	}
 	b.closed = true
-	for w := b.waiters.front; w != nil; {
-		next := b.waiters.next(w)
-		b.waiters.remove(w)
-		w.db.waiting--
-		w.granted, w.err = true, errDriverClosed
-		if w.claim != nil {
-			w.claim.claim = nil
-			w.claim = nil
-		}
-		close(w.ready)
-		w = next
-	}
-	for _, l := range b.recency() {
-		for x := l.back; x != nil; {
-			prev := l.prev(x)
-			for v := x.idleConns.back; v != nil; {
-				p := x.idleConns.prev(v)
-				if !v.inOp { // endIdleOp closes the others
-					b.evictLocked(v, reasonDriverClosed, nil)
-				}
-				v = p
-			}
-			x = prev
+	b.shut.Store(true)
+	for _, d := range b.dbs {
+		for w := d.waiters.front; w != nil; {
+			next := d.waiters.next(w)
+			b.dequeueLocked(w)
+			w.done, w.err = true, errDriverClosed
+			close(w.ready)
+			w = next
 		}
 	}
-	for b.fresh.front != nil {
-		b.evictLocked(b.fresh.front, reasonDriverClosed, nil)
-	}
+	b.recency.eachLocked(func(x *database) {
+		for x.idleBackends.back != nil {
+			b.evictLocked(x.idleBackends.back, reasonDriverClosed, nil)
+		}
+	})
 	b.reaper.stop()
-	b.graceEnded.stop()
 	b.unlock()
 	// Never under mu: a collection holds the SDK's pipeline lock while its
 	// callback takes mu, and Unregister takes that pipeline lock.
@@ -1324,10 +1068,67 @@ func (b *budget) close() {
 	b.mu.Unlock()
 }
 
+// isClosed reports whether close was called.
+func (b *budget) isClosed() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.closed
+}
+
 // waitDrainsLocked waits until no socket is being drained. Each drain ends
 // within drainTimeout.
 func (b *budget) waitDrainsLocked() {
 	for b.draining > 0 || b.jobs > 0 {
 		b.drained.Wait()
 	}
+}
+
+// snapshot is the budget's state copied under the lock, for Stats and the
+// metrics, which never take the lock themselves.
+type snapshot struct {
+	limit, reserved, open, inUse, idle, dialing, closing, waiting, peakOpen int
+	longestUse                                                              time.Duration
+	dials, waitCount, timeouts, exhausted, handoffs                         uint64
+	waitDuration, dialTime                                                  time.Duration
+	evictions                                                               [numReasons]uint64
+	dialErrors                                                              [numDialErrorKinds]uint64
+	dbs                                                                     []dbSnapshot
+}
+
+type dbSnapshot struct {
+	db                                                 *database // for its metric attributes, which are not guarded by mu
+	workspace, name                                    string
+	open, inUse, idle, dialing, closing, cap, reserved int
+	waiting                                            int
+	lastUsed                                           time.Time
+	evictions                                          uint64
+	longestUse, useTime                                time.Duration
+}
+
+// snapshot copies the budget's numbers and those of every database that
+// holds backends, reserves them or has callers waiting.
+func (b *budget) snapshot() snapshot {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	now := b.clock.Now()
+	s := snapshot{
+		limit: b.limit, reserved: b.reserved, open: b.open, inUse: b.inUse, idle: b.idle, dialing: b.dialing,
+		closing: b.closing, waiting: b.waiting, peakOpen: b.peakOpen, dials: b.dials, waitCount: b.waitCount,
+		timeouts: b.timeouts, exhausted: b.exhausted, handoffs: b.handoffs, waitDuration: b.waitDuration,
+		dialTime: b.dialTime.duration(), evictions: b.evictions, dialErrors: b.dialErrors,
+	}
+	for _, d := range b.dbs {
+		if d.open == 0 && d.reserved == 0 && d.waiters.len == 0 {
+			continue
+		}
+		ds := dbSnapshot{db: d, workspace: d.workspace, name: d.name, open: d.open, inUse: d.inUse, idle: d.idle,
+			dialing: d.dialing, closing: d.closing, cap: b.capOf(d), reserved: d.reserved, waiting: d.waiters.len,
+			lastUsed: d.lastUsed, evictions: d.evictions, useTime: d.useTime.duration()}
+		if be := d.busy.front; be != nil {
+			ds.longestUse = now.Sub(be.checkedOut)
+			s.longestUse = max(s.longestUse, ds.longestUse)
+		}
+		s.dbs = append(s.dbs, ds)
+	}
+	return s
 }

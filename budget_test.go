@@ -3,6 +3,7 @@ package tenantpg
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"errors"
 	"os"
 	"runtime/pprof"
@@ -39,7 +40,6 @@ func waitForWaiters(t testing.TB, drv *Driver, n int) {
 
 func TestLRUEvictsLeastRecentlyUsedDatabase(t *testing.T) {
 	e := newEnv(t, 4, Config{MaxConnections: 3, MaxConnectionsPerDB: 1})
-	e.drv.b.grace = 0
 	dbs := []*sql.DB{e.open(0), e.open(1), e.open(2), e.open(3)}
 	queryOne(t, dbs[0])
 	queryOne(t, dbs[1])
@@ -65,7 +65,6 @@ func TestLRUEvictsLeastRecentlyUsedDatabase(t *testing.T) {
 // another database must wait and time out rather than take any of them.
 func TestEvictionSparesBusyConnections(t *testing.T) {
 	e := newEnv(t, 4, Config{MaxConnections: 3, MaxConnectionsPerDB: 1, AcquireTimeout: 300 * time.Millisecond})
-	e.drv.b.grace = 0
 	ctx := context.Background()
 	pinnedDB, txDB, rowsDB, other := e.open(0), e.open(1), e.open(2), e.open(3)
 
@@ -420,6 +419,8 @@ func TestDriverCloseAndForget(t *testing.T) {
 	// Driver.Open, used directly.
 	dc, err := e.drv.Open(e.dsn(0))
 	require.NoError(t, err)
+	require.Equal(t, 0, e.drv.Stats().Open, "a handle dials nothing until it is used")
+	require.NoError(t, dc.(driver.Pinger).Ping(ctx))
 	require.Equal(t, 1, e.drv.Stats().Open)
 	require.NoError(t, dc.Close())
 	require.Eventually(t, func() bool { return e.drv.Stats().Open == 0 }, 5*time.Second, time.Millisecond)
@@ -461,7 +462,6 @@ func TestDriverCloseAndForget(t *testing.T) {
 // close of the evicted one is harmless.
 func TestPreparedStatementsSurviveEviction(t *testing.T) {
 	e := newEnv(t, 2, Config{MaxConnections: 1, MaxConnectionsPerDB: 1})
-	e.drv.b.grace = 0
 	ctx := context.Background()
 	a, b := e.open(0), e.open(1)
 	st, err := a.PrepareContext(ctx, "SELECT v FROM kv WHERE id = $1")
@@ -478,7 +478,6 @@ func TestPreparedStatementsSurviveEviction(t *testing.T) {
 
 func TestRawGivesPgxAndStaysBusy(t *testing.T) {
 	e := newEnv(t, 3, Config{MaxConnections: 2, MaxConnectionsPerDB: 1, AcquireTimeout: 300 * time.Millisecond})
-	e.drv.b.grace = 0
 	ctx := context.Background()
 	a, b, c := e.open(0), e.open(1), e.open(2)
 	conn, err := a.Conn(ctx)
@@ -529,26 +528,25 @@ func (s *pgxCopySource) Next() bool             { s.i++; return s.i < len(s.rows
 func (s *pgxCopySource) Values() ([]any, error) { return s.rows[s.i], nil }
 func (s *pgxCopySource) Err() error             { return nil }
 
-// TestUnusedConnectionIsRedialed pins a new connection with db.Conn and does
-// not use it. database/sql calls nothing on such a connection, so the driver
-// cannot tell it from one left in a free list, and evicts it when another
-// database needs the token. Its first use must then dial again, invisibly.
-func TestUnusedConnectionIsRedialed(t *testing.T) {
+// TestHandleHoldsNothingUntilUsed pins a handle with db.Conn: it holds no
+// backend and no token until its first call, so another database can use
+// the whole budget meanwhile.
+func TestHandleHoldsNothingUntilUsed(t *testing.T) {
 	e := newEnv(t, 2, Config{MaxConnections: 1, MaxConnectionsPerDB: 1, AcquireTimeout: 5 * time.Second})
-	e.drv.b.grace = 0
 	ctx := context.Background()
 	a, b := e.open(0), e.open(1)
 	pinned, err := a.Conn(ctx)
 	require.NoError(t, err)
 	defer pinned.Close()
+	require.Zero(t, e.drv.Stats().Open)
 
-	b.SetMaxIdleConns(0)
-	queryOne(t, b) // takes the pinned connection's token
-	require.Equal(t, uint64(1), e.drv.Stats().Evictions["lru"])
+	queryOne(t, b) // the only token, free
+	require.Zero(t, e.drv.Stats().Evictions["lru"])
 
 	var v string
 	require.NoError(t, pinned.QueryRowContext(ctx, "SELECT v FROM kv WHERE id = 7").Scan(&v))
 	require.Equal(t, "v7", v)
+	require.Equal(t, uint64(1), e.drv.Stats().Evictions["lru"], "b's idle backend made room")
 	require.NoError(t, pinned.Close())
 	e.requireQuiescent()
 }

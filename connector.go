@@ -6,21 +6,150 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
-	"net"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/stdlib"
 )
 
-// drainTimeout bounds how long a closed socket waits for the server to close
-// its end. A healthy server closes within a round trip of receiving
-// Terminate; past this the token is given back anyway so that an unreachable
-// server cannot leak the budget.
-const drainTimeout = 3 * time.Second
+// A database's pool of backends: the state every connector for one server,
+// user and database shares, the backends it holds, the callers queued for
+// one, and the decision to wait for a busy backend or dial another.
+
+// database is the state shared by every connector for one server, user and
+// database.
+type database struct {
+	key  dbKey
+	name string
+	// metricOpts are its metric attribute sets, built by the first
+	// collection that sees it; not guarded by budget.mu.
+	metricOpts atomic.Pointer[dbMetricOpts]
+
+	// Guarded by budget.mu.
+	workspace   string
+	capOverride int // pool_max_conns; 0 = the driver's per-database default
+	reserved    int // pool_reserved_conns
+	refs        int // connectors, handles and waiters that use this state
+
+	open      int // tokens held by this database
+	dialing   int
+	inUse     int
+	idle      int
+	closing   int
+	lastUsed  time.Time
+	evictions uint64
+
+	waiters list[waiter, waiterInDBQueue] // callers waiting for a backend, oldest first
+	seeking int                           // waiters in the budget's queue, to dial
+	// idleBackends are most recently checked in first; a checkout takes
+	// the front, so backends the load no longer needs age at the back.
+	idleBackends list[backend, backendInList]
+	// busy holds the checked-out backends, oldest checkout first, so that
+	// Stats can name one held for minutes (a leaked *sql.Conn, Rows or Tx)
+	// without a scan.
+	busy list[backend, backendInList]
+	// useTime is the EWMA of how long a caller holds a backend.
+	useTime ewma
+
+	lru links[database] // in the budget's recency lists while it has idle backends
+	// protected: one of its backends was reused since it last had none.
+	// Cleared when it holds no backend or is demoted.
+	protected bool
+}
+
+type backendState uint8
+
+const (
+	backendDialing backendState = iota // not known to the budget yet
+	backendBusy                        // checked out by a handle
+	backendIdle                        // in its database's idle list; may be evicted
+	backendClosing                     // closed by the driver
+)
+
+// backend is one physical connection, owned by the driver. A handle holds
+// it from checkout to check-in; in between it is idle, and only then can the
+// driver close it.
+type backend struct {
+	pc *stdlib.Conn // set before it is known to the budget, then constant
+
+	// Set by budget.dialed, then constant.
+	db      *database
+	tok     *token
+	created time.Time
+
+	// Guarded by budget.mu.
+	state      backendState
+	idleSince  time.Time
+	checkedOut time.Time
+	link       links[backend]
+}
+
+type backendInList struct{}
+
+func (backendInList) links(be *backend) *links[backend] { return &be.link }
+
+// backendIO is what the budget does to a backend's connection: pgx in
+// production, a stand-in in the state-machine test.
+type backendIO interface {
+	close(be *backend)
+	// broken reports a backend that must not be reused: pgx found it
+	// closed, or it was checked in inside a transaction or mid-operation.
+	broken(be *backend) bool
+}
+
+type pgxIO struct{}
+
+func (pgxIO) close(be *backend) { _ = be.pc.Close() }
+
+func (pgxIO) broken(be *backend) bool {
+	pg := be.pc.Conn().PgConn()
+	return pg.IsClosed() || pg.TxStatus() != 'I' || pg.IsBusy()
+}
+
+// Weights of the moving averages: a database's use time follows its load
+// within a few dozen checkouts; a dial time, measured less often, within
+// a handful of dials.
+const (
+	useTimeAlpha  = 1.0 / 16
+	dialTimeAlpha = 1.0 / 8
+)
+
+// shouldDialLocked decides whether d's pool should grow by a backend: when
+// it has none, or when the callers queued on it would together wait longer
+// for its busy backends than a dial takes. With n backends (dialing ones
+// and those about to be dialed included) serving q queued callers, one
+// every u (the database's average use time) / n, the queue costs its
+// callers q(q+1)/2 · u/n in all; a dial costs the driver's average dial
+// time (dialCostLocked). A caller that has waited as long as a dial costs
+// dials too (budget.impatient): its database's backends are held longer
+// than their average use, or nothing was measured yet.
+//
+// A hot database's second backend serving the rare overlaps of short
+// queries costs more than it saves under churn, where dials are slow; a
+// database with many callers queued on one backend grows to its cap at once.
+func (b *budget) shouldDialLocked(d *database) bool {
+	n := d.open - d.closing + d.seeking
+	if n == 0 {
+		return true
+	}
+	if n >= b.capOf(d) || d.useTime == 0 {
+		return false // at the cap, or nothing measured yet: the first backend will tell
+	}
+	q := float64(d.waiters.len - d.seeking)
+	return q*(q+1)/2*float64(d.useTime)/float64(n) > float64(b.dialCostLocked(d))
+}
+
+// dialCostLocked is what a new backend for d costs: the average dial time,
+// twice that when the budget is full and the dial evicts another database's
+// backend, which that database is likely to dial again.
+func (b *budget) dialCostLocked(d *database) time.Duration {
+	if !b.roomLocked(d) {
+		return 2 * b.dialTime.duration()
+	}
+	return b.dialTime.duration()
+}
 
 // connector is the driver.Connector for one DSN. Every connector for the
 // same server, user and database shares one *database.
@@ -47,40 +176,71 @@ func (c *connector) Close() error {
 	return nil
 }
 
-// Connect takes a token from the budget, waiting when there is none, and
-// dials. The whole call is bounded by the acquire timeout because
-// database/sql's connection opener calls Connect with a context that never
-// ends.
-func (c *connector) Connect(ctx context.Context) (driver.Conn, error) {
-	pc, tok, created, err := c.connect(ctx)
-	if err != nil {
-		return nil, err
-	}
-	cn := &conn{pc: pc, cn: c, db: c.db, b: c.drv.b, tok: tok, created: created}
-	if !c.drv.b.connected(cn) {
-		_ = cn.Close()
+// Connect returns a handle. It dials nothing: the handle takes a backend
+// when database/sql starts using it.
+func (c *connector) Connect(context.Context) (driver.Conn, error) {
+	b := c.drv.b
+	if b.isClosed() {
 		return nil, errDriverClosed
 	}
-	return cn, nil
+	b.retain(c.db)
+	return &conn{cn: c, b: b}, nil
 }
 
-// connect takes a token and dials; on success the token is counted as
-// dialing until the caller records the connection.
-func (c *connector) connect(ctx context.Context) (*stdlib.Conn, *token, time.Time, error) {
+// checkout gets a backend of the connector's database for a handle: an idle
+// one, one another caller checks in, or a new one.
+func (c *connector) checkout(ctx context.Context) (*backend, error) {
 	b := c.drv.b
-	b.mu.Lock()
-	timeout := b.acquireTimeout
-	b.mu.Unlock()
+	for {
+		now := b.clock.Now()
+		be, w, err := b.take(c.db, now)
+		if err != nil {
+			return nil, err
+		}
+		if w != nil {
+			return c.wait(ctx, w)
+		}
+		if c.alive(ctx, be, now) {
+			return be, nil
+		}
+		b.discard(be)
+	}
+}
+
+// alive checks an idle backend before a statement is sent on it: one whose
+// server ended it meanwhile (a terminated backend, a restart) is replaced
+// without failing the caller.
+func (c *connector) alive(ctx context.Context, be *backend, now time.Time) bool {
+	if now.Sub(be.idleSince) >= c.drv.b.livenessAfter && be.tok.sock != nil && be.tok.sock.peerGone() {
+		return false
+	}
+	// pgx's own check: closed, in a transaction, or a ping after a second
+	// of idleness.
+	return !errors.Is(be.pc.ResetSession(ctx), driver.ErrBadConn)
+}
+
+// wait waits for w to be served and dials when it gets a token. The whole
+// of it is bounded by the acquire timeout, because database/sql may hand a
+// handle out under a context that never ends.
+func (c *connector) wait(ctx context.Context, w *waiter) (*backend, error) {
+	b := c.drv.b
+	timeout, _ := b.settings()
 	caller := ctx
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-
-	tok, err := b.acquire(ctx, caller, c.db)
-	if err != nil {
-		return nil, nil, time.Time{}, err
+	be, tok, err := b.await(ctx, caller, w)
+	if err != nil || be != nil {
+		return be, err
 	}
+	start := b.clock.Now()
 	pc, err := c.dial(ctx, tok)
-	return pc, tok, time.Now(), err
+	if err != nil {
+		return nil, err
+	}
+	if be = b.dialed(tok, &backend{pc: pc}, b.clock.Now().Sub(start)); be == nil {
+		return nil, errDriverClosed
+	}
+	return be, nil
 }
 
 func (c *connector) dial(ctx context.Context, tok *token) (_ *stdlib.Conn, err error) {
@@ -97,20 +257,20 @@ func (c *connector) dial(ctx context.Context, tok *token) (_ *stdlib.Conn, err e
 		}
 		b.dialFailed(tok, classifyDialError(err), err)
 	}()
-	start := time.Now()
+	start := b.clock.Now()
 	dctx := context.WithValue(ctx, tokenKey{}, &dialTarget{b: b, tok: tok})
 	dc, err := c.inner.Connect(dctx)
 	var refused error // the last refusal for lack of slots, if any
 	attempts := 0
 	for err != nil && classifyDialError(err) == dialRejected {
 		// The server has no slot although the budget has a token: close an
-		// idle connection, back off, and try again within the deadline.
-		// This token's own refused socket drains meanwhile.
+		// idle backend, back off, and try again within the deadline. This
+		// token's own refused socket drains meanwhile.
 		attempts++
 		refused = err
 		b.countRejection()
 		if ctx.Err() == nil {
-			gone := b.relieveServer(c.db)
+			gone := b.relieveServer()
 			pause := time.NewTimer(rejectionBackoff(attempts))
 			select {
 			case <-ctx.Done():
@@ -133,7 +293,7 @@ func (c *connector) dial(ctx context.Context, tok *token) (_ *stdlib.Conn, err e
 		return nil, e
 	}
 	dialed = true
-	b.metrics.Load().recordCreate(time.Since(start))
+	b.metrics.Load().recordCreate(b.clock.Now().Sub(start))
 	return dc.(*stdlib.Conn), nil
 }
 
@@ -157,10 +317,7 @@ func classifyDialError(err error) dialErrorKind {
 }
 
 func (c *connector) dialError(ctx context.Context, err error) error {
-	b := c.drv.b
-	b.mu.Lock()
-	ws, name := c.db.workspace, c.db.name
-	b.mu.Unlock()
+	ws, name := c.drv.b.names(c.db)
 	e := &ConnectError{Workspace: ws, Database: name, Err: err}
 	if ctxErr := ctx.Err(); ctxErr != nil {
 		e.ctxErr = ctxErr
@@ -168,309 +325,4 @@ func (c *connector) dialError(ctx context.Context, err error) error {
 		e.ctxErr = context.DeadlineExceeded
 	}
 	return e
-}
-
-// tokenKey carries the dialTarget from Connect to trackedDial through the
-// dial context: pgx calls DialFunc for every attempt (TLS fallback, several
-// hosts) and for cancel requests, and only the first kind belongs to a token.
-type tokenKey struct{}
-
-type dialTarget struct {
-	b   *budget
-	tok *token
-}
-
-// trackedDial wraps pgx's dialer so that every socket opened for a token is
-// counted, and the token is released only after each one is drained.
-func trackedDial(inner pgconn.DialFunc) pgconn.DialFunc {
-	return func(ctx context.Context, network, addr string) (net.Conn, error) {
-		nc, err := inner(ctx, network, addr)
-		if err != nil {
-			return nil, err
-		}
-		t, _ := ctx.Value(tokenKey{}).(*dialTarget)
-		if t == nil {
-			return nc, nil // a cancel request: no backend is created for it
-		}
-		s := &trackedConn{Conn: nc, target: t}
-		t.b.socketOpened(t.tok, s)
-		return s, nil
-	}
-}
-
-// trackedConn is a socket whose Close waits, in the background, for the
-// server to close its end before the token is returned. pgconn's Close sends
-// Terminate and closes the socket without waiting, and the backend process
-// lingers for a moment after that; a new dial in that moment would make the
-// server see one connection more than the budget.
-type trackedConn struct {
-	net.Conn
-	target *dialTarget
-	once   sync.Once
-	closed atomic.Bool
-}
-
-func (s *trackedConn) Close() error {
-	s.once.Do(func() {
-		s.closed.Store(true)
-		s.target.b.drainStarted()
-		go s.drain()
-	})
-	return nil
-}
-
-// After Close the drain owns the deadlines: pgconn's context watcher clears
-// them when it stops watching, which would leave the drain of a server that
-// never answers waiting forever, its token with it.
-
-func (s *trackedConn) SetDeadline(t time.Time) error {
-	if s.closed.Load() {
-		return nil
-	}
-	return s.Conn.SetDeadline(t)
-}
-
-func (s *trackedConn) SetReadDeadline(t time.Time) error {
-	if s.closed.Load() {
-		return nil
-	}
-	return s.Conn.SetReadDeadline(t)
-}
-
-func (s *trackedConn) SetWriteDeadline(t time.Time) error {
-	if s.closed.Load() {
-		return nil
-	}
-	return s.Conn.SetWriteDeadline(t)
-}
-
-func (s *trackedConn) drain() {
-	// Half-close first: a server that never got Terminate (the dial was
-	// cancelled, pgconn gave up) ends its backend on EOF.
-	if hc, ok := s.Conn.(interface{ CloseWrite() error }); ok {
-		_ = hc.CloseWrite()
-		_ = s.Conn.SetReadDeadline(time.Now().Add(drainTimeout))
-		_, _ = io.Copy(io.Discard, s.Conn)
-	}
-	_ = s.Conn.Close()
-	s.target.b.socketDrained(s.target.tok)
-}
-
-// conn wraps pgx's *stdlib.Conn. It tells the budget when database/sql checks
-// the connection out (ResetSession, or any call) and in (IsValid), so that
-// only connections in database/sql's free list are ever evicted, and it turns
-// a call on a connection the driver has evicted into driver.ErrBadConn, which
-// makes database/sql retry on another connection.
-type conn struct {
-	cn    *connector
-	db    *database
-	b     *budget
-	state atomic.Int32
-
-	// Replaced, under budget.mu, only when a conn evicted before its first
-	// use dials again; read by database/sql's calls, which that replacement
-	// is serialised with, and by the budget under its lock.
-	pc      *stdlib.Conn
-	tok     *token
-	created time.Time
-
-	// Guarded by budget.mu.
-	idleSince  time.Time
-	used       bool      // a driver call has been made on it
-	checkedOut time.Time // when database/sql last took it
-	inOp       bool      // idle, but database/sql is closing a statement on it
-	link       links[conn]
-}
-
-func (c *conn) lnk() *links[conn] { return &c.link }
-
-var (
-	_ driver.Conn               = (*conn)(nil)
-	_ driver.ConnBeginTx        = (*conn)(nil)
-	_ driver.ConnPrepareContext = (*conn)(nil)
-	_ driver.ExecerContext      = (*conn)(nil)
-	_ driver.QueryerContext     = (*conn)(nil)
-	_ driver.Pinger             = (*conn)(nil)
-	_ driver.SessionResetter    = (*conn)(nil)
-	_ driver.Validator          = (*conn)(nil)
-	_ driver.NamedValueChecker  = (*conn)(nil)
-)
-
-// use marks the conn busy before any call on it. database/sql does not always
-// call ResetSession before reusing a connection, so every entry point checks.
-// It fails with driver.ErrBadConn when the driver has evicted the conn, and
-// database/sql retries on another one.
-func (c *conn) use(ctx context.Context) error {
-	if c.state.Load() == stateBusy {
-		return nil
-	}
-	ok, redial := c.b.checkout(c, time.Now())
-	switch {
-	case ok:
-		return nil
-	case redial:
-		pc, tok, created, err := c.cn.connect(ctx)
-		if err != nil {
-			return err
-		}
-		if !c.b.redialed(c, pc, tok, created) {
-			return driver.ErrBadConn // the driver was closed meanwhile
-		}
-		return nil
-	}
-	return driver.ErrBadConn
-}
-
-// broken reports whether pgx found the connection closed. pc is nil only in
-// the budget's state-machine fuzz test, which runs without a server.
-func (c *conn) broken() bool { return c.pc != nil && c.pc.Conn().IsClosed() }
-
-// deadPeer reports whether a connection idle for a while has been closed by
-// the server meanwhile. Only the checkout path calls it, after the conn is
-// busy, so idleSince and tok are stable.
-func (c *conn) deadPeer(now time.Time) bool {
-	if c.tok.sock == nil || now.Sub(c.idleSince) < c.b.livenessAfter {
-		return false
-	}
-	return c.tok.sock.peerGone()
-}
-
-func (c *conn) ResetSession(ctx context.Context) error {
-	if st := c.state.Load(); st != stateBusy {
-		now := time.Now() // one clock read serves the use time and the liveness check
-		ok, redial := c.b.checkout(c, now)
-		if ok && st == stateIdle && c.deadPeer(now) {
-			// Found before a statement was sent: database/sql retries on
-			// another connection and the caller never sees this one.
-			c.b.countBroken(c)
-			return driver.ErrBadConn
-		}
-		switch {
-		case redial:
-			// database/sql ignores every ResetSession error but ErrBadConn
-			// and hands the conn out anyway: leave the redial to the first
-			// real call, whose error reaches the caller.
-			return nil
-		case !ok:
-			return driver.ErrBadConn
-		}
-	}
-	return c.pc.ResetSession(ctx)
-}
-
-func (c *conn) IsValid() bool {
-	if c.state.Load() == stateIdle {
-		return true // returned again without a checkout in between
-	}
-	return c.b.checkin(c)
-}
-
-func (c *conn) Close() error {
-	if !c.b.closeConn(c) {
-		return nil
-	}
-	return c.pc.Close()
-}
-
-func (c *conn) Prepare(query string) (driver.Stmt, error) {
-	return c.PrepareContext(context.Background(), query)
-}
-
-func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, error) {
-	if err := c.use(ctx); err != nil {
-		return nil, err
-	}
-	s, err := c.pc.PrepareContext(ctx, query)
-	if err != nil {
-		return nil, err
-	}
-	return &stmt{Stmt: s.(*stdlib.Stmt), conn: c}, nil
-}
-
-func (c *conn) Begin() (driver.Tx, error) {
-	return c.BeginTx(context.Background(), driver.TxOptions{})
-}
-
-func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, error) {
-	if err := c.use(ctx); err != nil {
-		return nil, err
-	}
-	return c.pc.BeginTx(ctx, opts)
-}
-
-func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
-	if err := c.use(ctx); err != nil {
-		return nil, err
-	}
-	return c.pc.ExecContext(ctx, query, args)
-}
-
-func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
-	if err := c.use(ctx); err != nil {
-		return nil, err
-	}
-	return c.pc.QueryContext(ctx, query, args)
-}
-
-func (c *conn) Ping(ctx context.Context) error {
-	if err := c.use(ctx); err != nil {
-		return err
-	}
-	return c.pc.Ping(ctx)
-}
-
-func (c *conn) CheckNamedValue(v *driver.NamedValue) error { return c.pc.CheckNamedValue(v) }
-
-// stmt wraps a prepared statement so that closing it on a connection in
-// database/sql's free list cannot race with an eviction.
-type stmt struct {
-	*stdlib.Stmt
-	conn *conn
-}
-
-var (
-	_ driver.StmtExecContext  = (*stmt)(nil)
-	_ driver.StmtQueryContext = (*stmt)(nil)
-)
-
-func (s *stmt) Close() error {
-	ok, wasIdle := s.conn.b.beginIdleOp(s.conn)
-	if !ok {
-		return nil // the connection, and the statement with it, is gone
-	}
-	err := s.Stmt.Close()
-	if wasIdle {
-		s.conn.b.endIdleOp(s.conn)
-	}
-	return err
-}
-
-func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
-	if err := s.conn.use(ctx); err != nil {
-		return nil, err
-	}
-	return s.Stmt.ExecContext(ctx, args)
-}
-
-func (s *stmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
-	if err := s.conn.use(ctx); err != nil {
-		return nil, err
-	}
-	return s.Stmt.QueryContext(ctx, args)
-}
-
-// PgxConn returns the *pgx.Conn under a connection of this driver, for use
-// inside (*sql.Conn).Raw: COPY, LISTEN/NOTIFY, pgx types. The connection is
-// checked out for as long as the *sql.Conn is held, so the driver never
-// evicts it while the *pgx.Conn is in use. Do not keep the *pgx.Conn after
-// Raw returns, and do not close it: database/sql owns it.
-func PgxConn(driverConn any) (*pgx.Conn, error) {
-	c, ok := driverConn.(*conn)
-	if !ok {
-		return nil, errors.New("tenantpg: PgxConn: not a tenantpg connection (call it inside (*sql.Conn).Raw)")
-	}
-	if err := c.use(context.Background()); err != nil {
-		return nil, err
-	}
-	return c.pc.Conn(), nil
 }

@@ -230,7 +230,7 @@ func TestRegisteredDriver(t *testing.T) {
 	odb, err := OpenDB(e.dsn(1, "workspace=opendb"))
 	require.NoError(t, err)
 	defer odb.Close()
-	require.Equal(t, 1, odb.Stats().MaxOpenConnections, "OpenDB sets database/sql's limit to the cap")
+	require.Equal(t, 0, odb.Stats().MaxOpenConnections, "OpenDB leaves database/sql's queue to the driver")
 }
 
 // TestSecretsNeverLeak drives every error path a test can reach with a
@@ -347,13 +347,13 @@ func TestStatsJSONFieldNames(t *testing.T) {
 		keys = append(keys, k)
 	}
 	slices.Sort(keys)
-	require.Equal(t, []string{"activeDatabases", "closing", "databases", "dialErrors", "dialing", "dials", "evictions",
-		"idle", "inUse", "limit", "longestUseNs", "open", "peakOpen", "reserved", "timeouts", "waitCount", "waitDurationNs", "waiting"}, keys)
+	require.Equal(t, []string{"activeDatabases", "closing", "databases", "dialErrors", "dialTimeNs", "dialing", "dials", "evictions",
+		"handoffs", "idle", "inUse", "limit", "longestUseNs", "open", "peakOpen", "reserved", "timeouts", "waitCount", "waitDurationNs", "waiting"}, keys)
 	db := m["databases"].([]any)[0].(map[string]any)
 	keys = keys[:0]
 	for k := range db {
 		keys = append(keys, k)
 	}
 	slices.Sort(keys)
-	require.Equal(t, []string{"cap", "closing", "database", "dialing", "evictions", "idle", "inUse", "lastUsed", "longestUseNs", "open", "reserved", "workspace"}, keys)
+	require.Equal(t, []string{"cap", "closing", "database", "dialing", "evictions", "idle", "inUse", "lastUsed", "longestUseNs", "open", "reserved", "useTimeNs", "waiting", "workspace"}, keys)
 }

@@ -24,7 +24,7 @@ func heapInUse() uint64 {
 func BenchmarkDatabaseStateMemory(b *testing.B) {
 	const n = 100_000
 	for range b.N {
-		bg := newBudget(Config{MaxConnections: 80, MaxConnectionsPerDB: 3})
+		bg := newBudget(Config{MaxConnections: 80, MaxConnectionsPerDB: 3}, realClock{}, nopIO{})
 		params := make([]*dsnParams, n)
 		for i := range params {
 			p := &dsnParams{cfg: &pgx.ConnConfig{}, key: dbKey{host: "db.internal", port: 5432, user: "app", database: fmt.Sprintf("app_ws_%06d", i)},

@@ -140,14 +140,8 @@ func newMetrics(mp metric.MeterProvider, name string, b *budget) (*metrics, erro
 	return m, nil
 }
 
-// dbSample is one database's numbers at collection time.
-type dbSample struct {
-	opts                     *dbMetricOpts
-	idle, used, cap, waiting int
-}
-
 // dbMetricOpts are a database's attribute sets, built once while it holds
-// connections so that a collection allocates nothing per database.
+// backends so that a collection allocates nothing per database.
 type dbMetricOpts struct {
 	base, idle, used metric.MeasurementOption
 }
@@ -164,46 +158,39 @@ func newDBMetricOpts(workspace, name string) *dbMetricOpts {
 	}
 }
 
-// observe reports the budget and every database holding connections. The
-// numbers are copied under the lock and reported after it is released.
+// observe reports the budget and every database holding backends or with
+// callers waiting, from a snapshot.
 func (m *metrics) observe(o metric.Observer, b *budget) {
-	b.mu.Lock()
-	var samples []dbSample
-	for _, d := range b.dbs {
+	s := b.snapshot()
+	for _, d := range s.dbs {
 		if d.open == 0 && d.waiting == 0 {
-			continue
+			continue // reserving only
 		}
-		if d.metricOpts == nil {
-			d.metricOpts = newDBMetricOpts(d.workspace, d.name)
+		opts := d.db.metricOpts.Load()
+		if opts == nil {
+			opts = newDBMetricOpts(d.workspace, d.name)
+			d.db.metricOpts.Store(opts)
 		}
-		// A connection being dialed is not one yet; one being closed still
-		// holds its backend.
-		samples = append(samples, dbSample{opts: d.metricOpts, idle: d.idle, used: d.open - d.idle - d.dialing,
-			cap: b.capOf(d), waiting: d.waiting})
+		// A backend being dialed is not one yet; one being closed still
+		// holds its server process.
+		o.ObserveInt64(m.count.Inst(), int64(d.idle), opts.idle)
+		o.ObserveInt64(m.count.Inst(), int64(d.open-d.idle-d.dialing), opts.used)
+		o.ObserveInt64(m.max.Inst(), int64(d.cap), opts.base)
+		o.ObserveInt64(m.idleMax.Inst(), int64(d.cap), opts.base)
+		o.ObserveInt64(m.pending.Inst(), int64(d.waiting), opts.base)
 	}
-	limit, used, idle, dialing, closing, waiting := b.limit, b.open-b.idle-b.dialing-b.closing, b.idle, b.dialing, b.closing, b.waiters.len
-	evictions, dialErrors, exhausted := b.evictions, b.dialErrors, b.exhausted
-	b.mu.Unlock()
-
-	for _, s := range samples {
-		o.ObserveInt64(m.count.Inst(), int64(s.idle), s.opts.idle)
-		o.ObserveInt64(m.count.Inst(), int64(s.used), s.opts.used)
-		o.ObserveInt64(m.max.Inst(), int64(s.cap), s.opts.base)
-		o.ObserveInt64(m.idleMax.Inst(), int64(s.cap), s.opts.base)
-		o.ObserveInt64(m.pending.Inst(), int64(s.waiting), s.opts.base)
-	}
-	o.ObserveInt64(m.budgetLimit, int64(limit), m.driverOpt)
-	for i, v := range []int{used, idle, dialing, closing} {
+	o.ObserveInt64(m.budgetLimit, int64(s.limit), m.driverOpt)
+	for i, v := range []int{s.open - s.idle - s.dialing - s.closing, s.idle, s.dialing, s.closing} {
 		o.ObserveInt64(m.budgetConnections, int64(v), m.stateAttrs[i])
 	}
-	o.ObserveInt64(m.budgetWaiters, int64(waiting), m.driverOpt)
+	o.ObserveInt64(m.budgetWaiters, int64(s.waiting), m.driverOpt)
 	for r := reasonNone + 1; r < numReasons; r++ {
-		o.ObserveInt64(m.budgetEvictions, int64(evictions[r]), m.reasonOpts[r])
+		o.ObserveInt64(m.budgetEvictions, int64(s.evictions[r]), m.reasonOpts[r])
 	}
 	for k := dialErrorKind(0); k < numDialErrorKinds; k++ {
-		o.ObserveInt64(m.budgetDialErrors, int64(dialErrors[k]), m.dialOpts[k])
+		o.ObserveInt64(m.budgetDialErrors, int64(s.dialErrors[k]), m.dialOpts[k])
 	}
-	o.ObserveInt64(m.budgetExhausted, int64(exhausted), m.driverOpt)
+	o.ObserveInt64(m.budgetExhausted, int64(s.exhausted), m.driverOpt)
 }
 
 func (m *metrics) close() {
@@ -258,10 +245,7 @@ func (d *Driver) setupMetrics(mp metric.MeterProvider, name string) error {
 	if d.metricsSet && sameProvider(mp, d.meterProvider) && name == d.name {
 		return nil
 	}
-	d.b.mu.Lock()
-	closed := d.b.closed
-	d.b.mu.Unlock()
-	if closed {
+	if d.b.isClosed() {
 		return nil // a closed driver reports nothing; registering would leak
 	}
 	m, err := newMetrics(mp, name, d.b)

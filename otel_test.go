@@ -119,7 +119,6 @@ func newMeteredEnv(t *testing.T, n int, cfg Config) (*env, *sdkmetric.ManualRead
 
 func TestMetricsAgreeWithStatsAndServer(t *testing.T) {
 	e, reader := newMeteredEnv(t, 3, Config{MaxConnections: 4, MaxConnectionsPerDB: 2, AcquireTimeout: 200 * time.Millisecond})
-	e.drv.b.grace = 0
 	ctx := context.Background()
 	a, b, c := e.open(0), e.open(1), e.open(2)
 	pinned, err := a.Conn(ctx)
@@ -200,7 +199,6 @@ func TestMetricsAgreeWithStatsAndServer(t *testing.T) {
 
 func TestMetricsAttributeEvictionReasons(t *testing.T) {
 	e, reader := newMeteredEnv(t, 3, Config{MaxConnections: 1, MaxConnectionsPerDB: 1, ConnMaxIdleTime: 300 * time.Millisecond})
-	e.drv.b.grace = 0
 	a, b := e.open(0), e.open(1)
 	queryOne(t, a)
 	queryOne(t, b)                                                                                            // evicts a's idle connection: lru
@@ -280,7 +278,6 @@ func TestLogsAndStatsHandlerKeepSecrets(t *testing.T) {
 	var logs bytes.Buffer
 	logger := slog.New(slog.NewJSONHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	e := newEnv(t, 2, Config{MaxConnections: 1, MaxConnectionsPerDB: 1, AcquireTimeout: 100 * time.Millisecond, Logger: logger})
-	e.drv.b.grace = 0
 	ctx := context.Background()
 	a, b := e.open(0), e.open(1)
 	queryOne(t, a)
@@ -304,7 +301,7 @@ func TestLogsAndStatsHandlerKeepSecrets(t *testing.T) {
 		require.NoError(t, json.Unmarshal([]byte(line), &rec))
 		levels[rec["level"].(string)] = append(levels[rec["level"].(string)], rec["msg"].(string))
 	}
-	require.Contains(t, levels["DEBUG"], "tenantpg: closing idle connections")
+	require.Contains(t, levels["DEBUG"], "tenantpg: closing backends")
 	require.Contains(t, levels["WARN"], "tenantpg: connection budget exhausted")
 	require.Contains(t, levels["WARN"], "tenantpg: dial failed")
 

@@ -58,7 +58,6 @@ func TestPgxBatch(t *testing.T) {
 // evicted, and the notification arrives.
 func TestListenNotify(t *testing.T) {
 	e := newEnv(t, 3, Config{MaxConnections: 2, MaxConnectionsPerDB: 1, AcquireTimeout: 5 * time.Second})
-	e.drv.b.grace = 0
 	listener, other := e.open(0), e.open(2)
 	other.SetMaxIdleConns(0)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

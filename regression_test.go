@@ -62,59 +62,44 @@ func TestCloseDoesNotDeadlockWithCollection(t *testing.T) {
 	<-closeDone
 }
 
-// TestCheckoutOfIdleConnMarksItUsed: a conn returned unused (fresh -> idle)
-// and then used is never marked used; an eviction then makes it stateRedial
-// instead of stateEvicted, so its prepared statement costs a dial that is
-// thrown away, and its use time is never recorded.
-func TestCheckoutOfIdleConnMarksItUsed(t *testing.T) {
+// TestPreparedStatementFollowsTheHandle: a statement prepared with
+// db.Prepare runs on whichever backend its handle holds. When the backend it
+// was prepared on is evicted, the next execution runs on a new backend,
+// where pgx's statement cache prepares it again; the argument count checked
+// at prepare time still applies.
+func TestPreparedStatementFollowsTheHandle(t *testing.T) {
 	e := newEnv(t, 2, Config{MaxConnections: 1, MaxConnectionsPerDB: 1, AcquireTimeout: 5 * time.Second})
-	e.drv.b.grace = 0
 	ctx := context.Background()
 	a, b := e.open(0), e.open(1)
-	b.SetMaxIdleConns(0)
 
-	pinned, err := a.Conn(ctx)
-	require.NoError(t, err)
-	require.NoError(t, pinned.Close()) // fresh -> idle, never used
-
-	st, err := a.PrepareContext(ctx, "SELECT v FROM kv WHERE id = $1") // idle -> busy: a real use
+	st, err := a.PrepareContext(ctx, "SELECT v FROM kv WHERE id = $1")
 	require.NoError(t, err)
 	defer st.Close()
 	var v string
 	require.NoError(t, st.QueryRowContext(ctx, 4).Scan(&v))
+	require.Equal(t, "v4", v)
 
-	bb := e.drv.b
-	bb.mu.Lock()
-	var x *conn
-	for _, d := range bb.dbs {
-		if d.idleConns.front != nil {
-			x = d.idleConns.front
-		}
-	}
-	used := x.used
-	bb.mu.Unlock()
-
-	dials := e.drv.Stats().Dials
-	queryOne(t, b) // evicts x
+	queryOne(t, b) // the budget is full: a's backend is evicted for b
 	require.Equal(t, uint64(1), e.drv.Stats().Evictions["lru"])
-	stateAfterEviction := x.state.Load()
-	t.Logf("x.used=%v state after eviction=%d (evicted=%d redial=%d)", used, x.state.Load(), stateEvicted, stateRedial)
-	afterB := e.drv.Stats().Dials
 	require.NoError(t, st.QueryRowContext(ctx, 5).Scan(&v))
-	t.Logf("dials for b: %d, dials for the statement's next use: %d", afterB-dials, e.drv.Stats().Dials-afterB)
-	require.True(t, used, "a conn that ran a statement must be marked used")
-	require.Equal(t, stateEvicted, stateAfterEviction)
+	require.Equal(t, "v5", v)
+	require.Equal(t, uint64(2), e.drv.Stats().Evictions["lru"], "b's backend made room for a's new one")
+
+	_, err = st.ExecContext(ctx, 1, 2)
+	require.ErrorContains(t, err, "expected 1 arguments, got 2")
+	_, err = a.PrepareContext(ctx, "SELEKT 1")
+	require.ErrorContains(t, err, "syntax error", "a bad statement fails at prepare time")
+	e.requireQuiescent()
 }
 
 // TestRedialErrorReachesTheCaller: database/sql ignores any
 // ResetSession error other than driver.ErrBadConn and hands the conn out
-// anyway. A redial that fails inside ResetSession is therefore retried by
-// the next call: one query waits twice the acquire timeout and counts two
-// timeouts.
+// anyway. A checkout that fails inside ResetSession must reach the caller
+// through the next call, not be tried again: otherwise one query waits
+// twice the acquire timeout.
 func TestRedialErrorReachesTheCaller(t *testing.T) {
 	const timeout = 400 * time.Millisecond
 	e := newEnv(t, 2, Config{MaxConnections: 1, MaxConnectionsPerDB: 1, AcquireTimeout: timeout})
-	e.drv.b.grace = 0
 	ctx := context.Background()
 	a, b := e.open(0), e.open(1)
 
@@ -124,9 +109,8 @@ func TestRedialErrorReachesTheCaller(t *testing.T) {
 
 	holder, err := b.Conn(ctx)
 	require.NoError(t, err)
-	require.NoError(t, holder.PingContext(ctx)) // evicts a's unused conn: stateRedial
+	require.NoError(t, holder.PingContext(ctx)) // holds the only token
 	defer holder.Close()
-	require.Equal(t, uint64(1), e.drv.Stats().Evictions["lru"])
 
 	before := e.drv.Stats().Timeouts
 	start := time.Now()
@@ -193,34 +177,41 @@ func TestPeekDoesNotWaitForABlockedReader(t *testing.T) {
 func TestLoweredIdleTimeoutRearmsTheReaper(t *testing.T) {
 	cfg, err := Config{MaxConnections: 4, ConnMaxIdleTime: 30 * time.Minute, ConnMaxLifetime: time.Hour}.normalize()
 	require.NoError(t, err)
-	b := newBudget(cfg)
+	b := newBudget(cfg, realClock{}, nopIO{})
 	defer b.close()
 	d := &database{key: dbKey{database: "db"}, workspace: "ws", refs: 1}
 	b.dbs[d.key] = d
-	ctx := context.Background()
-	dial := func() *conn {
-		tok, err := b.acquire(ctx, ctx, d)
-		require.NoError(t, err)
-		c := &conn{db: d, b: b, tok: tok, created: time.Now()}
-		require.True(t, b.connected(c))
-		ok, _ := b.checkout(c, time.Now())
-		require.True(t, ok)
-		return c
-	}
-	c1, c2 := dial(), dial() // both busy; the reaper is armed for +30m
-	require.True(t, b.checkin(c1))
-	ok, _ := b.checkout(c1, time.Now())
-	require.True(t, ok) // nothing idle now
+	be1, be2 := mustCheckout(t, b, d), mustCheckout(t, b, d) // both busy
+	b.checkin(be1)                                           // the reaper is armed for +30m
+	require.Same(t, be1, mustCheckout(t, b, d))              // nothing idle now
 
 	cfg.ConnMaxIdleTime = time.Minute
 	require.NoError(t, b.reconfigure(cfg))
-	require.True(t, b.checkin(c2))
+	b.checkin(be2)
 	b.mu.Lock()
 	armed, at := b.reaper.armed, b.reaper.at
 	b.mu.Unlock()
 	require.True(t, armed)
 	require.LessOrEqual(t, time.Until(at), time.Minute, "the reaper must run by the new idle timeout")
-	for _, c := range []*conn{c1, c2} {
-		b.closeConn(c)
+	b.checkin(be1)
+}
+
+// mustCheckout checks out a backend of d from a budget that runs without a
+// server: an idle one, or a new one when it is granted a token.
+func mustCheckout(t testing.TB, b *budget, d *database) *backend {
+	t.Helper()
+	be, w, err := b.take(d, b.clock.Now())
+	require.NoError(t, err)
+	if be != nil {
+		return be
 	}
+	ctx := context.Background()
+	be, tok, err := b.await(ctx, ctx, w)
+	require.NoError(t, err)
+	if be != nil {
+		return be
+	}
+	be = b.dialed(tok, &backend{}, time.Millisecond)
+	require.NotNil(t, be)
+	return be
 }

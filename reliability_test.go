@@ -259,8 +259,9 @@ func TestContextStorm(t *testing.T) {
 	// database/sql's opener goroutines may still wait for connections that
 	// callers who gave up had asked for: their context never ends, so the
 	// acquire timeout bounds them.
-	require.Eventually(t, func() bool { return e.drv.Stats().Waiting == 0 }, 2*time.Second+time.Second, pollEvery,
-		"no waiter may outlive the acquire timeout")
+	if !assertEventually(func() bool { return e.drv.Stats().Waiting == 0 }, 2*time.Second+time.Second) {
+		t.Fatalf("no waiter may outlive the acquire timeout:\n%s", e.drv.dumpState())
+	}
 	for _, c := range pins {
 		require.NoError(t, c.Close())
 	}
@@ -276,7 +277,6 @@ func TestContextStorm(t *testing.T) {
 // closes an idle connection and retries, and the caller sees no error.
 func TestServerLimitBelowBudget(t *testing.T) {
 	e := newEnv(t, 2, Config{MaxConnections: 4, MaxConnectionsPerDB: 2, AcquireTimeout: 5 * time.Second})
-	e.drv.b.grace = 0
 	ctx := context.Background()
 	e.setRoleLimit(2)
 	a, b := e.open(0), e.open(1)

@@ -9,7 +9,6 @@ import (
 
 func TestSmoke(t *testing.T) {
 	e := newEnv(t, 3, Config{MaxConnections: 2, MaxConnectionsPerDB: 1})
-	e.drv.b.grace = 0
 	ctx := context.Background()
 	for round := 0; round < 3; round++ {
 		for i := 0; i < 3; i++ {

@@ -19,14 +19,20 @@ type Stats struct {
 	Idle     int `json:"idle"`
 	Dialing  int `json:"dialing"`
 	Closing  int `json:"closing"` // closed, waiting for the server to end the backend
-	Waiting  int `json:"waiting"` // callers waiting for a token
+	Waiting  int `json:"waiting"` // callers waiting for a backend or a token
 	PeakOpen int `json:"peakOpen"`
 	// LongestUse is how long the connection checked out longest ago has
 	// been held by its caller, across all databases: minutes here mean a
 	// *sql.Conn, Rows or Tx that is never closed.
 	LongestUse time.Duration `json:"longestUseNs"`
 
-	Dials           uint64            `json:"dials"`
+	Dials uint64 `json:"dials"`
+	// Handoffs counts backends passed from one caller straight to the next
+	// caller of the same database at check-in.
+	Handoffs uint64 `json:"handoffs"`
+	// DialTime is the moving average of a dial's duration, which the
+	// driver weighs against waiting for a busy backend.
+	DialTime        time.Duration     `json:"dialTimeNs"`
 	WaitCount       uint64            `json:"waitCount"`
 	WaitDuration    time.Duration     `json:"waitDurationNs"`
 	Timeouts        uint64            `json:"timeouts"`
@@ -48,6 +54,7 @@ type DatabaseStats struct {
 	Idle      int       `json:"idle"`
 	Dialing   int       `json:"dialing"`
 	Closing   int       `json:"closing"`
+	Waiting   int       `json:"waiting"` // callers waiting for a backend of this database
 	Cap       int       `json:"cap"`
 	Reserved  int       `json:"reserved"`
 	LastUsed  time.Time `json:"lastUsed"`
@@ -55,39 +62,37 @@ type DatabaseStats struct {
 	// LongestUse is how long this database's connection checked out
 	// longest ago has been held; zero when none is checked out.
 	LongestUse time.Duration `json:"longestUseNs"`
+	// UseTime is the moving average of how long a caller holds a backend
+	// of this database, which decides whether waiting callers dial
+	// another.
+	UseTime time.Duration `json:"useTimeNs"`
 }
 
 // Stats returns a snapshot of the driver's budget and of every database that
 // holds or reserves connections.
 func (d *Driver) Stats() Stats {
-	b := d.b
-	b.mu.Lock()
-	defer b.mu.Unlock()
+	b := d.b.snapshot()
 	s := Stats{
 		Limit: b.limit, Reserved: b.reserved, Open: b.open, InUse: b.inUse, Idle: b.idle,
-		Dialing: b.dialing, Closing: b.closing, Waiting: b.waiters.len, PeakOpen: b.peakOpen,
-		Dials: b.dials, WaitCount: b.waitCount, WaitDuration: b.waitDuration, Timeouts: b.timeouts,
+		Dialing: b.dialing, Closing: b.closing, Waiting: b.waiting, PeakOpen: b.peakOpen, LongestUse: b.longestUse,
+		Dials: b.dials, Handoffs: b.handoffs, DialTime: b.dialTime,
+		WaitCount: b.waitCount, WaitDuration: b.waitDuration, Timeouts: b.timeouts,
 		Evictions:  make(map[string]uint64, numReasons-1),
 		DialErrors: map[string]uint64{"rejected": b.dialErrors[dialRejected], "other": b.dialErrors[dialOther]},
 	}
 	for r := reasonNone + 1; r < numReasons; r++ {
 		s.Evictions[reasonNames[r]] = b.evictions[r]
 	}
-	now := time.Now()
 	for _, db := range b.dbs {
 		if db.open == 0 && db.reserved == 0 {
-			continue
+			continue // callers waiting only; Waiting counts them
 		}
-		ds := DatabaseStats{
+		s.Databases = append(s.Databases, DatabaseStats{
 			Workspace: db.workspace, Database: db.name,
 			Open: db.open, InUse: db.inUse, Idle: db.idle, Dialing: db.dialing, Closing: db.closing,
-			Cap: b.capOf(db), Reserved: db.reserved, LastUsed: db.lastUsed, Evictions: db.evictions,
-		}
-		if c := db.busy.front; c != nil {
-			ds.LongestUse = now.Sub(c.checkedOut)
-			s.LongestUse = max(s.LongestUse, ds.LongestUse)
-		}
-		s.Databases = append(s.Databases, ds)
+			Waiting: db.waiting, Cap: db.cap, Reserved: db.reserved, LastUsed: db.lastUsed, Evictions: db.evictions,
+			LongestUse: db.longestUse, UseTime: db.useTime,
+		})
 	}
 	s.ActiveDatabases = len(s.Databases)
 	sort.Slice(s.Databases, func(i, j int) bool {

@@ -1,0 +1,148 @@
+package tenantpg
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"strconv"
+	"time"
+
+	"go.opentelemetry.io/otel/metric"
+)
+
+// DriverName is the name the package registers its default driver under.
+const DriverName = "tenantpg"
+
+// Defaults for a zero Config field. A stock PostgreSQL allows 100
+// connections of which 3 are reserved for superusers; a budget of 80 leaves
+// room for migrations, psql and monitoring beside one application process.
+const (
+	DefaultMaxConnections      = 80
+	DefaultMaxConnectionsPerDB = 3
+	DefaultConnMaxLifetime     = 10 * time.Minute
+	DefaultConnMaxIdleTime     = 5 * time.Minute
+	DefaultAcquireTimeout      = 10 * time.Second
+)
+
+// Environment variables read by the registered driver the first time it is
+// used, unless Configure was called first.
+const (
+	EnvMaxConnections      = "TENANTPG_MAX_CONNECTIONS"
+	EnvMaxConnectionsPerDB = "TENANTPG_MAX_CONNECTIONS_PER_DB"
+	EnvConnMaxLifetime     = "TENANTPG_CONN_MAX_LIFETIME"
+	EnvConnMaxIdleTime     = "TENANTPG_CONN_MAX_IDLE_TIME"
+	EnvAcquireTimeout      = "TENANTPG_ACQUIRE_TIMEOUT"
+)
+
+// Config holds a driver's settings. A zero field takes its default.
+type Config struct {
+	// MaxConnections is the budget: the most physical connections the
+	// driver holds to the server at once, across all databases, counting
+	// connections being dialed and being closed. Default 80.
+	MaxConnections int
+	// MaxConnectionsPerDB caps one database's connections, so that a busy
+	// workspace cannot take the whole budget. A DSN may override it with
+	// pool_max_conns. Default 3, or the budget if that is smaller.
+	MaxConnectionsPerDB int
+	// ConnMaxLifetime closes a connection this old when it is next idle.
+	// Default 10m.
+	ConnMaxLifetime time.Duration
+	// ConnMaxIdleTime closes a connection idle for this long. Default 5m.
+	ConnMaxIdleTime time.Duration
+	// AcquireTimeout bounds how long Connect waits for a token and dials.
+	// database/sql's background opener calls Connect with a context that
+	// never ends, so the driver needs a bound of its own. Default 10s.
+	AcquireTimeout time.Duration
+
+	// Name is the db.client.connection.pool.name of the driver-wide metrics
+	// (the budget, the histograms). Default "tenantpg".
+	Name string
+	// MeterProvider receives the driver's metrics. Default: the global
+	// MeterProvider (otel.GetMeterProvider), which is a no-op until the
+	// application installs one.
+	MeterProvider metric.MeterProvider
+	// Logger receives one line per eviction batch (Debug), budget
+	// exhaustion, server rejection and dial failure (Warn). Nil: no
+	// logging. No line contains a password or a DSN.
+	Logger *slog.Logger
+}
+
+// normalize fills defaults and validates.
+func (c Config) normalize() (Config, error) {
+	perDBDefault := DefaultMaxConnectionsPerDB
+	if c.MaxConnections > 0 && c.MaxConnections < perDBDefault {
+		perDBDefault = c.MaxConnections // a default must not make a small budget invalid
+	}
+	ints := []struct {
+		name string
+		v    *int
+		def  int
+	}{
+		{"MaxConnections", &c.MaxConnections, DefaultMaxConnections},
+		{"MaxConnectionsPerDB", &c.MaxConnectionsPerDB, perDBDefault},
+	}
+	for _, f := range ints {
+		if *f.v < 0 {
+			return c, &ConfigError{Field: f.name, Reason: fmt.Sprintf("must be at least 1, got %d", *f.v)}
+		}
+		if *f.v == 0 {
+			*f.v = f.def
+		}
+	}
+	durations := []struct {
+		name string
+		v    *time.Duration
+		def  time.Duration
+	}{
+		{"ConnMaxLifetime", &c.ConnMaxLifetime, DefaultConnMaxLifetime},
+		{"ConnMaxIdleTime", &c.ConnMaxIdleTime, DefaultConnMaxIdleTime},
+		{"AcquireTimeout", &c.AcquireTimeout, DefaultAcquireTimeout},
+	}
+	for _, f := range durations {
+		if *f.v < 0 {
+			return c, &ConfigError{Field: f.name, Reason: fmt.Sprintf("must not be negative, got %s", *f.v)}
+		}
+		if *f.v == 0 {
+			*f.v = f.def
+		}
+	}
+	if c.Name == "" {
+		c.Name = DriverName
+	}
+	if c.MaxConnectionsPerDB > c.MaxConnections {
+		return c, &ConfigError{Field: "MaxConnectionsPerDB",
+			Reason: fmt.Sprintf("%d exceeds MaxConnections %d", c.MaxConnectionsPerDB, c.MaxConnections)}
+	}
+	return c, nil
+}
+
+// ConfigFromEnv reads the TENANTPG_* environment variables into a Config.
+// Unset variables leave their field zero, which means the default.
+func ConfigFromEnv() (Config, error) {
+	var c Config
+	for _, f := range []struct {
+		env string
+		v   *int
+	}{{EnvMaxConnections, &c.MaxConnections}, {EnvMaxConnectionsPerDB, &c.MaxConnectionsPerDB}} {
+		if s := os.Getenv(f.env); s != "" {
+			n, err := strconv.Atoi(s)
+			if err != nil || n < 1 {
+				return c, &ConfigError{Field: f.env, Reason: fmt.Sprintf("want a whole number of at least 1, got %q", s)}
+			}
+			*f.v = n
+		}
+	}
+	for _, f := range []struct {
+		env string
+		v   *time.Duration
+	}{{EnvConnMaxLifetime, &c.ConnMaxLifetime}, {EnvConnMaxIdleTime, &c.ConnMaxIdleTime}, {EnvAcquireTimeout, &c.AcquireTimeout}} {
+		if s := os.Getenv(f.env); s != "" {
+			d, err := time.ParseDuration(s)
+			if err != nil || d <= 0 {
+				return c, &ConfigError{Field: f.env, Reason: fmt.Sprintf("want a positive Go duration such as 30s or 5m, got %q", s)}
+			}
+			*f.v = d
+		}
+	}
+	return c, nil
+}

@@ -1,0 +1,217 @@
+package tenantpg
+
+import (
+	"context"
+	"database/sql/driver"
+	"errors"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// conn is a handle: what database/sql holds as a connection. It takes a
+// backend of its database when database/sql starts using it (ResetSession,
+// or the first call on a new handle) and gives it back when database/sql
+// takes it back (IsValid). A transaction, a *sql.Conn, open Rows and Raw
+// keep their backend for as long as database/sql holds the handle; between
+// two checkouts the handle may get another backend, which database/sql
+// never promised otherwise.
+//
+// database/sql serialises its calls on one connection, so the fields need
+// no lock.
+type conn struct {
+	cn *connector
+	b  *budget
+
+	be *backend // nil between checkouts
+	// pending is a checkout that failed in ResetSession. database/sql
+	// ignores every ResetSession error but ErrBadConn and hands the handle
+	// out anyway; the error goes to the first call instead of a second wait.
+	pending error
+	closed  bool
+}
+
+var (
+	_ driver.Conn               = (*conn)(nil)
+	_ driver.ConnBeginTx        = (*conn)(nil)
+	_ driver.ConnPrepareContext = (*conn)(nil)
+	_ driver.ExecerContext      = (*conn)(nil)
+	_ driver.QueryerContext     = (*conn)(nil)
+	_ driver.Pinger             = (*conn)(nil)
+	_ driver.SessionResetter    = (*conn)(nil)
+	_ driver.Validator          = (*conn)(nil)
+	_ driver.NamedValueChecker  = (*conn)(nil)
+)
+
+// backend returns the handle's backend, checking one out on first use.
+func (c *conn) backend(ctx context.Context) (*backend, error) {
+	if be := c.be; be != nil {
+		return be, nil
+	}
+	if err := c.pending; err != nil {
+		c.pending = nil
+		return nil, err
+	}
+	be, err := c.cn.checkout(ctx)
+	if err != nil {
+		return nil, err
+	}
+	c.be = be
+	return be, nil
+}
+
+// ResetSession is database/sql's checkout of the handle, with the caller's
+// context.
+func (c *conn) ResetSession(ctx context.Context) error {
+	if c.be == nil {
+		if _, err := c.backend(ctx); err != nil {
+			c.pending = err
+		}
+	}
+	return nil
+}
+
+// IsValid is database/sql's check-in: the backend goes back to the driver.
+// The handle stays valid until the driver is closed.
+func (c *conn) IsValid() bool {
+	c.pending = nil
+	if be := c.be; be != nil {
+		c.be = nil
+		c.b.checkin(be)
+	}
+	return !c.b.shut.Load()
+}
+
+func (c *conn) Close() error {
+	if c.closed {
+		return nil
+	}
+	c.closed = true
+	c.pending = nil
+	if be := c.be; be != nil {
+		// Closed without a check-in: after an error database/sql judged
+		// fatal, or when the *sql.DB closes under a caller. The check-in
+		// closes a backend that is broken or inside a transaction.
+		c.be = nil
+		c.b.checkin(be)
+	}
+	c.b.unregister(c.cn.db)
+	return nil
+}
+
+func (c *conn) Prepare(query string) (driver.Stmt, error) {
+	return c.PrepareContext(context.Background(), query)
+}
+
+// PrepareContext checks the statement on the current backend and returns a
+// statement that runs on whichever backend the handle holds when it is
+// executed. pgx's statement cache prepares it on each backend the first
+// time it runs there, so nothing is left to deallocate on Close.
+func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, error) {
+	be, err := c.backend(ctx)
+	if err != nil {
+		return nil, err
+	}
+	sd, err := be.pc.Conn().PgConn().Prepare(ctx, "", query, nil)
+	if err != nil {
+		return nil, err
+	}
+	return &stmt{conn: c, query: query, numInput: len(sd.ParamOIDs)}, nil
+}
+
+func (c *conn) Begin() (driver.Tx, error) {
+	return c.BeginTx(context.Background(), driver.TxOptions{})
+}
+
+func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, error) {
+	be, err := c.backend(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return be.pc.BeginTx(ctx, opts)
+}
+
+func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
+	be, err := c.backend(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return be.pc.ExecContext(ctx, query, args)
+}
+
+func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
+	be, err := c.backend(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return be.pc.QueryContext(ctx, query, args)
+}
+
+func (c *conn) Ping(ctx context.Context) error {
+	be, err := c.backend(ctx)
+	if err != nil {
+		return err
+	}
+	return be.pc.Ping(ctx)
+}
+
+// CheckNamedValue accepts every argument, as pgx's stdlib does: pgx encodes
+// driver.Valuer, sql.Scanner types and its own types natively. It needs no
+// backend, which database/sql asks for before the statement runs.
+func (c *conn) CheckNamedValue(*driver.NamedValue) error { return nil }
+
+// stmt is a statement prepared with db.Prepare: its text, run on the
+// handle's backend of the moment.
+type stmt struct {
+	conn     *conn
+	query    string
+	numInput int
+}
+
+var (
+	_ driver.StmtExecContext  = (*stmt)(nil)
+	_ driver.StmtQueryContext = (*stmt)(nil)
+)
+
+func (s *stmt) Close() error  { return nil }
+func (s *stmt) NumInput() int { return s.numInput }
+
+func (s *stmt) Exec(args []driver.Value) (driver.Result, error) {
+	return s.ExecContext(context.Background(), named(args))
+}
+
+func (s *stmt) Query(args []driver.Value) (driver.Rows, error) {
+	return s.QueryContext(context.Background(), named(args))
+}
+
+func (s *stmt) ExecContext(ctx context.Context, args []driver.NamedValue) (driver.Result, error) {
+	return s.conn.ExecContext(ctx, s.query, args)
+}
+
+func (s *stmt) QueryContext(ctx context.Context, args []driver.NamedValue) (driver.Rows, error) {
+	return s.conn.QueryContext(ctx, s.query, args)
+}
+
+func named(args []driver.Value) []driver.NamedValue {
+	nv := make([]driver.NamedValue, len(args))
+	for i, v := range args {
+		nv[i] = driver.NamedValue{Ordinal: i + 1, Value: v}
+	}
+	return nv
+}
+
+// PgxConn returns the *pgx.Conn of the backend under a handle of this
+// driver, for use inside (*sql.Conn).Raw: COPY, LISTEN/NOTIFY, pgx types.
+// The backend stays with the handle for as long as the *sql.Conn is held,
+// so the driver never evicts it while the *pgx.Conn is in use. Do not keep
+// the *pgx.Conn after Raw returns, and do not close it: the driver owns it.
+func PgxConn(driverConn any) (*pgx.Conn, error) {
+	c, ok := driverConn.(*conn)
+	if !ok {
+		return nil, errors.New("tenantpg: PgxConn: not a tenantpg connection (call it inside (*sql.Conn).Raw)")
+	}
+	be, err := c.backend(context.Background())
+	if err != nil {
+		return nil, err
+	}
+	return be.pc.Conn(), nil
+}
