@@ -109,7 +109,7 @@ type waiter struct {
 	ready chan struct{} // closed once served (be or tok set) or failed (err set)
 
 	// Guarded by budget.mu.
-	done    bool // out of the queues: served, failed or given up
+	done    bool     // out of the queues: served, failed or given up
 	be      *backend // served with a backend another caller checked in
 	tok     *token   // served with a token: dial
 	err     error
