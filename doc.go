@@ -21,8 +21,8 @@
 //
 //	db, err := sql.Open("tenantpg", "postgres://app:secret@db:5432/ws_abc?workspace=abc")
 //
-// or use [OpenDB], which also sets the *sql.DB's own limits to agree with
-// the budget (recommended). Any DSN that pgx accepts works, in URL or
+// or use [OpenDB], which also sets the *sql.DB's idle-handle limit for the
+// driver (recommended). Any DSN that pgx accepts works, in URL or
 // keyword/value form. tenantpg reads and removes three parameters of its
 // own: workspace (a label for stats, errors and metrics; default the
 // database name), pool_max_conns (this database's cap) and
@@ -31,34 +31,47 @@
 //
 // # The model
 //
-// A token is taken before a dial starts and given back only after the server
-// has closed the backend's socket, so connections being dialed and being
-// closed count too. Each database is also capped (3 by default) so that one
-// busy workspace cannot take the whole budget.
+// The driver owns the physical connections (backends); database/sql's
+// connections are handles that take a backend of their database when
+// database/sql starts using them and give it back when database/sql takes
+// them back. A transaction, a *sql.Conn, open Rows and Raw keep their
+// backend throughout. Between two checkouts a handle may get another
+// backend, which database/sql never promised otherwise; keep session state
+// (SET, temporary tables, advisory locks) inside a transaction or a
+// *sql.Conn.
 //
-// When a connection is needed and the budget is full, the idle connection
-// of the least recently used database is closed and its token handed to the
-// caller. Recency is segmented: databases that have reused a connection are
-// protected (up to 80% of the budget) and evicted only after those that have
-// not, so a long tail of workspaces seen once does not push out the hot
-// ones. The recency order is updated in O(1) on every checkout and check-in,
-// and choosing a victim does not depend on the number of databases. Only
-// connections database/sql has handed back are ever closed this way: a
-// connection in use, in a transaction, pinned by db.Conn or under Raw is
-// never touched. A connection just handed back is protected for a few
-// milliseconds, because database/sql may be passing it straight to another
-// caller of the same *sql.DB.
+// A token is taken before a dial starts and given back only after the server
+// has closed the backend's socket, so backends being dialed and being closed
+// count too. Each database is also capped (3 by default) so that one busy
+// workspace cannot take the whole budget.
+//
+// A checkout takes an idle backend of its database, or waits for a busy
+// one, which is handed over at check-in in arrival order, or dials another.
+// It dials only when waiting would cost more: the queue's total wait,
+// estimated from the database's average use time, against the driver's
+// average dial time. A caller that has waited as long as a dial takes dials
+// too.
+//
+// When a dial needs a token and the budget is full, the idle backend of the
+// least recently used database is closed and its token handed to the
+// caller. Recency is segmented: databases that have reused a backend are
+// protected (up to 80% of the budget) and evicted only after those that
+// have not, so a long tail of workspaces seen once does not push out the
+// hot ones. Choosing a victim does not depend on the number of databases.
+// A backend a handle holds is never touched.
 //
 // When nothing idle can be closed, callers wait in arrival order until a
 // token frees, their context ends or [Config.AcquireTimeout] passes; they
 // then get an error that matches [ErrBudgetExhausted] (see [BudgetError]).
-// A caller that has waited more than 100ms takes the next connection any
-// database returns, so that a cold workspace is not starved by hot ones.
+// A caller that has waited more than 100ms for a token takes the token of
+// the next backend any other database checks in, so that a cold workspace
+// is not starved by hot ones.
 //
-// Idle connections older than [Config.ConnMaxIdleTime] and connections older
+// Idle backends older than [Config.ConnMaxIdleTime] and backends older
 // than [Config.ConnMaxLifetime] are closed by the driver itself. A database
-// with no connections costs no goroutine and its state is dropped once no
-// *sql.DB uses it.
+// with no backends costs no goroutine and its state is dropped once no
+// *sql.DB uses it; closing the last *sql.DB of a database closes its idle
+// backends.
 //
 // # Configuration
 //
@@ -92,8 +105,7 @@
 //
 // A pinned connection (db.Conn, a transaction, an open *sql.Rows) holds its
 // token until it is released; a leaked one holds it forever. (*sql.DB).Stats
-// keeps counting a connection the driver closed until database/sql next
-// touches it; [Driver.Stats] counts what the server sees. A new backend costs
+// counts handles; [Driver.Stats] counts backends, what the server sees. A new backend costs
 // the server a fork and authentication, so a workload that touches more
 // databases at once than the budget can hold is bound by connection setup,
 // not by the driver.
