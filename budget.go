@@ -244,8 +244,8 @@ func (b *budget) settings() (acquireTimeout, livenessAfter time.Duration) {
 	return b.acquireTimeout, b.livenessAfter
 }
 
-// capOf returns d's cap; guarded by mu.
-func (b *budget) capOf(d *database) int {
+// capLocked returns d's cap; guarded by mu.
+func (b *budget) capLocked(d *database) int {
 	c := b.perDB
 	if d.capOverride > 0 {
 		c = d.capOverride
@@ -277,7 +277,7 @@ func (b *budget) names(d *database) (workspace, name string) {
 func (b *budget) dbCap(d *database) int {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.capOf(d)
+	return b.capLocked(d)
 }
 
 // roomLocked reports whether d may take a token now without evicting.
@@ -479,7 +479,7 @@ func (b *budget) await(ctx, caller context.Context, w *waiter) (*backend, *token
 	e := &BudgetError{
 		Workspace: d.workspace, Database: d.name,
 		Open: b.open, Limit: b.limit,
-		DatabaseOpen: d.open, DatabaseCap: b.capOf(d),
+		DatabaseOpen: d.open, DatabaseCap: b.capLocked(d),
 		Waiting: b.waiting, Waited: waited,
 	}
 	if caller.Err() != nil {
@@ -507,7 +507,7 @@ func (b *budget) await(ctx, caller context.Context, w *waiter) (*backend, *token
 func (b *budget) impatient(w *waiter) {
 	b.mu.Lock()
 	d := w.db
-	if !w.done && !w.seeking && d.open-d.closing+d.seeking < b.capOf(d) {
+	if !w.done && !w.seeking && d.open-d.closing+d.seeking < b.capLocked(d) {
 		b.seekLocked(w)
 	}
 	b.unlock()
@@ -600,7 +600,7 @@ func (b *budget) serveQueueLocked() {
 		next := b.queue.next(w)
 		d := w.db
 		switch {
-		case d.open-d.closing >= b.capOf(d):
+		case d.open-d.closing >= b.capLocked(d):
 			// A lowered cap: it can only wait for a backend of its own.
 			w.seeking = false
 			d.seeking--
@@ -690,7 +690,7 @@ func (b *budget) checkinLocked(be *backend, now time.Time, used bool) {
 	// first), so only an earlier end of life needs arming. Skipping the
 	// time arithmetic otherwise is a measurable part of a check-in.
 	if !b.reaper.armed || b.lifetime > 0 && b.reaper.at.Sub(be.created) > b.lifetime {
-		b.armReaperLocked(b.expiry(be), now)
+		b.armReaperLocked(b.expiryLocked(be), now)
 	}
 	b.serveQueueLocked()
 }
@@ -733,7 +733,7 @@ func (b *budget) starvingLocked(d *database, now time.Time) *waiter {
 // a limit was lowered.
 func (b *budget) overLimitLocked(d *database) bool {
 	live := d.open - d.closing
-	return live > b.capOf(d) || live > d.reserved && b.sharedLive > b.limit-b.reserved
+	return live > b.capLocked(d) || live > d.reserved && b.sharedLive > b.limit-b.reserved
 }
 
 // closeBusyLocked closes a backend being checked in. If w is not nil, its
@@ -877,7 +877,7 @@ func (b *budget) releaseLocked(t *token) {
 	if w := t.claim; w != nil {
 		t.claim = nil
 		w.claim = nil
-		if !w.done && w.db.open-w.db.closing < b.capOf(w.db) && b.roomLocked(w.db) {
+		if !w.done && w.db.open-w.db.closing < b.capLocked(w.db) && b.roomLocked(w.db) {
 			b.grantLocked(w, b.clock.Now())
 		}
 	}
@@ -943,7 +943,7 @@ func (b *budget) relieveServer() <-chan struct{} {
 	return t.gone
 }
 
-func (b *budget) expiry(be *backend) time.Time {
+func (b *budget) expiryLocked(be *backend) time.Time {
 	at := be.idleSince.Add(b.idleTimeout)
 	if b.lifetime > 0 {
 		if l := be.created.Add(b.lifetime); l.Before(at) {
@@ -970,7 +970,7 @@ func (b *budget) reap() {
 	b.recency.eachLocked(func(x *database) {
 		for be := x.idleBackends.back; be != nil; {
 			prev := x.idleBackends.prev(be)
-			if at := b.expiry(be); !at.After(now) {
+			if at := b.expiryLocked(be); !at.After(now) {
 				reason := reasonIdleTimeout
 				if b.lifetime > 0 && now.Sub(be.created) >= b.lifetime {
 					reason = reasonLifetime
@@ -1020,7 +1020,7 @@ func (b *budget) reconfigure(cfg Config) error {
 // as gone.
 func (b *budget) shrinkLocked() {
 	b.recency.eachLocked(func(x *database) {
-		for x.open-x.closing > b.capOf(x) && x.idleBackends.back != nil {
+		for x.open-x.closing > b.capLocked(x) && x.idleBackends.back != nil {
 			b.evictLocked(x.idleBackends.back, reasonBudgetShrink, nil)
 		}
 	})
@@ -1122,7 +1122,7 @@ func (b *budget) snapshot() snapshot {
 			continue
 		}
 		ds := dbSnapshot{db: d, workspace: d.workspace, name: d.name, open: d.open, inUse: d.inUse, idle: d.idle,
-			dialing: d.dialing, closing: d.closing, cap: b.capOf(d), reserved: d.reserved, waiting: d.waiters.len,
+			dialing: d.dialing, closing: d.closing, cap: b.capLocked(d), reserved: d.reserved, waiting: d.waiters.len,
 			lastUsed: d.lastUsed, evictions: d.evictions, useTime: d.useTime.duration()}
 		if be := d.busy.front; be != nil {
 			ds.longestUse = now.Sub(be.checkedOut)

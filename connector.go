@@ -134,7 +134,7 @@ func (b *budget) shouldDialLocked(d *database) bool {
 	if n == 0 {
 		return true
 	}
-	if n >= b.capOf(d) || d.useTime == 0 {
+	if n >= b.capLocked(d) || d.useTime == 0 {
 		return false // at the cap, or nothing measured yet: the first backend will tell
 	}
 	q := float64(d.waiters.len - d.seeking)
@@ -321,7 +321,7 @@ func (c *connector) dialError(ctx context.Context, err error) error {
 	e := &ConnectError{Workspace: ws, Database: name, Err: err}
 	if ctxErr := ctx.Err(); ctxErr != nil {
 		e.ctxErr = ctxErr
-	} else if dl, ok := ctx.Deadline(); ok && !time.Now().Before(dl) {
+	} else if dl, ok := ctx.Deadline(); ok && !c.drv.b.clock.Now().Before(dl) {
 		e.ctxErr = context.DeadlineExceeded
 	}
 	return e

@@ -33,8 +33,8 @@ func (b *budget) checkInvariantsLocked() error {
 		if (d.idle > 0) != d.lru.listed {
 			return fmt.Errorf("database %q: idle %d, in the recency list %v", d.workspace, d.idle, d.lru.listed)
 		}
-		if live := d.open - d.closing; live > b.capOf(d) && !b.closed && d.idle > 0 {
-			return fmt.Errorf("database %q: %d live backends over its cap %d with one idle", d.workspace, live, b.capOf(d))
+		if live := d.open - d.closing; live > b.capLocked(d) && !b.closed && d.idle > 0 {
+			return fmt.Errorf("database %q: %d live backends over its cap %d with one idle", d.workspace, live, b.capLocked(d))
 		}
 		for be := d.idleBackends.front; be != nil; be = d.idleBackends.next(be) {
 			if be.state != backendIdle || be.db != d {
@@ -127,7 +127,7 @@ func (b *budget) checkInvariantsLocked() error {
 		if w.claim != nil && w.claim.claim != w {
 			return fmt.Errorf("a waiter of %q claims a token promised elsewhere", w.db.workspace)
 		}
-		if w.claim == nil && !b.closed && b.roomLocked(w.db) && w.db.open-w.db.closing < b.capOf(w.db) {
+		if w.claim == nil && !b.closed && b.roomLocked(w.db) && w.db.open-w.db.closing < b.capLocked(w.db) {
 			return fmt.Errorf("a waiter of %q left in the queue with a token free", w.db.workspace)
 		}
 	}
