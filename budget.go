@@ -469,6 +469,7 @@ func (b *budget) await(ctx, caller context.Context, w *waiter) (*backend, *token
 		b.dequeueLocked(w)
 		w.done = true // out of the queues: a patience timer that fired meanwhile must not queue it again
 		b.waitDuration += now.Sub(w.since)
+		d.owe(now.Sub(w.since), now)
 	}
 	waited := now.Sub(w.since)
 	deadline := errors.Is(ctx.Err(), context.DeadlineExceeded)
@@ -536,6 +537,7 @@ func (b *budget) dequeueLocked(w *waiter) {
 func (b *budget) serveLocked(w *waiter, now time.Time) {
 	b.dequeueLocked(w)
 	b.waitDuration += now.Sub(w.since)
+	w.db.owe(now.Sub(w.since), now)
 	w.done = true
 	close(w.ready)
 }
@@ -577,11 +579,16 @@ func (b *budget) seekLocked(w *waiter) {
 // growLocked lets waiters of d dial while its pool should grow (see
 // shouldDialLocked in connector.go).
 func (b *budget) growLocked(d *database) {
-	for d.waiters.len > d.seeking && b.shouldDialLocked(d) {
+	if d.waiters.len == d.seeking {
+		return
+	}
+	now := b.clock.Now()
+	for d.waiters.len > d.seeking && b.shouldDialLocked(d, now) {
 		w := d.waiters.front
 		for w.seeking {
 			w = d.waiters.next(w)
 		}
+		d.waitDebt = 0 // the new backend pays for the waits so far
 		b.seekLocked(w)
 	}
 }

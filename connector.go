@@ -5,6 +5,7 @@ import (
 	"database/sql/driver"
 	"errors"
 	"io"
+	"math"
 	"math/rand/v2"
 	"sync"
 	"sync/atomic"
@@ -52,6 +53,10 @@ type database struct {
 	busy list[backend, backendInList]
 	// useTime is the EWMA of how long a caller holds a backend.
 	useTime ewma
+	// waitDebt is the time its callers spent waiting for a backend,
+	// decaying with waitDebtDecay, in nanoseconds, as of debtAt.
+	waitDebt float64
+	debtAt   time.Time
 
 	lru links[database] // in the budget's recency lists while it has idle backends
 	// protected: one of its backends was reused since it last had none.
@@ -116,6 +121,29 @@ const (
 	dialTimeAlpha = 1.0 / 8
 )
 
+// waitDebtDecay is the time constant of a database's wait debt: callers that
+// together wait longer than a dial takes within about this long justify a
+// dial. Sustained moderate concurrency (two callers of short queries on one
+// backend wait a few dozen microseconds each, tens of thousands of times a
+// second) passes it within milliseconds; a hot workspace under churn, whose
+// few callers overlap now and then, does not.
+const waitDebtDecay = time.Second
+
+// owe adds a caller's wait to d's wait debt; guarded by budget.mu.
+func (d *database) owe(waited time.Duration, now time.Time) {
+	d.decayDebt(now)
+	d.waitDebt += float64(waited)
+}
+
+func (d *database) decayDebt(now time.Time) {
+	if dt := now.Sub(d.debtAt); dt > 0 {
+		if d.waitDebt != 0 {
+			d.waitDebt *= math.Exp(-float64(dt) / float64(waitDebtDecay))
+		}
+		d.debtAt = now
+	}
+}
+
 // shouldDialLocked decides whether d's pool should grow by a backend: when
 // it has none, or when the callers queued on it would together wait longer
 // for its busy backends than a dial takes. With n backends (dialing ones
@@ -126,10 +154,14 @@ const (
 // dials too (budget.impatient): its database's backends are held longer
 // than their average use, or nothing was measured yet.
 //
+// That judges a burst. Sustained load is judged by what waiting has cost:
+// when the waits of d's callers, decaying over waitDebtDecay, add up to more
+// than a dial, d dials (and the debt is paid).
+//
 // A hot database's second backend serving the rare overlaps of short
 // queries costs more than it saves under churn, where dials are slow; a
 // database with many callers queued on one backend grows to its cap at once.
-func (b *budget) shouldDialLocked(d *database) bool {
+func (b *budget) shouldDialLocked(d *database, now time.Time) bool {
 	n := d.open - d.closing + d.seeking
 	if n == 0 {
 		return true
@@ -137,8 +169,13 @@ func (b *budget) shouldDialLocked(d *database) bool {
 	if n >= b.capLocked(d) || d.useTime == 0 {
 		return false // at the cap, or nothing measured yet: the first backend will tell
 	}
+	cost := float64(b.dialCostLocked(d))
 	q := float64(d.waiters.len - d.seeking)
-	return q*(q+1)/2*float64(d.useTime)/float64(n) > float64(b.dialCostLocked(d))
+	if q*(q+1)/2*float64(d.useTime)/float64(n) > cost {
+		return true
+	}
+	d.decayDebt(now)
+	return d.waitDebt > cost
 }
 
 // dialCostLocked is what a new backend for d costs: the average dial time,
