@@ -88,10 +88,11 @@ func run(ctx context.Context, o options, out io.Writer) (*result, error) {
 		if err != nil {
 			return nil, err
 		}
-		// Let database/sql queue a busy workspace's callers itself rather
-		// than ask the driver for more than the cap (tenantpg.OpenDB does
-		// this for you).
-		db.SetMaxOpenConns(o.perDB)
+		// No SetMaxOpenConns: database/sql's connections are handles, and
+		// the driver queues a busy workspace's callers and decides how many
+		// backends it needs. Idle handles hold no backend; keeping a few
+		// saves allocating one per query (tenantpg.OpenDB keeps as many as
+		// the budget).
 		db.SetMaxIdleConns(o.perDB)
 		defer db.Close()
 		dbs[i] = db
