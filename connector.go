@@ -246,15 +246,25 @@ func (c *connector) checkout(ctx context.Context) (*backend, error) {
 
 // alive checks an idle backend before a statement is sent on it: one whose
 // server ended it meanwhile (a terminated backend, a restart) is replaced
-// without failing the caller.
+// without failing the caller. A backend reused within livenessAfter was
+// checked at its check-in (budget.io.broken); one idle for longer gets a
+// non-blocking peek at its socket, and one idle for more than pingAfter a
+// ping, as pgx's ResetSession would do, but timed from the check-in, which
+// the driver knows, and without another clock read.
 func (c *connector) alive(ctx context.Context, be *backend, now time.Time) bool {
-	if now.Sub(be.idleSince) >= c.drv.b.livenessAfter && be.tok.sock != nil && be.tok.sock.peerGone() {
+	idle := now.Sub(be.idleSince)
+	if idle < c.drv.b.livenessAfter {
+		return true
+	}
+	if be.tok.sock != nil && be.tok.sock.peerGone() {
 		return false
 	}
-	// pgx's own check: closed, in a transaction, or a ping after a second
-	// of idleness.
-	return !errors.Is(be.pc.ResetSession(ctx), driver.ErrBadConn)
+	return idle < pingAfter || be.pc.Conn().PgConn().Ping(ctx) == nil
 }
+
+// pingAfter is how long a backend must have been idle before its checkout
+// pings the server: pgx's stdlib default.
+const pingAfter = time.Second
 
 // wait waits for w to be served and dials when it gets a token. The whole
 // of it is bounded by the acquire timeout, because database/sql may hand a
