@@ -523,10 +523,16 @@ func (b *budget) dequeueLocked(w *waiter) {
 	d.waiters.remove(w)
 	b.waiting--
 	if w.seeking {
-		w.seeking = false
-		d.seeking--
-		b.queue.remove(w)
+		b.unseekLocked(w)
 	}
+}
+
+// unseekLocked takes w out of the budget's queue, dropping any claim; it
+// stays queued on its database.
+func (b *budget) unseekLocked(w *waiter) {
+	w.seeking = false
+	w.db.seeking--
+	b.queue.remove(w)
 	if w.claim != nil {
 		w.claim.claim = nil
 		w.claim = nil
@@ -609,13 +615,7 @@ func (b *budget) serveQueueLocked() {
 		switch {
 		case d.open-d.closing >= b.capLocked(d):
 			// A lowered cap: it can only wait for a backend of its own.
-			w.seeking = false
-			d.seeking--
-			b.queue.remove(w)
-			if w.claim != nil {
-				w.claim.claim = nil
-				w.claim = nil
-			}
+			b.unseekLocked(w)
 		case b.roomLocked(d):
 			// A token freed before the claimed one, if any: take it, and
 			// let the claimed one go to whoever is first when released.
