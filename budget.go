@@ -470,6 +470,8 @@ func (b *budget) await(ctx, caller context.Context, w *waiter) (*backend, *token
 		w.done = true // out of the queues: a patience timer that fired meanwhile must not queue it again
 		b.waitDuration += now.Sub(w.since)
 		d.owe(now.Sub(w.since), now)
+		// It may have been the one to dial for those queued behind it.
+		b.growLocked(d)
 	}
 	waited := now.Sub(w.since)
 	deadline := errors.Is(ctx.Err(), context.DeadlineExceeded)
@@ -841,6 +843,9 @@ func (b *budget) dialFailed(t *token, kind dialErrorKind, cause error) {
 	}
 	b.markClosingLocked(t)
 	b.endLocked(t)
+	// Callers queued behind this dial may have no backend coming now; the
+	// token itself returns only once its socket has drained.
+	b.growLocked(d)
 	ws := d.workspace
 	b.unlock()
 	if l := b.log.Load(); l != nil {

@@ -110,8 +110,8 @@ func (b *budget) checkInvariantsLocked() error {
 		return fmt.Errorf("%d callers in the budget's queue, databases count %d seeking", b.queue.len, seeking)
 	case b.peakOpen < b.open:
 		return fmt.Errorf("peak %d below open %d", b.peakOpen, b.open)
-	case b.open > b.limit && b.sharedLive > b.limit-b.reserved && b.idle > 0 && !b.closed:
-		return fmt.Errorf("open %d over the budget %d with %d idle backends", b.open, b.limit, b.idle)
+	case b.open > b.limit && b.sharedLive > b.limit-b.reserved && b.recency.victimLocked(b) != nil && !b.closed:
+		return fmt.Errorf("open %d over the budget %d with an idle shared backend left", b.open, b.limit)
 	}
 	for x := b.recency.probation.front; x != nil; x = b.recency.probation.next(x) {
 		if x.protected {
