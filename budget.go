@@ -712,6 +712,9 @@ func (b *budget) checkinReasonLocked(be *backend, now time.Time) evictReason {
 		return reasonDriverClosed
 	case b.lifetime > 0 && now.Sub(be.created) >= b.lifetime:
 		return reasonLifetime
+	case be.db.refs == 0:
+		// Checked in from a Pool closed meanwhile: nothing can check it out.
+		return reasonUnused
 	case b.overLimitLocked(be.db):
 		return reasonBudgetShrink
 	}

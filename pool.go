@@ -1,0 +1,84 @@
+package tenantpg
+
+import (
+	"context"
+	"errors"
+	"sync/atomic"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Pool is a workspace's database for code that uses pgx directly instead of
+// database/sql. It hands out backends from the driver's budget, with the
+// same queue, hand-off, eviction, metrics and errors as database/sql's
+// handles, so a service that mixes both APIs still has one budget; a backend
+// checked in by one API is reused by the other.
+type Pool struct {
+	cn     *connector
+	closed atomic.Bool
+}
+
+// PoolConn is a backend checked out of a Pool. It is not safe for
+// concurrent use, as a *pgx.Conn is not.
+type PoolConn struct {
+	b  *budget
+	be *backend
+}
+
+var errPoolClosed = errors.New("tenantpg: pool closed")
+
+// OpenPool opens dsn through the registered driver. See (*Driver).OpenPool.
+func OpenPool(dsn string) (*Pool, error) { return defaultDriver.OpenPool(dsn) }
+
+// OpenPool opens dsn's database for pgx-native use. It dials nothing;
+// Acquire does, when the database has no idle backend and the driver
+// decides it needs another. The DSN is read as by OpenDB, and its
+// database's state, cap and reservation are shared with every *sql.DB and
+// Pool opened for the same server, user and database.
+func (d *Driver) OpenPool(dsn string) (*Pool, error) {
+	c, err := d.OpenConnector(dsn)
+	if err != nil {
+		return nil, err
+	}
+	return &Pool{cn: c.(*connector)}, nil
+}
+
+// Acquire checks out a backend: an idle one of the database, one another
+// caller checks in, or a new one, waiting within ctx and the driver's
+// AcquireTimeout. Its errors are those of database/sql's path:
+// *BudgetError (ErrBudgetExhausted), *ConnectError, or the driver closed.
+// Call Release when done; until then the backend is never evicted.
+func (p *Pool) Acquire(ctx context.Context) (*PoolConn, error) {
+	if p.closed.Load() {
+		return nil, errPoolClosed
+	}
+	be, err := p.cn.checkout(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &PoolConn{b: p.cn.drv.b, be: be}, nil
+}
+
+// Close releases the pool's share of its database's state. Backends checked
+// out keep working until released, and are closed then if nothing else
+// uses the database.
+func (p *Pool) Close() {
+	if p.closed.CompareAndSwap(false, true) {
+		_ = p.cn.Close()
+	}
+}
+
+// Conn returns the *pgx.Conn of the backend. Do not use it after Release,
+// and do not close it: the driver owns it. Session state (SET, temporary
+// tables, prepared statements by name) stays with the backend for its next
+// user, as with any pool; a backend released inside a transaction is
+// closed, not reused.
+func (c *PoolConn) Conn() *pgx.Conn { return c.be.pc.Conn() }
+
+// Release checks the backend back in. A second Release does nothing.
+func (c *PoolConn) Release() {
+	if be := c.be; be != nil {
+		c.be = nil
+		c.b.checkin(be)
+	}
+}

@@ -1,0 +1,85 @@
+package tenantpg
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// TestPoolSharesTheBudget: a Pool and a *sql.DB of the same database share
+// its backends and the budget: the Pool reuses the backend database/sql
+// checked in, a held PoolConn makes database/sql's callers of another
+// database wait and time out, and after Release they proceed.
+func TestPoolSharesTheBudget(t *testing.T) {
+	e := newEnv(t, 2, Config{MaxConnections: 1, MaxConnectionsPerDB: 1, AcquireTimeout: 300 * time.Millisecond})
+	ctx := context.Background()
+	viaSQL := e.open(0)
+	queryOne(t, viaSQL)
+	require.Equal(t, uint64(1), e.drv.Stats().Dials)
+
+	pool, err := e.drv.OpenPool(e.dsn(0, "workspace=ws0"))
+	require.NoError(t, err)
+	defer pool.Close()
+	pc, err := pool.Acquire(ctx)
+	require.NoError(t, err)
+	var v string
+	require.NoError(t, pc.Conn().QueryRow(ctx, "SELECT v FROM kv WHERE id = $1", 3).Scan(&v))
+	require.Equal(t, "v3", v)
+	require.Equal(t, uint64(1), e.drv.Stats().Dials, "the Pool reused database/sql's idle backend")
+
+	other := e.open(1)
+	var one int
+	err = other.QueryRowContext(ctx, "SELECT 1").Scan(&one)
+	require.ErrorIs(t, err, ErrBudgetExhausted, "the PoolConn holds the only token")
+
+	_, err = pool.Acquire(ctx) // the database's only backend is out: wait, then time out
+	var be *BudgetError
+	require.True(t, errors.As(err, &be), "%v", err)
+	require.Equal(t, "ws0", be.Workspace)
+
+	pc.Release()
+	pc.Release() // harmless
+	queryOne(t, other)
+	e.requireQuiescent()
+}
+
+// TestPoolHandsOverAndClosesWhenUnused: a backend released by a PoolConn
+// goes straight to a database/sql caller waiting for it; a PoolConn
+// released after its Pool and every *sql.DB of the database were closed is
+// closed, and the database's state is forgotten.
+func TestPoolHandsOverAndClosesWhenUnused(t *testing.T) {
+	e := newEnv(t, 1, Config{MaxConnections: 1, MaxConnectionsPerDB: 1, AcquireTimeout: 30 * time.Second})
+	ctx := context.Background()
+	pool, err := e.drv.OpenPool(e.dsn(0, "workspace=ws0"))
+	require.NoError(t, err)
+	pc, err := pool.Acquire(ctx)
+	require.NoError(t, err)
+
+	db := e.open(0)
+	done := make(chan error, 1)
+	go func() {
+		var one int
+		done <- db.QueryRowContext(ctx, "SELECT 1").Scan(&one)
+	}()
+	waitForWaiters(t, e.drv, 1)
+	handoffs := e.drv.Stats().Handoffs
+	pc.Release()
+	require.NoError(t, <-done)
+	require.Equal(t, handoffs+1, e.drv.Stats().Handoffs)
+
+	pc, err = pool.Acquire(ctx)
+	require.NoError(t, err)
+	pool.Close()
+	require.NoError(t, db.Close())
+	_, err = pool.Acquire(ctx)
+	require.ErrorIs(t, err, errPoolClosed)
+	pc.Release()
+	require.Eventually(t, func() bool { return e.drv.Stats().Open == 0 && e.backends() == 0 }, e2eWait, pollEvery)
+	require.Equal(t, uint64(1), e.drv.Stats().Evictions["unused"])
+	e.drv.b.mu.Lock()
+	require.Empty(t, e.drv.b.dbs)
+	e.drv.b.mu.Unlock()
+}
