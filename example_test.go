@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/DATA-DOG/go-sqlmock"
 	"github.com/tenantpg/tenantpg"
 )
 
@@ -150,4 +151,54 @@ func ExampleNewWorkspaces() {
 	}
 	var n int
 	_ = db.QueryRowContext(context.Background(), "SELECT count(*) FROM contacts").Scan(&n)
+}
+
+// WorkspacesConfig.Open lets a unit test run the code on top of the registry
+// without a server: it hands out go-sqlmock databases, one per workspace
+// DSN, instead of opening them through the driver.
+func ExampleWorkspacesConfig_Open() {
+	// The test's setup: a mock for workspace "abc", with its expectations.
+	mockDB, mock, err := sqlmock.New(sqlmock.QueryMatcherOption(sqlmock.QueryMatcherEqual))
+	if err != nil {
+		log.Fatal(err)
+	}
+	mock.ExpectQuery("SELECT count(*) FROM contacts").
+		WillReturnRows(sqlmock.NewRows([]string{"count"}).AddRow(3))
+	mock.ExpectClose()
+	mocks := map[string]*sql.DB{"postgres://app@localhost:5432/notifuse_ws_abc": mockDB}
+
+	workspaces, err := tenantpg.NewWorkspaces(tenantpg.WorkspacesConfig{
+		DSN: func(id string) (string, error) {
+			return "postgres://app@localhost:5432/notifuse_ws_" + id, nil
+		},
+		Open: func(dsn string) (*sql.DB, error) {
+			if db, ok := mocks[dsn]; ok {
+				return db, nil
+			}
+			return nil, fmt.Errorf("no mock for this workspace")
+		},
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+
+	// The code under test.
+	db, err := workspaces.DB(context.Background(), "abc")
+	if err != nil {
+		log.Fatal(err)
+	}
+	var n int
+	if err := db.QueryRowContext(context.Background(), "SELECT count(*) FROM contacts").Scan(&n); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("contacts:", n)
+
+	// The test's checks: Close closed the mock, and every expectation was met.
+	if err := workspaces.Close(); err != nil {
+		log.Fatal(err)
+	}
+	if err := mock.ExpectationsWereMet(); err != nil {
+		log.Fatal(err)
+	}
+	// Output: contacts: 3
 }

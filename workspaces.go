@@ -20,6 +20,13 @@ type WorkspacesConfig struct {
 	DSN func(id string) (string, error)
 	// Driver opens the databases; default the registered driver.
 	Driver *Driver
+	// Open, when set, opens a workspace's database from the DSN that DSN
+	// returned, instead of Driver.OpenDB. It is the seam for unit tests
+	// without a server: return a go-sqlmock *sql.DB (sqlmock.New, or one
+	// mock per DSN). A database it returns bypasses the driver, and so the
+	// budget, unless it comes from Driver.OpenDB itself. Default nil: the
+	// driver's OpenDB.
+	Open func(dsn string) (*sql.DB, error)
 	// CreateIfMissing, when set, is called once when a workspace's database
 	// does not exist yet (the first connection fails with SQLSTATE 3D000);
 	// the connection is then tried again. It typically runs CREATE DATABASE
@@ -28,10 +35,11 @@ type WorkspacesConfig struct {
 }
 
 // Workspaces maps workspace IDs to their *sql.DB, opening each once, on
-// first use, through the driver's OpenDB, so every workspace shares the
-// driver's budget. It is safe for concurrent use and never holds its lock
-// during network I/O: concurrent first calls for one workspace wait for a
-// single opening, calls for other workspaces do not wait at all.
+// first use, through the driver's OpenDB (or WorkspacesConfig.Open), so
+// every workspace shares the driver's budget. It is safe for concurrent use
+// and never holds its lock during network I/O: concurrent first calls for
+// one workspace wait for a single opening, calls for other workspaces do
+// not wait at all.
 type Workspaces struct {
 	cfg WorkspacesConfig
 
@@ -103,9 +111,13 @@ func (w *Workspaces) openWorkspace(ctx context.Context, id string) (*sql.DB, err
 	if err != nil {
 		return nil, fmt.Errorf("tenantpg: workspace %q: DSN: %w", id, err)
 	}
-	db, err := w.cfg.Driver.OpenDB(dsn)
+	open := w.cfg.Open
+	if open == nil {
+		open = w.cfg.Driver.OpenDB
+	}
+	db, err := open(dsn)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("tenantpg: workspace %q: open: %w", id, err)
 	}
 	if w.cfg.CreateIfMissing == nil {
 		return db, nil

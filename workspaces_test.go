@@ -9,8 +9,12 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
+	"github.com/DATA-DOG/go-sqlmock"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
 )
 
 func TestWorkspacesOpenEachOnce(t *testing.T) {
@@ -114,4 +118,335 @@ func TestWorkspacesCreateIfMissing(t *testing.T) {
 	require.Equal(t, int64(1), created.Load(), "the database is created once")
 	require.NoError(t, ws.Close())
 	e.requireQuiescent()
+}
+
+// The tests below need no server (they run under -short): WorkspacesConfig.Open
+// hands the registry go-sqlmock databases, one per opening. The budget's
+// part stays tested against a real server above.
+
+const mockPassword = "mock-Pa55w0rd-plugh"
+
+// mockOpener is a WorkspacesConfig.Open hook: every call opens a fresh
+// sqlmock database, lets prepare add expectations, and records it.
+type mockOpener struct {
+	t       *testing.T
+	ping    bool // sqlmock.MonitorPingsOption: pings need ExpectPing
+	prepare func(dsn string, m sqlmock.Sqlmock)
+	fail    error // returned instead of a database, when set
+	enter   chan string
+	release chan struct{} // when set, Open waits for it after entering
+
+	mu    sync.Mutex
+	mocks map[string][]sqlmock.Sqlmock // by DSN, in opening order
+}
+
+func newMockOpener(t *testing.T, prepare func(dsn string, m sqlmock.Sqlmock)) *mockOpener {
+	t.Helper()
+	// Every *sql.DB the test opens must be closed by the registry, or its
+	// connection opener goroutine outlives the test.
+	ignore := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, ignore) })
+	return &mockOpener{t: t, prepare: prepare, mocks: map[string][]sqlmock.Sqlmock{}}
+}
+
+func (o *mockOpener) Open(dsn string) (*sql.DB, error) {
+	if o.enter != nil {
+		o.enter <- dsn
+	}
+	if o.release != nil {
+		<-o.release
+	}
+	if o.fail != nil {
+		return nil, o.fail
+	}
+	db, m, err := sqlmock.New(sqlmock.MonitorPingsOption(o.ping))
+	if err != nil {
+		return nil, err
+	}
+	if o.prepare != nil {
+		o.prepare(dsn, m)
+	}
+	o.mu.Lock()
+	o.mocks[dsn] = append(o.mocks[dsn], m)
+	o.mu.Unlock()
+	return db, nil
+}
+
+// opened returns the mocks opened for dsn so far.
+func (o *mockOpener) opened(dsn string) []sqlmock.Sqlmock {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return append([]sqlmock.Sqlmock(nil), o.mocks[dsn]...)
+}
+
+// met checks that every mock opened so far had all its expectations met.
+func (o *mockOpener) met() {
+	o.t.Helper()
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for dsn, ms := range o.mocks {
+		for i, m := range ms {
+			require.NoError(o.t, m.ExpectationsWereMet(), "%s, opening %d", dsn, i)
+		}
+	}
+}
+
+func mockDSN(id string) (string, error) {
+	return "postgres://app:" + mockPassword + "@db.invalid/app_ws_" + id + "?workspace=" + id, nil
+}
+
+func TestWorkspacesMockOpenEachOnce(t *testing.T) {
+	o := newMockOpener(t, func(dsn string, m sqlmock.Sqlmock) {
+		m.ExpectQuery("SELECT 1").WillReturnRows(sqlmock.NewRows([]string{"?column?"}).AddRow(1))
+		m.ExpectClose()
+	})
+	o.enter = make(chan string, 2)
+	o.release = make(chan struct{})
+	var dsnCalls atomic.Int64
+	ws, err := NewWorkspaces(WorkspacesConfig{Open: o.Open, DSN: func(id string) (string, error) {
+		dsnCalls.Add(1)
+		return mockDSN(id)
+	}})
+	require.NoError(t, err)
+	ctx := context.Background()
+
+	const callers = 16
+	var started, wg sync.WaitGroup
+	got := map[string][]*sql.DB{"w1": make([]*sql.DB, callers), "w2": make([]*sql.DB, callers)}
+	for id, dbs := range got {
+		for g := range dbs {
+			started.Add(1)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				started.Done()
+				db, err := ws.DB(ctx, id)
+				require.NoError(t, err)
+				dbs[g] = db
+			}()
+		}
+	}
+	// Both openings are under way, and held, while the other callers arrive.
+	entered := map[string]bool{<-o.enter: true, <-o.enter: true}
+	started.Wait()
+	time.Sleep(10 * time.Millisecond)
+	close(o.release)
+	wg.Wait()
+	w1, _ := mockDSN("w1")
+	w2, _ := mockDSN("w2")
+	require.Equal(t, map[string]bool{w1: true, w2: true}, entered, "two workspaces open side by side")
+	for _, dbs := range got {
+		for _, db := range dbs {
+			require.Same(t, dbs[0], db)
+		}
+	}
+	require.NotSame(t, got["w1"][0], got["w2"][0])
+	require.Len(t, o.opened(w1), 1, "concurrent first calls open the workspace once")
+	require.Len(t, o.opened(w2), 1)
+	require.Equal(t, int64(2), dsnCalls.Load())
+	for _, dbs := range got {
+		var one int
+		require.NoError(t, dbs[0].QueryRowContext(ctx, "SELECT 1").Scan(&one))
+	}
+
+	// CloseWorkspace closes the workspace's database (ExpectClose); the next
+	// DB call opens a new one.
+	o.enter, o.release = nil, nil
+	require.NoError(t, ws.CloseWorkspace("w1"))
+	require.NoError(t, o.opened(w1)[0].ExpectationsWereMet(), "CloseWorkspace closed the database")
+	require.NoError(t, ws.CloseWorkspace("w1"), "closing a closed workspace is a no-op")
+	require.NoError(t, ws.CloseWorkspace("never-opened"))
+	again, err := ws.DB(ctx, "w1")
+	require.NoError(t, err)
+	require.NotSame(t, got["w1"][0], again)
+	require.Len(t, o.opened(w1), 2)
+	var one int
+	require.NoError(t, again.QueryRowContext(ctx, "SELECT 1").Scan(&one))
+
+	// Close closes every open workspace's database.
+	require.NoError(t, ws.Close())
+	o.met()
+	_, err = ws.DB(ctx, "w1")
+	require.ErrorIs(t, err, ErrWorkspacesClosed)
+	require.Len(t, o.opened(w1), 2, "no opening after Close")
+}
+
+func TestWorkspacesMockErrorsNameWorkspace(t *testing.T) {
+	o := newMockOpener(t, nil)
+	errUnknown := errors.New("no such workspace")
+	var dsnCalls atomic.Int64
+	ws, err := NewWorkspaces(WorkspacesConfig{Open: o.Open, DSN: func(id string) (string, error) {
+		dsnCalls.Add(1)
+		if id == "w9" {
+			return "", errUnknown
+		}
+		return mockDSN(id)
+	}})
+	require.NoError(t, err)
+	defer ws.Close()
+	ctx := context.Background()
+
+	for range 2 {
+		_, err = ws.DB(ctx, "w9")
+		require.ErrorIs(t, err, errUnknown)
+		require.ErrorContains(t, err, `workspace "w9"`)
+		require.NotContains(t, err.Error(), mockPassword)
+	}
+	require.Equal(t, int64(2), dsnCalls.Load(), "a failed opening is not remembered")
+	o.mu.Lock()
+	require.Empty(t, o.mocks, "no DSN, no opening")
+	o.mu.Unlock()
+
+	// An error from the Open hook names the workspace too, not its DSN.
+	errOpen := errors.New("open refused")
+	o.fail = errOpen
+	_, err = ws.DB(ctx, "w3")
+	require.ErrorIs(t, err, errOpen)
+	require.ErrorContains(t, err, `workspace "w3"`)
+	dsn, _ := mockDSN("w3")
+	require.NotContains(t, err.Error(), dsn)
+	require.NotContains(t, err.Error(), mockPassword)
+	o.fail = nil
+
+	// The registry's default (the driver's OpenDB) names the workspace
+	// without the DSN or its password when the DSN cannot be parsed.
+	bad, err := NewWorkspaces(WorkspacesConfig{DSN: func(id string) (string, error) {
+		return "postgres://app:" + mockPassword + "@db.invalid:notaport/app_ws_" + id, nil
+	}})
+	require.NoError(t, err)
+	defer bad.Close()
+	_, err = bad.DB(ctx, "w4")
+	require.ErrorContains(t, err, `workspace "w4"`)
+	require.NotContains(t, err.Error(), mockPassword)
+}
+
+// errNoDatabase is what PostgreSQL answers a connection to a database that
+// does not exist.
+func errNoDatabase(name string) error {
+	return &pgconn.PgError{Severity: "FATAL", Code: "3D000", Message: fmt.Sprintf("database %q does not exist", name)}
+}
+
+func TestWorkspacesMockCreateIfMissing(t *testing.T) {
+	o := newMockOpener(t, func(dsn string, m sqlmock.Sqlmock) {
+		if strings.Contains(dsn, "app_ws_fresh") {
+			m.ExpectPing().WillReturnError(errNoDatabase("app_ws_fresh"))
+		}
+		m.ExpectPing()
+		m.ExpectQuery("SELECT 1").WillReturnRows(sqlmock.NewRows([]string{"?column?"}).AddRow(1))
+		m.ExpectClose()
+	})
+	o.ping = true
+	var mu sync.Mutex
+	created := map[string]int{}
+	ws, err := NewWorkspaces(WorkspacesConfig{
+		Open: o.Open,
+		DSN:  mockDSN,
+		CreateIfMissing: func(ctx context.Context, id string) error {
+			mu.Lock()
+			defer mu.Unlock()
+			created[id]++
+			return nil
+		},
+	})
+	require.NoError(t, err)
+	ctx := context.Background()
+
+	var wg sync.WaitGroup
+	for _, id := range []string{"fresh", "fresh", "fresh", "fresh", "existing", "existing"} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := ws.DB(ctx, id)
+			require.NoError(t, err)
+		}()
+	}
+	wg.Wait()
+	for _, id := range []string{"fresh", "existing"} {
+		db, err := ws.DB(ctx, id)
+		require.NoError(t, err)
+		var one int
+		require.NoError(t, db.QueryRowContext(ctx, "SELECT 1").Scan(&one))
+	}
+	require.Equal(t, map[string]int{"fresh": 1}, created,
+		"created once, after the ping failed with 3D000; an existing database is not created")
+	require.NoError(t, ws.Close())
+	o.met()
+}
+
+func TestWorkspacesMockCreateIfMissingFails(t *testing.T) {
+	o := newMockOpener(t, func(dsn string, m sqlmock.Sqlmock) {
+		if strings.Contains(dsn, "app_ws_down") {
+			m.ExpectPing().WillReturnError(errors.New("connection refused"))
+		} else {
+			m.ExpectPing().WillReturnError(errNoDatabase("app_ws_fresh"))
+		}
+		m.ExpectClose() // the registry closes what it could not use
+	})
+	o.ping = true
+	errCreate := errors.New("permission denied to create database")
+	var creates atomic.Int64
+	ws, err := NewWorkspaces(WorkspacesConfig{
+		Open: o.Open,
+		DSN:  mockDSN,
+		CreateIfMissing: func(ctx context.Context, id string) error {
+			creates.Add(1)
+			return errCreate
+		},
+	})
+	require.NoError(t, err)
+	defer ws.Close()
+	ctx := context.Background()
+
+	for range 2 {
+		_, err = ws.DB(ctx, "fresh")
+		require.ErrorIs(t, err, errCreate)
+		require.ErrorContains(t, err, `workspace "fresh": create database`)
+		require.NotContains(t, err.Error(), mockPassword)
+	}
+	require.Equal(t, int64(2), creates.Load(), "a failed creation is not remembered")
+
+	_, err = ws.DB(ctx, "down")
+	require.ErrorContains(t, err, "connection refused")
+	require.Equal(t, int64(2), creates.Load(), "only 3D000 means the database is missing")
+	o.met()
+}
+
+func TestWorkspacesMockCloseWhileOpening(t *testing.T) {
+	o := newMockOpener(t, func(dsn string, m sqlmock.Sqlmock) { m.ExpectClose() })
+	o.enter = make(chan string, 1)
+	o.release = make(chan struct{})
+	ws, err := NewWorkspaces(WorkspacesConfig{Open: o.Open, DSN: mockDSN})
+	require.NoError(t, err)
+	ctx := context.Background()
+
+	done := make(chan error, 1)
+	go func() {
+		_, err := ws.DB(ctx, "w1")
+		done <- err
+	}()
+	dsn := <-o.enter
+	closed := make(chan error, 1)
+	go func() { closed <- ws.Close() }() // waits for the opening
+	require.Eventually(t, func() bool {
+		ws.mu.Lock()
+		defer ws.mu.Unlock()
+		return ws.closed
+	}, 5*time.Second, time.Millisecond)
+	close(o.release)
+	require.ErrorIs(t, <-done, ErrWorkspacesClosed)
+	require.NoError(t, <-closed)
+	require.Len(t, o.opened(dsn), 1)
+	o.met() // the database opened meanwhile was closed
+}
+
+func TestWorkspacesMockCloseReportsErrors(t *testing.T) {
+	o := newMockOpener(t, nil) // no ExpectClose: sqlmock fails the Close
+	ws, err := NewWorkspaces(WorkspacesConfig{Open: o.Open, DSN: mockDSN})
+	require.NoError(t, err)
+	for _, id := range []string{"w1", "w2"} {
+		_, err := ws.DB(context.Background(), id)
+		require.NoError(t, err)
+	}
+	err = ws.Close()
+	require.ErrorContains(t, err, "Close was not expected")
 }
