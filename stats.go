@@ -36,7 +36,7 @@ type Stats struct {
 	WaitCount       uint64            `json:"waitCount"`
 	WaitDuration    time.Duration     `json:"waitDurationNs"`
 	Timeouts        uint64            `json:"timeouts"`
-	Evictions       map[string]uint64 `json:"evictions"`  // by reason: lru, handoff, idle_timeout, lifetime, budget_shrink, broken, driver_closed, server_full
+	Evictions       map[string]uint64 `json:"evictions"`  // by reason: lru, handoff, idle_timeout, lifetime, budget_shrink, broken, driver_closed, server_full, unused
 	DialErrors      map[string]uint64 `json:"dialErrors"` // rejected (server out of slots, SQLSTATE 53300), other
 	ActiveDatabases int               `json:"activeDatabases"`
 
