@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -15,8 +14,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/tenantpg/tenantpg/examples/internal/demo"
 )
 
 const dashboardFile = "grafana-dashboard.json"
@@ -201,20 +198,8 @@ func TestDashboardMatchesScrape(t *testing.T) {
 	_, qs := loadDashboard(t)
 
 	const budget = 6
-	addrc := make(chan string, 1)
-	errc := make(chan error, 1)
-	var out bytes.Buffer
-	go func() {
-		errc <- run(context.Background(), options{addr: "127.0.0.1:0", token: "t0k", workspaces: 30, budget: budget, workers: 8,
-			duration: 3 * time.Second}, &out, func(addr string) { addrc <- addr })
-	}()
-	var addr string
-	select {
-	case addr = <-addrc:
-	case err := <-errc:
-		demo.SkipIfNoServer(t, err)
-		t.Fatalf("example ended before serving: %v\n%s", err, out.String())
-	}
+	r := startExample(t, budget, 3*time.Second)
+	addr := r.addr
 
 	// Scrape until connections have been used and evicted (30 workspaces
 	// with a cap of 3 over a budget of 6 evict by LRU) and callers waited.
@@ -260,8 +245,8 @@ func TestDashboardMatchesScrape(t *testing.T) {
 		t.Errorf("only %d distinct metrics found in the dashboard's queries", len(queried))
 	}
 
-	if err := <-errc; err != nil {
-		t.Fatalf("%v\n%s", err, out.String())
+	if err := <-r.errc; err != nil {
+		t.Fatalf("%v\n%s", err, r.out.String())
 	}
 }
 

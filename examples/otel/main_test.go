@@ -21,20 +21,8 @@ import (
 // and that /stats needs the token.
 func TestScrape(t *testing.T) {
 	const budget = 6
-	addrc := make(chan string, 1)
-	errc := make(chan error, 1)
-	var out bytes.Buffer
-	go func() {
-		errc <- run(context.Background(), options{addr: "127.0.0.1:0", token: "t0k", workspaces: 30, budget: budget, workers: 8,
-			duration: 4 * time.Second}, &out, func(addr string) { addrc <- addr })
-	}()
-	var addr string
-	select {
-	case addr = <-addrc:
-	case err := <-errc:
-		demo.SkipIfNoServer(t, err)
-		t.Fatalf("example ended before serving: %v\n%s", err, out.String())
-	}
+	r := startExample(t, budget, 4*time.Second)
+	addr := r.addr
 
 	// Scrape until connections have been made and returned.
 	var series map[string][]sample
@@ -70,7 +58,7 @@ func TestScrape(t *testing.T) {
 	if total > budget {
 		t.Errorf("connections reported across workspaces: %v, over the budget %d", total, budget)
 	}
-	if strings.Contains(out.String(), demo.Password) {
+	if strings.Contains(r.out.String(), demo.Password) {
 		t.Error("the output contains the password")
 	}
 
@@ -95,8 +83,8 @@ func TestScrape(t *testing.T) {
 		t.Errorf("/stats: %v, limit %d", err, s.Limit)
 	}
 
-	if err := <-errc; err != nil {
-		t.Fatalf("%v\n%s", err, out.String())
+	if err := <-r.errc; err != nil {
+		t.Fatalf("%v\n%s", err, r.out.String())
 	}
 }
 
@@ -137,4 +125,31 @@ func scrape(t *testing.T, url string) map[string][]sample {
 		out[name] = append(out[name], sample{labels: labels, value: v})
 	}
 	return out
+}
+
+// exampleRun is the example serving in the background for a test.
+type exampleRun struct {
+	addr string
+	errc chan error
+	out  bytes.Buffer
+}
+
+// startExample runs the example (30 workspaces, 8 workers, the given
+// budget, for d) and returns once it serves; it skips the test when no
+// PostgreSQL is available outside CI.
+func startExample(t *testing.T, budget int, d time.Duration) *exampleRun {
+	t.Helper()
+	r := &exampleRun{errc: make(chan error, 1)}
+	addrc := make(chan string, 1)
+	go func() {
+		r.errc <- run(context.Background(), options{addr: "127.0.0.1:0", token: "t0k", workspaces: 30, budget: budget, workers: 8,
+			duration: d}, &r.out, func(addr string) { addrc <- addr })
+	}()
+	select {
+	case r.addr = <-addrc:
+	case err := <-r.errc:
+		demo.SkipIfNoServer(t, err)
+		t.Fatalf("example ended before serving: %v\n%s", err, r.out.String())
+	}
+	return r
 }
