@@ -315,7 +315,6 @@ type smReaper struct{}
 type smCov struct {
 	evictions, lruCompared, waits, handoffs, growth, patience, reconfigures, demotions, drains     int
 	starving, reaps, rejections, reuses, discards, shrinks, unused, closes, timeouts, dialFailures int
-	reservedOverBudget                                                                             int
 }
 
 // smExpect is what the sub-step under way must do.
@@ -1249,7 +1248,7 @@ func (m *stateMachine) check() {
 	defer b.mu.Unlock()
 	m.locked = true
 	defer func() { m.locked = false }()
-	if err := b.checkInvariantsLocked(); err != nil && !m.reservedIdleOverBudget(err) {
+	if err := b.checkInvariantsLocked(); err != nil {
 		m.fail("invariant: %v", err)
 	}
 	// Timers: every one armed belongs to the reaper or to a waiter.
@@ -1475,38 +1474,6 @@ func (m *stateMachine) check() {
 				D.ws, q, n, time.Duration(D.useTime), dt)
 		}
 	}
-}
-
-// reservedIdleOverBudget excuses one report of checkInvariantsLocked:
-// "open over the budget with idle backends" after a lowered budget, when
-// every idle backend sits within its database's reservation, where closing
-// it would free no shared token (the reservation is the database's to keep;
-// the busy shared backends are closed as they come back). The checks the
-// helper skips after it returns that report are made here instead.
-func (m *stateMachine) reservedIdleOverBudget(err error) bool {
-	if !strings.Contains(err.Error(), "over the budget") || !m.lowered {
-		return false
-	}
-	for _, mb := range m.alive {
-		if mb.state == smIdle && m.live(mb.db) > mb.db.reserved {
-			return false
-		}
-	}
-	b := m.b
-	for _, l := range [2]*list[database, dbInRecency]{&b.recency.probation, &b.recency.protected} {
-		for x := l.front; x != nil; x = l.next(x) {
-			if x.protected != (l == &b.recency.protected) {
-				m.fail("database %q in the wrong segment", x.workspace)
-			}
-		}
-	}
-	for w := b.queue.front; w != nil; w = b.queue.next(w) {
-		if w.claim != nil && w.claim.claim != w {
-			m.fail("a waiter of %q claims a token promised elsewhere", w.db.workspace)
-		}
-	}
-	m.cov.reservedOverBudget++
-	return true
 }
 
 // checkCloseReturn: Driver.Close returns once every socket has drained,
