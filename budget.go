@@ -35,8 +35,11 @@ import (
 // network I/O: backends chosen for closing under the lock are queued in
 // toClose and closed by unlock.
 type budget struct {
-	clock clock     // set once by newBudget
-	io    backendIO // set once by newBudget
+	// Set once by newBudget, read without the lock.
+	clock         clock
+	io            backendIO
+	handoffAfter  time.Duration
+	livenessAfter time.Duration
 
 	mu sync.Mutex
 
@@ -46,8 +49,6 @@ type budget struct {
 	lifetime       time.Duration
 	idleTimeout    time.Duration
 	acquireTimeout time.Duration
-	handoffAfter   time.Duration
-	livenessAfter  time.Duration
 
 	// Token accounting; guarded by mu.
 	reserved    int // Σ database.reserved
@@ -109,18 +110,22 @@ type waiter struct {
 	ready chan struct{} // closed once served (be or tok set) or failed (err set)
 
 	// Guarded by budget.mu.
-	done    bool     // out of the queues: served, failed or given up
-	be      *backend // served with a backend another caller checked in
-	tok     *token   // served with a token: dial
-	err     error
-	seeking bool   // in the budget's queue: it is to dial when it gets a token
-	claim   *token // a closing backend's token promised to this waiter
+	done  bool     // out of the queues: served, failed or given up
+	be    *backend // served with a backend another caller checked in
+	tok   *token   // served with a token: dial
+	err   error
+	claim *token // a closing backend's token promised to this waiter
 	// patience fires when the waiter has waited as long as a dial takes:
 	// waiting has then cost more than dialing would have.
 	patience timer
 
 	inDB, inBudget links[waiter]
 }
+
+// seekingLocked reports whether w is in the budget's queue: it is to dial
+// as soon as it gets a token, unless a backend of its database is checked
+// in first.
+func (w *waiter) seekingLocked() bool { return w.inBudget.listed }
 
 type waiterInDBQueue struct{}
 
@@ -237,11 +242,11 @@ func (b *budget) unlock() {
 	}
 }
 
-// settings returns what a connector needs outside the lock.
-func (b *budget) settings() (acquireTimeout, livenessAfter time.Duration) {
+// timeout returns the acquire timeout.
+func (b *budget) timeout() time.Duration {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.acquireTimeout, b.livenessAfter
+	return b.acquireTimeout
 }
 
 // capLocked returns d's cap; guarded by mu.
@@ -271,13 +276,6 @@ func (b *budget) names(d *database) (workspace, name string) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return d.workspace, d.name
-}
-
-// dbCap returns d's cap, for a caller outside the lock.
-func (b *budget) dbCap(d *database) int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.capLocked(d)
 }
 
 // roomLocked reports whether d may take a token now without evicting.
@@ -366,12 +364,16 @@ func (b *budget) register(p *dsnParams) (*database, error) {
 	return d, nil
 }
 
-// retain and release count the handles and connectors that use d, which
-// keep its state alive.
-func (b *budget) retain(d *database) {
+// retain counts a handle that uses d, which keeps its state alive; it fails
+// once the driver is closed. unregister undoes it.
+func (b *budget) retain(d *database) error {
 	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return errDriverClosed
+	}
 	d.refs++
-	b.mu.Unlock()
+	return nil
 }
 
 func (b *budget) unregister(d *database) {
@@ -424,7 +426,7 @@ func (b *budget) take(d *database, now time.Time) (*backend, *waiter, error) {
 	if !w.done {
 		b.waitCount++ // not served at once: it waits
 	}
-	if !w.seeking && !w.done {
+	if !w.seekingLocked() && !w.done {
 		w.patience = b.clock.AfterFunc(b.dialCostLocked(d), func() { b.impatient(w) })
 	}
 	b.unlock()
@@ -510,7 +512,7 @@ func (b *budget) await(ctx, caller context.Context, w *waiter) (*backend, *token
 func (b *budget) impatient(w *waiter) {
 	b.mu.Lock()
 	d := w.db
-	if !w.done && !w.seeking && d.open-d.closing+d.seeking < b.capLocked(d) {
+	if !w.done && !w.seekingLocked() && d.open-d.closing+d.seeking < b.capLocked(d) {
 		b.seekLocked(w)
 	}
 	b.unlock()
@@ -524,7 +526,7 @@ func (b *budget) dequeueLocked(w *waiter) {
 	}
 	d.waiters.remove(w)
 	b.waiting--
-	if w.seeking {
+	if w.seekingLocked() {
 		b.unseekLocked(w)
 	}
 }
@@ -532,7 +534,6 @@ func (b *budget) dequeueLocked(w *waiter) {
 // unseekLocked takes w out of the budget's queue, dropping any claim; it
 // stays queued on its database.
 func (b *budget) unseekLocked(w *waiter) {
-	w.seeking = false
 	w.db.seeking--
 	b.queue.remove(w)
 	if w.claim != nil {
@@ -578,7 +579,6 @@ func (b *budget) dialingLocked(d *database) {
 // is to dial a backend as soon as it gets a token, unless a backend of its
 // database is checked in first.
 func (b *budget) seekLocked(w *waiter) {
-	w.seeking = true
 	w.db.seeking++
 	b.queue.pushBack(w)
 	b.serveQueueLocked()
@@ -593,7 +593,7 @@ func (b *budget) growLocked(d *database) {
 	now := b.clock.Now()
 	for d.waiters.len > d.seeking && b.shouldDialLocked(d, now) {
 		w := d.waiters.front
-		for w.seeking {
+		for w.seekingLocked() {
 			w = d.waiters.next(w)
 		}
 		d.waitDebt = 0 // the new backend pays for the waits so far

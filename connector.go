@@ -217,10 +217,9 @@ func (c *connector) Close() error {
 // when database/sql starts using it.
 func (c *connector) Connect(context.Context) (driver.Conn, error) {
 	b := c.drv.b
-	if b.isClosed() {
-		return nil, errDriverClosed
+	if err := b.retain(c.db); err != nil {
+		return nil, err
 	}
-	b.retain(c.db)
 	return &conn{cn: c, b: b}, nil
 }
 
@@ -271,7 +270,7 @@ const pingAfter = time.Second
 // handle out under a context that never ends.
 func (c *connector) wait(ctx context.Context, w *waiter) (*backend, error) {
 	b := c.drv.b
-	timeout, _ := b.settings()
+	timeout := b.timeout()
 	caller := ctx
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()

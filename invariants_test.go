@@ -57,10 +57,10 @@ func (b *budget) checkInvariantsLocked() error {
 			if w.db != d || w.done {
 				return fmt.Errorf("database %q: a served or foreign waiter queued", d.workspace)
 			}
-			if w.seeking != b.queue.contains(w) {
-				return fmt.Errorf("database %q: a waiter seeking %v, in the budget's queue %v", d.workspace, w.seeking, b.queue.contains(w))
+			if w.seekingLocked() != b.queue.contains(w) {
+				return fmt.Errorf("database %q: a waiter seeking %v, in the budget's queue %v", d.workspace, w.seekingLocked(), b.queue.contains(w))
 			}
-			if w.seeking {
+			if w.seekingLocked() {
 				dbSeeking++
 			}
 		}

@@ -983,7 +983,7 @@ func (m *stateMachine) observe() {
 		m.preQueue = append(m.preQueue, sw)
 	}
 	for _, sw := range m.waiters {
-		sw.preSeeking, sw.preClaim, sw.granted = sw.w.seeking, sw.w.claim != nil, false
+		sw.preSeeking, sw.preClaim, sw.granted = sw.w.seekingLocked(), sw.w.claim != nil, false
 	}
 	m.preOpen, m.preShared, m.preReserved = b.open, b.sharedInUse, m.reservedSum()
 	m.preLive = map[*smDB]int{}
@@ -1446,7 +1446,7 @@ func (m *stateMachine) check() {
 		}
 		starts := 0
 		for _, sw := range append(m.waitersOf(D), m.grantedNow...) {
-			if sw.db == D && sw != m.exp.patience && !sw.preSeeking && (sw.granted || sw.w.seeking) {
+			if sw.db == D && sw != m.exp.patience && !sw.preSeeking && (sw.granted || sw.w.seekingLocked()) {
 				starts++
 			}
 		}
@@ -1593,7 +1593,11 @@ func (m *stateMachine) take(D *smDB, dead bool) (got *smBackend, queued *smWaite
 			if !retained {
 				retained = true
 				D.handles++
-				m.b.retain(D.d)
+				// A handle of the model; after Close the driver's retain
+				// refuses, and take fails the same way below.
+				m.b.mu.Lock()
+				D.d.refs++
+				m.b.mu.Unlock()
 			}
 			now := m.clk.Now()
 			if idle := m.idleOf(D); len(idle) > 0 {
@@ -1647,7 +1651,7 @@ func (m *stateMachine) queue(D *smDB, w *waiter, now time.Time) *smWaiter {
 	m.exp.grow = []*smDB{D}
 	b := m.b
 	b.mu.Lock()
-	seeking, done, pt := w.seeking, w.done, w.patience
+	seeking, done, pt := w.seekingLocked(), w.done, w.patience
 	b.mu.Unlock()
 	m.logf("waits as w%d (seeking %v, served %v)", sw.id, seeking, done)
 	if !done {
@@ -1940,12 +1944,12 @@ func (m *stateMachine) runTimer(t *smTimer) {
 			m.exp.patience = sw
 			b := m.b
 			b.mu.Lock()
-			waiting := !sw.w.done && !sw.w.seeking
+			waiting := !sw.w.done && !sw.w.seekingLocked()
 			want := waiting && sw.db.d != nil && m.live(sw.db)+sw.db.d.seeking < m.capOf(sw.db)
 			b.mu.Unlock()
 			t.f()
 			b.mu.Lock()
-			seeks := waiting && (sw.w.seeking || sw.w.done)
+			seeks := waiting && (sw.w.seekingLocked() || sw.w.done)
 			b.mu.Unlock()
 			if seeks != want {
 				m.fail("w%d: impatient made it seek %v; the model %v", sw.id, seeks, want)
