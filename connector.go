@@ -258,7 +258,13 @@ func (c *connector) alive(ctx context.Context, be *backend, now time.Time) bool 
 	if be.tok.sock != nil && be.tok.sock.peerGone() {
 		return false
 	}
-	return idle < pingAfter || be.pc.Conn().PgConn().Ping(ctx) == nil
+	if idle < pingAfter || ctx.Err() != nil {
+		// A caller whose context has ended gets the backend unchecked: pgx
+		// fails its statement before any I/O, and a ping would fail the
+		// same way and have a healthy backend discarded.
+		return true
+	}
+	return be.pc.Conn().PgConn().Ping(ctx) == nil
 }
 
 // pingAfter is how long a backend must have been idle before its checkout

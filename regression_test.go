@@ -215,3 +215,40 @@ func mustCheckout(t testing.TB, b *budget, d *database) *backend {
 	require.NotNil(t, be)
 	return be
 }
+
+// TestCancelledCallerDoesNotDiscardIdleBackends: a checkout pings a backend
+// idle for more than pingAfter. A caller whose context has already ended
+// made that ping fail without I/O, and the healthy backend was discarded as
+// broken; with several idle backends the checkout loop discarded them all.
+func TestCancelledCallerDoesNotDiscardIdleBackends(t *testing.T) {
+	e := newEnv(t, 1, Config{MaxConnections: 3, MaxConnectionsPerDB: 3})
+	db := e.open(0)
+	queryOne(t, db)
+	b := e.drv.b
+	b.mu.Lock()
+	for _, d := range b.dbs {
+		for be := d.idleBackends.front; be != nil; be = d.idleBackends.next(be) {
+			be.idleSince = be.idleSince.Add(-2 * pingAfter) // long idle: the checkout pings it
+		}
+	}
+	b.mu.Unlock()
+
+	// database/sql checks the context before it asks for a connection; a
+	// Pool does not, and a context can end between that check and the ping.
+	pool, err := e.drv.OpenPool(e.dsn(0, "workspace=ws0"))
+	require.NoError(t, err)
+	defer pool.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	pc, err := pool.Acquire(ctx)
+	require.NoError(t, err, "the backend is handed over unchecked")
+	var one int
+	require.ErrorIs(t, pc.Conn().QueryRow(ctx, "SELECT 1").Scan(&one), context.Canceled)
+	pc.Release()
+	s := e.drv.Stats()
+	require.Zero(t, s.Evictions["broken"], "a healthy backend was discarded")
+	require.Equal(t, 1, s.Open)
+	queryOne(t, db)
+	require.Equal(t, uint64(1), e.drv.Stats().Dials)
+	e.requireQuiescent()
+}
