@@ -468,10 +468,12 @@ func (b *budget) await(ctx, caller context.Context, w *waiter) (*backend, *token
 			b.growLocked(d)
 		}
 	} else {
+		if !w.seekingLocked() {
+			d.owe(now.Sub(w.since), now) // it waited for a backend of d
+		}
 		b.dequeueLocked(w)
 		w.done = true // out of the queues: a patience timer that fired meanwhile must not queue it again
 		b.waitDuration += now.Sub(w.since)
-		d.owe(now.Sub(w.since), now)
 		// It may have been the one to dial for those queued behind it.
 		b.growLocked(d)
 	}
@@ -546,7 +548,6 @@ func (b *budget) unseekLocked(w *waiter) {
 func (b *budget) serveLocked(w *waiter, now time.Time) {
 	b.dequeueLocked(w)
 	b.waitDuration += now.Sub(w.since)
-	w.db.owe(now.Sub(w.since), now)
 	w.done = true
 	close(w.ready)
 }
@@ -563,6 +564,10 @@ func (b *budget) grantLocked(w *waiter, now time.Time) {
 // handOverLocked gives w the backend be, which another caller of the same
 // database is checking in: no dial, no eviction.
 func (b *budget) handOverLocked(w *waiter, be *backend, now time.Time) {
+	// Only waits for a backend of the database count as its debt: a wait for
+	// a token measures the budget, not whether the database needs another
+	// backend.
+	w.db.owe(now.Sub(w.since), now)
 	b.handoffs++
 	b.checkoutLocked(be, now)
 	w.be = be
