@@ -143,9 +143,10 @@ func OpenDB(dsn string) (*sql.DB, error) { return defaultDriver.OpenDB(dsn) }
 // OpenDB opens dsn through d. database/sql's connections are handles that
 // hold a backend only while in use, so it leaves database/sql's open limit
 // unset: every caller gets a handle and queues in the driver, in arrival
-// order, where the driver sees the demand and decides whether the database
-// needs another backend. database/sql's own queue would hide that demand
-// (and serves its waiters in random order). It keeps as many idle handles
+// order, where the driver sees the whole queue when it decides whether the
+// database needs another backend. With the limit at the cap, database/sql
+// queues the callers beyond it itself and hands a returned handle to a
+// waiter chosen at random. It keeps as many idle handles
 // as the budget has tokens, so that a busy database does not allocate a
 // handle per query.
 func (d *Driver) OpenDB(dsn string) (*sql.DB, error) {
