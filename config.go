@@ -1,6 +1,7 @@
 package tenantpg
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -61,6 +62,15 @@ type Config struct {
 	// MeterProvider (otel.GetMeterProvider), which is a no-op until the
 	// application installs one.
 	MeterProvider metric.MeterProvider
+	// ResolveWorkspace maps a workspace id to the DSN of its database, for
+	// a *sql.DB or Pool opened with a {workspace} DSN (see WithWorkspace)
+	// whose workspaces do not all follow its pattern. It is called the
+	// first time such a *sql.DB serves a workspace, possibly by several
+	// callers at once, and what it returns is kept until the *sql.DB is
+	// closed. An empty DSN means the pattern applies; an error fails the
+	// caller. Default nil: the pattern applies to every workspace.
+	ResolveWorkspace func(ctx context.Context, workspace string) (dsn string, err error)
+
 	// Logger receives one line per eviction batch (Debug), budget
 	// exhaustion, server rejection and dial failure (Warn). Nil: no
 	// logging. No line contains a password or a DSN.

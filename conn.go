@@ -19,8 +19,15 @@ import (
 // database/sql serialises its calls on one connection, so the fields need
 // no lock.
 type conn struct {
-	cn *connector
-	b  *budget
+	b *budget
+	// A handle serves one database (fixed) or, under a {workspace} DSN,
+	// the workspace each checkout's context names (router).
+	fixed  *connector
+	router *router
+	// ws is the workspace a router's handle is on for the current
+	// database/sql checkout: named by the context of Connect or
+	// ResetSession, or of the first call. Calls that name another fail.
+	ws string
 
 	be *backend // nil between checkouts
 	// pending is a checkout that failed in ResetSession. database/sql
@@ -44,6 +51,11 @@ var (
 
 // backend returns the handle's backend, checking one out on first use.
 func (c *conn) backend(ctx context.Context) (*backend, error) {
+	if c.router != nil {
+		if err := c.bind(ctx); err != nil {
+			return nil, err
+		}
+	}
 	if be := c.be; be != nil {
 		return be, nil
 	}
@@ -51,7 +63,14 @@ func (c *conn) backend(ctx context.Context) (*backend, error) {
 		c.pending = nil
 		return nil, err
 	}
-	be, err := c.cn.checkout(ctx)
+	cn := c.fixed
+	if c.router != nil {
+		var err error
+		if cn, err = c.router.connector(ctx, c.ws); err != nil {
+			return nil, err
+		}
+	}
+	be, err := cn.checkout(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -59,13 +78,35 @@ func (c *conn) backend(ctx context.Context) (*backend, error) {
 	return be, nil
 }
 
+// bind puts a router's handle on the workspace ctx names, or checks that
+// the handle is already on it.
+func (c *conn) bind(ctx context.Context) error {
+	ws, ok := WorkspaceFromContext(ctx)
+	switch {
+	case !ok && c.ws == "":
+		return ErrNoWorkspace
+	case !ok || ws == c.ws:
+		return nil
+	case c.ws == "":
+		c.ws = ws
+		return nil
+	}
+	return &WorkspaceMismatchError{Bound: c.ws, Requested: ws}
+}
+
 // ResetSession is database/sql's checkout of the handle, with the caller's
 // context.
 func (c *conn) ResetSession(ctx context.Context) error {
-	if c.be == nil {
-		if _, err := c.backend(ctx); err != nil {
-			c.pending = err
+	if c.be != nil {
+		return nil
+	}
+	if c.router != nil {
+		if c.ws, _ = WorkspaceFromContext(ctx); c.ws == "" {
+			return nil // the first call names it
 		}
+	}
+	if _, err := c.backend(ctx); err != nil {
+		c.pending = err
 	}
 	return nil
 }
@@ -74,6 +115,7 @@ func (c *conn) ResetSession(ctx context.Context) error {
 // The handle stays valid until the driver is closed.
 func (c *conn) IsValid() bool {
 	c.pending = nil
+	c.ws = ""
 	if be := c.be; be != nil {
 		c.be = nil
 		c.b.checkin(be)
@@ -94,7 +136,9 @@ func (c *conn) Close() error {
 		c.be = nil
 		c.b.checkin(be)
 	}
-	c.b.unregister(c.cn.db)
+	if c.fixed != nil {
+		c.b.unregister(c.fixed.db)
+	}
 	return nil
 }
 
@@ -107,6 +151,13 @@ func (c *conn) Prepare(query string) (driver.Stmt, error) {
 // executed. pgx's statement cache prepares it on each backend the first
 // time it runs there, so nothing is left to deallocate on Close.
 func (c *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, error) {
+	if c.router != nil && c.be == nil {
+		if _, named := WorkspaceFromContext(ctx); !named && c.ws == "" {
+			// db.Prepare at start-up, before any workspace: the statement
+			// is checked by the server when it first runs.
+			return &stmt{conn: c, query: query, numInput: -1}, nil
+		}
+	}
 	be, err := c.backend(ctx)
 	if err != nil {
 		return nil, err

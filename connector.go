@@ -220,7 +220,7 @@ func (c *connector) Connect(context.Context) (driver.Conn, error) {
 	if err := b.retain(c.db); err != nil {
 		return nil, err
 	}
-	return &conn{cn: c, b: b}, nil
+	return &conn{fixed: c, b: b}, nil
 }
 
 // checkout gets a backend of the connector's database for a handle: an idle

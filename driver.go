@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	"sync"
+	"sync/atomic"
 
 	"github.com/jackc/pgx/v5/stdlib"
 	"go.opentelemetry.io/otel/metric"
@@ -21,6 +22,10 @@ type Driver struct {
 	metricsSet    bool
 	meterProvider metric.MeterProvider
 	name          string
+
+	// resolve is Config.ResolveWorkspace, read on a router's first
+	// checkout of each workspace.
+	resolve atomic.Pointer[func(context.Context, string) (string, error)]
 }
 
 var (
@@ -54,6 +59,7 @@ func NewDriver(cfg Config) (*Driver, error) {
 		return nil, err
 	}
 	d := &Driver{b: newBudget(cfg, realClock{}, pgxIO{})}
+	d.setResolver(cfg.ResolveWorkspace)
 	if err := d.setupMetrics(cfg.MeterProvider, cfg.Name); err != nil {
 		return nil, err
 	}
@@ -80,6 +86,7 @@ func (d *Driver) Configure(cfg Config) error {
 		return err
 	}
 	d.envPending = false
+	d.setResolver(cfg.ResolveWorkspace)
 	return d.setupMetrics(cfg.MeterProvider, cfg.Name)
 }
 
@@ -111,9 +118,13 @@ func (d *Driver) Open(dsn string) (driver.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
+	cn, ok := c.(*connector)
+	if !ok {
+		return nil, &DSNError{Reason: "a " + WorkspacePlaceholder + " DSN serves many databases: open it with sql.Open or OpenDB, not Driver.Open"}
+	}
 	// The handle keeps its database's state alive on its own.
-	defer c.(*connector).Close()
-	return c.Connect(context.Background())
+	defer cn.Close()
+	return cn.Connect(context.Background())
 }
 
 // OpenConnector parses dsn and returns a connector for its database. Every
@@ -128,6 +139,14 @@ func (d *Driver) OpenConnector(dsn string) (driver.Connector, error) {
 	if err != nil {
 		return nil, err
 	}
+	if p.routed {
+		return &router{drv: d, tmpl: p}, nil
+	}
+	return d.newConnector(p)
+}
+
+// newConnector registers p's database and returns its connector.
+func (d *Driver) newConnector(p *dsnParams) (*connector, error) {
 	db, err := d.b.register(p)
 	if err != nil {
 		return nil, err
@@ -135,6 +154,22 @@ func (d *Driver) OpenConnector(dsn string) (driver.Connector, error) {
 	cfg := p.cfg
 	cfg.DialFunc = trackedDial(cfg.DialFunc)
 	return &connector{drv: d, db: db, inner: stdlib.GetConnector(*cfg)}, nil
+}
+
+// resolver returns Config.ResolveWorkspace as last configured.
+func (d *Driver) resolver() func(context.Context, string) (string, error) {
+	if f := d.resolve.Load(); f != nil {
+		return *f
+	}
+	return nil
+}
+
+func (d *Driver) setResolver(f func(context.Context, string) (string, error)) {
+	if f == nil {
+		d.resolve.Store(nil)
+		return
+	}
+	d.resolve.Store(&f)
 }
 
 // OpenDB opens dsn through the registered driver. See (*Driver).OpenDB.

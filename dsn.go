@@ -40,6 +40,9 @@ type dsnParams struct {
 	workspace string
 	maxConns  int // 0: the driver's per-database default
 	reserved  int
+	// routed: the database name holds WorkspacePlaceholder, and the
+	// workspace comes from each caller's context.
+	routed bool
 }
 
 // parseDSN parses a URL or keyword/value DSN. Errors name the workspace when
@@ -91,8 +94,26 @@ func parseDSN(dsn string) (*dsnParams, error) {
 				k, paramWorkspace, paramMaxConns, paramReserved))
 		}
 	}
+	p.routed = strings.Contains(cfg.Database, WorkspacePlaceholder)
+	if !p.routed && placeholderIn(dsn) {
+		return nil, fail("the " + WorkspacePlaceholder + " placeholder is replaced only in the database name")
+	}
+	if p.routed {
+		if _, ok := cfg.RuntimeParams[paramWorkspace]; ok || p.workspace != cfg.Database {
+			return nil, fail("the workspace parameter cannot be used with " + WorkspacePlaceholder + ": the workspace comes from the caller's context")
+		}
+		if p.reserved > 0 {
+			return nil, fail(paramReserved + " cannot be used with " + WorkspacePlaceholder + ": it would reserve connections for every workspace")
+		}
+	}
 	p.key = dbKey{host: cfg.Host, port: cfg.Port, user: cfg.User, database: cfg.Database}
 	return p, nil
+}
+
+// placeholderIn reports whether dsn holds WorkspacePlaceholder, escaped
+// or not.
+func placeholderIn(dsn string) bool {
+	return strings.Contains(dsn, WorkspacePlaceholder) || strings.Contains(strings.ToLower(dsn), "%7bworkspace%7d")
 }
 
 func validWorkspace(ws string) string {

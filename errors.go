@@ -92,6 +92,27 @@ func (e *DSNError) Error() string {
 	return fmt.Sprintf("tenantpg: workspace %q: invalid DSN: %s", e.Workspace, e.Reason)
 }
 
+// ErrNoWorkspace is returned by a call on a *sql.DB or Pool opened with a
+// {workspace} DSN when the call's context names no workspace: such a
+// database has no default. Name one with WithWorkspace.
+var ErrNoWorkspace = errors.New("tenantpg: the context names no workspace; this database serves every workspace of its " +
+	WorkspacePlaceholder + " DSN: pass tenantpg.WithWorkspace(ctx, id)")
+
+// WorkspaceMismatchError is returned when a call names a workspace other
+// than the one its connection is on: a transaction, a *sql.Conn or Raw
+// stays on the workspace it started on.
+type WorkspaceMismatchError struct {
+	Bound     string // the workspace the connection is on
+	Requested string // the workspace the call's context names
+}
+
+func (e *WorkspaceMismatchError) Error() string {
+	return fmt.Sprintf("tenantpg: the context names workspace %q, but this connection (a transaction, *sql.Conn or Raw) is on workspace %q",
+		e.Requested, e.Bound)
+}
+
+var errDBClosed = errors.New("tenantpg: database closed")
+
 // ConfigError reports an invalid setting in Config or in the environment.
 type ConfigError struct {
 	Field  string // the Config field or environment variable

@@ -14,7 +14,11 @@ import (
 // handles, so a service that mixes both APIs still has one budget; a backend
 // checked in by one API is reused by the other.
 type Pool struct {
-	cn     *connector
+	b *budget
+	// One database (fixed) or, under a {workspace} DSN, the workspace each
+	// Acquire's context names (router).
+	fixed  *connector
+	router *router
 	closed atomic.Bool
 }
 
@@ -40,31 +44,56 @@ func (d *Driver) OpenPool(dsn string) (*Pool, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Pool{cn: c.(*connector)}, nil
+	p := &Pool{b: d.b}
+	switch c := c.(type) {
+	case *connector:
+		p.fixed = c
+	case *router:
+		p.router = c
+	}
+	return p, nil
 }
 
 // Acquire checks out a backend: an idle one of the database, one another
 // caller checks in, or a new one, waiting within ctx and the driver's
 // AcquireTimeout. Its errors are those of database/sql's path:
 // *BudgetError (ErrBudgetExhausted), *ConnectError, or the driver closed.
-// Call Release when done; until then the backend is never evicted.
+// Call Release when done; until then the backend is never evicted. A
+// Pool opened with a {workspace} DSN acquires from the workspace ctx names
+// (WithWorkspace), and fails with ErrNoWorkspace when it names none.
 func (p *Pool) Acquire(ctx context.Context) (*PoolConn, error) {
 	if p.closed.Load() {
 		return nil, errPoolClosed
 	}
-	be, err := p.cn.checkout(ctx)
+	cn := p.fixed
+	if p.router != nil {
+		ws, ok := WorkspaceFromContext(ctx)
+		if !ok {
+			return nil, ErrNoWorkspace
+		}
+		var err error
+		if cn, err = p.router.connector(ctx, ws); err != nil {
+			return nil, err
+		}
+	}
+	be, err := cn.checkout(ctx)
 	if err != nil {
 		return nil, err
 	}
-	return &PoolConn{b: p.cn.drv.b, be: be}, nil
+	return &PoolConn{b: p.b, be: be}, nil
 }
 
 // Close releases the pool's share of its database's state. Backends checked
 // out keep working until released, and are closed then if nothing else
 // uses the database.
 func (p *Pool) Close() {
-	if p.closed.CompareAndSwap(false, true) {
-		_ = p.cn.Close()
+	if !p.closed.CompareAndSwap(false, true) {
+		return
+	}
+	if p.fixed != nil {
+		_ = p.fixed.Close()
+	} else {
+		_ = p.router.Close()
 	}
 }
 

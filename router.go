@@ -1,0 +1,162 @@
+package tenantpg
+
+import (
+	"context"
+	"database/sql/driver"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+)
+
+// Context routing: one *sql.DB (or Pool) for every workspace. Its DSN names
+// the database with a {workspace} placeholder, and each checkout goes to the
+// workspace its caller's context names.
+
+// WorkspacePlaceholder in the database name of a DSN makes the *sql.DB
+// opened with it serve every workspace: each call's database is the name
+// with the placeholder replaced by the workspace of the call's context (see
+// WithWorkspace), for example postgres://app:pw@db/ws_{workspace}.
+const WorkspacePlaceholder = "{workspace}"
+
+// maxIdentifierLen is PostgreSQL's NAMEDATALEN-1: the server truncates a
+// longer database name without a word, and would connect to another
+// workspace's database if two names share their first 63 bytes.
+const maxIdentifierLen = 63
+
+type workspaceKey struct{}
+
+// WithWorkspace returns a context that names workspace id. A *sql.DB or Pool
+// opened with a {workspace} DSN serves each call from the database of the
+// workspace its context names, for example
+//
+//	db.QueryContext(tenantpg.WithWorkspace(ctx, "abc"), "SELECT ...")
+//	gormDB.WithContext(tenantpg.WithWorkspace(ctx, "abc")).Find(&rows)
+//
+// Databases opened with a DSN of one database ignore it.
+func WithWorkspace(ctx context.Context, id string) context.Context {
+	return context.WithValue(ctx, workspaceKey{}, id)
+}
+
+// WorkspaceFromContext returns the workspace that ctx names, if any.
+func WorkspaceFromContext(ctx context.Context) (string, bool) {
+	id, ok := ctx.Value(workspaceKey{}).(string)
+	return id, ok
+}
+
+// router is the driver.Connector of a {workspace} DSN: a connector per
+// workspace, made the first time a caller names it and kept until the
+// *sql.DB is closed.
+type router struct {
+	drv  *Driver
+	tmpl *dsnParams // the parsed DSN; its database name holds the placeholder
+
+	// routes maps a workspace id to its *connector. Read without mu on
+	// every checkout; written under mu.
+	routes sync.Map
+
+	mu     sync.Mutex
+	closed bool // guarded by mu
+}
+
+var (
+	_ driver.Connector = (*router)(nil)
+	_ io.Closer        = (*router)(nil)
+)
+
+func (r *router) Driver() driver.Driver { return r.drv }
+
+// Connect returns a handle bound to no workspace yet. database/sql calls
+// it with the context of the call that will use the handle first, which
+// binds it, so that a *sql.Conn taken with db.Conn(ctx) stays on ctx's
+// workspace.
+func (r *router) Connect(ctx context.Context) (driver.Conn, error) {
+	r.mu.Lock()
+	closed := r.closed
+	r.mu.Unlock()
+	if closed {
+		return nil, errDBClosed
+	}
+	c := &conn{b: r.drv.b, router: r}
+	c.ws, _ = WorkspaceFromContext(ctx)
+	return c, nil
+}
+
+// connector returns workspace ws's connector, making it on first use.
+func (r *router) connector(ctx context.Context, ws string) (*connector, error) {
+	if v, ok := r.routes.Load(ws); ok {
+		return v.(*connector), nil
+	}
+	p, err := r.params(ctx, ws)
+	if err != nil {
+		return nil, err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return nil, errDBClosed
+	}
+	if v, ok := r.routes.Load(ws); ok {
+		return v.(*connector), nil // another caller made it meanwhile
+	}
+	cn, err := r.drv.newConnector(p)
+	if err != nil {
+		return nil, err
+	}
+	r.routes.Store(ws, cn)
+	return cn, nil
+}
+
+// params returns the DSN parameters of workspace ws: the resolver's DSN when
+// it gives one, else the template with the placeholder replaced.
+func (r *router) params(ctx context.Context, ws string) (*dsnParams, error) {
+	if reason := validWorkspace(ws); reason != "" {
+		return nil, &DSNError{Reason: "the context's " + reason}
+	}
+	if resolve := r.drv.resolver(); resolve != nil {
+		dsn, err := resolve(ctx, ws)
+		if err != nil {
+			return nil, fmt.Errorf("tenantpg: workspace %q: resolve: %w", ws, err)
+		}
+		if dsn != "" {
+			p, err := parseDSN(dsn)
+			if err != nil {
+				return nil, err
+			}
+			if p.routed {
+				return nil, &DSNError{Workspace: ws, Reason: "the resolver returned a DSN with the " + WorkspacePlaceholder + " placeholder"}
+			}
+			p.workspace = ws
+			return p, nil
+		}
+	}
+	name := strings.ReplaceAll(r.tmpl.cfg.Database, WorkspacePlaceholder, ws)
+	if len(name) > maxIdentifierLen {
+		return nil, &DSNError{Workspace: ws, Reason: fmt.Sprintf(
+			"database name for this workspace is %d bytes; PostgreSQL truncates names beyond %d", len(name), maxIdentifierLen)}
+	}
+	cfg := r.tmpl.cfg.Copy()
+	cfg.Database = name
+	p := *r.tmpl
+	p.cfg = cfg
+	p.workspace = ws
+	p.routed = false
+	p.key.database = name
+	return &p, nil
+}
+
+// Close closes every workspace's connector: database/sql calls it from
+// DB.Close, after closing the idle handles.
+func (r *router) Close() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return nil
+	}
+	r.closed = true
+	r.routes.Range(func(_, v any) bool {
+		_ = v.(*connector).Close()
+		return true
+	})
+	return nil
+}
