@@ -29,6 +29,20 @@
 // pool_reserved_conns (connections set aside for this database alone, for
 // an application's system database).
 //
+// # One *sql.DB for every workspace
+//
+// A DSN whose database name holds the {workspace} placeholder opens one
+// *sql.DB that serves every workspace: each call goes to the database named
+// by the placeholder replaced with the workspace of the call's context,
+//
+//	db, err := tenantpg.OpenDB("postgres://app:secret@db:5432/ws_{workspace}")
+//	db.QueryContext(tenantpg.WithWorkspace(ctx, "abc"), "SELECT ...")
+//
+// A call whose context names no workspace fails with [ErrNoWorkspace].
+// Transactions, a *sql.Conn and Raw stay on the workspace they started on
+// ([WorkspaceMismatchError]). [Config.ResolveWorkspace] maps ids the
+// pattern does not.
+//
 // # The model
 //
 // The driver owns the physical connections (backends); database/sql's

@@ -1,5 +1,7 @@
-// Command sqlx uses jmoiron/sqlx over tenantpg for a few workspaces: named
-// queries, Select, Get, In expansion and transactions.
+// Command sqlx uses jmoiron/sqlx over tenantpg for a few workspaces through
+// one *sqlx.DB: named queries, Select, Get, In expansion and transactions.
+// Its DSN names the database with tenantpg's {workspace} placeholder, and
+// every call names its workspace in the context (tenantpg.WithWorkspace).
 //
 // sqlx chooses its placeholder style by driver name, and an unknown name
 // such as "tenantpg" gets "?", which PostgreSQL rejects. Either wrap the
@@ -16,6 +18,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"github.com/jmoiron/sqlx"
 
@@ -51,15 +54,29 @@ func run(ctx context.Context, workspaces, budget int, out io.Writer) error {
 	if err := tenantpg.Configure(tenantpg.Config{MaxConnections: budget}); err != nil {
 		return err
 	}
-	for i, dsn := range world.DSNs {
-		db, err := sqlx.Open(tenantpg.DriverName, dsn)
-		if err != nil {
-			return err
+	db, err := sqlx.Open(tenantpg.DriverName, world.RoutedDSN)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	for i, id := range world.Workspaces {
+		if err := workspace(tenantpg.WithWorkspace(ctx, id), db, i, out); err != nil {
+			return fmt.Errorf("workspace %s: %w", id, err)
 		}
-		err = workspace(ctx, db, i, out)
-		db.Close()
-		if err != nil {
-			return fmt.Errorf("workspace %s: %w", world.Workspaces[i], err)
+	}
+	// The same *sqlx.DB, two workspaces alternately from one goroutine:
+	// each sees only its own rows.
+	for round := 0; round < 2; round++ {
+		for i, id := range world.Workspaces {
+			var emails []string
+			if err := db.SelectContext(tenantpg.WithWorkspace(ctx, id), &emails, `SELECT email FROM contacts ORDER BY email`); err != nil {
+				return err
+			}
+			for _, e := range emails {
+				if !strings.HasSuffix(e, fmt.Sprintf("@ws%d.example", i)) {
+					return fmt.Errorf("workspace %s holds another workspace's row %q", id, e)
+				}
+			}
 		}
 	}
 	return nil

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"math/rand"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -28,6 +29,10 @@ type World struct {
 	Role       string
 	Workspaces []string // labels
 	DSNs       []string // one per workspace, with ?workspace=label
+	// RoutedDSN serves every workspace from one *sql.DB: its database name
+	// holds tenantpg's {workspace} placeholder, the label from the caller's
+	// context (tenantpg.WithWorkspace).
+	RoutedDSN string
 }
 
 // Start starts a throwaway PostgreSQL (or attaches to DATABASE_URL, a
@@ -56,6 +61,10 @@ func Start(ctx context.Context, n, budget int) (*World, error) {
 	}
 	for i, name := range names {
 		w.DSNs = append(w.DSNs, srv.URL(w.Role, Password, name)+"&workspace="+w.Workspaces[i])
+	}
+	if n > 0 {
+		prefix := strings.TrimSuffix(names[0], w.Workspaces[0])
+		w.RoutedDSN = srv.URL(w.Role, Password, prefix+"{workspace}")
 	}
 	return w, nil
 }
