@@ -390,6 +390,22 @@ func (b *budget) unregister(d *database) {
 	b.unlock()
 }
 
+// releaseIfIdle drops the last reference to d, its router's, when d holds
+// no backend and has no caller waiting: a router forgets a workspace that
+// has gone quiet, so that serving many workspaces over time does not grow
+// memory. A checkout that looked d up before then gets errDBClosed from
+// take and looks it up again.
+func (b *budget) releaseIfIdle(d *database) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if d.refs != 1 || d.open != 0 {
+		return false
+	}
+	d.refs = 0
+	b.forgetLocked(d)
+	return true
+}
+
 // forgetLocked drops the state of a database nothing uses and that holds no
 // backend, so that opening many databases over time does not grow memory.
 func (b *budget) forgetLocked(d *database) {
@@ -417,6 +433,12 @@ func (b *budget) take(d *database, now time.Time) (*backend, *waiter, error) {
 		b.recency.reusedLocked(b, d)
 		b.mu.Unlock()
 		return be, nil, nil
+	}
+	if d.refs == 0 {
+		// Forgotten: its router dropped it, or its Pool was closed,
+		// after the caller looked it up.
+		b.mu.Unlock()
+		return nil, nil, errDBClosed
 	}
 	w := &waiter{db: d, since: now, ready: make(chan struct{})}
 	d.refs++ // a waiter keeps its database's state alive

@@ -66,8 +66,10 @@ type Config struct {
 	// a *sql.DB or Pool opened with a {workspace} DSN (see WithWorkspace)
 	// whose workspaces do not all follow its pattern. It is called the
 	// first time such a *sql.DB serves a workspace, possibly by several
-	// callers at once, and what it returns is kept until the *sql.DB is
-	// closed. An empty DSN means the pattern applies; an error fails the
+	// callers at once. What it returns is kept while the workspace holds
+	// connections; a workspace that has gone quiet may be forgotten when
+	// the *sql.DB has served more than a thousand, and is resolved again
+	// when next used. An empty DSN means the pattern applies; an error fails the
 	// caller. Default nil: the pattern applies to every workspace.
 	ResolveWorkspace func(ctx context.Context, workspace string) (dsn string, err error)
 

@@ -63,19 +63,29 @@ func (c *conn) backend(ctx context.Context) (*backend, error) {
 		c.pending = nil
 		return nil, err
 	}
-	cn := c.fixed
-	if c.router != nil {
-		var err error
-		if cn, err = c.router.connector(ctx, c.ws); err != nil {
+	if c.router == nil {
+		be, err := c.fixed.checkout(ctx)
+		if err != nil {
 			return nil, err
 		}
+		c.be = be
+		return be, nil
 	}
-	be, err := cn.checkout(ctx)
-	if err != nil {
-		return nil, err
+	for {
+		cn, err := c.router.connector(ctx, c.ws)
+		if err != nil {
+			return nil, err
+		}
+		be, err := cn.checkout(ctx)
+		if err == errDBClosed {
+			continue // the router forgot the workspace after the lookup
+		}
+		if err != nil {
+			return nil, err
+		}
+		c.be = be
+		return be, nil
 	}
-	c.be = be
-	return be, nil
 }
 
 // bind puts a router's handle on the workspace ctx names, or checks that

@@ -65,22 +65,33 @@ func (p *Pool) Acquire(ctx context.Context) (*PoolConn, error) {
 	if p.closed.Load() {
 		return nil, errPoolClosed
 	}
-	cn := p.fixed
+	var ws string
 	if p.router != nil {
-		ws, ok := WorkspaceFromContext(ctx)
-		if !ok {
+		var named bool
+		if ws, named = WorkspaceFromContext(ctx); !named {
 			return nil, ErrNoWorkspace
 		}
-		var err error
-		if cn, err = p.router.connector(ctx, ws); err != nil {
+	}
+	for {
+		cn := p.fixed
+		if p.router != nil {
+			var err error
+			if cn, err = p.router.connector(ctx, ws); err != nil {
+				return nil, err
+			}
+		}
+		be, err := cn.checkout(ctx)
+		if err == errDBClosed {
+			if p.router != nil {
+				continue // the router forgot the workspace after the lookup
+			}
+			err = errPoolClosed
+		}
+		if err != nil {
 			return nil, err
 		}
+		return &PoolConn{b: p.b, be: be}, nil
 	}
-	be, err := cn.checkout(ctx)
-	if err != nil {
-		return nil, err
-	}
-	return &PoolConn{b: p.b, be: be}, nil
 }
 
 // Close releases the pool's share of its database's state. Backends checked

@@ -45,8 +45,8 @@ func WorkspaceFromContext(ctx context.Context) (string, bool) {
 }
 
 // router is the driver.Connector of a {workspace} DSN: a connector per
-// workspace, made the first time a caller names it and kept until the
-// *sql.DB is closed.
+// workspace, made the first time a caller names it and kept while the
+// workspace holds backends, or until the map needs a sweep (sweepLocked).
 type router struct {
 	drv  *Driver
 	tmpl *dsnParams // the parsed DSN; its database name holds the placeholder
@@ -55,9 +55,15 @@ type router struct {
 	// every checkout; written under mu.
 	routes sync.Map
 
-	mu     sync.Mutex
-	closed bool // guarded by mu
+	mu      sync.Mutex
+	closed  bool // guarded by mu
+	count   int  // routes in the map; guarded by mu
+	sweepAt int  // count at which the next sweep runs; guarded by mu
 }
+
+// minSweep is the number of routes below which a router keeps every
+// workspace it has served: a quiet workspace costs about 1.2 KiB.
+const minSweep = 1024
 
 var (
 	_ driver.Connector = (*router)(nil)
@@ -104,7 +110,25 @@ func (r *router) connector(ctx context.Context, ws string) (*connector, error) {
 		return nil, err
 	}
 	r.routes.Store(ws, cn)
+	if r.count++; r.count >= max(r.sweepAt, minSweep) {
+		r.sweepLocked()
+	}
 	return cn, nil
+}
+
+// sweepLocked forgets the workspaces that hold no backend. It runs each
+// time the map has doubled since the last sweep, so its cost per new
+// workspace is constant, and the map stays within twice the workspaces that
+// hold backends (at most the budget) or minSweep.
+func (r *router) sweepLocked() {
+	r.routes.Range(func(ws, v any) bool {
+		if r.drv.b.releaseIfIdle(v.(*connector).db) {
+			r.routes.Delete(ws)
+			r.count--
+		}
+		return true
+	})
+	r.sweepAt = 2 * r.count
 }
 
 // params returns the DSN parameters of workspace ws: the resolver's DSN when

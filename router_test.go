@@ -356,3 +356,56 @@ func BenchmarkRoutedCheckout(b *testing.B) {
 		}
 	}
 }
+
+// TestRouterForgetsQuietWorkspaces needs no server: a router that has
+// served many workspaces keeps only about twice minSweep of them, and the
+// budget forgets their state.
+func TestRouterForgetsQuietWorkspaces(t *testing.T) {
+	drv, err := NewDriver(Config{MaxConnections: 4})
+	require.NoError(t, err)
+	defer drv.Close()
+	c, err := drv.OpenConnector("postgres://app:pw@db.internal/ws_{workspace}?sslmode=disable")
+	require.NoError(t, err)
+	r := c.(*router)
+	defer r.Close()
+	const served = 10 * minSweep
+	for i := 0; i < served; i++ {
+		_, err := r.connector(context.Background(), fmt.Sprint(i))
+		require.NoError(t, err)
+	}
+	r.mu.Lock()
+	count := r.count
+	r.mu.Unlock()
+	n := 0
+	r.routes.Range(func(any, any) bool { n++; return true })
+	require.Equal(t, count, n)
+	require.Less(t, n, 2*minSweep)
+	drv.b.mu.Lock()
+	states := len(drv.b.dbs)
+	drv.b.mu.Unlock()
+	require.Equal(t, n, states, "the budget keeps a state per route and no more")
+}
+
+// TestRoutedCheckoutAfterTheRouteWasSwept: a handle that looked up a
+// workspace just before a sweep forgot it looks it up again and succeeds.
+func TestRoutedCheckoutAfterTheRouteWasSwept(t *testing.T) {
+	e := newEnv(t, 1, Config{MaxConnections: 2})
+	c, err := e.drv.OpenConnector(e.routedDSN())
+	require.NoError(t, err)
+	r := c.(*router)
+	defer r.Close()
+	ctx := WithWorkspace(context.Background(), ws(0))
+	stale, err := r.connector(ctx, ws(0))
+	require.NoError(t, err)
+	r.mu.Lock()
+	r.sweepLocked()
+	r.mu.Unlock()
+	_, err = stale.checkout(ctx)
+	require.ErrorIs(t, err, errDBClosed, "a forgotten database serves no checkout")
+
+	db := sql.OpenDB(r)
+	require.Equal(t, e.dbs[0], currentDB(t, ctx, db))
+	require.NoError(t, db.Close())
+	require.Eventually(t, func() bool { return e.drv.Stats().Open == 0 }, e2eWait, pollEvery)
+	require.Empty(t, e.drv.Stats().Databases)
+}
