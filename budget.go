@@ -92,6 +92,7 @@ type budget struct {
 	drained  *sync.Cond
 
 	metrics atomic.Pointer[metrics]
+	tracing atomic.Pointer[tracing]
 	log     atomic.Pointer[slog.Logger] // nil: no logging
 }
 
@@ -120,6 +121,10 @@ type waiter struct {
 	patience timer
 
 	inDB, inBudget links[waiter]
+
+	// For its trace, read by its owner once served. Guarded by mu.
+	sought  time.Time // when it first joined the budget's queue
+	evicted string    // workspace of the backend closed for its token
 }
 
 // seekingLocked reports whether w is in the budget's queue: it is to dial
@@ -197,6 +202,7 @@ func newBudget(cfg Config, clk clock, io backendIO) *budget {
 		handoffAfter: defaultHandoffAfter, livenessAfter: defaultLivenessAfter}
 	b.drained = sync.NewCond(&b.mu)
 	b.reaper.fn = b.reap
+	b.tracing.Store(newTracing(cfg.TracerProvider))
 	b.apply(cfg)
 	return b
 }
@@ -606,6 +612,9 @@ func (b *budget) dialingLocked(d *database) {
 // is to dial a backend as soon as it gets a token, unless a backend of its
 // database is checked in first.
 func (b *budget) seekLocked(w *waiter) {
+	if w.sought.IsZero() {
+		w.sought = b.clock.Now()
+	}
 	w.db.seeking++
 	b.queue.pushBack(w)
 	b.serveQueueLocked()
@@ -798,6 +807,7 @@ func (b *budget) closeLocked(be *backend, reason evictReason, w *waiter) {
 	if w != nil {
 		t.claim = w
 		w.claim = t
+		w.evicted = be.db.workspace
 	}
 	b.countEvictionLocked(be.db, reason)
 	b.markClosingLocked(t)

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // DriverName is the name the package registers its default driver under.
@@ -72,6 +73,12 @@ type Config struct {
 	// when next used. An empty DSN means the pattern applies; an error fails the
 	// caller. Default nil: the pattern applies to every workspace.
 	ResolveWorkspace func(ctx context.Context, workspace string) (dsn string, err error)
+
+	// TracerProvider receives a client span per statement and, for a
+	// checkout that waited or dialed, a tenantpg.acquire span saying where
+	// the time went. Default: the global TracerProvider, a no-op until the
+	// application installs one.
+	TracerProvider trace.TracerProvider
 
 	// Logger receives one line per eviction batch (Debug), budget
 	// exhaustion, server rejection and dial failure (Warn). Nil: no

@@ -183,33 +183,43 @@ func (c *conn) Begin() (driver.Tx, error) {
 	return c.BeginTx(context.Background(), driver.TxOptions{})
 }
 
-func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, error) {
-	be, err := c.backend(ctx)
-	if err != nil {
+func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (_ driver.Tx, err error) {
+	ctx, span := c.startStatement(ctx, "BEGIN", "")
+	var be *backend
+	defer func() { c.endStatement(span, be, err) }()
+	if be, err = c.backend(ctx); err != nil {
 		return nil, err
 	}
 	return be.pc.BeginTx(ctx, opts)
 }
 
-func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
-	be, err := c.backend(ctx)
-	if err != nil {
+func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (_ driver.Result, err error) {
+	ctx, span := c.startStatement(ctx, operationName(query), query)
+	var be *backend
+	defer func() { c.endStatement(span, be, err) }()
+	if be, err = c.backend(ctx); err != nil {
 		return nil, err
 	}
 	return be.pc.ExecContext(ctx, query, args)
 }
 
-func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
-	be, err := c.backend(ctx)
-	if err != nil {
+// QueryContext's span ends when the first response arrives; reading the
+// rows is the caller's time.
+func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (_ driver.Rows, err error) {
+	ctx, span := c.startStatement(ctx, operationName(query), query)
+	var be *backend
+	defer func() { c.endStatement(span, be, err) }()
+	if be, err = c.backend(ctx); err != nil {
 		return nil, err
 	}
 	return be.pc.QueryContext(ctx, query, args)
 }
 
-func (c *conn) Ping(ctx context.Context) error {
-	be, err := c.backend(ctx)
-	if err != nil {
+func (c *conn) Ping(ctx context.Context) (err error) {
+	ctx, span := c.startStatement(ctx, "ping", "")
+	var be *backend
+	defer func() { c.endStatement(span, be, err) }()
+	if be, err = c.backend(ctx); err != nil {
 		return err
 	}
 	return be.pc.Ping(ctx)

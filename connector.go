@@ -191,9 +191,10 @@ func (b *budget) dialCostLocked(d *database) time.Duration {
 // connector is the driver.Connector for one DSN. Every connector for the
 // same server, user and database shares one *database.
 type connector struct {
-	drv   *Driver
-	db    *database
-	inner driver.Connector // pgx stdlib, dialing through trackedDial
+	drv       *Driver
+	db        *database
+	workspace string           // the label its DSN gave, for traces
+	inner     driver.Connector // pgx stdlib, dialing through trackedDial
 
 	closeOnce sync.Once
 }
@@ -281,18 +282,29 @@ func (c *connector) wait(ctx context.Context, w *waiter) (*backend, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	be, tok, err := b.await(ctx, caller, w)
+	a := acquireTrace{workspace: c.workspace, database: c.db.name, queued: w.since, sought: w.sought, evicted: w.evicted}
 	if err != nil || be != nil {
+		a.outcome, a.err, a.end = "handoff", err, b.clock.Now()
+		if err != nil {
+			a.outcome = "failed"
+		}
+		b.tracing.Load().record(caller, &a)
 		return be, err
 	}
-	start := b.clock.Now()
+	a.dialStart = b.clock.Now()
 	pc, err := c.dial(ctx, tok)
+	a.dialEnd = b.clock.Now()
+	a.end, a.outcome = a.dialEnd, "dialed"
+	if err == nil {
+		if be = b.dialed(tok, &backend{pc: pc}, a.dialEnd.Sub(a.dialStart)); be == nil {
+			err = errDriverClosed
+		}
+	}
 	if err != nil {
-		return nil, err
+		a.outcome, a.err = "failed", err
 	}
-	if be = b.dialed(tok, &backend{pc: pc}, b.clock.Now().Sub(start)); be == nil {
-		return nil, errDriverClosed
-	}
-	return be, nil
+	b.tracing.Load().record(caller, &a)
+	return be, err
 }
 
 func (c *connector) dial(ctx context.Context, tok *token) (_ *stdlib.Conn, err error) {
