@@ -107,6 +107,14 @@
 // serves it; [Config.Logger] receives evictions, exhaustion and dial
 // failures.
 //
+// # Traces
+//
+// With [Config.TracerProvider] or a global provider installed, each
+// statement gets a client span with the semconv db.* attributes and the
+// workspace, and a checkout that waited or dialed gets a tenantpg.acquire
+// span: how long it queued for a backend and for a token, which workspace
+// was evicted for it, and the dial.
+//
 // # Errors
 //
 // [BudgetError] (errors.Is [ErrBudgetExhausted]): no connection within the
