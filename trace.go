@@ -25,7 +25,6 @@ import (
 // waits costs no tracing calls while it waits, and one served from the
 // idle list costs none at all.
 
-
 // Attribute keys of tenantpg's own.
 const (
 	attrWorkspace        = attribute.Key("tenantpg.workspace")

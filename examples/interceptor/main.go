@@ -65,7 +65,6 @@ func main() {
 	}
 }
 
-
 func run(ctx context.Context, workspaces, budget int, out io.Writer) error {
 	world, err := demo.Start(ctx, workspaces, budget)
 	if err != nil {
