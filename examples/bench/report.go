@@ -62,8 +62,10 @@ func writeTable(out io.Writer, rep *report) {
 	head := "| W | dist | trace ops |"
 	sep := "|---:|---|---:|"
 	for _, k := range ks {
-		head += fmt.Sprintf(" LRU K=%d | Belady K=%d |", k, k)
-		sep += "---:|---:|"
+		for _, p := range simPolicies {
+			head += fmt.Sprintf(" %s K=%d |", p.title, k)
+			sep += "---:|"
+		}
 	}
 	fmt.Fprintln(out, head+" tenantpg measured |")
 	fmt.Fprintln(out, sep+"---:|")
@@ -81,7 +83,8 @@ func writeTable(out io.Writer, rep *report) {
 		row := fmt.Sprintf("| %d | %s |", c.w, c.dist)
 		first := true
 		for _, k := range ks {
-			for _, policy := range []string{"lru", "belady"} {
+			for _, p := range simPolicies {
+				policy := p.name
 				for _, s := range rep.sims {
 					if s.workspaces == c.w && s.dist == c.dist && s.k == k && s.policy == policy {
 						if first {

@@ -188,13 +188,24 @@ func (h *idxHeap) popMax() int32 {
 type simResult struct {
 	workspaces int
 	dist       string
-	policy     string // "lru" or "belady"
+	policy     string // "lru", "slru", "wtinylfu" or "belady"
 	k          int
 	ops        int
 	hitRate    float64
 }
 
-// simulate runs both policies with k = budget/3 and k = budget on t.
+// simPolicies are the cache models, in the report's column order.
+var simPolicies = []struct {
+	name, title string
+	run         func(seq []int32, n, k int) float64
+}{
+	{"lru", "LRU", simulateLRU},
+	{"slru", "SLRU", simulateSLRU},
+	{"wtinylfu", "W-TinyLFU", simulateWTinyLFU},
+	{"belady", "Belady", simulateBelady},
+}
+
+// simulate runs every policy with k = budget/3 and k = budget on t.
 func simulate(t *trace, budget int) []simResult {
 	seq := t.global()
 	ks := []int{max(1, budget/3), budget}
@@ -203,9 +214,9 @@ func simulate(t *trace, budget int) []simResult {
 	}
 	var out []simResult
 	for _, k := range ks {
-		out = append(out,
-			simResult{workspaces: t.workspaces, dist: t.dist, policy: "lru", k: k, ops: len(seq), hitRate: simulateLRU(seq, t.workspaces, k)},
-			simResult{workspaces: t.workspaces, dist: t.dist, policy: "belady", k: k, ops: len(seq), hitRate: simulateBelady(seq, t.workspaces, k)})
+		for _, p := range simPolicies {
+			out = append(out, simResult{workspaces: t.workspaces, dist: t.dist, policy: p.name, k: k, ops: len(seq), hitRate: p.run(seq, t.workspaces, k)})
+		}
 	}
 	return out
 }

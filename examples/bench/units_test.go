@@ -226,7 +226,7 @@ func TestSimOnly(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(rep.results) != 0 || len(rep.sims) != len(o.workspaces)*len(o.dists)*2*2 { // K = B/3 and B, LRU and Belady
+	if len(rep.results) != 0 || len(rep.sims) != len(o.workspaces)*len(o.dists)*2*len(simPolicies) { // K = B/3 and B, every policy
 		t.Fatalf("%d results, %d simulations", len(rep.results), len(rep.sims))
 	}
 	if !strings.Contains(out.String(), "| 500 | zipf |") || strings.Contains(out.String(), "ok ops/s") {
