@@ -11,7 +11,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/stdlib"
 )
 
@@ -29,6 +28,7 @@ type database struct {
 	metricOpts atomic.Pointer[dbMetricOpts]
 
 	// Guarded by budget.mu.
+	srv         *server // the circuit of its server; nil once forgotten
 	workspace   string
 	capOverride int // pool_max_conns; 0 = the driver's per-database default
 	reserved    int // pool_reserved_conns
@@ -273,26 +273,60 @@ const pingAfter = time.Second
 
 // wait waits for w to be served and dials when it gets a token. The whole
 // of it is bounded by the acquire timeout, because database/sql may hand a
-// handle out under a context that never ends.
+// handle out under a context that never ends. A dial that finds the server
+// down does not fail its caller: it waits again, for the server's probe, as
+// the callers queued behind it do.
 func (c *connector) wait(ctx context.Context, w *waiter) (*backend, error) {
 	b := c.drv.b
 	timeout := b.timeout()
 	caller := ctx
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	be, tok, err := b.await(ctx, caller, w)
-	if err != nil || be != nil {
-		return be, err
+	for {
+		be, tok, err := b.await(ctx, caller, w)
+		if err != nil || be != nil {
+			return be, err
+		}
+		start := b.clock.Now()
+		pc, err := c.dial(ctx, tok)
+		if err == nil {
+			if be = b.dialed(tok, &backend{pc: pc}, b.clock.Now().Sub(start)); be == nil {
+				return nil, errDriverClosed
+			}
+			return be, nil
+		}
+		var ce *ConnectError
+		if !errors.As(err, &ce) || !ce.down {
+			return nil, err
+		}
+		if ctx.Err() != nil {
+			if de := b.serverDownError(c.db, b.clock.Now().Sub(w.since), err, caller.Err()); de != nil {
+				return nil, de
+			}
+			return nil, err
+		}
+		if be, w, err = c.requeue(ctx); be != nil || err != nil {
+			return be, err
+		}
 	}
-	start := b.clock.Now()
-	pc, err := c.dial(ctx, tok)
-	if err != nil {
-		return nil, err
+}
+
+// requeue is the start of a checkout again, for a caller whose dial found
+// the server down: an idle backend if another caller checked one in
+// meanwhile, or else a place in the queue.
+func (c *connector) requeue(ctx context.Context) (*backend, *waiter, error) {
+	b := c.drv.b
+	for {
+		now := b.clock.Now()
+		be, w, err := b.take(c.db, now)
+		if err != nil || w != nil {
+			return nil, w, err
+		}
+		if c.alive(ctx, be, now) {
+			return be, nil, nil
+		}
+		b.discard(be)
 	}
-	if be = b.dialed(tok, &backend{pc: pc}, b.clock.Now().Sub(start)); be == nil {
-		return nil, errDriverClosed
-	}
-	return be, nil
 }
 
 func (c *connector) dial(ctx context.Context, tok *token) (_ *stdlib.Conn, err error) {
@@ -307,9 +341,19 @@ func (c *connector) dial(ctx context.Context, tok *token) (_ *stdlib.Conn, err e
 			b.dialFailed(tok, dialOther, nil)
 			panic(p)
 		}
-		b.dialFailed(tok, classifyDialError(err), err)
+		kind := classifyDialError(err)
+		var ce *ConnectError
+		if errors.As(err, &ce) && ce.down {
+			kind = dialDown
+		}
+		b.dialFailed(tok, kind, err)
 	}()
 	start := b.clock.Now()
+	// A server that accepted the connection and does not answer is marked
+	// down while this dial still waits for it, so that other callers do not
+	// pile their dials (and tokens) onto it.
+	watch, hungAfter := b.watchDial(tok)
+	defer watch.Stop()
 	dctx := context.WithValue(ctx, tokenKey{}, &dialTarget{b: b, tok: tok})
 	dc, err := c.inner.Connect(dctx)
 	var refused error // the last refusal for lack of slots, if any
@@ -342,6 +386,14 @@ func (c *connector) dial(ctx context.Context, tok *token) (_ *stdlib.Conn, err e
 		}
 		e := c.dialError(ctx, err).(*ConnectError)
 		e.Attempts = attempts
+		switch classifyDialError(err) {
+		case dialDown:
+			e.down = true
+		case dialOther:
+			// A dial its deadline cut short after the server had long
+			// enough to answer: the server is not answering.
+			e.down = e.ctxErr != nil && refused == nil && b.clock.Now().Sub(start) >= hungAfter
+		}
 		return nil, e
 	}
 	dialed = true
@@ -358,14 +410,6 @@ func rejectionBackoff(n int) time.Duration {
 		d = 200 * time.Millisecond
 	}
 	return d/2 + time.Duration(rand.Int64N(int64(d/2)+1))
-}
-
-func classifyDialError(err error) dialErrorKind {
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) && pgErr.Code == "53300" {
-		return dialRejected
-	}
-	return dialOther
 }
 
 func (c *connector) dialError(ctx context.Context, err error) error {
