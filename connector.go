@@ -295,14 +295,16 @@ func (c *connector) wait(ctx context.Context, w *waiter) (*backend, error) {
 			}
 			return be, nil
 		}
-		var ce *ConnectError
-		if !errors.As(err, &ce) || !ce.down {
-			return nil, err
-		}
 		if ctx.Err() != nil {
+			// Its deadline cut the dial short, a probe's included: while
+			// the server is down, that is what the caller is told.
 			if de := b.serverDownError(c.db, b.clock.Now().Sub(w.since), err, caller.Err()); de != nil {
 				return nil, de
 			}
+			return nil, err
+		}
+		var ce *ConnectError
+		if !errors.As(err, &ce) || !ce.down {
 			return nil, err
 		}
 		if be, w, err = c.requeue(ctx); be != nil || err != nil {
