@@ -873,8 +873,11 @@ func (b *budget) dialed(tok *token, be *backend, took time.Duration) *backend {
 	}
 	var downFor time.Duration
 	var srv string
-	if s := d.srv; s != nil && s.down {
-		downFor, srv = b.markUpLocked(s, be.created), s.label
+	if s := d.srv; s != nil {
+		s.dialTime.add(took, dialTimeAlpha)
+		if s.down {
+			downFor, srv = b.markUpLocked(s, be.created), s.label
+		}
 	}
 	b.unlock()
 	if downFor > 0 {
@@ -1271,7 +1274,7 @@ func (b *budget) probeDue(s *server) {
 // judges a dial its caller's deadline cut short.
 func (b *budget) watchDial(t *token) (timer, time.Duration) {
 	b.mu.Lock()
-	after := b.hungDialAfterLocked()
+	after := b.hungDialAfterLocked(t.db.srv)
 	b.mu.Unlock()
 	return b.clock.AfterFunc(after, func() { b.dialHung(t) }), after
 }

@@ -60,6 +60,9 @@ type server struct {
 	wake     wakeup    // starts the next probe
 	outages  uint64    // times it went down
 	failed   uint64    // callers whose wait ended while it was down
+	// dialTime is the EWMA of its successful dials' duration: how long it
+	// takes to answer when it is up.
+	dialTime ewma
 }
 
 // Probe backoff: the first probe follows the failure that marked the
@@ -83,16 +86,21 @@ func probeBackoff(failures int) time.Duration {
 	return d/2 + time.Duration(rand.Int64N(int64(d/2)+1))
 }
 
-// defaultHungDialAfter is how long a dial may run before the server counts
-// as not answering: ten times a slow healthy dial (TLS across a region
-// takes about 100ms). A server whose dials are slow on average gets more
-// (hungDialAfterLocked).
-const defaultHungDialAfter = time.Second
+// defaultHungDialAfter is how long a dial may run, at least, before the
+// server counts as not answering: a PostgreSQL that is up answers a
+// start-up within milliseconds on a local network and within about 100ms
+// with TLS across a region. A server whose dials are slow when it is up
+// gets ten times its average (hungDialAfterLocked).
+const defaultHungDialAfter = 250 * time.Millisecond
 
-// hungDialAfterLocked is how long a dial may run before its server counts
-// as not answering.
-func (b *budget) hungDialAfterLocked() time.Duration {
-	return max(b.hungDialAfter, 10*b.dialTime.duration())
+// hungDialAfterLocked is how long a dial to s may run before s counts as
+// not answering.
+func (b *budget) hungDialAfterLocked(s *server) time.Duration {
+	d := b.hungDialAfter
+	if s != nil {
+		d = max(d, 10*s.dialTime.duration())
+	}
+	return d
 }
 
 // errNotAnswering is what a server that accepted a connection and did not

@@ -62,7 +62,10 @@ func TestHungDialReturnsToken(t *testing.T) {
 	queryOne(t, good) // the other workspace is unaffected
 	require.Eventually(t, func() bool { return dbStats(e.drv.Stats(), "hung").Open == 0 }, drainTimeout+2*time.Second, pollEvery,
 		"the hung dial's token must come back")
-	require.Equal(t, uint64(1), e.drv.Stats().DialErrors["other"])
+	// The dial ran past the hung-dial time: the host counts as not
+	// answering, and the caller is told the server is down.
+	require.Equal(t, uint64(1), e.drv.Stats().DialErrors["unavailable"])
+	require.ErrorIs(t, err, ErrServerDown)
 	e.requireQuiescent()
 }
 
