@@ -95,7 +95,7 @@ func (d *Driver) Stats() Stats {
 		Dialing: b.dialing, Closing: b.closing, Waiting: b.waiting, PeakOpen: b.peakOpen, LongestUse: b.longestUse,
 		Dials: b.dials, Handoffs: b.handoffs, DialTime: b.dialTime,
 		WaitCount: b.waitCount, WaitDuration: b.waitDuration, Timeouts: b.timeouts,
-		Evictions:  make(map[string]uint64, numReasons-1),
+		Evictions: make(map[string]uint64, numReasons-1),
 		DialErrors: map[string]uint64{"rejected": b.dialErrors[dialRejected], "unavailable": b.dialErrors[dialDown],
 			"other": b.dialErrors[dialOther]},
 	}
