@@ -7,6 +7,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -251,4 +252,226 @@ func TestHalfOpenServerCircuit(t *testing.T) {
 	h.close()
 	hung.Close()
 	e.requireQuiescent()
+}
+
+// circuitRig drives a budget without a server on the state-machine test's
+// manual clock, for the circuit's decisions: who dials, when, and who waits.
+type circuitRig struct {
+	t   *testing.T
+	b   *budget
+	clk *smClock
+}
+
+type awaited struct {
+	be  *backend
+	tok *token
+	err error
+}
+
+func newCircuitRig(t *testing.T) *circuitRig {
+	cfg, err := Config{MaxConnections: 4, MaxConnectionsPerDB: 2, AcquireTimeout: time.Hour}.normalize()
+	require.NoError(t, err)
+	clk := &smClock{now: smEpoch}
+	r := &circuitRig{t: t, b: newBudget(cfg, clk, nopIO{}), clk: clk}
+	t.Cleanup(r.b.close)
+	return r
+}
+
+func (r *circuitRig) db(name string) *database {
+	b := r.b
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	key := dbKey{host: "db.example", port: 5432, database: name}
+	d := &database{key: key, name: name, workspace: name, refs: 1, srv: b.serverLocked(serverKey{host: key.host, port: key.port})}
+	b.dbs[key] = d
+	return d
+}
+
+// queue takes a checkout of d that finds no idle backend, and runs its
+// await in a goroutine.
+func (r *circuitRig) queue(d *database, ctx context.Context) (*waiter, chan awaited) {
+	be, w, err := r.b.take(d, r.clk.Now())
+	require.NoError(r.t, err)
+	require.Nil(r.t, be)
+	out := make(chan awaited, 1)
+	go func() {
+		be, tok, err := r.b.await(ctx, ctx, w)
+		out <- awaited{be, tok, err}
+	}()
+	return w, out
+}
+
+// served reports whether w's wait has ended.
+func (r *circuitRig) served(w *waiter) bool {
+	r.b.mu.Lock()
+	defer r.b.mu.Unlock()
+	return w.done
+}
+
+func (r *circuitRig) check() {
+	r.t.Helper()
+	r.b.mu.Lock()
+	defer r.b.mu.Unlock()
+	require.NoError(r.t, r.b.checkInvariantsLocked())
+}
+
+// fireDue runs every timer due by the clock's time, as their goroutines
+// would.
+func (r *circuitRig) fireDue() {
+	for {
+		t := r.clk.earliest()
+		if t == nil || t.at.After(r.clk.Now()) {
+			return
+		}
+		r.clk.expire(t)
+		t.f()
+	}
+}
+
+func (r *circuitRig) advance(d time.Duration) {
+	r.clk.set(r.clk.Now().Add(d))
+	r.fireDue()
+}
+
+func (r *circuitRig) dialing() int {
+	r.b.mu.Lock()
+	defer r.b.mu.Unlock()
+	return r.b.dialing
+}
+
+// circuitState is a server's circuit as the test reads it.
+type circuitState struct {
+	label           string
+	down, probing   bool
+	failures        int
+	outages, failed uint64
+}
+
+func (r *circuitRig) server(d *database) circuitState {
+	r.b.mu.Lock()
+	defer r.b.mu.Unlock()
+	s := d.srv
+	return circuitState{label: s.label, down: s.down, probing: s.probing, failures: s.failures, outages: s.outages, failed: s.failed}
+}
+
+// TestCircuitOneProbeAtATime checks the circuit's decisions on a manual
+// clock: a dial refused marks the server down; the callers of every
+// database on it then wait without dialing, their patience included; one
+// probe at a time dials, the oldest caller, after the backoff; a failed
+// probe doubles the backoff; a probe whose caller gives up hands the probe
+// on at once; a probe that connects marks the server up and the others go
+// back to the wait-or-dial rule.
+func TestCircuitOneProbeAtATime(t *testing.T) {
+	r := newCircuitRig(t)
+	d1, d2 := r.db("one"), r.db("two")
+	refused := &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}
+	require.Equal(t, dialDown, classifyDialError(refused))
+
+	ctx := context.Background()
+	wa, a := r.queue(d1, ctx)
+	got := <-a
+	require.NotNil(t, got.tok, "the first caller dials")
+	r.b.dialFailed(got.tok, dialDown, refused)
+	s := r.server(d1)
+	require.True(t, s.down)
+	require.Equal(t, "db.example:5432", s.label)
+	require.True(t, r.served(wa))
+	r.check()
+
+	// Callers of both databases queue: none dials, however long it waits
+	// for its patience.
+	_, b1 := r.queue(d1, ctx)
+	r.clk.set(r.clk.Now().Add(time.Millisecond))
+	cctx, cancel := context.WithCancel(ctx)
+	wc, c2 := r.queue(d2, cctx)
+	r.fireDue()
+	require.Zero(t, r.dialing())
+	r.check()
+
+	// The probe: the oldest caller, after the first backoff.
+	r.advance(probeBackoffMin)
+	got = <-b1
+	require.NotNil(t, got.tok, "the oldest caller probes")
+	require.True(t, got.tok.probe)
+	require.Equal(t, 1, r.dialing())
+	require.False(t, r.served(wc), "one probe at a time")
+	r.check()
+
+	// It fails: the next probe waits for a doubled backoff.
+	r.b.dialFailed(got.tok, dialDown, refused)
+	s = r.server(d1)
+	require.Equal(t, 1, s.failures)
+	require.False(t, s.probing)
+	r.advance(probeBackoffMin / 2)
+	require.Zero(t, r.dialing(), "the backoff grows after a failed probe")
+	r.advance(2 * probeBackoffMin)
+	require.True(t, r.served(wc), "the next probe is the oldest caller left")
+	got = <-c2
+	require.True(t, got.tok.probe)
+	cancel()
+
+	// Its caller gave up before the server said anything: the probe goes
+	// to another caller without a backoff.
+	r.b.dialFailed(got.tok, dialOther, context.Canceled)
+	wd, d := r.queue(d1, ctx)
+	r.fireDue()
+	require.True(t, r.served(wd), "a probe whose caller gave up is handed on at once")
+	got = <-d
+	require.True(t, got.tok.probe)
+	we, e := r.queue(d2, ctx)
+	r.fireDue()
+	require.False(t, r.served(we))
+	r.check()
+
+	// It connects: the server is up, and the caller of the other database
+	// dials at once.
+	be := r.b.dialed(got.tok, &backend{}, time.Millisecond)
+	require.NotNil(t, be)
+	s = r.server(d1)
+	require.False(t, s.down)
+	require.Equal(t, uint64(1), s.outages)
+	got = <-e
+	require.NotNil(t, got.tok, "the server is up: its callers dial again")
+	require.False(t, got.tok.probe)
+	be2 := r.b.dialed(got.tok, &backend{}, time.Millisecond)
+	r.check()
+	r.b.checkin(be)
+	r.b.checkin(be2)
+	r.check()
+}
+
+// TestCircuitDeadlineWhileDown: a caller whose acquire timeout passes
+// while its server is down gets a ServerDownError that says for how long.
+func TestCircuitDeadlineWhileDown(t *testing.T) {
+	r := newCircuitRig(t)
+	d1 := r.db("one")
+	_, a := r.queue(d1, context.Background())
+	got := <-a
+	r.b.dialFailed(got.tok, dialDown, &pgconn.PgError{Severity: "FATAL", Code: "57P03", Message: "the database system is starting up"})
+	// A probe is under way, and hangs.
+	_, p := r.queue(d1, context.Background())
+	r.advance(300 * time.Millisecond)
+	probe := <-p
+	require.True(t, probe.tok.probe)
+	ctx := newSMCtx()
+	w, b1 := r.queue(d1, ctx)
+	r.advance(200 * time.Millisecond)
+	require.False(t, r.served(w), "one probe at a time")
+	ctx.end(context.DeadlineExceeded)
+	got = <-b1
+	var de *ServerDownError
+	require.True(t, errors.As(got.err, &de), "%v", got.err)
+	require.ErrorIs(t, got.err, ErrServerDown)
+	require.NotErrorIs(t, got.err, ErrBudgetExhausted)
+	var pgErr *pgconn.PgError
+	require.True(t, errors.As(got.err, &pgErr))
+	require.Equal(t, "57P03", pgErr.Code)
+	require.Equal(t, "db.example:5432", de.Server)
+	require.Equal(t, 500*time.Millisecond, de.Down)
+	require.Equal(t, 200*time.Millisecond, de.Waited)
+	require.Contains(t, got.err.Error(), "down for 500ms")
+	require.Equal(t, uint64(1), r.server(d1).failed)
+	r.check()
+	r.b.dialFailed(probe.tok, dialOther, context.DeadlineExceeded)
+	r.check()
 }
