@@ -141,15 +141,16 @@ func (waiterInBudgetQueue) links(w *waiter) *links[waiter] { return &w.inBudget 
 // until the server has closed every socket dialed for it. Guarded by
 // budget.mu.
 type token struct {
-	db       *database
-	sock     *trackedConn // the last socket dialed for it: the backend's own
-	sockets  int          // sockets dialed for this token and not yet drained
-	ended    bool         // the owner is done: the dial failed or the backend closed
-	released bool
-	claim    *waiter       // the waiter that gets this token when it is released
-	gone     chan struct{} // made on demand; closed when the token is released
-	probe    bool          // its dial is its server's probe
-	dialDone bool          // its dial has ended, or was never started
+	db        *database
+	sock      *trackedConn // the last socket dialed for it: the backend's own
+	sockets   int          // sockets dialed for this token and not yet drained
+	ended     bool         // the owner is done: the dial failed or the backend closed
+	released  bool
+	claim     *waiter       // the waiter that gets this token when it is released
+	gone      chan struct{} // made on demand; closed when the token is released
+	probe     bool          // its dial is its server's probe
+	dialDone  bool          // its dial has ended, or was never started
+	dialStart time.Time     // when its dial started
 }
 
 type evictReason uint8
@@ -875,6 +876,7 @@ func (b *budget) dialed(tok *token, be *backend, took time.Duration) *backend {
 	var srv string
 	if s := d.srv; s != nil {
 		s.dialTime.add(took, dialTimeAlpha)
+		s.answered = be.created
 		if s.down {
 			downFor, srv = b.markUpLocked(s, be.created), s.label
 		}
@@ -906,6 +908,12 @@ func (b *budget) dialFailed(t *token, kind dialErrorKind, cause error) {
 	if s := d.srv; s != nil {
 		srv = s.label
 		switch {
+		case kind == dialDown && isContextError(cause) && s.answered.After(t.dialStart):
+			// Cut short by its deadline while the server answered other
+			// dials: slow, not down.
+			if t.probe {
+				b.probeEndedLocked(s, now, false)
+			}
 		case kind == dialDown:
 			wentDown = !s.down
 			b.markDownLocked(s, now, downCause(cause))
@@ -919,6 +927,7 @@ func (b *budget) dialFailed(t *token, kind dialErrorKind, cause error) {
 			}
 		default:
 			// The server answered, if only to refuse this dial.
+			s.answered = now
 			if t.probe {
 				s.probing = false
 			}
@@ -1275,6 +1284,7 @@ func (b *budget) probeDue(s *server) {
 func (b *budget) watchDial(t *token) (timer, time.Duration) {
 	b.mu.Lock()
 	after := b.hungDialAfterLocked(t.db.srv)
+	t.dialStart = b.clock.Now()
 	b.mu.Unlock()
 	return b.clock.AfterFunc(after, func() { b.dialHung(t) }), after
 }
@@ -1286,7 +1296,9 @@ func (b *budget) watchDial(t *token) (timer, time.Duration) {
 func (b *budget) dialHung(t *token) {
 	b.mu.Lock()
 	s := t.db.srv
-	if t.dialDone || s == nil || s.down || b.closed {
+	if t.dialDone || s == nil || s.down || b.closed || s.answered.After(t.dialStart) {
+		// Done, already known down, or the server answered another dial
+		// since this one started: it is slow, not hung.
 		b.mu.Unlock()
 		return
 	}

@@ -29,9 +29,11 @@ import (
 // database.
 //
 // A dial that has run for longer than a healthy server takes to answer
-// (hungDialAfterLocked) marks the server down too: a host that accepts TCP
-// and never answers would otherwise collect a dial, and a token, from every
-// caller until their deadlines. That dial is then the probe.
+// (hungDialAfterLocked) marks the server down too, unless the server
+// answered another dial meanwhile (a server slowed down by load is not
+// hung): a host that accepts TCP and never answers would otherwise collect
+// a dial, and a token, from every caller until their deadlines. That dial
+// is then the probe.
 
 // serverKey names a server as the DSN resolves it.
 type serverKey struct {
@@ -63,6 +65,7 @@ type server struct {
 	// dialTime is the EWMA of its successful dials' duration: how long it
 	// takes to answer when it is up.
 	dialTime ewma
+	answered time.Time // when a dial last got an answer from it
 }
 
 // Probe backoff: the first probe follows the failure that marked the
