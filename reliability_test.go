@@ -154,9 +154,10 @@ func TestIdleKilledBackendsAreReplaced(t *testing.T) {
 }
 
 // TestServerRestartMidLoad restarts the server (fast shutdown, same port)
-// while callers run queries: during the outage they get errors promptly,
-// bounded by their context; afterwards every workspace answers without
-// restarting anything, and the accounting equals the server's view.
+// while callers run queries: during the outage they wait for the server's
+// circuit, bounded by their context; afterwards every workspace answers
+// without restarting anything, and the accounting equals the server's view.
+// TestRestartUnderLoadRidesThrough counts the errors.
 func TestServerRestartMidLoad(t *testing.T) {
 	e := newEnv(t, 10, Config{MaxConnections: 6, AcquireTimeout: 2 * time.Second})
 	dbs := make([]*sql.DB, 10)
