@@ -75,7 +75,7 @@ func (b *budget) checkInvariantsLocked() error {
 		if d.serverDown() {
 			// Its callers wait for the server's probe, not for a dial of
 			// their own; only the probe's caller seeks a token.
-			if d.waiters.len > 0 && !d.srv.probing && !d.srv.wake.armed && !b.closed {
+			if d.waiters.len > 0 && d.open-d.closing == 0 && !d.srv.probing && !d.srv.wake.armed && !b.closed {
 				return fmt.Errorf("database %q: %d callers wait on server %s, down, with no probe under way or scheduled",
 					d.workspace, d.waiters.len, d.srv.label)
 			}
