@@ -71,8 +71,9 @@
 //
 // Each server (host and port) has a circuit. A dial that finds the server
 // unreachable, refusing connections, shutting down or starting up (SQLSTATE
-// 57P03, 57P01 at login), or not answering within 250ms (more for a server
-// whose dials are slow on average) marks it down. While it is down its
+// 57P03, 57P01 at login), or not answering within 250ms while it answers no
+// other dial either (longer for a server whose dials are slow on average)
+// marks it down. While it is down its
 // callers wait, within their context and the acquire timeout, and one probe
 // dial at a time retries it with backoff (50ms doubling to 1s, jittered).
 // When a probe connects, the waiting callers proceed. A restart thus shows
