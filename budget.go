@@ -40,6 +40,7 @@ type budget struct {
 	io            backendIO
 	handoffAfter  time.Duration
 	livenessAfter time.Duration
+	hungDialAfter time.Duration // see hungDialAfterLocked
 
 	mu sync.Mutex
 
@@ -62,6 +63,7 @@ type budget struct {
 	peakOpen    int
 
 	dbs     map[dbKey]*database               // guarded by mu
+	servers map[serverKey]*server             // circuits of the servers of dbs; guarded by mu
 	queue   list[waiter, waiterInBudgetQueue] // callers that need a token, oldest first; guarded by mu
 	waiting int                               // callers waiting for a backend or a token; guarded by mu
 	recency slru                              // databases with idle backends; guarded by mu
@@ -144,13 +146,16 @@ func (waiterInBudgetQueue) links(w *waiter) *links[waiter] { return &w.inBudget 
 // until the server has closed every socket dialed for it. Guarded by
 // budget.mu.
 type token struct {
-	db       *database
-	sock     *trackedConn // the last socket dialed for it: the backend's own
-	sockets  int          // sockets dialed for this token and not yet drained
-	ended    bool         // the owner is done: the dial failed or the backend closed
-	released bool
-	claim    *waiter       // the waiter that gets this token when it is released
-	gone     chan struct{} // made on demand; closed when the token is released
+	db        *database
+	sock      *trackedConn // the last socket dialed for it: the backend's own
+	sockets   int          // sockets dialed for this token and not yet drained
+	ended     bool         // the owner is done: the dial failed or the backend closed
+	released  bool
+	claim     *waiter       // the waiter that gets this token when it is released
+	gone      chan struct{} // made on demand; closed when the token is released
+	probe     bool          // its dial is its server's probe
+	dialDone  bool          // its dial has ended, or was never started
+	dialStart time.Time     // when its dial started
 }
 
 type evictReason uint8
@@ -177,6 +182,7 @@ type dialErrorKind uint8
 const (
 	dialRejected dialErrorKind = iota // the server refused: too many connections (SQLSTATE 53300)
 	dialOther
+	dialDown // the server unreachable, not accepting connections or not answering: its circuit opens
 	numDialErrorKinds
 )
 
@@ -198,8 +204,8 @@ const defaultHandoffAfter = 100 * time.Millisecond
 const defaultLivenessAfter = 50 * time.Millisecond
 
 func newBudget(cfg Config, clk clock, io backendIO) *budget {
-	b := &budget{clock: clk, io: io, dbs: make(map[dbKey]*database),
-		handoffAfter: defaultHandoffAfter, livenessAfter: defaultLivenessAfter}
+	b := &budget{clock: clk, io: io, dbs: make(map[dbKey]*database), servers: make(map[serverKey]*server),
+		handoffAfter: defaultHandoffAfter, livenessAfter: defaultLivenessAfter, hungDialAfter: defaultHungDialAfter}
 	b.drained = sync.NewCond(&b.mu)
 	b.reaper.fn = b.reap
 	b.tracing.Store(newTracing(cfg.TracerProvider))
@@ -338,6 +344,7 @@ func (b *budget) register(p *dsnParams) (*database, error) {
 	d := b.dbs[p.key]
 	if d == nil {
 		d = &database{key: p.key, name: p.cfg.Database}
+		d.srv = b.serverLocked(serverKey{host: p.key.host, port: p.key.port})
 		b.dbs[p.key] = d
 	}
 	if others := b.reserved - d.reserved; others+p.reserved > b.limit {
@@ -419,6 +426,7 @@ func (b *budget) forgetLocked(d *database) {
 		b.reserved -= d.reserved
 		d.reserved = 0
 		delete(b.dbs, d.key)
+		b.releaseServerLocked(d)
 		b.serveQueueLocked()
 	}
 }
@@ -492,6 +500,10 @@ func (b *budget) await(ctx, caller context.Context, w *waiter) (*backend, *token
 			d.dialing--
 			b.dialing--
 			b.giveLocked(d)
+			w.tok.dialDone = true
+			if w.tok.probe {
+				b.probeEndedLocked(d.srv, now, false) // never dialed: no news of the server
+			}
 			b.serveQueueLocked()
 			b.growLocked(d)
 		}
@@ -509,6 +521,16 @@ func (b *budget) await(ctx, caller context.Context, w *waiter) (*backend, *token
 	deadline := errors.Is(ctx.Err(), context.DeadlineExceeded)
 	if deadline {
 		b.timeouts++
+	}
+	if s := d.srv; s != nil && s.down {
+		e := b.serverDownErrorLocked(d, now, waited, s.lastErr, caller.Err())
+		b.unlock()
+		m := b.metrics.Load()
+		m.recordWait(waited)
+		if deadline {
+			m.recordTimeout()
+		}
+		return nil, nil, e
 	}
 	b.exhausted++
 	e := &BudgetError{
@@ -542,7 +564,7 @@ func (b *budget) await(ctx, caller context.Context, w *waiter) (*backend, *token
 func (b *budget) impatient(w *waiter) {
 	b.mu.Lock()
 	d := w.db
-	if !w.done && !w.seekingLocked() && d.open-d.closing+d.seeking < b.capLocked(d) {
+	if !w.done && !w.seekingLocked() && d.open-d.closing+d.seeking < b.capLocked(d) && !d.serverDown() {
 		b.seekLocked(w)
 	}
 	b.unlock()
@@ -570,6 +592,12 @@ func (b *budget) unseekLocked(w *waiter) {
 		w.claim.claim = nil
 		w.claim = nil
 	}
+	if s := w.db.srv; s != nil && s.prober == w {
+		// The probe's caller left before it could dial: another caller
+		// probes in its place.
+		s.prober = nil
+		b.probeEndedLocked(s, b.clock.Now(), false)
+	}
 }
 
 // serveLocked ends w's wait, served with a backend or a token.
@@ -586,6 +614,10 @@ func (b *budget) grantLocked(w *waiter, now time.Time) {
 	b.takeLocked(d)
 	b.dialingLocked(d)
 	w.tok = &token{db: d}
+	if s := d.srv; s != nil && s.prober == w {
+		s.prober = nil // its dial is the probe now
+		w.tok.probe = true
+	}
 	b.serveLocked(w, now)
 }
 
@@ -627,6 +659,10 @@ func (b *budget) growLocked(d *database) {
 		return
 	}
 	now := b.clock.Now()
+	if d.serverDown() {
+		b.startProbeLocked(d.srv, now) // its callers wait for the probe instead
+		return
+	}
 	for d.waiters.len > d.seeking && b.shouldDialLocked(d, now) {
 		w := d.waiters.front
 		for w.seekingLocked() {
@@ -861,13 +897,26 @@ func (b *budget) dialed(tok *token, be *backend, took time.Duration) *backend {
 	b.dialTime.add(took, dialTimeAlpha)
 	be.db, be.tok = d, tok
 	be.created = b.clock.Now()
+	tok.dialDone = true
 	b.checkoutLocked(be, be.created)
 	if b.closed {
 		b.closeBusyLocked(be, reasonDriverClosed, nil)
 		b.unlock()
 		return nil
 	}
-	b.mu.Unlock()
+	var downFor time.Duration
+	var srv string
+	if s := d.srv; s != nil {
+		s.dialTime.add(took, dialTimeAlpha)
+		s.answered = be.created
+		if s.down {
+			downFor, srv = b.markUpLocked(s, be.created), s.label
+		}
+	}
+	b.unlock()
+	if downFor > 0 {
+		b.logServerUp(srv, downFor)
+	}
 	return be
 }
 
@@ -878,16 +927,56 @@ func (b *budget) dialFailed(t *token, kind dialErrorKind, cause error) {
 	d := t.db
 	d.dialing--
 	b.dialing--
+	t.dialDone = true
 	if kind != dialRejected { // rejections are counted as they happen, retries included
 		b.dialErrors[kind]++
 	}
 	b.markClosingLocked(t)
 	b.endLocked(t)
+	now := b.clock.Now()
+	var wentDown bool
+	var downFor time.Duration
+	var srv string
+	if s := d.srv; s != nil {
+		srv = s.label
+		switch {
+		case kind == dialDown && isContextError(cause) && s.answered.After(t.dialStart):
+			// Cut short by its deadline while the server answered other
+			// dials: slow, not down.
+			if t.probe {
+				b.probeEndedLocked(s, now, false)
+			}
+		case kind == dialDown:
+			wentDown = !s.down
+			b.markDownLocked(s, now, downCause(cause))
+			if t.probe {
+				b.probeEndedLocked(s, now, true)
+			}
+		case isContextError(cause):
+			// The caller gave up before the server said anything.
+			if t.probe {
+				b.probeEndedLocked(s, now, false)
+			}
+		default:
+			// The server answered, if only to refuse this dial.
+			s.answered = now
+			if t.probe {
+				s.probing = false
+			}
+			downFor = b.markUpLocked(s, now)
+		}
+	}
 	// Callers queued behind this dial may have no backend coming now; the
 	// token itself returns only once its socket has drained.
 	b.growLocked(d)
 	ws := d.workspace
 	b.unlock()
+	if wentDown {
+		b.logServerDown(srv, ws, downCause(cause))
+	}
+	if downFor > 0 {
+		b.logServerUp(srv, downFor)
+	}
 	if l := b.log.Load(); l != nil {
 		msg := "tenantpg: dial failed"
 		if kind == dialRejected {
@@ -1111,6 +1200,9 @@ func (b *budget) close() {
 		}
 	})
 	b.reaper.stop()
+	for _, s := range b.servers {
+		s.wake.stop()
+	}
 	b.unlock()
 	// Never under mu: a collection holds the SDK's pipeline lock while its
 	// callback takes mu, and Unregister takes that pipeline lock.
@@ -1145,6 +1237,18 @@ type snapshot struct {
 	evictions                                                               [numReasons]uint64
 	dialErrors                                                              [numDialErrorKinds]uint64
 	dbs                                                                     []dbSnapshot
+	servers                                                                 []serverSnapshot
+}
+
+type serverSnapshot struct {
+	srv             *server // for its metric attributes, which are not guarded by mu
+	label           string
+	down            bool
+	since           time.Time
+	downFor         time.Duration
+	waiting         int
+	outages, failed uint64
+	lastErr         string
 }
 
 type dbSnapshot struct {
@@ -1182,5 +1286,94 @@ func (b *budget) snapshot() snapshot {
 		}
 		s.dbs = append(s.dbs, ds)
 	}
+	for _, x := range b.servers {
+		ss := serverSnapshot{srv: x, label: x.label, down: x.down, outages: x.outages, failed: x.failed}
+		if x.down {
+			ss.since, ss.downFor, ss.waiting = x.since, now.Sub(x.since), b.waitingOnLocked(x)
+			if x.lastErr != nil {
+				ss.lastErr = x.lastErr.Error()
+			}
+		}
+		s.servers = append(s.servers, ss)
+	}
 	return s
+}
+
+// probeDue runs on a server's timer: the next probe may start.
+func (b *budget) probeDue(s *server) {
+	b.mu.Lock()
+	s.wake.fired()
+	if b.servers[s.key] == s {
+		b.startProbeLocked(s, b.clock.Now())
+	}
+	b.unlock()
+}
+
+// watchDial arms a timer that marks t's server down if t's dial is still
+// running after a healthy server would have answered; the caller stops it
+// when the dial ends. It also returns that time, by which the connector
+// judges a dial its caller's deadline cut short.
+func (b *budget) watchDial(t *token) (timer, time.Duration) {
+	b.mu.Lock()
+	after := b.hungDialAfterLocked(t.db.srv)
+	t.dialStart = b.clock.Now()
+	b.mu.Unlock()
+	return b.clock.AfterFunc(after, func() { b.dialHung(t) }), after
+}
+
+// dialHung marks t's server down because t's dial has run too long: the
+// host accepted the connection (or the SYN is unanswered) and the server
+// does not answer. The dial becomes the probe: no other caller dials until
+// it ends.
+func (b *budget) dialHung(t *token) {
+	b.mu.Lock()
+	s := t.db.srv
+	if t.dialDone || s == nil || s.down || b.closed || s.answered.After(t.dialStart) {
+		// Done, already known down, or the server answered another dial
+		// since this one started: it is slow, not hung.
+		b.mu.Unlock()
+		return
+	}
+	b.markDownLocked(s, b.clock.Now(), errNotAnswering)
+	s.wake.stop()
+	s.probing, t.probe = true, true
+	srv, ws := s.label, t.db.workspace
+	b.unlock()
+	b.logServerDown(srv, ws, errNotAnswering)
+}
+
+// serverDownErrorLocked is the error of a caller of d whose wait ends while
+// d's server is down.
+func (b *budget) serverDownErrorLocked(d *database, now time.Time, waited time.Duration, cause, callerErr error) *ServerDownError {
+	s := d.srv
+	s.failed++
+	return &ServerDownError{Workspace: d.workspace, Database: d.name, Server: s.label,
+		Down: now.Sub(s.since), Waited: waited, Waiting: b.waitingOnLocked(s), Err: cause, ctxErr: callerErr}
+}
+
+// serverDownError is serverDownErrorLocked for a caller whose own dial found
+// the server down as its context ended; nil if the server is up again.
+func (b *budget) serverDownError(d *database, waited time.Duration, cause, callerErr error) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if s := d.srv; s == nil || !s.down {
+		return nil
+	}
+	return b.serverDownErrorLocked(d, b.clock.Now(), waited, cause, callerErr)
+}
+
+func (b *budget) logServerDown(srv, workspace string, cause error) {
+	if l := b.log.Load(); l != nil {
+		attrs := []slog.Attr{slog.String("server", srv), slog.String("workspace", workspace)}
+		if cause != nil {
+			attrs = append(attrs, slog.String("error", cause.Error()))
+		}
+		l.LogAttrs(bg, slog.LevelWarn, "tenantpg: server down: callers wait while one probe at a time dials it", attrs...)
+	}
+}
+
+func (b *budget) logServerUp(srv string, downFor time.Duration) {
+	if l := b.log.Load(); l != nil {
+		l.LogAttrs(bg, slog.LevelInfo, "tenantpg: server up", slog.String("server", srv), slog.Duration("downFor", downFor))
+	}
 }

@@ -11,7 +11,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/stdlib"
 )
 
@@ -29,6 +28,7 @@ type database struct {
 	metricOpts atomic.Pointer[dbMetricOpts]
 
 	// Guarded by budget.mu.
+	srv         *server // the circuit of its server; nil once forgotten
 	workspace   string
 	capOverride int // pool_max_conns; 0 = the driver's per-database default
 	reserved    int // pool_reserved_conns
@@ -274,37 +274,81 @@ const pingAfter = time.Second
 
 // wait waits for w to be served and dials when it gets a token. The whole
 // of it is bounded by the acquire timeout, because database/sql may hand a
-// handle out under a context that never ends.
+// handle out under a context that never ends. A dial that finds the server
+// down does not fail its caller: it waits again, for the server's probe, as
+// the callers queued behind it do.
 func (c *connector) wait(ctx context.Context, w *waiter) (*backend, error) {
 	b := c.drv.b
 	timeout := b.timeout()
 	caller := ctx
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	be, tok, err := b.await(ctx, caller, w)
-	a := acquireTrace{workspace: c.workspace, database: c.db.name, queued: w.since, sought: w.sought, evicted: w.evicted}
-	if err != nil || be != nil {
-		a.outcome, a.err, a.end = "handoff", err, b.clock.Now()
+	a := acquireTrace{workspace: c.workspace, database: c.db.name, queued: w.since}
+	finish := func(be *backend, err error, outcome string) (*backend, error) {
+		a.end, a.outcome, a.err = b.clock.Now(), outcome, err
 		if err != nil {
 			a.outcome = "failed"
 		}
 		b.tracing.Load().record(caller, &a)
 		return be, err
 	}
-	a.dialStart = b.clock.Now()
-	pc, err := c.dial(ctx, tok)
-	a.dialEnd = b.clock.Now()
-	a.end, a.outcome = a.dialEnd, "dialed"
-	if err == nil {
-		if be = b.dialed(tok, &backend{pc: pc}, a.dialEnd.Sub(a.dialStart)); be == nil {
-			err = errDriverClosed
+	for {
+		be, tok, err := b.await(ctx, caller, w)
+		if a.sought.IsZero() {
+			a.sought = w.sought
+		}
+		if w.evicted != "" {
+			a.evicted = w.evicted
+		}
+		if err != nil || be != nil {
+			return finish(be, err, "handoff")
+		}
+		a.dialStart = b.clock.Now()
+		pc, err := c.dial(ctx, tok)
+		a.dialEnd = b.clock.Now()
+		if err == nil {
+			if be = b.dialed(tok, &backend{pc: pc}, a.dialEnd.Sub(a.dialStart)); be == nil {
+				return finish(nil, errDriverClosed, "")
+			}
+			return finish(be, nil, "dialed")
+		}
+		if ctx.Err() != nil {
+			// Its deadline cut the dial short, a probe's included: while
+			// the server is down, that is what the caller is told.
+			if de := b.serverDownError(c.db, b.clock.Now().Sub(w.since), err, caller.Err()); de != nil {
+				return finish(nil, de, "")
+			}
+			return finish(nil, err, "")
+		}
+		var ce *ConnectError
+		if !errors.As(err, &ce) || !ce.down {
+			return finish(nil, err, "")
+		}
+		if a.downAt.IsZero() {
+			a.downAt = a.dialEnd
+		}
+		if be, w, err = c.requeue(ctx); be != nil || err != nil {
+			return finish(be, err, "idle")
 		}
 	}
-	if err != nil {
-		a.outcome, a.err = "failed", err
+}
+
+// requeue is the start of a checkout again, for a caller whose dial found
+// the server down: an idle backend if another caller checked one in
+// meanwhile, or else a place in the queue.
+func (c *connector) requeue(ctx context.Context) (*backend, *waiter, error) {
+	b := c.drv.b
+	for {
+		now := b.clock.Now()
+		be, w, err := b.take(c.db, now)
+		if err != nil || w != nil {
+			return nil, w, err
+		}
+		if c.alive(ctx, be, now) {
+			return be, nil, nil
+		}
+		b.discard(be)
 	}
-	b.tracing.Load().record(caller, &a)
-	return be, err
 }
 
 func (c *connector) dial(ctx context.Context, tok *token) (_ *stdlib.Conn, err error) {
@@ -319,9 +363,19 @@ func (c *connector) dial(ctx context.Context, tok *token) (_ *stdlib.Conn, err e
 			b.dialFailed(tok, dialOther, nil)
 			panic(p)
 		}
-		b.dialFailed(tok, classifyDialError(err), err)
+		kind := classifyDialError(err)
+		var ce *ConnectError
+		if errors.As(err, &ce) && ce.down {
+			kind = dialDown
+		}
+		b.dialFailed(tok, kind, err)
 	}()
 	start := b.clock.Now()
+	// A server that accepted the connection and does not answer is marked
+	// down while this dial still waits for it, so that other callers do not
+	// pile their dials (and tokens) onto it.
+	watch, hungAfter := b.watchDial(tok)
+	defer watch.Stop()
 	dctx := context.WithValue(ctx, tokenKey{}, &dialTarget{b: b, tok: tok})
 	dc, err := c.inner.Connect(dctx)
 	var refused error // the last refusal for lack of slots, if any
@@ -354,6 +408,14 @@ func (c *connector) dial(ctx context.Context, tok *token) (_ *stdlib.Conn, err e
 		}
 		e := c.dialError(ctx, err).(*ConnectError)
 		e.Attempts = attempts
+		switch classifyDialError(err) {
+		case dialDown:
+			e.down = true
+		case dialOther:
+			// A dial its deadline cut short after the server had long
+			// enough to answer: the server is not answering.
+			e.down = e.ctxErr != nil && refused == nil && b.clock.Now().Sub(start) >= hungAfter
+		}
 		return nil, e
 	}
 	dialed = true
@@ -370,14 +432,6 @@ func rejectionBackoff(n int) time.Duration {
 		d = 200 * time.Millisecond
 	}
 	return d/2 + time.Duration(rand.Int64N(int64(d/2)+1))
-}
-
-func classifyDialError(err error) dialErrorKind {
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) && pgErr.Code == "53300" {
-		return dialRejected
-	}
-	return dialOther
 }
 
 func (c *connector) dialError(ctx context.Context, err error) error {

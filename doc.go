@@ -81,6 +81,19 @@
 // the next backend any other database checks in, so that a cold workspace
 // is not starved by hot ones.
 //
+// # Server outages
+//
+// Each server (host and port) has a circuit. A dial that finds the server
+// unreachable, refusing connections, shutting down or starting up (SQLSTATE
+// 57P03, 57P01 at login), or not answering within 250ms while it answers no
+// other dial either (longer for a server whose dials are slow on average)
+// marks it down. While it is down its
+// callers wait, within their context and the acquire timeout, and one probe
+// dial at a time retries it with backoff (50ms doubling to 1s, jittered).
+// When a probe connects, the waiting callers proceed. A restart thus shows
+// up as latency: only statements in flight when the server went down fail,
+// and callers whose deadline passes first get a [ServerDownError].
+//
 // Idle backends older than [Config.ConnMaxIdleTime] and backends older
 // than [Config.ConnMaxLifetime] are closed by the driver itself. A database
 // with no backends costs no goroutine and its state is dropped once no
@@ -118,7 +131,9 @@
 // # Errors
 //
 // [BudgetError] (errors.Is [ErrBudgetExhausted]): no connection within the
-// wait; answer 503 with Retry-After. [ConnectError]: the dial failed; it
+// wait; answer 503 with Retry-After. [ServerDownError] (errors.Is
+// [ErrServerDown]): the server of the database was down for the whole wait;
+// also a 503. [ConnectError]: the dial failed; it
 // wraps pgx's error, so the server's SQLSTATE is reachable with errors.As.
 // [DSNError] and [ConfigError]: bad input. No error, stats field or log line
 // contains a password or a DSN.

@@ -338,7 +338,7 @@ func (w lockedWriter) Write(p []byte) (int, error) {
 }
 
 func TestStatsJSONFieldNames(t *testing.T) {
-	js, err := json.Marshal(Stats{Databases: []DatabaseStats{{}}})
+	js, err := json.Marshal(Stats{Databases: []DatabaseStats{{}}, Servers: []ServerStats{{}}})
 	require.NoError(t, err)
 	var m map[string]any
 	require.NoError(t, json.Unmarshal(js, &m))
@@ -348,7 +348,7 @@ func TestStatsJSONFieldNames(t *testing.T) {
 	}
 	slices.Sort(keys)
 	require.Equal(t, []string{"activeDatabases", "closing", "databases", "dialErrors", "dialTimeNs", "dialing", "dials", "evictions",
-		"handoffs", "idle", "inUse", "limit", "longestUseNs", "open", "peakOpen", "reserved", "timeouts", "waitCount", "waitDurationNs", "waiting"}, keys)
+		"handoffs", "idle", "inUse", "limit", "longestUseNs", "open", "peakOpen", "reserved", "servers", "timeouts", "waitCount", "waitDurationNs", "waiting"}, keys)
 	db := m["databases"].([]any)[0].(map[string]any)
 	keys = keys[:0]
 	for k := range db {
@@ -356,4 +356,11 @@ func TestStatsJSONFieldNames(t *testing.T) {
 	}
 	slices.Sort(keys)
 	require.Equal(t, []string{"cap", "closing", "database", "dialing", "evictions", "idle", "inUse", "lastUsed", "longestUseNs", "open", "reserved", "useTimeNs", "waiting", "workspace"}, keys)
+	srv := m["servers"].([]any)[0].(map[string]any)
+	keys = keys[:0]
+	for k := range srv {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	require.Equal(t, []string{"down", "downForNs", "downSince", "failedWaits", "lastError", "outages", "server", "waiting"}, keys)
 }

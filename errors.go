@@ -55,6 +55,10 @@ type ConnectError struct {
 	// slots (SQLSTATE 53300) before the deadline; 0 for other failures.
 	Attempts int
 
+	// down: the dial found the server down (its circuit opened), so its
+	// caller may wait for the probe instead of failing.
+	down bool
+
 	// ctxErr is the context's error when the dial ran out of time: pgconn
 	// reports a dial that hit the context's deadline as a network timeout
 	// when the deadline fires before the context notices.
@@ -76,6 +80,61 @@ func (e *ConnectError) Unwrap() []error {
 		return []error{e.Err, e.ctxErr}
 	}
 	return []error{e.Err}
+}
+
+// ErrServerDown is matched by errors.Is for the error a caller gets when its
+// wait for a connection ended while the server of its database was down:
+// unreachable, refusing connections, shutting down or starting up, or not
+// answering. The driver retries such a server with one probe dial at a time
+// and lets the waiting callers proceed when it answers; a caller gets this
+// error only when its context or the acquire timeout ends first. Like
+// ErrBudgetExhausted, it is a 503 Service Unavailable for an HTTP layer.
+var ErrServerDown = errors.New("tenantpg: server down")
+
+// ServerDownError is the error behind ErrServerDown. It wraps what the last
+// dial found (a *pgconn.PgError such as 57P03 "the database system is
+// starting up", a network error, or the caller's own *ConnectError when its
+// dial found the server down) and, when the caller's own context ended the
+// wait, that context's error. It names the server by host and port and
+// never contains a password or a DSN.
+type ServerDownError struct {
+	Workspace string        // the workspace label of the database asked for
+	Database  string        // the database name
+	Server    string        // host:port
+	Down      time.Duration // how long the server had been down when the wait ended
+	Waited    time.Duration // how long this caller waited
+	Waiting   int           // callers still waiting on this server
+	Err       error         // what the last dial found
+
+	ctxErr error // the caller's context error, when that ended the wait
+}
+
+func (e *ServerDownError) Error() string {
+	s := fmt.Sprintf("tenantpg: workspace %q (database %q): server %s down for %s; waited %s, %d waiting",
+		e.Workspace, e.Database, e.Server, e.Down.Round(time.Millisecond), e.Waited.Round(time.Millisecond), e.Waiting)
+	if e.ctxErr != nil {
+		s += ": " + e.ctxErr.Error()
+	}
+	if e.Err != nil {
+		s += ": last dial: " + e.Err.Error()
+	}
+	return s
+}
+
+// Is reports whether target is ErrServerDown.
+func (e *ServerDownError) Is(target error) bool { return target == ErrServerDown }
+
+// Unwrap returns what the last dial found and, when the caller's context
+// ended the wait, its error.
+func (e *ServerDownError) Unwrap() []error {
+	var errs []error
+	if e.Err != nil {
+		errs = append(errs, e.Err)
+	}
+	if e.ctxErr != nil {
+		errs = append(errs, e.ctxErr)
+	}
+	return errs
 }
 
 // DSNError reports a data source name that cannot be used. It never contains

@@ -8,6 +8,7 @@ import "fmt"
 // server test at quiescence. It returns the first violation found.
 func (b *budget) checkInvariantsLocked() error {
 	var open, dialing, inUse, idle, closing, shared, live, reserved, waiting, seeking, idleDBs, protectedOpen int
+	servers := map[*server]int{}
 	for k, d := range b.dbs {
 		if d.key != k {
 			return fmt.Errorf("database %q filed under another key", d.workspace)
@@ -67,7 +68,23 @@ func (b *budget) checkInvariantsLocked() error {
 		if dbSeeking != d.seeking {
 			return fmt.Errorf("database %q: seeking %d, %d waiters seeking", d.workspace, d.seeking, dbSeeking)
 		}
-		if d.waiters.len > 0 && d.open-d.closing+d.seeking == 0 {
+		if d.srv == nil || b.servers[serverKey{host: k.host, port: k.port}] != d.srv {
+			return fmt.Errorf("database %q: not on the circuit of its server", d.workspace)
+		}
+		servers[d.srv]++
+		if d.serverDown() {
+			// Its callers wait for the server's probe, not for a dial of
+			// their own; only the probe's caller seeks a token.
+			if d.waiters.len > 0 && d.open-d.closing == 0 && !d.srv.probing && !d.srv.wake.armed && !b.closed {
+				return fmt.Errorf("database %q: %d callers wait on server %s, down, with no probe under way or scheduled",
+					d.workspace, d.waiters.len, d.srv.label)
+			}
+			for w := d.waiters.front; w != nil; w = d.waiters.next(w) {
+				if w.seekingLocked() && w != d.srv.prober {
+					return fmt.Errorf("database %q: a caller seeks a token while server %s is down and it is not the probe", d.workspace, d.srv.label)
+				}
+			}
+		} else if d.waiters.len > 0 && d.open-d.closing+d.seeking == 0 {
 			return fmt.Errorf("database %q: %d callers wait and no backend is there or to be dialed", d.workspace, d.waiters.len)
 		}
 		open += d.open
@@ -112,6 +129,19 @@ func (b *budget) checkInvariantsLocked() error {
 		return fmt.Errorf("peak %d below open %d", b.peakOpen, b.open)
 	case b.open > b.limit && b.sharedLive > b.limit-b.reserved && b.recency.victimLocked(b) != nil && !b.closed:
 		return fmt.Errorf("open %d over the budget %d with an idle shared backend left", b.open, b.limit)
+	}
+	if len(servers) != len(b.servers) {
+		return fmt.Errorf("%d circuits, databases are on %d servers", len(b.servers), len(servers))
+	}
+	for s, n := range servers {
+		switch {
+		case s.refs != n:
+			return fmt.Errorf("server %s: %d references, %d databases on it", s.label, s.refs, n)
+		case !s.down && (s.probing || s.prober != nil):
+			return fmt.Errorf("server %s: up with a probe under way", s.label)
+		case s.prober != nil && (!s.probing || !s.prober.seekingLocked() || s.prober.db.srv != s):
+			return fmt.Errorf("server %s: its probe's caller is not seeking a token", s.label)
+		}
 	}
 	for x := b.recency.probation.front; x != nil; x = b.recency.probation.next(x) {
 		if x.protected {

@@ -52,6 +52,10 @@ type metrics struct {
 	budgetDialErrors  metric.Int64ObservableCounter
 	budgetExhausted   metric.Int64ObservableCounter
 
+	serverDown     metric.Int64ObservableGauge
+	serverDownTime metric.Float64ObservableGauge
+	serverWaiters  metric.Int64ObservableUpDownCounter
+
 	driverSet  attribute.Set // pool name = the driver's name
 	driverOpt  metric.MeasurementOption
 	recordOpts []metric.RecordOption // driverOpt, allocated once so that recording allocates nothing
@@ -114,6 +118,15 @@ func newMetrics(mp metric.MeterProvider, name string, b *budget) (*metrics, erro
 	m.budgetExhausted, e = meter.Int64ObservableCounter("tenantpg.budget.exhausted", metric.WithUnit("{error}"),
 		metric.WithDescription("Callers that got ErrBudgetExhausted."))
 	keep(e)
+	m.serverDown, e = meter.Int64ObservableGauge("tenantpg.server.down", metric.WithUnit("1"),
+		metric.WithDescription("1 while the server (server.address, server.port) is down: its callers wait for one probe dial at a time; 0 while up."))
+	keep(e)
+	m.serverDownTime, e = meter.Float64ObservableGauge("tenantpg.server.down_time", metric.WithUnit("s"),
+		metric.WithDescription("How long the server has been down; 0 while up."))
+	keep(e)
+	m.serverWaiters, e = meter.Int64ObservableUpDownCounter("tenantpg.server.waiters", metric.WithUnit("{request}"),
+		metric.WithDescription("Callers waiting for a down server to come back; 0 while up."))
+	keep(e)
 	if err != nil {
 		return nil, err
 	}
@@ -128,12 +141,13 @@ func newMetrics(mp metric.MeterProvider, name string, b *budget) (*metrics, erro
 	}
 	m.dialOpts[dialRejected] = with(semconv.ErrorTypeKey.String("53300"))
 	m.dialOpts[dialOther] = with(semconv.ErrorTypeOther)
+	m.dialOpts[dialDown] = with(semconv.ErrorTypeKey.String("server_down"))
 
 	m.reg, err = meter.RegisterCallback(func(ctx context.Context, o metric.Observer) error {
 		m.observe(o, b)
 		return nil
 	}, m.count.Inst(), m.max.Inst(), m.idleMax.Inst(), m.pending.Inst(), m.budgetLimit, m.budgetConnections,
-		m.budgetWaiters, m.budgetEvictions, m.budgetDialErrors, m.budgetExhausted)
+		m.budgetWaiters, m.budgetEvictions, m.budgetDialErrors, m.budgetExhausted, m.serverDown, m.serverDownTime, m.serverWaiters)
 	if err != nil {
 		return nil, err
 	}
@@ -156,6 +170,24 @@ func newDBMetricOpts(workspace, name string) *dbMetricOpts {
 		idle: with(semconv.DBClientConnectionStateIdle),
 		used: with(semconv.DBClientConnectionStateUsed),
 	}
+}
+
+// serverMetricOpts is a server's attribute set, built once per set of
+// instruments (it carries the driver's name) so that a collection
+// allocates nothing per server.
+type serverMetricOpts struct {
+	m    *metrics
+	base metric.MeasurementOption
+}
+
+func (m *metrics) serverOpts(s *server) *serverMetricOpts {
+	if opts := s.metricOpts.Load(); opts != nil && opts.m == m {
+		return opts
+	}
+	kvs := append(m.driverSet.ToSlice(), semconv.ServerAddress(s.key.host), semconv.ServerPort(int(s.key.port)))
+	opts := &serverMetricOpts{m: m, base: metric.WithAttributeSet(attribute.NewSet(kvs...))}
+	s.metricOpts.Store(opts)
+	return opts
 }
 
 // observe reports the budget and every database holding backends or with
@@ -191,6 +223,16 @@ func (m *metrics) observe(o metric.Observer, b *budget) {
 		o.ObserveInt64(m.budgetDialErrors, int64(s.dialErrors[k]), m.dialOpts[k])
 	}
 	o.ObserveInt64(m.budgetExhausted, int64(s.exhausted), m.driverOpt)
+	for _, x := range s.servers {
+		opts := m.serverOpts(x.srv)
+		down := int64(0)
+		if x.down {
+			down = 1
+		}
+		o.ObserveInt64(m.serverDown, down, opts.base)
+		o.ObserveFloat64(m.serverDownTime, x.downFor.Seconds(), opts.base)
+		o.ObserveInt64(m.serverWaiters, int64(x.waiting), opts.base)
+	}
 }
 
 func (m *metrics) close() {

@@ -10,7 +10,8 @@ import (
 // Stats is a snapshot of a driver's budget. Unlike (*sql.DB).Stats, it counts
 // what the server sees: a connection the driver evicted is gone from Open at
 // once, while database/sql counts it until it next touches it. It holds no
-// DSN, host, user or password, and marshals to JSON with camelCase names.
+// DSN, user or password (servers are named by host and port), and marshals
+// to JSON with camelCase names.
 type Stats struct {
 	Limit    int `json:"limit"`    // the budget
 	Reserved int `json:"reserved"` // connections reserved by databases for themselves
@@ -37,12 +38,29 @@ type Stats struct {
 	WaitDuration    time.Duration     `json:"waitDurationNs"`
 	Timeouts        uint64            `json:"timeouts"`
 	Evictions       map[string]uint64 `json:"evictions"`  // by reason: lru, handoff, idle_timeout, lifetime, budget_shrink, broken, driver_closed, server_full, unused
-	DialErrors      map[string]uint64 `json:"dialErrors"` // rejected (server out of slots, SQLSTATE 53300), other
+	DialErrors      map[string]uint64 `json:"dialErrors"` // rejected (server out of slots, SQLSTATE 53300), unavailable (server down), other
 	ActiveDatabases int               `json:"activeDatabases"`
 
 	// Databases lists every database holding or reserving connections,
 	// ordered by workspace.
 	Databases []DatabaseStats `json:"databases"`
+
+	// Servers lists the servers of the databases in use, down ones first,
+	// then by host:port.
+	Servers []ServerStats `json:"servers"`
+}
+
+// ServerStats describes one server's circuit in a Stats snapshot. While a
+// server is down its callers wait for one probe dial at a time to succeed.
+type ServerStats struct {
+	Server    string        `json:"server"` // host:port
+	Down      bool          `json:"down"`
+	DownSince time.Time     `json:"downSince"`   // zero while up
+	DownFor   time.Duration `json:"downForNs"`   // zero while up
+	Waiting   int           `json:"waiting"`     // callers waiting for it to come back; zero while up
+	LastError string        `json:"lastError"`   // what the last dial found, while down: no DSN, user or password
+	Outages   uint64        `json:"outages"`     // times it went down
+	Failed    uint64        `json:"failedWaits"` // callers whose wait ended while it was down (ErrServerDown)
 }
 
 // DatabaseStats describes one database in a Stats snapshot.
@@ -77,9 +95,20 @@ func (d *Driver) Stats() Stats {
 		Dialing: b.dialing, Closing: b.closing, Waiting: b.waiting, PeakOpen: b.peakOpen, LongestUse: b.longestUse,
 		Dials: b.dials, Handoffs: b.handoffs, DialTime: b.dialTime,
 		WaitCount: b.waitCount, WaitDuration: b.waitDuration, Timeouts: b.timeouts,
-		Evictions:  make(map[string]uint64, numReasons-1),
-		DialErrors: map[string]uint64{"rejected": b.dialErrors[dialRejected], "other": b.dialErrors[dialOther]},
+		Evictions: make(map[string]uint64, numReasons-1),
+		DialErrors: map[string]uint64{"rejected": b.dialErrors[dialRejected], "unavailable": b.dialErrors[dialDown],
+			"other": b.dialErrors[dialOther]},
 	}
+	for _, x := range b.servers {
+		s.Servers = append(s.Servers, ServerStats{Server: x.label, Down: x.down, DownSince: x.since, DownFor: x.downFor,
+			Waiting: x.waiting, LastError: x.lastErr, Outages: x.outages, Failed: x.failed})
+	}
+	sort.Slice(s.Servers, func(i, j int) bool {
+		if s.Servers[i].Down != s.Servers[j].Down {
+			return s.Servers[i].Down
+		}
+		return s.Servers[i].Server < s.Servers[j].Server
+	})
 	for r := reasonNone + 1; r < numReasons; r++ {
 		s.Evictions[reasonNames[r]] = b.evictions[r]
 	}

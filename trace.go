@@ -153,9 +153,10 @@ type acquireTrace struct {
 	queued              time.Time // the checkout started waiting
 	sought              time.Time // it joined the budget's queue to dial; zero if never
 	evicted             string    // workspace whose idle backend was closed for its token
-	dialStart, dialEnd  time.Time // zero if it did not dial
+	dialStart, dialEnd  time.Time // of its last dial; zero if it did not dial
+	downAt              time.Time // its dial found the server down, and it waited for the circuit
 	end                 time.Time
-	outcome             string // handoff, dialed or failed
+	outcome             string // handoff, dialed, idle (after the server came back) or failed
 	err                 error
 }
 
@@ -180,6 +181,9 @@ func (t *tracing) record(ctx context.Context, a *acquireTrace) {
 	}
 	if a.evicted != "" {
 		span.SetAttributes(attrEvictedWorkspace.String(a.evicted))
+	}
+	if !a.downAt.IsZero() {
+		span.AddEvent("tenantpg.server.down", trace.WithTimestamp(a.downAt))
 	}
 	if !a.dialStart.IsZero() {
 		span.AddEvent("tenantpg.token.granted", trace.WithTimestamp(a.dialStart))

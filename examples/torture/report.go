@@ -238,6 +238,11 @@ func (r *report) print(w io.Writer) {
 		o.workspaces, r.setup.Round(100*time.Millisecond), r.checks.Round(100*time.Millisecond))
 	fmt.Fprintf(w, "Driver: %d dials, %d waits (%s in all), %d timeouts, dial errors %s, evictions %s; %d log lines (%d warnings).\n",
 		st.Dials, st.WaitCount, st.WaitDuration.Round(time.Millisecond), st.Timeouts, counts(st.DialErrors), counts(st.Evictions), r.logLines, r.logWarns)
+	var circuits []string
+	for _, sv := range st.Servers {
+		circuits = append(circuits, fmt.Sprintf("%s %d outages, %d waits ended while down", sv.Server, sv.Outages, sv.Failed))
+	}
+	fmt.Fprintf(w, "Circuits (the server, the slow proxy, the hung host and the refusing port each have one): %s.\n", strings.Join(circuits, "; "))
 
 	if r.fatal != nil {
 		fmt.Fprintf(w, "\n**The harness failed:** %v\n", r.fatal)

@@ -61,6 +61,10 @@ func classify(err error, class wsClass) errKind {
 	var ce *tenantpg.ConnectError
 	msg := err.Error()
 	switch {
+	case errors.Is(err, tenantpg.ErrServerDown):
+		// The caller's deadline passed while it waited for the server to
+		// come back.
+		return errDown
 	case errors.Is(err, tenantpg.ErrBudgetExhausted):
 		return errBudget
 	case strings.Contains(msg, "sql: database is closed"):

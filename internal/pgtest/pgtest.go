@@ -350,11 +350,28 @@ func (s *Server) stopProcess(sig syscall.Signal) error {
 // port, as an operator's restart would. It is not available for a server
 // named by EnvURL.
 func (s *Server) Restart() error {
-	if s.dir == "" {
-		return errors.New("pgtest: cannot restart a server this package did not start")
-	}
-	if err := s.stopProcess(syscall.SIGINT); err != nil {
+	if err := s.Shutdown(); err != nil {
 		return err
+	}
+	return s.Start()
+}
+
+// Shutdown performs a fast shutdown (every backend is terminated) and
+// returns once the server has exited; Start starts it again on the same
+// port. Between the two, dials are refused: an outage as long as the
+// caller makes it. Not available for a server named by EnvURL.
+func (s *Server) Shutdown() error {
+	if s.dir == "" {
+		return errors.New("pgtest: cannot stop a server this package did not start")
+	}
+	return s.stopProcess(syscall.SIGINT)
+}
+
+// Start starts a server stopped by Shutdown and returns once it accepts
+// connections.
+func (s *Server) Start() error {
+	if s.dir == "" {
+		return errors.New("pgtest: cannot start a server this package did not start")
 	}
 	if err := s.start(); err != nil {
 		return err
