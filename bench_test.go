@@ -138,7 +138,7 @@ func BenchmarkBudgetCheckoutCheckin(b *testing.B) {
 		bg, dbs := newBenchBudget(1, 100, 3)
 		b.ReportAllocs()
 		for b.Loop() {
-			be, w, err := bg.take(dbs[0], bg.clock.Now())
+			be, w, err := bg.take(dbs[0], bg.clock.Now(), nil)
 			if err != nil || w != nil {
 				b.Fatal("no idle backend", err)
 			}
@@ -161,7 +161,7 @@ func BenchmarkBudgetCheckoutCheckin(b *testing.B) {
 		b.ReportAllocs()
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
-				be, w, err := bg.take(dbs[0], bg.clock.Now())
+				be, w, err := bg.take(dbs[0], bg.clock.Now(), nil)
 				if err != nil {
 					b.Error(err)
 					return

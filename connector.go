@@ -89,7 +89,21 @@ type backend struct {
 	idleSince  time.Time
 	checkedOut time.Time
 	link       links[backend]
+	// stack is where the caller that holds it checked it out (program
+	// counters, symbolized only when logged), captured while
+	// Config.LeakThreshold is set; nil otherwise. Replaced, never written
+	// to, at each checkout, so the slice may be read after the lock is
+	// released.
+	stack []uintptr
+	// watch links it into budget.watched while it is checked out and not
+	// yet reported as a suspected leak; leaked marks one reported.
+	watch  links[backend]
+	leaked bool
 }
+
+type backendWatched struct{}
+
+func (backendWatched) links(be *backend) *links[backend] { return &be.watch }
 
 type backendInList struct{}
 
@@ -195,6 +209,7 @@ type connector struct {
 	db    *database
 	inner driver.Connector // pgx stdlib, dialing through trackedDial
 
+	own       owner // its handles; guarded by budget.mu
 	closeOnce sync.Once
 }
 
@@ -209,27 +224,24 @@ func (c *connector) Driver() driver.Driver { return c.drv }
 // Close releases the connector's share of its database's state. database/sql
 // calls it from DB.Close.
 func (c *connector) Close() error {
-	c.closeOnce.Do(func() { c.drv.b.unregister(c.db) })
+	c.closeOnce.Do(func() { c.drv.b.closeOwner(c.db, &c.own) })
 	return nil
 }
 
 // Connect returns a handle. It dials nothing: the handle takes a backend
 // when database/sql starts using it.
 func (c *connector) Connect(context.Context) (driver.Conn, error) {
-	b := c.drv.b
-	if err := b.retain(c.db); err != nil {
-		return nil, err
-	}
-	return &conn{fixed: c, b: b}, nil
+	return newHandle(c.drv.b, c, nil, &c.own)
 }
 
 // checkout gets a backend of the connector's database for a handle: an idle
 // one, one another caller checks in, or a new one.
 func (c *connector) checkout(ctx context.Context) (*backend, error) {
 	b := c.drv.b
+	stack := b.captureStack()
 	for {
 		now := b.clock.Now()
-		be, w, err := b.take(c.db, now)
+		be, w, err := b.take(c.db, now, stack)
 		if err != nil {
 			return nil, err
 		}
@@ -289,7 +301,7 @@ func (c *connector) wait(ctx context.Context, w *waiter) (*backend, error) {
 	if err != nil {
 		return nil, err
 	}
-	if be = b.dialed(tok, &backend{pc: pc}, b.clock.Now().Sub(start)); be == nil {
+	if be = b.dialed(tok, &backend{pc: pc, stack: w.stack}, b.clock.Now().Sub(start)); be == nil {
 		return nil, errDriverClosed
 	}
 	return be, nil

@@ -51,6 +51,7 @@ type metrics struct {
 	budgetEvictions   metric.Int64ObservableCounter
 	budgetDialErrors  metric.Int64ObservableCounter
 	budgetExhausted   metric.Int64ObservableCounter
+	budgetLeaks       metric.Int64ObservableCounter
 
 	driverSet  attribute.Set // pool name = the driver's name
 	driverOpt  metric.MeasurementOption
@@ -114,6 +115,9 @@ func newMetrics(mp metric.MeterProvider, name string, b *budget) (*metrics, erro
 	m.budgetExhausted, e = meter.Int64ObservableCounter("tenantpg.budget.exhausted", metric.WithUnit("{error}"),
 		metric.WithDescription("Callers that got ErrBudgetExhausted."))
 	keep(e)
+	m.budgetLeaks, e = meter.Int64ObservableCounter("tenantpg.budget.suspected_leaks", metric.WithUnit("{connection}"),
+		metric.WithDescription("Connections held longer than the leak threshold, each counted once."))
+	keep(e)
 	if err != nil {
 		return nil, err
 	}
@@ -133,7 +137,7 @@ func newMetrics(mp metric.MeterProvider, name string, b *budget) (*metrics, erro
 		m.observe(o, b)
 		return nil
 	}, m.count.Inst(), m.max.Inst(), m.idleMax.Inst(), m.pending.Inst(), m.budgetLimit, m.budgetConnections,
-		m.budgetWaiters, m.budgetEvictions, m.budgetDialErrors, m.budgetExhausted)
+		m.budgetWaiters, m.budgetEvictions, m.budgetDialErrors, m.budgetExhausted, m.budgetLeaks)
 	if err != nil {
 		return nil, err
 	}
@@ -191,6 +195,7 @@ func (m *metrics) observe(o metric.Observer, b *budget) {
 		o.ObserveInt64(m.budgetDialErrors, int64(s.dialErrors[k]), m.dialOpts[k])
 	}
 	o.ObserveInt64(m.budgetExhausted, int64(s.exhausted), m.driverOpt)
+	o.ObserveInt64(m.budgetLeaks, int64(s.leaks), m.driverOpt)
 }
 
 func (m *metrics) close() {

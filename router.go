@@ -57,6 +57,8 @@ type router struct {
 
 	mu     sync.Mutex
 	closed bool // guarded by mu
+
+	own owner // its handles; guarded by budget.mu
 }
 
 var (
@@ -77,7 +79,10 @@ func (r *router) Connect(ctx context.Context) (driver.Conn, error) {
 	if closed {
 		return nil, errDBClosed
 	}
-	c := &conn{b: r.drv.b, router: r}
+	c, err := newHandle(r.drv.b, nil, r, &r.own)
+	if err != nil {
+		return nil, err
+	}
 	c.ws, _ = WorkspaceFromContext(ctx)
 	return c, nil
 }
@@ -158,5 +163,6 @@ func (r *router) Close() error {
 		_ = v.(*connector).Close()
 		return true
 	})
+	r.drv.b.closeOwner(nil, &r.own)
 	return nil
 }
