@@ -91,9 +91,11 @@ type budget struct {
 	// triggers a garbage collection, at most once per collectEvery
 	// (lastCollect), so that the backends of handles that became garbage
 	// are reclaimed (reclaim.go) without waiting for the next natural
-	// collection. Guarded by mu.
+	// collection; collector repeats it while callers still wait. Guarded
+	// by mu.
 	strays      int
 	lastCollect time.Time
+	collector   wakeup
 
 	// Cumulative counters; guarded by mu.
 	waitCount    uint64
@@ -223,6 +225,7 @@ func newBudget(cfg Config, clk clock, io backendIO) *budget {
 	b.drained = sync.NewCond(&b.mu)
 	b.reaper.fn = b.reap
 	b.leakCheck.fn = b.checkLeaks
+	b.collector.fn = b.collectAgain
 	b.apply(cfg)
 	return b
 }
@@ -1151,14 +1154,36 @@ const collectEvery = time.Second
 // collectLocked triggers a garbage collection, off the lock, unless one was
 // triggered less than collectEvery ago: a caller waits while handles of
 // closed *sql.DBs are open, and those the application dropped give their
-// backends back only once the collector finds them (reclaim.go).
+// backends back only once the collector finds them (reclaim.go). It
+// repeats every collectEvery while callers wait and strays are left: a
+// handle may become garbage only after a collection (the application drops
+// it later, or database/sql's goroutine of the closed *sql.DB had not
+// ended yet).
 func (b *budget) collectLocked(now time.Time) {
-	if !b.lastCollect.IsZero() && now.Sub(b.lastCollect) < collectEvery {
+	if next := b.lastCollect.Add(collectEvery); !b.lastCollect.IsZero() && now.Before(next) {
+		b.armCollectorLocked(next, now)
 		return
 	}
 	b.lastCollect = now
 	b.collections++
 	go runtime.GC()
+	b.armCollectorLocked(now.Add(collectEvery), now)
+}
+
+func (b *budget) armCollectorLocked(at, now time.Time) {
+	if !b.closed {
+		b.collector.arm(b.clock, at, now)
+	}
+}
+
+// collectAgain runs on the collector's timer.
+func (b *budget) collectAgain() {
+	b.mu.Lock()
+	b.collector.fired()
+	if b.strays > 0 && b.waiting > 0 {
+		b.collectLocked(b.clock.Now())
+	}
+	b.mu.Unlock()
 }
 
 func (b *budget) armLeakCheckLocked(at, now time.Time) {
@@ -1285,6 +1310,7 @@ func (b *budget) close() {
 	})
 	b.reaper.stop()
 	b.leakCheck.stop()
+	b.collector.stop()
 	b.unlock()
 	// Never under mu: a collection holds the SDK's pipeline lock while its
 	// callback takes mu, and Unregister takes that pipeline lock.
