@@ -192,10 +192,10 @@ func TestLeakThresholdLogsHeldConnOnce(t *testing.T) {
 	require.NoError(t, released.PingContext(ctx))
 	require.NoError(t, released.Close())
 
+	heldSince := time.Now() // before the checkout: db.Conn may check out already
 	held, err := db.Conn(ctx)
 	require.NoError(t, err)
 	require.NoError(t, held.PingContext(ctx))
-	heldSince := time.Now()
 
 	// The released one was checked out first: had it been reported, it
 	// would have been by the time the held one is.
