@@ -78,6 +78,26 @@ func BenchmarkCheckoutCheckin(b *testing.B) {
 	benchmarkCheckoutCheckin(b, newEnv(b, 1, Config{MaxConnections: 4}))
 }
 
+// BenchmarkCheckoutCheckinLeakThreshold is BenchmarkCheckoutCheckin with
+// Config.LeakThreshold set: every checkout captures its caller's stack. The
+// stack here is a few frames deep; deep-stack checks out 40 frames down,
+// past the 32 kept, as a call through database/sql and an ORM would.
+func BenchmarkCheckoutCheckinLeakThreshold(b *testing.B) {
+	e := newEnv(b, 1, Config{MaxConnections: 4, LeakThreshold: time.Minute})
+	b.Run("shallow", func(b *testing.B) { benchmarkCheckoutCheckin(b, e) })
+	b.Run("deep-stack", func(b *testing.B) {
+		var run func(depth int)
+		run = func(depth int) {
+			if depth > 0 {
+				run(depth - 1)
+				return
+			}
+			benchmarkCheckoutCheckin(b, e)
+		}
+		run(40)
+	})
+}
+
 func benchmarkCheckoutCheckin(b *testing.B, e *env) {
 	c, err := e.drv.OpenConnector(e.dsn(0))
 	if err != nil {

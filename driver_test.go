@@ -347,8 +347,9 @@ func TestStatsJSONFieldNames(t *testing.T) {
 		keys = append(keys, k)
 	}
 	slices.Sort(keys)
-	require.Equal(t, []string{"activeDatabases", "closing", "databases", "dialErrors", "dialTimeNs", "dialing", "dials", "evictions",
-		"handoffs", "idle", "inUse", "limit", "longestUseNs", "open", "peakOpen", "reserved", "timeouts", "waitCount", "waitDurationNs", "waiting"}, keys)
+	require.Equal(t, []string{"activeDatabases", "closing", "collections", "databases", "dialErrors", "dialTimeNs", "dialing", "dials", "evictions",
+		"handoffs", "idle", "inUse", "limit", "longestUseNs", "open", "peakOpen", "reserved", "suspectedLeaks", "timeouts", "waitCount",
+		"waitDurationNs", "waiting"}, keys)
 	db := m["databases"].([]any)[0].(map[string]any)
 	keys = keys[:0]
 	for k := range db {
