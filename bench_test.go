@@ -220,3 +220,34 @@ func BenchmarkEvictionDecision(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkCaptureStack is the part of a checkout that Config.LeakThreshold
+// adds: runtime.Callers into a fresh slice of 32 program counters, from a
+// stack of a few frames and from one deeper than the 32 kept.
+func BenchmarkCaptureStack(b *testing.B) {
+	bg := newBudget(Config{MaxConnections: 1, LeakThreshold: time.Minute}, realClock{}, nopIO{})
+	b.Run("shallow", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if len(bg.captureStack()) == 0 {
+				b.Fatal("no stack")
+			}
+		}
+	})
+	b.Run("deep-stack", func(b *testing.B) {
+		var run func(depth int)
+		run = func(depth int) {
+			if depth > 0 {
+				run(depth - 1)
+				return
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				if len(bg.captureStack()) != leakStackDepth {
+					b.Fatal("short stack")
+				}
+			}
+		}
+		run(40)
+	})
+}

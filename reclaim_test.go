@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"go.opentelemetry.io/otel/attribute"
 )
 
 // Reclaiming what a closed *sql.DB abandoned, and leak detection (#13,
@@ -132,7 +133,7 @@ func leakHandles(t *testing.T, drv *Driver, dsn string) {
 func TestAbandonedHandlesAreReclaimed(t *testing.T) {
 	logs := newRecordingHandler()
 	const acquire = 10 * time.Second
-	e := newEnv(t, 1, Config{MaxConnections: 2, MaxConnectionsPerDB: 2, AcquireTimeout: acquire, Logger: slog.New(logs)})
+	e, reader := newMeteredEnv(t, 1, Config{MaxConnections: 2, MaxConnectionsPerDB: 2, AcquireTimeout: acquire, Logger: slog.New(logs)})
 	dsn := e.dsn(0, "workspace=ws0")
 
 	// A *sql.DB used and closed properly: its handles' cleanups are
@@ -163,6 +164,9 @@ func TestAbandonedHandlesAreReclaimed(t *testing.T) {
 
 	s = e.drv.Stats()
 	require.Equal(t, uint64(2), s.Evictions["abandoned"], "the two leaked backends, and only those")
+	abandoned, ok := collect(t, reader).value("tenantpg.budget.evictions", attribute.String("tenantpg.eviction.reason", "abandoned"))
+	require.True(t, ok)
+	require.Equal(t, int64(2), abandoned)
 	require.GreaterOrEqual(t, s.Collections, uint64(1), "the waiting caller triggered a collection")
 	warns := logs.waitFor(t, slog.LevelWarn, abandonedMsg, 2)
 	require.Len(t, warns, 2)
@@ -183,7 +187,7 @@ func TestAbandonedHandlesAreReclaimed(t *testing.T) {
 func TestLeakThresholdLogsHeldConnOnce(t *testing.T) {
 	logs := newRecordingHandler()
 	const threshold = 200 * time.Millisecond
-	e := newEnv(t, 1, Config{MaxConnections: 3, LeakThreshold: threshold, Logger: slog.New(logs)})
+	e, reader := newMeteredEnv(t, 1, Config{MaxConnections: 3, LeakThreshold: threshold, Logger: slog.New(logs)})
 	db := e.open(0)
 	ctx := context.Background()
 
@@ -217,6 +221,9 @@ func TestLeakThresholdLogsHeldConnOnce(t *testing.T) {
 	e.drv.b.mu.Unlock()
 	require.Zero(t, watched)
 	require.Equal(t, uint64(1), e.drv.Stats().SuspectedLeaks)
+	leaks, ok := collect(t, reader).value("tenantpg.budget.suspected_leaks", pool("tenantpg"))
+	require.True(t, ok)
+	require.Equal(t, int64(1), leaks)
 
 	require.NoError(t, held.Close())
 	require.Len(t, logs.waitFor(t, slog.LevelInfo, "reported as a suspected leak was returned", 1), 1)
