@@ -62,8 +62,9 @@ type Config struct {
 	// out, and counts it in Stats.SuspectedLeaks and the
 	// tenantpg.budget.suspected_leaks metric. It reports; it closes
 	// nothing. Stacks are captured at each checkout only while it is set,
-	// which costs about a microsecond per checkout (BENCHMARKS.md); set it
-	// well above the longest legitimate transaction, for example 2m.
+	// which costs about a microsecond and a 256-byte allocation per
+	// checkout (BENCHMARKS.md); set it well above the longest legitimate
+	// transaction, for example 2m.
 	// Default 0: off.
 	LeakThreshold time.Duration
 

@@ -113,6 +113,17 @@ func (b *budget) checkInvariantsLocked() error {
 	case b.open > b.limit && b.sharedLive > b.limit-b.reserved && b.recency.victimLocked(b) != nil && !b.closed:
 		return fmt.Errorf("open %d over the budget %d with an idle shared backend left", b.open, b.limit)
 	}
+	for be := b.watched.front; be != nil; be = b.watched.next(be) {
+		if be.state != backendBusy || be.leaked {
+			return fmt.Errorf("a backend of %q watched for leaks in state %d, reported %v", be.db.workspace, be.state, be.leaked)
+		}
+	}
+	if b.watched.len > 0 && !b.leakCheck.armed && !b.closed {
+		return fmt.Errorf("%d backends watched for leaks and no check armed", b.watched.len)
+	}
+	if b.strays < 0 {
+		return fmt.Errorf("strays %d", b.strays)
+	}
 	for x := b.recency.probation.front; x != nil; x = b.recency.probation.next(x) {
 		if x.protected {
 			return fmt.Errorf("protected database %q on probation", x.workspace)
