@@ -107,22 +107,45 @@ const (
 
 // leakHandles opens dsn, leaves a *sql.Rows and a *sql.Conn open, each
 // holding a backend, closes the *sql.DB and drops all three: what a test
-// suite that never closes its Rows does. It is not inlined, so that nothing
-// of it stays on the caller's stack.
+// suite that never closes its Rows does. ctx has no Done channel:
+// database/sql starts no goroutine to watch it, which would keep the Rows
+// reachable until it ends. It is not inlined, so that nothing of it stays
+// on the caller's stack.
 //
 //go:noinline
-func leakHandles(t *testing.T, drv *Driver, dsn string) {
+func leakHandles(t *testing.T, ctx context.Context, drv *Driver, dsn string) {
 	db, err := drv.OpenDB(dsn)
 	require.NoError(t, err)
-	// A context without Done: database/sql starts no goroutine to watch
-	// it, which would keep the Rows reachable until the context ends.
-	rows, err := db.QueryContext(context.Background(), "SELECT id FROM kv ORDER BY id")
+	rows, err := db.QueryContext(ctx, "SELECT id FROM kv ORDER BY id")
 	require.NoError(t, err)
 	require.True(t, rows.Next())
-	c, err := db.Conn(context.Background())
+	c, err := db.Conn(ctx)
 	require.NoError(t, err)
-	require.NoError(t, c.PingContext(context.Background()))
+	require.NoError(t, c.PingContext(ctx))
 	require.NoError(t, db.Close())
+}
+
+// TestAbandonedRoutedHandlesAreReclaimed is TestAbandonedHandlesAreReclaimed
+// through a {workspace} DSN: the leaked handles were the router's.
+func TestAbandonedRoutedHandlesAreReclaimed(t *testing.T) {
+	e := newEnv(t, 1, Config{MaxConnections: 2, MaxConnectionsPerDB: 2, AcquireTimeout: 10 * time.Second})
+	ctx := WithWorkspace(context.Background(), "ws0")
+	prefix := strings.TrimSuffix(e.dbs[0], "ws0")
+	routed := strings.Replace(e.dsn(0), "/"+e.dbs[0]+"?", "/"+prefix+WorkspacePlaceholder+"?", 1)
+	require.Contains(t, routed, WorkspacePlaceholder)
+	leakHandles(t, ctx, e.drv, routed)
+	require.Equal(t, 2, e.drv.Stats().InUse)
+	require.Equal(t, 2, locked(e.drv.b, func() int { return e.drv.b.strays }))
+
+	other, err := e.drv.OpenDB(routed)
+	require.NoError(t, err)
+	defer other.Close()
+	var n int
+	require.NoError(t, other.QueryRowContext(ctx, "SELECT count(*) FROM kv").Scan(&n))
+	require.Equal(t, 10, n)
+	require.Equal(t, uint64(2), e.drv.Stats().Evictions["abandoned"])
+	require.Zero(t, locked(e.drv.b, func() int { return e.drv.b.strays }))
+	e.requireQuiescent()
 }
 
 // TestAbandonedHandlesAreReclaimed leaks a *sql.Rows and a *sql.Conn, closes
@@ -145,7 +168,7 @@ func TestAbandonedHandlesAreReclaimed(t *testing.T) {
 		require.NoError(t, db.Close())
 	}()
 
-	leakHandles(t, e.drv, dsn)
+	leakHandles(t, context.Background(), e.drv, dsn)
 	s := e.drv.Stats()
 	require.Equal(t, 2, s.InUse, "the leaked Rows and Conn hold the budget")
 	require.Equal(t, 2, s.Open)
