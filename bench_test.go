@@ -78,6 +78,26 @@ func BenchmarkCheckoutCheckin(b *testing.B) {
 	benchmarkCheckoutCheckin(b, newEnv(b, 1, Config{MaxConnections: 4}))
 }
 
+// BenchmarkCheckoutCheckinLeakThreshold is BenchmarkCheckoutCheckin with
+// Config.LeakThreshold set: every checkout captures its caller's stack. The
+// stack here is a few frames deep; deep-stack checks out 40 frames down,
+// past the 32 kept, as a call through database/sql and an ORM would.
+func BenchmarkCheckoutCheckinLeakThreshold(b *testing.B) {
+	e := newEnv(b, 1, Config{MaxConnections: 4, LeakThreshold: time.Minute})
+	b.Run("shallow", func(b *testing.B) { benchmarkCheckoutCheckin(b, e) })
+	b.Run("deep-stack", func(b *testing.B) {
+		var run func(depth int)
+		run = func(depth int) {
+			if depth > 0 {
+				run(depth - 1)
+				return
+			}
+			benchmarkCheckoutCheckin(b, e)
+		}
+		run(40)
+	})
+}
+
 func benchmarkCheckoutCheckin(b *testing.B, e *env) {
 	c, err := e.drv.OpenConnector(e.dsn(0))
 	if err != nil {
@@ -138,7 +158,7 @@ func BenchmarkBudgetCheckoutCheckin(b *testing.B) {
 		bg, dbs := newBenchBudget(1, 100, 3)
 		b.ReportAllocs()
 		for b.Loop() {
-			be, w, err := bg.take(dbs[0], bg.clock.Now())
+			be, w, err := bg.take(dbs[0], bg.clock.Now(), nil)
 			if err != nil || w != nil {
 				b.Fatal("no idle backend", err)
 			}
@@ -161,7 +181,7 @@ func BenchmarkBudgetCheckoutCheckin(b *testing.B) {
 		b.ReportAllocs()
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
-				be, w, err := bg.take(dbs[0], bg.clock.Now())
+				be, w, err := bg.take(dbs[0], bg.clock.Now(), nil)
 				if err != nil {
 					b.Error(err)
 					return
@@ -199,4 +219,35 @@ func BenchmarkEvictionDecision(b *testing.B) {
 			}
 		})
 	}
+}
+
+// BenchmarkCaptureStack is the part of a checkout that Config.LeakThreshold
+// adds: runtime.Callers into a fresh slice of 32 program counters, from a
+// stack of a few frames and from one deeper than the 32 kept.
+func BenchmarkCaptureStack(b *testing.B) {
+	bg := newBudget(Config{MaxConnections: 1, LeakThreshold: time.Minute}, realClock{}, nopIO{})
+	b.Run("shallow", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if len(bg.captureStack()) == 0 {
+				b.Fatal("no stack")
+			}
+		}
+	})
+	b.Run("deep-stack", func(b *testing.B) {
+		var run func(depth int)
+		run = func(depth int) {
+			if depth > 0 {
+				run(depth - 1)
+				return
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				if len(bg.captureStack()) != leakStackDepth {
+					b.Fatal("short stack")
+				}
+			}
+		}
+		run(40)
+	})
 }

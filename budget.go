@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -41,6 +42,9 @@ type budget struct {
 	handoffAfter  time.Duration
 	livenessAfter time.Duration
 	hungDialAfter time.Duration // see hungDialAfterLocked
+	// leakThreshold is Config.LeakThreshold in nanoseconds, 0 when off;
+	// read without the lock by a checkout, to capture its stack.
+	leakThreshold atomic.Int64
 
 	mu sync.Mutex
 
@@ -76,6 +80,25 @@ type budget struct {
 	// pays for a new backend; guarded by mu.
 	dialTime ewma
 
+	// Leak detection (Config.LeakThreshold); guarded by mu. watched holds
+	// the backends checked out while the threshold was set and not yet
+	// reported, oldest checkout first, so a scan stops at the first young
+	// one; leakCheck runs the scan when the oldest passes the threshold.
+	watched   list[backend, backendWatched]
+	leakCheck wakeup
+
+	// strays counts the handles still open whose connector (their *sql.DB
+	// or Pool) has been closed: busy ones finishing, or ones the
+	// application leaked. While there are some, a caller that waits
+	// triggers a garbage collection, at most once per collectEvery
+	// (lastCollect), so that the backends of handles that became garbage
+	// are reclaimed (reclaim.go) without waiting for the next natural
+	// collection; collector repeats it while callers still wait. Guarded
+	// by mu.
+	strays      int
+	lastCollect time.Time
+	collector   wakeup
+
 	// Cumulative counters; guarded by mu.
 	waitCount    uint64
 	waitDuration time.Duration
@@ -84,6 +107,8 @@ type budget struct {
 	dials        uint64
 	handoffs     uint64 // backends passed from one caller straight to the next
 	exhausted    uint64 // BudgetErrors returned
+	leaks        uint64 // backends held longer than the leak threshold, counted once each
+	collections  uint64 // garbage collections triggered for stray handles
 	dialErrors   [numDialErrorKinds]uint64
 
 	// draining counts sockets being drained after close and jobs the close
@@ -111,6 +136,7 @@ type waiter struct {
 	db    *database
 	since time.Time
 	ready chan struct{} // closed once served (be or tok set) or failed (err set)
+	stack []uintptr     // the caller's stack, for the backend it gets (leak detection); nil when off
 
 	// Guarded by budget.mu.
 	done  bool     // out of the queues: served, failed or given up
@@ -172,10 +198,11 @@ const (
 	reasonDriverClosed             // Driver.Close
 	reasonServerFull               // idle, closed because the server refused a dial for lack of slots
 	reasonUnused                   // idle, closed because the last *sql.DB and handle of its database were closed
+	reasonAbandoned                // busy, closed because its handle became garbage without being returned
 	numReasons
 )
 
-var reasonNames = [numReasons]string{"", "lru", "handoff", "idle_timeout", "lifetime", "budget_shrink", "broken", "driver_closed", "server_full", "unused"}
+var reasonNames = [numReasons]string{"", "lru", "handoff", "idle_timeout", "lifetime", "budget_shrink", "broken", "driver_closed", "server_full", "unused", "abandoned"}
 
 type dialErrorKind uint8
 
@@ -209,6 +236,8 @@ func newBudget(cfg Config, clk clock, io backendIO) *budget {
 	b.drained = sync.NewCond(&b.mu)
 	b.reaper.fn = b.reap
 	b.tracing.Store(newTracing(cfg.TracerProvider))
+	b.leakCheck.fn = b.checkLeaks
+	b.collector.fn = b.collectAgain
 	b.apply(cfg)
 	return b
 }
@@ -219,6 +248,7 @@ func (b *budget) apply(cfg Config) {
 	b.lifetime = cfg.ConnMaxLifetime
 	b.idleTimeout = cfg.ConnMaxIdleTime
 	b.acquireTimeout = cfg.AcquireTimeout
+	b.leakThreshold.Store(int64(cfg.LeakThreshold))
 	b.log.Store(cfg.Logger)
 }
 
@@ -377,20 +407,74 @@ func (b *budget) register(p *dsnParams) (*database, error) {
 	return d, nil
 }
 
-// retain counts a handle that uses d, which keeps its state alive; it fails
-// once the driver is closed. unregister undoes it.
-func (b *budget) retain(d *database) error {
+// owner is what a connector or router (the *sql.DB or Pool behind it)
+// knows of its handles: how many are open, and whether it was closed, after
+// which they are strays. Guarded by budget.mu.
+type owner struct {
+	handles int
+	closed  bool
+}
+
+// retain counts a new handle: of database d, whose state it keeps alive
+// (nil for a router's handle, which keeps none), made by o (nil for one
+// that Driver.Open returns, which outlives its connector by design). It
+// fails once the driver is closed. release undoes it.
+func (b *budget) retain(d *database, o *owner) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.closed {
 		return errDriverClosed
 	}
-	d.refs++
+	if d != nil {
+		d.refs++
+	}
+	if o != nil {
+		o.handles++
+		if o.closed {
+			b.strays++
+		}
+	}
 	return nil
+}
+
+// release undoes retain, when a handle is closed or found to be garbage
+// (reclaim.go).
+func (b *budget) release(d *database, o *owner) {
+	b.mu.Lock()
+	if o != nil {
+		o.handles--
+		if o.closed {
+			b.strays--
+		}
+	}
+	if d != nil {
+		b.unregisterLocked(d)
+	}
+	b.unlock()
+}
+
+// closeOwner records that o's *sql.DB or Pool was closed: its handles still
+// open are strays from now on. d, if not nil, is the database whose state o
+// kept alive.
+func (b *budget) closeOwner(d *database, o *owner) {
+	b.mu.Lock()
+	if !o.closed {
+		o.closed = true
+		b.strays += o.handles
+	}
+	if d != nil {
+		b.unregisterLocked(d)
+	}
+	b.unlock()
 }
 
 func (b *budget) unregister(d *database) {
 	b.mu.Lock()
+	b.unregisterLocked(d)
+	b.unlock()
+}
+
+func (b *budget) unregisterLocked(d *database) {
 	d.refs--
 	if d.refs == 0 {
 		// Nothing can check these out any more: an application that closed
@@ -400,7 +484,6 @@ func (b *budget) unregister(d *database) {
 		}
 	}
 	b.forgetLocked(d)
-	b.unlock()
 }
 
 // releaseIfIdle drops the last reference to d, its router's, when d holds
@@ -434,8 +517,9 @@ func (b *budget) forgetLocked(d *database) {
 // take is the start of a checkout for d. It returns the most recently used
 // idle backend of d when there is one (the fast path: no allocation, no
 // wait), or else a waiter queued on d, which may already hold a token; the
-// caller then calls await. now is the checkout time.
-func (b *budget) take(d *database, now time.Time) (*backend, *waiter, error) {
+// caller then calls await. now is the checkout time; stack is the
+// caller's (captureStack), nil unless leak detection is on.
+func (b *budget) take(d *database, now time.Time, stack []uintptr) (*backend, *waiter, error) {
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -443,7 +527,7 @@ func (b *budget) take(d *database, now time.Time) (*backend, *waiter, error) {
 	}
 	if be := d.idleBackends.front; be != nil {
 		b.unlinkIdleLocked(be)
-		b.checkoutLocked(be, now)
+		b.checkoutLocked(be, now, stack)
 		b.recency.reusedLocked(b, d)
 		b.mu.Unlock()
 		return be, nil, nil
@@ -454,13 +538,16 @@ func (b *budget) take(d *database, now time.Time) (*backend, *waiter, error) {
 		b.mu.Unlock()
 		return nil, nil, errDBClosed
 	}
-	w := &waiter{db: d, since: now, ready: make(chan struct{})}
+	w := &waiter{db: d, since: now, ready: make(chan struct{}), stack: stack}
 	d.refs++ // a waiter keeps its database's state alive
 	d.waiters.pushBack(w)
 	b.waiting++
 	b.growLocked(d)
 	if !w.done {
 		b.waitCount++ // not served at once: it waits
+		if b.strays > 0 {
+			b.collectLocked(now)
+		}
 	}
 	if !w.seekingLocked() && !w.done {
 		w.patience = b.clock.AfterFunc(b.dialCostLocked(d), func() { b.impatient(w) })
@@ -629,7 +716,7 @@ func (b *budget) handOverLocked(w *waiter, be *backend, now time.Time) {
 	// backend.
 	w.db.owe(now.Sub(w.since), now)
 	b.handoffs++
-	b.checkoutLocked(be, now)
+	b.checkoutLocked(be, now, w.stack)
 	w.be = be
 	b.serveLocked(w, now)
 }
@@ -710,18 +797,36 @@ func (b *budget) serveQueueLocked() {
 	}
 }
 
-// checkoutLocked marks be checked out by a caller.
-func (b *budget) checkoutLocked(be *backend, now time.Time) {
+// checkoutLocked marks be checked out by a caller, whose stack it keeps
+// for leak detection.
+func (b *budget) checkoutLocked(be *backend, now time.Time, stack []uintptr) {
 	d := be.db
 	if be.state == backendBusy {
 		d.busy.remove(be) // handed over: a new use starts now
+		b.unwatchLocked(be)
 	} else {
 		d.inUse++
 		b.inUse++
 	}
 	be.state = backendBusy
 	be.checkedOut = now
+	be.stack = stack
 	d.busy.pushBack(be)
+	if th := b.leakThreshold.Load(); th > 0 {
+		b.watched.pushBack(be)
+		if !b.leakCheck.armed {
+			b.armLeakCheckLocked(now.Add(time.Duration(th)), now)
+		}
+	}
+}
+
+// unwatchLocked ends leak detection for be, which is no longer checked out
+// by the caller it was watched for.
+func (b *budget) unwatchLocked(be *backend) {
+	if be.watch.listed {
+		b.watched.remove(be)
+	}
+	be.leaked = false
 }
 
 // checkin takes back a backend its handle is done with. used is false for
@@ -730,9 +835,17 @@ func (b *budget) checkin(be *backend) {
 	now := b.clock.Now()
 	b.mu.Lock()
 	used := now.Sub(be.checkedOut)
+	leaked := be.leaked
+	ws := be.db.workspace
 	b.checkinLocked(be, now, true)
 	b.unlock()
 	b.metrics.Load().recordUse(used)
+	if leaked {
+		if l := b.log.Load(); l != nil {
+			l.LogAttrs(bg, slog.LevelInfo, "tenantpg: a connection reported as a suspected leak was returned",
+				slog.String("workspace", ws), slog.Duration("held", used))
+		}
+	}
 }
 
 func (b *budget) checkinLocked(be *backend, now time.Time, used bool) {
@@ -758,6 +871,7 @@ func (b *budget) checkinLocked(be *backend, now time.Time, used bool) {
 		return
 	}
 	d.busy.remove(be)
+	b.unwatchLocked(be)
 	d.inUse--
 	b.inUse--
 	be.state = backendIdle
@@ -825,6 +939,7 @@ func (b *budget) overLimitLocked(d *database) bool {
 func (b *budget) closeBusyLocked(be *backend, reason evictReason, w *waiter) {
 	d := be.db
 	d.busy.remove(be)
+	b.unwatchLocked(be)
 	d.inUse--
 	b.inUse--
 	b.closeLocked(be, reason, w)
@@ -898,7 +1013,7 @@ func (b *budget) dialed(tok *token, be *backend, took time.Duration) *backend {
 	be.db, be.tok = d, tok
 	be.created = b.clock.Now()
 	tok.dialDone = true
-	b.checkoutLocked(be, be.created)
+	b.checkoutLocked(be, be.created, be.stack)
 	if b.closed {
 		b.closeBusyLocked(be, reasonDriverClosed, nil)
 		b.unlock()
@@ -1129,6 +1244,115 @@ func (b *budget) reap() {
 	b.unlock()
 }
 
+// abandon closes be, checked out by a handle that became garbage without
+// giving it back (reclaim.go), and returns its token.
+func (b *budget) abandon(be *backend) {
+	b.mu.Lock()
+	if be.state != backendBusy {
+		b.mu.Unlock() // cannot happen: the handle's hold is taken once
+		return
+	}
+	d := be.db
+	held := b.clock.Now().Sub(be.checkedOut)
+	ws, stack := d.workspace, be.stack
+	b.closeBusyLocked(be, reasonAbandoned, nil)
+	b.growLocked(d)
+	b.unlock()
+	if l := b.log.Load(); l != nil {
+		attrs := []slog.Attr{slog.String("workspace", ws), slog.Duration("held", held)}
+		if len(stack) > 0 {
+			attrs = append(attrs, slog.String("stack", formatStack(stack)))
+		}
+		l.LogAttrs(bg, slog.LevelWarn,
+			"tenantpg: closed a connection whose *sql.Rows, *sql.Conn or *sql.Tx was dropped without being closed", attrs...)
+	}
+}
+
+// collectEvery bounds how often waiting callers trigger a garbage
+// collection while stray handles exist.
+const collectEvery = time.Second
+
+// collectLocked triggers a garbage collection, off the lock, unless one was
+// triggered less than collectEvery ago: a caller waits while handles of
+// closed *sql.DBs are open, and those the application dropped give their
+// backends back only once the collector finds them (reclaim.go). It
+// repeats every collectEvery while callers wait and strays are left: a
+// handle may become garbage only after a collection (the application drops
+// it later, or database/sql's goroutine of the closed *sql.DB had not
+// ended yet).
+func (b *budget) collectLocked(now time.Time) {
+	if next := b.lastCollect.Add(collectEvery); !b.lastCollect.IsZero() && now.Before(next) {
+		b.armCollectorLocked(next, now)
+		return
+	}
+	b.lastCollect = now
+	b.collections++
+	go runtime.GC()
+	b.armCollectorLocked(now.Add(collectEvery), now)
+}
+
+func (b *budget) armCollectorLocked(at, now time.Time) {
+	if !b.closed {
+		b.collector.arm(b.clock, at, now)
+	}
+}
+
+// collectAgain runs on the collector's timer.
+func (b *budget) collectAgain() {
+	b.mu.Lock()
+	b.collector.fired()
+	if b.strays > 0 && b.waiting > 0 {
+		b.collectLocked(b.clock.Now())
+	}
+	b.mu.Unlock()
+}
+
+func (b *budget) armLeakCheckLocked(at, now time.Time) {
+	if !b.closed {
+		b.leakCheck.arm(b.clock, at, now)
+	}
+}
+
+// checkLeaks reports the backends checked out for longer than the leak
+// threshold, once each, with the stack of the code that checked them out.
+// It runs on a timer armed for the oldest watched checkout.
+func (b *budget) checkLeaks() {
+	type report struct {
+		workspace string
+		held      time.Duration
+		stack     []uintptr
+	}
+	var reports []report
+	b.mu.Lock()
+	now := b.clock.Now()
+	b.leakCheck.fired()
+	th := time.Duration(b.leakThreshold.Load())
+	for be := b.watched.front; be != nil; be = b.watched.front {
+		if th > 0 && now.Sub(be.checkedOut) < th {
+			b.armLeakCheckLocked(be.checkedOut.Add(th), now)
+			break // the rest were checked out later
+		}
+		b.watched.remove(be)
+		if th > 0 {
+			be.leaked = true
+			b.leaks++
+			reports = append(reports, report{be.db.workspace, now.Sub(be.checkedOut), be.stack})
+		}
+	}
+	b.unlock()
+	l := b.log.Load()
+	if l == nil {
+		return
+	}
+	for _, r := range reports {
+		attrs := []slog.Attr{slog.String("workspace", r.workspace), slog.Duration("held", r.held), slog.Duration("threshold", th)}
+		if len(r.stack) > 0 {
+			attrs = append(attrs, slog.String("stack", formatStack(r.stack)))
+		}
+		l.LogAttrs(bg, slog.LevelWarn, "tenantpg: connection held longer than the leak threshold (a *sql.Rows, *sql.Conn or *sql.Tx not closed?)", attrs...)
+	}
+}
+
 // reconfigure applies new settings. Lowering the budget or a cap closes
 // idle backends down to the new limits at once; busy ones are closed when
 // they are checked in. Raising it serves waiters.
@@ -1151,6 +1375,12 @@ func (b *budget) reconfigure(cfg Config) error {
 	b.reaper.stop()
 	if b.idle > 0 {
 		b.armReaperLocked(now, now) // rescan now
+	}
+	// The leak threshold may have changed too: rescan now (a threshold
+	// turned off empties the watch list).
+	b.leakCheck.stop()
+	if b.watched.len > 0 {
+		b.armLeakCheckLocked(now, now)
 	}
 	b.unlock()
 	return nil
@@ -1203,6 +1433,8 @@ func (b *budget) close() {
 	for _, s := range b.servers {
 		s.wake.stop()
 	}
+	b.leakCheck.stop()
+	b.collector.stop()
 	b.unlock()
 	// Never under mu: a collection holds the SDK's pipeline lock while its
 	// callback takes mu, and Unregister takes that pipeline lock.
@@ -1232,7 +1464,7 @@ func (b *budget) waitDrainsLocked() {
 type snapshot struct {
 	limit, reserved, open, inUse, idle, dialing, closing, waiting, peakOpen int
 	longestUse                                                              time.Duration
-	dials, waitCount, timeouts, exhausted, handoffs                         uint64
+	dials, waitCount, timeouts, exhausted, handoffs, leaks, collections     uint64
 	waitDuration, dialTime                                                  time.Duration
 	evictions                                                               [numReasons]uint64
 	dialErrors                                                              [numDialErrorKinds]uint64
@@ -1271,6 +1503,7 @@ func (b *budget) snapshot() snapshot {
 		limit: b.limit, reserved: b.reserved, open: b.open, inUse: b.inUse, idle: b.idle, dialing: b.dialing,
 		closing: b.closing, waiting: b.waiting, peakOpen: b.peakOpen, dials: b.dials, waitCount: b.waitCount,
 		timeouts: b.timeouts, exhausted: b.exhausted, handoffs: b.handoffs, waitDuration: b.waitDuration,
+		leaks: b.leaks, collections: b.collections,
 		dialTime: b.dialTime.duration(), evictions: b.evictions, dialErrors: b.dialErrors,
 	}
 	for _, d := range b.dbs {

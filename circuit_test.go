@@ -290,7 +290,7 @@ func (r *circuitRig) db(name string) *database {
 // queue takes a checkout of d that finds no idle backend, and runs its
 // await in a goroutine.
 func (r *circuitRig) queue(d *database, ctx context.Context) (*waiter, chan awaited) {
-	be, w, err := r.b.take(d, r.clk.Now())
+	be, w, err := r.b.take(d, r.clk.Now(), nil)
 	require.NoError(r.t, err)
 	require.Nil(r.t, be)
 	out := make(chan awaited, 1)

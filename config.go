@@ -34,6 +34,7 @@ const (
 	EnvConnMaxLifetime     = "TENANTPG_CONN_MAX_LIFETIME"
 	EnvConnMaxIdleTime     = "TENANTPG_CONN_MAX_IDLE_TIME"
 	EnvAcquireTimeout      = "TENANTPG_ACQUIRE_TIMEOUT"
+	EnvLeakThreshold       = "TENANTPG_LEAK_THRESHOLD"
 )
 
 // Config holds a driver's settings. A zero field takes its default.
@@ -55,6 +56,18 @@ type Config struct {
 	// database/sql's background opener calls Connect with a context that
 	// never ends, so the driver needs a bound of its own. Default 10s.
 	AcquireTimeout time.Duration
+	// LeakThreshold, when set, reports a connection checked out for longer
+	// than this (a *sql.Rows, *sql.Conn or *sql.Tx that is never closed, a
+	// PoolConn never released) once, at Warn on Logger, with its workspace,
+	// how long it has been held and the stack of the code that checked it
+	// out, and counts it in Stats.SuspectedLeaks and the
+	// tenantpg.budget.suspected_leaks metric. It reports; it closes
+	// nothing. Stacks are captured at each checkout only while it is set,
+	// which costs about a microsecond and a 256-byte allocation per
+	// checkout (BENCHMARKS.md); set it well above the longest legitimate
+	// transaction, for example 2m.
+	// Default 0: off.
+	LeakThreshold time.Duration
 
 	// Name is the db.client.connection.pool.name of the driver-wide metrics
 	// (the budget, the histograms). Default "tenantpg".
@@ -81,8 +94,10 @@ type Config struct {
 	TracerProvider trace.TracerProvider
 
 	// Logger receives one line per eviction batch (Debug), budget
-	// exhaustion, server rejection and dial failure (Warn). Nil: no
-	// logging. No line contains a password or a DSN.
+	// exhaustion, server rejection, dial failure, a suspected leak (see
+	// LeakThreshold) and a connection reclaimed from a dropped handle
+	// (Warn), and a reported leak returned (Info). Nil: no logging. No
+	// line contains a password or a DSN.
 	Logger *slog.Logger
 }
 
@@ -125,6 +140,9 @@ func (c Config) normalize() (Config, error) {
 			*f.v = f.def
 		}
 	}
+	if c.LeakThreshold < 0 {
+		return c, &ConfigError{Field: "LeakThreshold", Reason: fmt.Sprintf("must not be negative, got %s", c.LeakThreshold)}
+	}
 	if c.Name == "" {
 		c.Name = DriverName
 	}
@@ -154,7 +172,8 @@ func ConfigFromEnv() (Config, error) {
 	for _, f := range []struct {
 		env string
 		v   *time.Duration
-	}{{EnvConnMaxLifetime, &c.ConnMaxLifetime}, {EnvConnMaxIdleTime, &c.ConnMaxIdleTime}, {EnvAcquireTimeout, &c.AcquireTimeout}} {
+	}{{EnvConnMaxLifetime, &c.ConnMaxLifetime}, {EnvConnMaxIdleTime, &c.ConnMaxIdleTime}, {EnvAcquireTimeout, &c.AcquireTimeout},
+		{EnvLeakThreshold, &c.LeakThreshold}} {
 		if s := os.Getenv(f.env); s != "" {
 			d, err := time.ParseDuration(s)
 			if err != nil || d <= 0 {

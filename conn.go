@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql/driver"
 	"errors"
+	"runtime"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -35,6 +36,11 @@ type conn struct {
 	// out anyway; the error goes to the first call instead of a second wait.
 	pending error
 	closed  bool
+
+	// hold mirrors be for the cleanup that reclaims the backend of a handle
+	// dropped without a check-in (reclaim.go), and what the handle retained.
+	hold    *hold
+	cleanup runtime.Cleanup
 }
 
 var (
@@ -69,6 +75,7 @@ func (c *conn) backend(ctx context.Context) (*backend, error) {
 			return nil, err
 		}
 		c.be = be
+		c.hold.be.Store(be)
 		return be, nil
 	}
 	for {
@@ -84,6 +91,7 @@ func (c *conn) backend(ctx context.Context) (*backend, error) {
 			return nil, err
 		}
 		c.be = be
+		c.hold.be.Store(be)
 		return be, nil
 	}
 }
@@ -128,6 +136,7 @@ func (c *conn) IsValid() bool {
 	c.ws = ""
 	if be := c.be; be != nil {
 		c.be = nil
+		c.hold.be.Store(nil)
 		c.b.checkin(be)
 	}
 	return !c.b.shut.Load()
@@ -139,16 +148,16 @@ func (c *conn) Close() error {
 	}
 	c.closed = true
 	c.pending = nil
+	c.cleanup.Stop()
 	if be := c.be; be != nil {
 		// Closed without a check-in: after an error database/sql judged
 		// fatal, or when the *sql.DB closes under a caller. The check-in
 		// closes a backend that is broken or inside a transaction.
 		c.be = nil
+		c.hold.be.Store(nil)
 		c.b.checkin(be)
 	}
-	if c.fixed != nil {
-		c.b.unregister(c.fixed.db)
-	}
+	c.b.release(c.hold.db, c.hold.own)
 	return nil
 }
 

@@ -89,7 +89,21 @@ type backend struct {
 	idleSince  time.Time
 	checkedOut time.Time
 	link       links[backend]
+	// stack is where the caller that holds it checked it out (program
+	// counters, symbolized only when logged), captured while
+	// Config.LeakThreshold is set; nil otherwise. Replaced, never written
+	// to, at each checkout, so the slice may be read after the lock is
+	// released.
+	stack []uintptr
+	// watch links it into budget.watched while it is checked out and not
+	// yet reported as a suspected leak; leaked marks one reported.
+	watch  links[backend]
+	leaked bool
 }
+
+type backendWatched struct{}
+
+func (backendWatched) links(be *backend) *links[backend] { return &be.watch }
 
 type backendInList struct{}
 
@@ -196,6 +210,7 @@ type connector struct {
 	workspace string           // the label its DSN gave, for traces
 	inner     driver.Connector // pgx stdlib, dialing through trackedDial
 
+	own       owner // its handles; guarded by budget.mu
 	closeOnce sync.Once
 }
 
@@ -210,27 +225,24 @@ func (c *connector) Driver() driver.Driver { return c.drv }
 // Close releases the connector's share of its database's state. database/sql
 // calls it from DB.Close.
 func (c *connector) Close() error {
-	c.closeOnce.Do(func() { c.drv.b.unregister(c.db) })
+	c.closeOnce.Do(func() { c.drv.b.closeOwner(c.db, &c.own) })
 	return nil
 }
 
 // Connect returns a handle. It dials nothing: the handle takes a backend
 // when database/sql starts using it.
 func (c *connector) Connect(context.Context) (driver.Conn, error) {
-	b := c.drv.b
-	if err := b.retain(c.db); err != nil {
-		return nil, err
-	}
-	return &conn{fixed: c, b: b}, nil
+	return newHandle(c.drv.b, c, nil, &c.own)
 }
 
 // checkout gets a backend of the connector's database for a handle: an idle
 // one, one another caller checks in, or a new one.
 func (c *connector) checkout(ctx context.Context) (*backend, error) {
 	b := c.drv.b
+	stack := b.captureStack()
 	for {
 		now := b.clock.Now()
-		be, w, err := b.take(c.db, now)
+		be, w, err := b.take(c.db, now, stack)
 		if err != nil {
 			return nil, err
 		}
@@ -307,7 +319,7 @@ func (c *connector) wait(ctx context.Context, w *waiter) (*backend, error) {
 		pc, err := c.dial(ctx, tok)
 		a.dialEnd = b.clock.Now()
 		if err == nil {
-			if be = b.dialed(tok, &backend{pc: pc}, a.dialEnd.Sub(a.dialStart)); be == nil {
+			if be = b.dialed(tok, &backend{pc: pc, stack: w.stack}, a.dialEnd.Sub(a.dialStart)); be == nil {
 				return finish(nil, errDriverClosed, "")
 			}
 			return finish(be, nil, "dialed")
@@ -327,7 +339,7 @@ func (c *connector) wait(ctx context.Context, w *waiter) (*backend, error) {
 		if a.downAt.IsZero() {
 			a.downAt = a.dialEnd
 		}
-		if be, w, err = c.requeue(ctx); be != nil || err != nil {
+		if be, w, err = c.requeue(ctx, w.stack); be != nil || err != nil {
 			return finish(be, err, "idle")
 		}
 	}
@@ -336,11 +348,11 @@ func (c *connector) wait(ctx context.Context, w *waiter) (*backend, error) {
 // requeue is the start of a checkout again, for a caller whose dial found
 // the server down: an idle backend if another caller checked one in
 // meanwhile, or else a place in the queue.
-func (c *connector) requeue(ctx context.Context) (*backend, *waiter, error) {
+func (c *connector) requeue(ctx context.Context, stack []uintptr) (*backend, *waiter, error) {
 	b := c.drv.b
 	for {
 		now := b.clock.Now()
-		be, w, err := b.take(c.db, now)
+		be, w, err := b.take(c.db, now, stack)
 		if err != nil || w != nil {
 			return nil, w, err
 		}

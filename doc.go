@@ -104,8 +104,8 @@
 //
 // The registered driver reads TENANTPG_MAX_CONNECTIONS,
 // TENANTPG_MAX_CONNECTIONS_PER_DB, TENANTPG_CONN_MAX_LIFETIME,
-// TENANTPG_CONN_MAX_IDLE_TIME and TENANTPG_ACQUIRE_TIMEOUT the first time it
-// is used, unless [Configure] set its settings from code first. [NewDriver]
+// TENANTPG_CONN_MAX_IDLE_TIME, TENANTPG_ACQUIRE_TIMEOUT and
+// TENANTPG_LEAK_THRESHOLD the first time it is used, unless [Configure] set its settings from code first. [NewDriver]
 // makes a driver with a budget of its own. Settings may change at run time:
 // lowering the budget closes idle connections at once and busy ones as they
 // are returned.
@@ -141,8 +141,20 @@
 // # Caveats
 //
 // A pinned connection (db.Conn, a transaction, an open *sql.Rows) holds its
-// token until it is released; a leaked one holds it forever. (*sql.DB).Stats
-// counts handles; [Driver.Stats] counts backends, what the server sees. A new backend costs
+// token until it is released. database/sql keeps every connection reachable
+// from its *sql.DB while that is open, so a leaked one holds its token while
+// its *sql.DB is open; [Config.LeakThreshold] logs it, with the stack that
+// checked it out. Once the *sql.DB is closed and dropped with the leaked
+// *sql.Rows or *sql.Conn, the garbage collector finds the driver's handle
+// and the driver closes its backend and takes the token back (eviction
+// reason abandoned); a caller that waits meanwhile triggers a collection,
+// at most one a second. A *sql.Tx left open is not reclaimed: database/sql
+// watches its context from a goroutine, which keeps it reachable until the
+// context ends (and then rolls it back itself); nor is a [PoolConn] never
+// released.
+//
+// (*sql.DB).Stats counts handles; [Driver.Stats] counts backends, what the
+// server sees. A new backend costs
 // the server a fork and authentication, so a workload that touches more
 // databases at once than the budget can hold is bound by connection setup,
 // not by the driver.

@@ -123,9 +123,10 @@ func (d *Driver) Open(dsn string) (driver.Conn, error) {
 	if !ok {
 		return nil, &DSNError{Reason: "a " + WorkspacePlaceholder + " DSN serves many databases: open it with sql.Open or OpenDB, not Driver.Open"}
 	}
-	// The handle keeps its database's state alive on its own.
+	// The handle keeps its database's state alive on its own, and is no
+	// stray when its connector closes: no *sql.DB will close it.
 	defer cn.Close()
-	return cn.Connect(context.Background())
+	return newHandle(d.b, cn, nil, nil)
 }
 
 // OpenConnector parses dsn and returns a connector for its database. Every

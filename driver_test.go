@@ -169,6 +169,7 @@ func TestConfigValidation(t *testing.T) {
 		{Config{ConnMaxLifetime: -time.Second}, "ConnMaxLifetime"},
 		{Config{ConnMaxIdleTime: -time.Second}, "ConnMaxIdleTime"},
 		{Config{AcquireTimeout: -time.Second}, "AcquireTimeout"},
+		{Config{LeakThreshold: -time.Second}, "LeakThreshold"},
 	} {
 		_, err := NewDriver(bad.cfg)
 		var ce *ConfigError
@@ -183,10 +184,15 @@ func TestConfigFromEnv(t *testing.T) {
 	t.Setenv(EnvConnMaxLifetime, "2m")
 	t.Setenv(EnvConnMaxIdleTime, "30s")
 	t.Setenv(EnvAcquireTimeout, "750ms")
+	t.Setenv(EnvLeakThreshold, "2m")
 	c, err := ConfigFromEnv()
 	require.NoError(t, err)
 	require.Equal(t, Config{MaxConnections: 40, MaxConnectionsPerDB: 4, ConnMaxLifetime: 2 * time.Minute,
-		ConnMaxIdleTime: 30 * time.Second, AcquireTimeout: 750 * time.Millisecond}, c)
+		ConnMaxIdleTime: 30 * time.Second, AcquireTimeout: 750 * time.Millisecond, LeakThreshold: 2 * time.Minute}, c)
+	t.Setenv(EnvLeakThreshold, "0s")
+	_, err = ConfigFromEnv()
+	require.ErrorContains(t, err, EnvLeakThreshold, "a threshold of zero is unset, not 0s")
+	t.Setenv(EnvLeakThreshold, "")
 
 	t.Setenv(EnvConnMaxIdleTime, "5 minutes")
 	_, err = ConfigFromEnv()
@@ -347,8 +353,9 @@ func TestStatsJSONFieldNames(t *testing.T) {
 		keys = append(keys, k)
 	}
 	slices.Sort(keys)
-	require.Equal(t, []string{"activeDatabases", "closing", "databases", "dialErrors", "dialTimeNs", "dialing", "dials", "evictions",
-		"handoffs", "idle", "inUse", "limit", "longestUseNs", "open", "peakOpen", "reserved", "servers", "timeouts", "waitCount", "waitDurationNs", "waiting"}, keys)
+	require.Equal(t, []string{"activeDatabases", "closing", "collections", "databases", "dialErrors", "dialTimeNs", "dialing", "dials", "evictions",
+		"handoffs", "idle", "inUse", "limit", "longestUseNs", "open", "peakOpen", "reserved", "servers", "suspectedLeaks", "timeouts", "waitCount",
+		"waitDurationNs", "waiting"}, keys)
 	db := m["databases"].([]any)[0].(map[string]any)
 	keys = keys[:0]
 	for k := range db {

@@ -143,6 +143,17 @@ func (b *budget) checkInvariantsLocked() error {
 			return fmt.Errorf("server %s: its probe's caller is not seeking a token", s.label)
 		}
 	}
+	for be := b.watched.front; be != nil; be = b.watched.next(be) {
+		if be.state != backendBusy || be.leaked {
+			return fmt.Errorf("a backend of %q watched for leaks in state %d, reported %v", be.db.workspace, be.state, be.leaked)
+		}
+	}
+	if b.watched.len > 0 && !b.leakCheck.armed && !b.closed {
+		return fmt.Errorf("%d backends watched for leaks and no check armed", b.watched.len)
+	}
+	if b.strays < 0 {
+		return fmt.Errorf("strays %d", b.strays)
+	}
 	for x := b.recency.probation.front; x != nil; x = b.recency.probation.next(x) {
 		if x.protected {
 			return fmt.Errorf("protected database %q on probation", x.workspace)

@@ -51,6 +51,7 @@ type metrics struct {
 	budgetEvictions   metric.Int64ObservableCounter
 	budgetDialErrors  metric.Int64ObservableCounter
 	budgetExhausted   metric.Int64ObservableCounter
+	budgetLeaks       metric.Int64ObservableCounter
 
 	serverDown     metric.Int64ObservableGauge
 	serverDownTime metric.Float64ObservableGauge
@@ -127,6 +128,9 @@ func newMetrics(mp metric.MeterProvider, name string, b *budget) (*metrics, erro
 	m.serverWaiters, e = meter.Int64ObservableUpDownCounter("tenantpg.server.waiters", metric.WithUnit("{request}"),
 		metric.WithDescription("Callers waiting for a down server to come back; 0 while up."))
 	keep(e)
+	m.budgetLeaks, e = meter.Int64ObservableCounter("tenantpg.budget.suspected_leaks", metric.WithUnit("{connection}"),
+		metric.WithDescription("Connections held longer than the leak threshold, each counted once."))
+	keep(e)
 	if err != nil {
 		return nil, err
 	}
@@ -147,7 +151,7 @@ func newMetrics(mp metric.MeterProvider, name string, b *budget) (*metrics, erro
 		m.observe(o, b)
 		return nil
 	}, m.count.Inst(), m.max.Inst(), m.idleMax.Inst(), m.pending.Inst(), m.budgetLimit, m.budgetConnections,
-		m.budgetWaiters, m.budgetEvictions, m.budgetDialErrors, m.budgetExhausted, m.serverDown, m.serverDownTime, m.serverWaiters)
+		m.budgetWaiters, m.budgetEvictions, m.budgetDialErrors, m.budgetExhausted, m.budgetLeaks, m.serverDown, m.serverDownTime, m.serverWaiters)
 	if err != nil {
 		return nil, err
 	}
@@ -233,6 +237,7 @@ func (m *metrics) observe(o metric.Observer, b *budget) {
 		o.ObserveFloat64(m.serverDownTime, x.downFor.Seconds(), opts.base)
 		o.ObserveInt64(m.serverWaiters, int64(x.waiting), opts.base)
 	}
+	o.ObserveInt64(m.budgetLeaks, int64(s.leaks), m.driverOpt)
 }
 
 func (m *metrics) close() {

@@ -200,7 +200,7 @@ func TestLoweredIdleTimeoutRearmsTheReaper(t *testing.T) {
 // server: an idle one, or a new one when it is granted a token.
 func mustCheckout(t testing.TB, b *budget, d *database) *backend {
 	t.Helper()
-	be, w, err := b.take(d, b.clock.Now())
+	be, w, err := b.take(d, b.clock.Now(), nil)
 	require.NoError(t, err)
 	if be != nil {
 		return be

@@ -59,6 +59,8 @@ type router struct {
 	closed  bool // guarded by mu
 	count   int  // routes in the map; guarded by mu
 	sweepAt int  // count at which the next sweep runs; guarded by mu
+
+	own owner // its handles; guarded by budget.mu
 }
 
 // minSweep is the number of routes below which a router keeps every
@@ -83,7 +85,10 @@ func (r *router) Connect(ctx context.Context) (driver.Conn, error) {
 	if closed {
 		return nil, errDBClosed
 	}
-	c := &conn{b: r.drv.b, router: r}
+	c, err := newHandle(r.drv.b, nil, r, &r.own)
+	if err != nil {
+		return nil, err
+	}
 	c.ws, _ = WorkspaceFromContext(ctx)
 	return c, nil
 }
@@ -182,5 +187,6 @@ func (r *router) Close() error {
 		_ = v.(*connector).Close()
 		return true
 	})
+	r.drv.b.closeOwner(nil, &r.own)
 	return nil
 }

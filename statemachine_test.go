@@ -1605,7 +1605,7 @@ func (m *stateMachine) take(D *smDB, dead bool) (got *smBackend, queued *smWaite
 			}
 			var w *waiter
 			var err error
-			be, w, err = m.b.take(D.d, now)
+			be, w, err = m.b.take(D.d, now, nil)
 			switch {
 			case m.closed:
 				if !errors.Is(err, errDriverClosed) || be != nil || w != nil {

@@ -37,9 +37,16 @@ type Stats struct {
 	WaitCount       uint64            `json:"waitCount"`
 	WaitDuration    time.Duration     `json:"waitDurationNs"`
 	Timeouts        uint64            `json:"timeouts"`
-	Evictions       map[string]uint64 `json:"evictions"`  // by reason: lru, handoff, idle_timeout, lifetime, budget_shrink, broken, driver_closed, server_full, unused
+	Evictions       map[string]uint64 `json:"evictions"`  // by reason: lru, handoff, idle_timeout, lifetime, budget_shrink, broken, driver_closed, server_full, unused, abandoned
 	DialErrors      map[string]uint64 `json:"dialErrors"` // rejected (server out of slots, SQLSTATE 53300), unavailable (server down), other
 	ActiveDatabases int               `json:"activeDatabases"`
+	// SuspectedLeaks counts connections held longer than
+	// Config.LeakThreshold, each once (zero while it is not set).
+	SuspectedLeaks uint64 `json:"suspectedLeaks"`
+	// Collections counts the garbage collections the driver triggered
+	// (at most one a second) because callers waited while handles of
+	// closed *sql.DBs were still open; see Evictions["abandoned"].
+	Collections uint64 `json:"collections"`
 
 	// Databases lists every database holding or reserving connections,
 	// ordered by workspace.
@@ -95,6 +102,7 @@ func (d *Driver) Stats() Stats {
 		Dialing: b.dialing, Closing: b.closing, Waiting: b.waiting, PeakOpen: b.peakOpen, LongestUse: b.longestUse,
 		Dials: b.dials, Handoffs: b.handoffs, DialTime: b.dialTime,
 		WaitCount: b.waitCount, WaitDuration: b.waitDuration, Timeouts: b.timeouts,
+		SuspectedLeaks: b.leaks, Collections: b.collections,
 		Evictions: make(map[string]uint64, numReasons-1),
 		DialErrors: map[string]uint64{"rejected": b.dialErrors[dialRejected], "unavailable": b.dialErrors[dialDown],
 			"other": b.dialErrors[dialOther]},
