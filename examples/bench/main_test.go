@@ -95,13 +95,16 @@ func TestBenchShort(t *testing.T) {
 			t.Errorf("sim %+v: hit rate out of range", s)
 		}
 	}
-	if len(rep.sims) != 2*4 {
-		t.Fatalf("%d cache simulations, want 8", len(rep.sims))
+	if want := 2 * 2 * len(simPolicies); len(rep.sims) != want { // two traces, K = B/3 and B
+		t.Fatalf("%d cache simulations, want %d", len(rep.sims), want)
 	}
 	for _, d := range []string{distZipf, distRoundRobin} {
 		for _, k := range []int{budget / 3, budget} {
-			if lru, opt := hit[d+"/lru/"+strconv.Itoa(k)], hit[d+"/belady/"+strconv.Itoa(k)]; opt < lru {
-				t.Errorf("%s K=%d: Belady %.3f below LRU %.3f", d, k, opt, lru)
+			opt := hit[d+"/belady/"+strconv.Itoa(k)]
+			for _, p := range simPolicies {
+				if h := hit[d+"/"+p.name+"/"+strconv.Itoa(k)]; opt < h {
+					t.Errorf("%s K=%d: Belady %.3f below %s %.3f", d, k, opt, p.name, h)
+				}
 			}
 		}
 		if hit[d+"/belady/"+strconv.Itoa(budget)] < hit[d+"/belady/"+strconv.Itoa(budget/3)] {
@@ -142,7 +145,7 @@ func TestBenchShort(t *testing.T) {
 	if !slices.Equal(records[0], csvHeader) {
 		t.Fatalf("CSV header %v", records[0])
 	}
-	if got, want := len(records)-1, 2*len(allContenders)+8; got != want {
+	if got, want := len(records)-1, 2*len(allContenders)+len(rep.sims); got != want {
 		t.Fatalf("%d CSV rows, want %d", got, want)
 	}
 	col := func(name string) int { return slices.Index(csvHeader, name) }

@@ -233,3 +233,37 @@ func TestSimOnly(t *testing.T) {
 		t.Fatalf("unexpected output:\n%s", out.String())
 	}
 }
+
+// TestFrequencyPoliciesBeatLRUOnZipf: on a skewed trace SLRU keeps the hot
+// workspaces LRU loses to the tail, and W-TinyLFU's admission keeps at least
+// as many; none beats Belady.
+func TestFrequencyPoliciesBeatLRUOnZipf(t *testing.T) {
+	o := defaultOptions()
+	tr, err := newTrace(distZipf, 400, 32, 200_000/32, o.rows, 0, o.seed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seq := tr.global()
+	lru, slru := simulateLRU(seq, 400, 40), simulateSLRU(seq, 400, 40)
+	tiny, opt := simulateWTinyLFU(seq, 400, 40), simulateBelady(seq, 400, 40)
+	if !(lru < slru && slru <= tiny+0.005 && tiny <= opt) {
+		t.Fatalf("LRU %.3f, SLRU %.3f, W-TinyLFU %.3f, Belady %.3f", lru, slru, tiny, opt)
+	}
+}
+
+// TestSketchHalves: the sketch counts up to 15 and forgets by halving.
+func TestSketchHalves(t *testing.T) {
+	s := newSketch(16)
+	for range 20 {
+		s.add(7)
+	}
+	if got := s.estimate(7); got != 15 {
+		t.Fatalf("estimate %d, want the 4-bit cap 15", got)
+	}
+	for i := range s.sampleN {
+		s.add(uint64(1000 + i))
+	}
+	if got := s.estimate(7); got > 8 {
+		t.Fatalf("after a halving the estimate is %d, want at most 8", got)
+	}
+}
