@@ -50,7 +50,10 @@ func newEnv(t testing.TB, n int, cfg Config) *env {
 	for _, f := range pgtest.HarnessFunctions { // a server restarted by the test
 		ignore = append(ignore, goleak.IgnoreAnyFunction(f))
 	}
-	t.Cleanup(func() { goleak.VerifyNone(t, ignore...) })
+	t.Cleanup(func() {
+		srv.DropIdleAdminConns()
+		goleak.VerifyNone(t, ignore...)
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	id := envSeq.Add(1)
