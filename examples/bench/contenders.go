@@ -50,10 +50,16 @@ const perDB = 3 // every contender's per-workspace cap, the seed's and tenantpg'
 const (
 	queryRead  = "SELECT v FROM kv WHERE id = $1"
 	queryWrite = "UPDATE kv SET v = $2 WHERE id = $1"
+	// queryNeighbour is the noisy neighbour's statement: neighbourSleep.
+	queryNeighbour = "SELECT pg_sleep(0.5)"
 )
 
 // runOp runs one operation of the trace on db.
 func runOp(ctx context.Context, db *sql.DB, o op) error {
+	if o.neighbour {
+		_, err := db.ExecContext(ctx, queryNeighbour)
+		return err
+	}
 	if o.write {
 		_, err := db.ExecContext(ctx, queryWrite, o.key, "written by the benchmark")
 		return err

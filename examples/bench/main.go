@@ -99,7 +99,7 @@ func main() {
 	wsList := intList(o.workspaces)
 	flag.Var(&wsList, "workspaces", "comma-separated numbers of workspace databases, e.g. 400,2000,10000")
 	dists := strList(o.dists)
-	flag.Var(&dists, "dist", "comma-separated workspace choice: zipf (s = 1.1), rr (round-robin, the worst case)")
+	flag.Var(&dists, "dist", "comma-separated workspace choice: zipf (s = 1.1), rr (round-robin, the worst case), noisy (half the workers run pg_sleep(0.5) in workspace 0, the others read uniformly in the rest; measured: the others), quiet (the same others alone)")
 	cs := strList(o.contenders)
 	flag.Var(&cs, "contenders", "comma-separated contenders, run in this order: "+strings.Join(contenderNames(), ","))
 	flag.IntVar(&o.budget, "budget", o.budget, "connection budget B: the app role's CONNECTION LIMIT and every contender's cap")
@@ -303,8 +303,8 @@ func (o *options) validate() error {
 		}
 	}
 	for _, d := range o.dists {
-		if d != distZipf && d != distRoundRobin {
-			return fmt.Errorf("-dist: unknown distribution %q (want zipf or rr)", d)
+		if !slices.Contains([]string{distZipf, distRoundRobin, distNoisy, distQuiet}, d) {
+			return fmt.Errorf("-dist: unknown distribution %q (want zipf, rr, noisy or quiet)", d)
 		}
 	}
 	return nil

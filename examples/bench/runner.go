@@ -108,8 +108,8 @@ func drive(ctx context.Context, tgt target, tr *trace, warmup, window, opTimeout
 				if lv.phase.Load() == phaseStop {
 					return
 				}
-				if i == len(seq) {
-					res.wrapped = true
+				if i == len(seq) && !seq[0].neighbour {
+					res.wrapped = true // the neighbour repeats its one statement by design
 				}
 				o := seq[i%len(seq)]
 				octx, cancel := context.WithTimeout(ctx, opTimeout)
@@ -121,6 +121,9 @@ func drive(ctx context.Context, tgt target, tr *trace, warmup, window, opTimeout
 				// stuck since the warm-up shows as what it is, not as
 				// nothing.
 				counted := lv.phase.Load() != phaseWarmup
+				if o.neighbour {
+					continue // the measurement is of the others
+				}
 				if err != nil {
 					lv.errs.Add(1)
 					if counted {

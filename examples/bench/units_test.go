@@ -267,3 +267,34 @@ func TestSketchHalves(t *testing.T) {
 		t.Fatalf("after a halving the estimate is %d, want at most 8", got)
 	}
 }
+
+// TestNeighbourTraces: the others are the same workers in noisy and quiet;
+// noisy adds as many neighbour workers, all in workspace 0.
+func TestNeighbourTraces(t *testing.T) {
+	noisy, err := newTrace(distNoisy, 201, 64, 100, 100, 0, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	quiet, err := newTrace(distQuiet, 201, 64, 100, 100, 0, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(noisy.workers) != 64 || len(quiet.workers) != 32 {
+		t.Fatalf("%d noisy workers, %d quiet", len(noisy.workers), len(quiet.workers))
+	}
+	for w, seq := range quiet.workers {
+		if !slices.Equal(seq, noisy.workers[w]) {
+			t.Fatalf("worker %d differs between noisy and quiet", w)
+		}
+		for _, o := range seq {
+			if o.ws == 0 || o.neighbour {
+				t.Fatalf("an other's op %+v in the neighbour's workspace", o)
+			}
+		}
+	}
+	for _, seq := range noisy.workers[32:] {
+		if len(seq) != 1 || !seq[0].neighbour || seq[0].ws != 0 {
+			t.Fatalf("neighbour worker %+v", seq)
+		}
+	}
+}

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"math/rand/v2"
+	"time"
 )
 
 // op is one operation of the workload: a primary-key lookup, or an update
@@ -11,6 +12,9 @@ type op struct {
 	ws    int32 // workspace index, 0..W-1
 	key   int32 // kv.id, 1..rows
 	write bool
+	// neighbour: the noisy neighbour's long statement (pg_sleep), run but
+	// left out of the measurement, which is of the others.
+	neighbour bool
 }
 
 // trace is the workload of one (W, distribution) cell: one fixed sequence
@@ -28,8 +32,17 @@ type trace struct {
 const (
 	distZipf       = "zipf"
 	distRoundRobin = "rr"
-	zipfS          = 1.1 // the skew the demo and the load test use
+	// distNoisy: half the workers are a noisy neighbour, workspace 0 running
+	// neighbourSleep statements; the other half read primary keys in
+	// workspaces 1..W-1, uniformly. distQuiet is the same others without
+	// the neighbour (half the workers), the baseline they are compared with.
+	distNoisy = "noisy"
+	distQuiet = "quiet"
+	zipfS     = 1.1 // the skew the demo and the load test use
 )
+
+// neighbourSleep is how long each of the noisy neighbour's statements runs.
+const neighbourSleep = 500 * time.Millisecond
 
 // newTrace generates perWorker operations for each of workers workers.
 // Every worker has its own PCG stream keyed by (seed, distribution,
@@ -46,8 +59,16 @@ func newTrace(dist string, workspaces, workers, perWorker, rows int, writes floa
 		salt = 1
 	case distRoundRobin:
 		salt = 2
+	case distNoisy, distQuiet:
+		salt = 3 // the others' sequences are the same in both
+		if workspaces < 2 || workers < 2 {
+			return nil, fmt.Errorf("trace: %s needs at least 2 workspaces and 2 workers", dist)
+		}
 	default:
-		return nil, fmt.Errorf("trace: unknown distribution %q (want %s or %s)", dist, distZipf, distRoundRobin)
+		return nil, fmt.Errorf("trace: unknown distribution %q (want %s, %s, %s or %s)", dist, distZipf, distRoundRobin, distNoisy, distQuiet)
+	}
+	if dist == distNoisy || dist == distQuiet {
+		return neighbourTrace(dist, workspaces, workers, perWorker, rows, seed, salt), nil
 	}
 	t := &trace{workspaces: workspaces, dist: dist, workers: make([][]op, workers)}
 	for w := range workers {
@@ -77,6 +98,28 @@ func newTrace(dist string, workspaces, workers, perWorker, rows int, writes floa
 	return t, nil
 }
 
+// neighbourTrace is distNoisy's or distQuiet's trace: the others are
+// workers/2 workers reading uniformly in workspaces 1..W-1; distNoisy adds
+// as many workers running the neighbour's statement in workspace 0.
+func neighbourTrace(dist string, workspaces, workers, perWorker, rows int, seed, salt uint64) *trace {
+	others := workers / 2
+	t := &trace{workspaces: workspaces, dist: dist}
+	for w := range others {
+		r := rand.New(rand.NewPCG(seed, salt<<32|uint64(w)))
+		seq := make([]op, perWorker)
+		for i := range seq {
+			seq[i] = op{ws: int32(1 + r.IntN(workspaces-1)), key: int32(1 + r.IntN(rows))}
+		}
+		t.workers = append(t.workers, seq)
+	}
+	if dist == distNoisy {
+		for range workers - others {
+			t.workers = append(t.workers, []op{{ws: 0, key: 1, neighbour: true}})
+		}
+	}
+	return t
+}
+
 // global returns the workspaces of the trace interleaved one operation per
 // worker at a time: the order a perfectly fair scheduler would issue them
 // in. The cache simulations run on it; the real runs interleave however the
@@ -86,11 +129,19 @@ func (t *trace) global() []int32 {
 	out := make([]int32, 0, n*len(t.workers))
 	for i := range n {
 		for _, seq := range t.workers {
-			out = append(out, seq[i].ws)
+			if i < len(seq) {
+				out = append(out, seq[i].ws)
+			}
 		}
 	}
 	return out
 }
 
 // ops returns the total number of operations in the trace.
-func (t *trace) ops() int { return len(t.workers) * len(t.workers[0]) }
+func (t *trace) ops() int {
+	n := 0
+	for _, seq := range t.workers {
+		n += len(seq)
+	}
+	return n
+}
