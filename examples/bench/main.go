@@ -73,7 +73,11 @@ type options struct {
 	pgbouncerSet   []string // extra PgBouncer settings, name=value
 	setupOnly      bool
 	simOnly        bool
-	tty            bool // stderr is a terminal: rewrite the progress line in place
+	// openLoad are open-loop runs after each closed-loop one: a value up to
+	// 1 is a fraction of the contender's closed-loop ops/s, above 1 an
+	// absolute rate in ops/s.
+	openLoad []float64
+	tty      bool // stderr is a terminal: rewrite the progress line in place
 }
 
 func defaultOptions() options {
@@ -117,12 +121,14 @@ func main() {
 	flag.StringVar(&o.pgbouncer, "pgbouncer", "", "pgbouncer binary (default: PATH, then /usr/sbin/pgbouncer)")
 	pgbSet := strList(nil)
 	flag.Var(&pgbSet, "pgbouncer-set", "comma-separated extra PgBouncer settings name=value, e.g. server_login_retry=1 (default: PgBouncer's defaults)")
+	openLoad := floatList(o.openLoad)
+	flag.Var(&openLoad, "open-loop", "comma-separated offered loads of open-loop runs after each closed-loop run: up to 1, a fraction of that contender's closed-loop ops/s (0.5,0.9); above 1, ops/s; Poisson arrivals, latency from the scheduled arrival")
 	flag.BoolVar(&o.setupOnly, "setup-only", false, "create the databases, report how long that took, and stop")
 	flag.BoolVar(&o.simOnly, "sim-only", false, "only simulate LRU and Belady on the traces, without a server (for W too large for this disk)")
 	cpuProfile := flag.String("cpuprofile", "", "write the harness's CPU profile (all contenders, setup included) to this file")
 	timeout := flag.Duration("timeout", 3*time.Hour, "stop everything after this long")
 	flag.Parse()
-	o.workspaces, o.dists, o.contenders, o.pgbouncerSet = wsList, dists, cs, pgbSet
+	o.workspaces, o.dists, o.contenders, o.pgbouncerSet, o.openLoad = wsList, dists, cs, pgbSet, openLoad
 	if fi, err := os.Stderr.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
 		o.tty = true
 	}
@@ -252,11 +258,32 @@ func run(ctx context.Context, o options, stdout, stderr io.Writer) (*report, err
 			}
 			rep.sims = append(rep.sims, simulate(tr, o.budget)...)
 			for _, c := range contenders {
-				res, err := runContender(ctx, e, c, tr, o, stderr)
+				res, err := runContender(ctx, e, c, tr, o, stderr, 0)
 				if err != nil {
 					return rep, fmt.Errorf("W=%d %s %s: %w", n, dist, c.name, err)
 				}
 				rep.results = append(rep.results, res)
+				if res.status != "" {
+					continue
+				}
+				for _, load := range o.openLoad {
+					rate := load
+					if load <= 1 {
+						rate = load * res.opsPerSec
+					}
+					if rate <= 0 {
+						continue
+					}
+					open, err := runContender(ctx, e, c, tr, o, stderr, rate)
+					if err != nil {
+						return rep, fmt.Errorf("W=%d %s %s open loop at %.0f ops/s: %w", n, dist, c.name, rate, err)
+					}
+					open.contender = fmt.Sprintf("%s open %.0f/s", c.name, rate)
+					if load <= 1 {
+						open.contender = fmt.Sprintf("%s open %.0f%% (%.0f/s)", c.name, load*100, rate)
+					}
+					rep.results = append(rep.results, open)
+				}
 			}
 		}
 	}
@@ -295,6 +322,8 @@ func (o *options) validate() error {
 		return errors.New("-duration, -op-timeout and -acquire-timeout must be positive, -warmup not negative")
 	case o.traceOps < o.workers:
 		return errors.New("-trace-ops must be at least -workers")
+	case slices.ContainsFunc(o.openLoad, func(l float64) bool { return l <= 0 }):
+		return errors.New("-open-loop: every load must be positive")
 	}
 	for _, kv := range o.pgbouncerSet {
 		name, _, ok := strings.Cut(kv, "=")
@@ -315,7 +344,8 @@ const closeTimeout = 15 * time.Second
 
 // runContender runs one contender on one trace, from a quiet server back
 // to a quiet server.
-func runContender(ctx context.Context, e *env, c contender, tr *trace, o options, stderr io.Writer) (result, error) {
+// A positive rate runs it open-loop at that many operations per second.
+func runContender(ctx context.Context, e *env, c contender, tr *trace, o options, stderr io.Writer, rate float64) (result, error) {
 	res := result{workspaces: tr.workspaces, dist: tr.dist, contender: c.name, budget: o.budget,
 		serverConns: -1, reuse: math.NaN(), dials: -1, hitRate: math.NaN()}
 	if err := e.w.waitQuiet(ctx, o.quietTimeout); err != nil {
@@ -354,7 +384,12 @@ func runContender(ctx context.Context, e *env, c contender, tr *trace, o options
 	if s, ok := tgt.(statser); ok {
 		tokens = sampleTokens(s, 50*time.Millisecond)
 	}
-	m := drive(ctx, tgt, tr, o.warmup, o.duration, o.opTimeout, &lv)
+	var m *measurement
+	if rate > 0 {
+		m = driveOpen(ctx, tgt, tr, rate, o.warmup, o.duration, o.opTimeout, &lv, o.seed)
+	} else {
+		m = drive(ctx, tgt, tr, o.warmup, o.duration, o.opTimeout, &lv)
+	}
 	close(progressDone)
 	<-progressStopped
 
@@ -510,6 +545,31 @@ func (l *strList) Set(v string) error {
 		if f = strings.TrimSpace(f); f != "" {
 			*l = append(*l, f)
 		}
+	}
+	return nil
+}
+
+type floatList []float64
+
+func (l *floatList) String() string {
+	s := make([]string, len(*l))
+	for i, v := range *l {
+		s[i] = strconv.FormatFloat(v, 'g', -1, 64)
+	}
+	return strings.Join(s, ",")
+}
+
+func (l *floatList) Set(v string) error {
+	*l = nil
+	for _, f := range strings.Split(v, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		x, err := strconv.ParseFloat(f, 64)
+		if err != nil {
+			return fmt.Errorf("not a number: %q", f)
+		}
+		*l = append(*l, x)
 	}
 	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -296,5 +297,45 @@ func TestNeighbourTraces(t *testing.T) {
 		if len(seq) != 1 || !seq[0].neighbour || seq[0].ws != 0 {
 			t.Fatalf("neighbour worker %+v", seq)
 		}
+	}
+}
+
+// serialTarget serves one operation at a time, each taking d: a server
+// whose capacity is 1/d operations per second.
+type serialTarget struct {
+	mu sync.Mutex
+	d  time.Duration
+}
+
+func (s *serialTarget) exec(ctx context.Context, _ op) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	time.Sleep(s.d)
+	return ctx.Err()
+}
+
+func (s *serialTarget) close() error { return nil }
+
+// TestOpenLoopShowsQueueing: offered twice a serial target's capacity, an
+// open loop's latencies grow with the queue (measured from the scheduled
+// arrival), where a closed loop would report the service time.
+func TestOpenLoopShowsQueueing(t *testing.T) {
+	tr, err := newTrace(distZipf, 10, 4, 100, 10, 0, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lv live
+	tgt := &serialTarget{d: 2 * time.Millisecond} // 500 ops/s
+	m := driveOpen(context.Background(), tgt, tr, 1000, 50*time.Millisecond, 400*time.Millisecond, 5*time.Second, &lv, 1)
+	if m.ops < 100 || m.errors() != 0 {
+		t.Fatalf("%d ops, %d errors", m.ops, m.errors())
+	}
+	if p99 := percentile(m.lat, 99); p99 < 100*time.Millisecond {
+		t.Fatalf("p99 %s: an overloaded server's queue must show in the latency", p99)
+	}
+	// Within capacity the latency is about the service time.
+	m = driveOpen(context.Background(), tgt, tr, 100, 50*time.Millisecond, 400*time.Millisecond, 5*time.Second, &lv, 1)
+	if p50 := percentile(m.lat, 50); p50 > 50*time.Millisecond {
+		t.Fatalf("p50 %s at a fifth of capacity", p50)
 	}
 }
