@@ -69,6 +69,7 @@ type options struct {
 	seed           uint64
 	csvPath        string
 	pngPath        string
+	occupancyPNG   string
 	pgbouncer      string
 	pgbouncerSet   []string // extra PgBouncer settings, name=value
 	setupOnly      bool
@@ -117,6 +118,7 @@ func main() {
 	flag.IntVar(&o.traceOps, "trace-ops", o.traceOps, "operations in each pre-generated trace, over all workers (a worker that runs out starts over)")
 	flag.Uint64Var(&o.seed, "seed", o.seed, "seed of the traces")
 	flag.StringVar(&o.csvPath, "csv", "", "write the results as CSV to this file")
+	flag.StringVar(&o.occupancyPNG, "occupancy-png", "", "write a plot of tenantpg's budget over time (in use, idle, dialing, closing, waiting callers) for each of its closed-loop runs to this PNG file")
 	flag.StringVar(&o.pngPath, "png", "", "write a plot of throughput and p99 latency against workspaces to this PNG file")
 	flag.StringVar(&o.pgbouncer, "pgbouncer", "", "pgbouncer binary (default: PATH, then /usr/sbin/pgbouncer)")
 	pgbSet := strList(nil)
@@ -179,6 +181,9 @@ type result struct {
 	dials   int64
 	hitRate float64
 	note    string
+	// occupancy: tenantpg only, the budget sampled every 50ms, warm-up
+	// included.
+	occupancy []occupancy
 }
 
 // creation records how long creating workspace databases took.
@@ -299,6 +304,11 @@ func run(ctx context.Context, o options, stdout, stderr io.Writer) (*report, err
 			return rep, err
 		}
 	}
+	if o.occupancyPNG != "" && !o.setupOnly {
+		if err := writeOccupancyPNG(o.occupancyPNG, rep); err != nil {
+			return rep, err
+		}
+	}
 	return rep, nil
 }
 
@@ -394,7 +404,8 @@ func runContender(ctx context.Context, e *env, c contender, tr *trace, o options
 	<-progressStopped
 
 	if s, ok := tgt.(statser); ok {
-		avg := tokens.stop()
+		avg, samples := tokens.stop()
+		res.occupancy = samples
 		st := s.stats()
 		res.dials = int64(st.Dials)
 		if m.totalOps > 0 {

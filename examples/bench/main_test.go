@@ -39,6 +39,7 @@ func TestBenchShort(t *testing.T) {
 	o.traceOps = 50_000
 	o.csvPath = filepath.Join(dir, "bench.csv")
 	o.pngPath = filepath.Join(dir, "bench.png")
+	o.occupancyPNG = filepath.Join(dir, "occupancy.png")
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -160,17 +161,24 @@ func TestBenchShort(t *testing.T) {
 		}
 	}
 
-	f, err := os.Open(o.pngPath)
-	if err != nil {
-		t.Fatal(err)
+	for _, path := range []string{o.pngPath, o.occupancyPNG} {
+		f, err := os.Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		img, err := png.Decode(f)
+		f.Close()
+		if err != nil {
+			t.Fatalf("%s does not decode: %v", path, err)
+		}
+		if b := img.Bounds(); b.Dx() < 600 || b.Dy() < 400 {
+			t.Errorf("%s is only %dx%d", path, b.Dx(), b.Dy())
+		}
 	}
-	defer f.Close()
-	img, err := png.Decode(f)
-	if err != nil {
-		t.Fatalf("the PNG does not decode: %v", err)
-	}
-	if b := img.Bounds(); b.Dx() < 600 || b.Dy() < 400 {
-		t.Errorf("PNG is only %dx%d", b.Dx(), b.Dy())
+	for _, r := range rep.results {
+		if r.contender == "tenantpg" && len(r.occupancy) == 0 {
+			t.Errorf("W=%d %s: no occupancy samples for tenantpg", r.workspaces, r.dist)
+		}
 	}
 
 	for name, text := range map[string]string{"stdout": out, "stderr": stderr.String(), "CSV": string(raw)} {

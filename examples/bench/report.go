@@ -292,8 +292,13 @@ func writePNG(path string, rep *report) error {
 }
 
 func distTitle(d string) string {
-	if d == distRoundRobin {
+	switch d {
+	case distRoundRobin:
 		return "round-robin"
+	case distNoisy:
+		return "uniform with a noisy neighbour"
+	case distQuiet:
+		return "uniform, no neighbour"
 	}
 	return "Zipf s = 1.1"
 }

@@ -247,47 +247,64 @@ func nonZero(m map[string]uint64) string {
 	return "{" + strings.Join(parts, ", ") + "}"
 }
 
-// tokenSampler averages where tenantpg's tokens are during a run (in use,
+// tokenSampler records where tenantpg's tokens are during a run (in use,
 // idle, dialing, closing) and how many callers wait: the idle ones are the
 // only cache a miss can be served from, so this says why a hit rate is what
-// it is.
+// it is. It keeps the samples for the occupancy plot.
 type tokenSampler struct {
-	stopc chan struct{}
-	done  chan string
+	stopc   chan struct{}
+	done    chan string
+	samples []occupancy // written by the sampler until done delivers
+}
+
+// occupancy is one sample of the budget, at offset at from the run's start.
+type occupancy struct {
+	at                                     time.Duration
+	inUse, idle, dialing, closing, waiting int
 }
 
 func sampleTokens(s statser, every time.Duration) *tokenSampler {
 	t := &tokenSampler{stopc: make(chan struct{}), done: make(chan string, 1)}
+	start := time.Now()
 	go func() {
-		var n, inUse, idle, dialing, closing, waiting int
 		tick := time.NewTicker(every)
 		defer tick.Stop()
 		for {
 			select {
 			case <-t.stopc:
-				if n == 0 {
-					t.done <- "no samples"
-					return
-				}
-				f := func(v int) float64 { return float64(v) / float64(n) }
-				t.done <- fmt.Sprintf("in use %.1f, idle %.1f, dialing %.1f, closing %.1f, waiting callers %.1f",
-					f(inUse), f(idle), f(dialing), f(closing), f(waiting))
+				t.done <- t.summary()
 				return
 			case <-tick.C:
 				st := s.stats()
-				n++
-				inUse += st.InUse
-				idle += st.Idle
-				dialing += st.Dialing
-				closing += st.Closing
-				waiting += st.Waiting
+				t.samples = append(t.samples, occupancy{at: time.Since(start), inUse: st.InUse, idle: st.Idle,
+					dialing: st.Dialing, closing: st.Closing, waiting: st.Waiting})
 			}
 		}
 	}()
 	return t
 }
 
-func (t *tokenSampler) stop() string {
+func (t *tokenSampler) summary() string {
+	n := len(t.samples)
+	if n == 0 {
+		return "no samples"
+	}
+	var sum occupancy
+	for _, o := range t.samples {
+		sum.inUse += o.inUse
+		sum.idle += o.idle
+		sum.dialing += o.dialing
+		sum.closing += o.closing
+		sum.waiting += o.waiting
+	}
+	f := func(v int) float64 { return float64(v) / float64(n) }
+	return fmt.Sprintf("in use %.1f, idle %.1f, dialing %.1f, closing %.1f, waiting callers %.1f",
+		f(sum.inUse), f(sum.idle), f(sum.dialing), f(sum.closing), f(sum.waiting))
+}
+
+// stop ends the sampling and returns the averages and the samples.
+func (t *tokenSampler) stop() (string, []occupancy) {
 	close(t.stopc)
-	return <-t.done
+	s := <-t.done
+	return s, t.samples
 }
