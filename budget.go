@@ -214,6 +214,10 @@ func newBudget(cfg Config, clk clock, io backendIO) *budget {
 }
 
 func (b *budget) apply(cfg Config) {
+	if cfg.MaxConnections != b.limit {
+		// Sized for the budget: a new size starts counting afresh.
+		b.recency.sketch.init(cfg.MaxConnections)
+	}
 	b.limit = cfg.MaxConnections
 	b.perDB = cfg.MaxConnectionsPerDB
 	b.lifetime = cfg.ConnMaxLifetime
@@ -343,7 +347,7 @@ func (b *budget) register(p *dsnParams) (*database, error) {
 	}
 	d := b.dbs[p.key]
 	if d == nil {
-		d = &database{key: p.key, name: p.cfg.Database}
+		d = &database{key: p.key, name: p.cfg.Database, hash: hashKey(p.key)}
 		d.srv = b.serverLocked(serverKey{host: p.key.host, port: p.key.port})
 		b.dbs[p.key] = d
 	}
@@ -426,6 +430,7 @@ func (b *budget) forgetLocked(d *database) {
 		b.reserved -= d.reserved
 		d.reserved = 0
 		delete(b.dbs, d.key)
+		b.recency.forgetLocked(d)
 		b.releaseServerLocked(d)
 		b.serveQueueLocked()
 	}
@@ -441,6 +446,7 @@ func (b *budget) take(d *database, now time.Time) (*backend, *waiter, error) {
 		b.mu.Unlock()
 		return nil, nil, errDriverClosed
 	}
+	b.recency.sketch.add(d.hash) // every checkout counts, served from idle or not
 	if be := d.idleBackends.front; be != nil {
 		b.unlinkIdleLocked(be)
 		b.checkoutLocked(be, now)
