@@ -922,9 +922,9 @@ func (b *budget) dialed(tok *token, be *backend, took time.Duration) *backend {
 	d.dialing--
 	b.dialing--
 	b.dialTime.add(took, dialTimeAlpha)
-	b.pace.dialed(tok, took, b.limit)
 	be.db, be.tok = d, tok
 	be.created = b.clock.Now()
+	b.pace.dialed(tok, took, b.limit, be.created)
 	tok.dialDone = true
 	b.checkoutLocked(be, be.created)
 	if b.closed {

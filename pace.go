@@ -16,40 +16,61 @@ import "time"
 // that took at most 1.5x the baseline, and halves when a dial takes more
 // than twice the baseline, at most once per round of dials (a dial granted
 // before the last cut says nothing about the new count). The baseline is
-// the fastest dial seen, drifting up slowly towards slower ones, so that a
-// server that became slower for good is not paced to one dial forever. It
-// never exceeds the budget.
+// the fastest dial of the last one to two paceWindows (BBR's minimum RTT,
+// over a short window): the fastest dial ever seen came from a quiet
+// moment, and against it every dial under load looked slow and pinned the
+// pacing to one dial at a time (measured: 0.9 dials under way on average,
+// 97 dials/s against 222 unpaced). It never exceeds the budget, nor falls
+// below minDialSlots: on that run the cuts pinned it at the floor, so the
+// floor is what decides, and the AIMD only lets a server that dials fast
+// take more.
 
 // initialDialSlots is the number of dials at once before any is measured.
 const initialDialSlots = 4
 
-// paceBaseDrift is how slowly the baseline follows dials slower than it:
-// 1/64 of the difference per dial.
-const paceBaseDrift = 64
+// paceWindow is the span over which the baseline is the fastest dial.
+const paceWindow = time.Second
+
+// minDialSlots is the fewest dials at once the pacing allows, the initial
+// count: on the harness's W=400 Zipf run (2 cores, server on the same
+// machine) a floor of 2 measured 1.56x PgBouncer with a p99 1.34x
+// PgBouncer's (callers queued for a slot), a floor of 4 1.67x and 0.77x,
+// a floor of 8 1.39x and 1.34x (one run each; BENCHMARKS.md).
+const minDialSlots = initialDialSlots
 
 // pacer is the budget's dial pacing state; guarded by budget.mu.
 type pacer struct {
-	slots int           // dials allowed at once, claims included
-	base  time.Duration // the baseline dial time; 0 before the first dial
-	good  int           // dials near the baseline since slots last changed
-	epoch uint64        // counts the cuts
+	slots int    // dials allowed at once, claims included
+	good  int    // dials near the baseline since slots last changed
+	epoch uint64 // counts the cuts
+	// The fastest dial of the window that started at winStart, and of the
+	// window before it (0: none).
+	winStart        time.Time
+	winMin, prevMin time.Duration
 }
 
 // dialed adjusts the slots after a successful dial of t that took took.
-func (p *pacer) dialed(t *token, took time.Duration, limit int) {
-	if p.base == 0 || took < p.base {
-		p.base = took
-	} else {
-		p.base += (took - p.base) / paceBaseDrift
+func (p *pacer) dialed(t *token, took time.Duration, limit int, now time.Time) {
+	switch since := now.Sub(p.winStart); {
+	case since >= 2*paceWindow:
+		p.winStart, p.winMin, p.prevMin = now, took, 0
+	case since >= paceWindow:
+		p.winStart, p.winMin, p.prevMin = now, took, p.winMin
+	default:
+		p.winMin = min(p.winMin, took)
+	}
+	base := p.winMin
+	if p.prevMin > 0 {
+		base = min(base, p.prevMin)
 	}
 	switch {
-	case took > 2*p.base:
+	case took > 2*base:
 		if t.paceEpoch == p.epoch {
-			p.slots = max(1, min(p.slots, limit)/2)
+			p.slots = max(minDialSlots, min(p.slots, limit)/2)
 			p.epoch++
 			p.good = 0
 		}
-	case 2*took <= 3*p.base:
+	case 2*took <= 3*base:
 		if p.good++; p.good >= p.slots {
 			p.good = 0
 			if p.slots < limit {

@@ -366,7 +366,7 @@ type stateMachine struct {
 	// Dial pacing: the model's AIMD, and the dials and claims under way
 	// before the sub-step.
 	paceSlots   int
-	paceBase    time.Duration
+	paceDials   []smPaceDial // successful dials, for the baseline
 	paceGood    int
 	paceEpoch   uint64
 	preInFlight int
@@ -675,28 +675,48 @@ func (m *stateMachine) admissionOrder(dbs []*smDB, evicted map[*smDB]bool) []*sm
 
 func (m *stateMachine) hashOf(D *smDB) uint64 { return hashKey(D.key) }
 
+type smPaceDial struct {
+	at   time.Time
+	took time.Duration
+}
+
 // paceDialed is the model of the dial pacing's AIMD after a successful
-// dial: the baseline is the fastest dial, drifting up by 1/64 of the
-// difference towards slower ones; a dial over twice the baseline halves the
-// slots, once per epoch (only a dial granted since the last cut cuts); a
-// slot's worth of dials within 1.5x the baseline adds one, up to the
-// budget.
+// dial: the baseline is the fastest dial since the start of the window
+// before the current one (windows of a second, each starting with the
+// first dial a second or more after the previous window's start); a dial
+// over twice the baseline halves the slots (not below 4), once per epoch
+// (only a dial granted since the last cut cuts); a slot's worth of dials
+// within 1.5x the baseline adds one, up to the budget.
 func (m *stateMachine) paceDialed(tk *smToken, took time.Duration) {
-	if m.paceBase == 0 || took < m.paceBase {
-		m.paceBase = took
-	} else {
-		m.paceBase += (took - m.paceBase) / 64
+	now := m.clk.Now()
+	// The windows' starts, replayed from every dial.
+	var starts []time.Time
+	for _, d := range append(m.paceDials, smPaceDial{now, took}) {
+		if len(starts) == 0 || d.at.Sub(starts[len(starts)-1]) >= time.Second {
+			starts = append(starts, d.at)
+		}
 	}
-	if took > 2*m.paceBase {
+	m.paceDials = append(m.paceDials, smPaceDial{now, took})
+	from := starts[len(starts)-1]
+	if len(starts) > 1 && from.Sub(starts[len(starts)-2]) < 2*time.Second {
+		from = starts[len(starts)-2]
+	}
+	base := took
+	for _, d := range m.paceDials {
+		if !d.at.Before(from) {
+			base = min(base, d.took)
+		}
+	}
+	if took > 2*base {
 		if tk.epoch == m.paceEpoch {
-			m.paceSlots = max(1, min(m.paceSlots, m.limit())/2)
+			m.paceSlots = max(4, min(m.paceSlots, m.limit())/2)
 			m.paceEpoch++
 			m.paceGood = 0
 			m.logf("dial pacing: %d slots", m.paceSlots)
 		}
 		return
 	}
-	if 2*took <= 3*m.paceBase {
+	if 2*took <= 3*base {
 		m.paceGood++
 		if m.paceGood >= m.paceSlots {
 			m.paceGood = 0
