@@ -222,10 +222,6 @@ func newBudget(cfg Config, clk clock, io backendIO) *budget {
 }
 
 func (b *budget) apply(cfg Config) {
-	if cfg.MaxConnections != b.limit {
-		// Sized for the budget: a new size starts counting afresh.
-		b.recency.sketch.init(cfg.MaxConnections)
-	}
 	b.limit = cfg.MaxConnections
 	b.perDB = cfg.MaxConnectionsPerDB
 	b.lifetime = cfg.ConnMaxLifetime
@@ -355,7 +351,7 @@ func (b *budget) register(p *dsnParams) (*database, error) {
 	}
 	d := b.dbs[p.key]
 	if d == nil {
-		d = &database{key: p.key, name: p.cfg.Database, hash: hashKey(p.key)}
+		d = &database{key: p.key, name: p.cfg.Database}
 		d.srv = b.serverLocked(serverKey{host: p.key.host, port: p.key.port})
 		b.dbs[p.key] = d
 	}
@@ -438,7 +434,6 @@ func (b *budget) forgetLocked(d *database) {
 		b.reserved -= d.reserved
 		d.reserved = 0
 		delete(b.dbs, d.key)
-		b.recency.forgetLocked(d)
 		b.releaseServerLocked(d)
 		b.serveQueueLocked()
 	}
@@ -454,7 +449,6 @@ func (b *budget) take(d *database, now time.Time) (*backend, *waiter, error) {
 		b.mu.Unlock()
 		return nil, nil, errDriverClosed
 	}
-	b.recency.sketch.add(d.hash) // every checkout counts, served from idle or not
 	if be := d.idleBackends.front; be != nil {
 		b.unlinkIdleLocked(be)
 		b.checkoutLocked(be, now)
@@ -824,14 +818,14 @@ func (b *budget) starvingLocked(d *database, now time.Time) *waiter {
 	if d.open-d.closing <= d.reserved {
 		return nil // closing this backend frees no shared token
 	}
-	if !b.dialSlotFreeLocked() {
-		return nil // the token would wait for a dial slot anyway
-	}
 	for w := b.queue.front; w != nil; w = b.queue.next(w) {
 		if now.Sub(w.since) < b.handoffAfter {
 			return nil // later ones are younger still
 		}
 		if w.claim == nil && w.db != d {
+			if !b.dialSlotFreeLocked() {
+				return nil // its token would wait for a dial slot anyway
+			}
 			return w
 		}
 	}

@@ -23,7 +23,6 @@ import (
 type database struct {
 	key  dbKey
 	name string
-	hash uint64 // of key, for the frequency sketch; constant
 	// metricOpts are its metric attribute sets, built by the first
 	// collection that sees it; not guarded by budget.mu.
 	metricOpts atomic.Pointer[dbMetricOpts]

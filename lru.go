@@ -9,13 +9,6 @@ package tenantpg
 // the protected segment is bounded, so a workspace that cooled off is
 // demoted and evicted in turn.
 //
-// Frequency decides admission, as in W-TinyLFU with a window of one: every
-// miss has to be served, so a newcomer's backend is cached at first, but
-// the database that last entered the cache on probation (the window) is
-// judged at the next eviction: if a sketch of recent checkouts counts it
-// no more often than the SLRU victim, the newcomer is evicted instead. A
-// workspace seen once then leaves the cache before one seen often.
-//
 // Only databases with idle backends are in the lists, so choosing a victim
 // is bounded by the budget, not by the number of databases, and usually
 // stops at the first. Every method is called with budget.mu held.
@@ -26,12 +19,6 @@ type slru struct {
 	// protectedOpen is Σ db.open over protected databases; above
 	// protectedLimit the least recently used protected database is demoted.
 	protectedOpen int
-
-	// sketch counts recent checkouts per database (sketch.go).
-	sketch freqSketch
-	// window is the database that last entered the cache on probation;
-	// nil once promoted or forgotten.
-	window *database
 }
 
 type dbInRecency struct{}
@@ -47,17 +34,12 @@ func (s *slru) segmentOf(d *database) *list[database, dbInRecency] {
 }
 
 // touchLocked moves d, which has idle backends, to the front of its segment.
-// A database that enters the cache on probation becomes the window, to be
-// judged by frequency at the next eviction.
 func (s *slru) touchLocked(d *database) {
 	l := s.segmentOf(d)
 	if d.lru.listed {
 		l.moveToFront(d)
 	} else {
 		l.pushFront(d)
-		if !d.protected {
-			s.window = d
-		}
 	}
 }
 
@@ -72,9 +54,6 @@ func (s *slru) reusedLocked(b *budget, d *database) {
 	if !d.protected {
 		if d.lru.listed {
 			s.probation.remove(d)
-		}
-		if s.window == d {
-			s.window = nil // reused: in the main cache now
 		}
 		d.protected = true
 		s.protectedOpen += d.open
@@ -102,43 +81,15 @@ func protectedLimit(limit int) int { return max(1, limit*4/5) }
 // the longest-idle backend of the least recently used database, probation
 // first. It skips databases whose backends all sit within their
 // reservation, as closing one would free no shared token.
-//
-// The window, if any, is judged against the victim the other databases
-// give: a newcomer counted no more often is evicted in its place (it was
-// not worth admitting); otherwise it stays, and is judged again at the next
-// eviction until a newer database takes its place as the window. The rule
-// keeps no other state, so the eviction order stays a total order: the
-// recency order with the window placed before the first database counted
-// at least as often.
 func (s *slru) victimLocked(b *budget) *backend {
-	c := s.window
-	if c != nil && !(c.lru.listed && !c.protected && c.open-c.closing > c.reserved) {
-		c = nil // busy, promoted or within its reservation: nothing to judge
-	}
-	v := s.slruVictimLocked(c)
-	if c != nil && (v == nil || s.sketch.estimate(c.hash) <= s.sketch.estimate(v.db.hash)) {
-		return c.idleBackends.back
-	}
-	return v
-}
-
-// slruVictimLocked is the victim by recency alone, leaving out the window.
-func (s *slru) slruVictimLocked(window *database) *backend {
 	for _, l := range [2]*list[database, dbInRecency]{&s.probation, &s.protected} {
 		for x := l.back; x != nil; x = l.prev(x) {
-			if x.open-x.closing > x.reserved && x != window {
+			if x.open-x.closing > x.reserved {
 				return x.idleBackends.back
 			}
 		}
 	}
 	return nil
-}
-
-// forgetLocked drops any reference to d, whose state the budget forgets.
-func (s *slru) forgetLocked(d *database) {
-	if s.window == d {
-		s.window = nil
-	}
 }
 
 // eachLocked calls fn for every database with idle backends in eviction

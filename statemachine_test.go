@@ -315,7 +315,6 @@ type smReaper struct{}
 // vacuously.
 type smCov struct {
 	evictions, lruCompared, waits, handoffs, growth, patience, reconfigures, demotions, drains     int
-	windowEvicted, windowKept                                                                      int
 	starving, reaps, rejections, reuses, discards, shrinks, unused, closes, timeouts, dialFailures int
 }
 
@@ -359,10 +358,6 @@ type stateMachine struct {
 	ids           int
 	seq           int // sub-step counter: the recency clock
 	locked        bool
-	// The frequency admission: the model's own sketch of checkouts, and
-	// the database that last entered the cache on probation.
-	sketch smSketch
-	window *smDB
 	// Dial pacing: the model's AIMD, and the dials and claims under way
 	// before the sub-step.
 	paceSlots   int
@@ -628,52 +623,9 @@ func (m *stateMachine) evictionOrder() []*smDB {
 			out = append(out, D)
 		}
 	}
-	return m.admissionOrder(out, nil)
-}
-
-// windowEligible is the window when an eviction would judge it: it has
-// idle backends, is on probation and holds shared tokens.
-func (m *stateMachine) windowEligible() *smDB {
-	W := m.window
-	if W == nil || W.d == nil || W.prot || len(m.idleOf(W)) == 0 || m.live(W) <= W.reserved {
-		return nil
-	}
-	return W
-}
-
-// admissionOrder sorts dbs in recency order (probation first) and moves
-// the window before the first database that holds shared tokens and that
-// the sketch counts at least as often: an eviction takes the window
-// instead of a victim it is no more frequent than. evicted databases count
-// as holding shared tokens (they did when they were evicted), and the
-// window is placed if it is eligible or was evicted.
-func (m *stateMachine) admissionOrder(dbs []*smDB, evicted map[*smDB]bool) []*smDB {
-	sort.Slice(dbs, func(i, j int) bool { return m.evictsBefore(dbs[i], dbs[j]) })
-	W := m.windowEligible()
-	if W == nil && m.window != nil && evicted[m.window] && !m.window.prot {
-		W = m.window
-	}
-	if W == nil {
-		return dbs
-	}
-	rest := make([]*smDB, 0, len(dbs))
-	for _, x := range dbs {
-		if x != W {
-			rest = append(rest, x)
-		}
-	}
-	at := len(rest)
-	for i, x := range rest {
-		if (evicted[x] || m.live(x) > x.reserved) && m.sketch.estimate(m.hashOf(x)) >= m.sketch.estimate(m.hashOf(W)) {
-			at = i
-			break
-		}
-	}
-	out := append(append(append(make([]*smDB, 0, len(dbs)), rest[:at]...), W), rest[at:]...)
+	sort.Slice(out, func(i, j int) bool { return m.evictsBefore(out[i], out[j]) })
 	return out
 }
-
-func (m *stateMachine) hashOf(D *smDB) uint64 { return hashKey(D.key) }
 
 type smPaceDial struct {
 	at   time.Time
@@ -743,52 +695,6 @@ func (m *stateMachine) inFlightLocked() int {
 	return n
 }
 
-// smSketch is the model of the frequency sketch, written from its
-// description: four rows of 4-bit saturating counters, row r indexed by
-// bits 16r.. of the hash, halved (and the count of additions with them)
-// every ten times the budget's additions.
-type smSketch struct {
-	rows        [4][]uint8
-	added, size int
-}
-
-func (s *smSketch) init(limit int) {
-	n := 64
-	for n < 4*limit && n < 1<<16 {
-		n *= 2
-	}
-	for r := range s.rows {
-		s.rows[r] = make([]uint8, n)
-	}
-	s.added, s.size = 0, 10*max(limit, 16)
-}
-
-func (s *smSketch) add(h uint64) {
-	for r := range s.rows {
-		c := &s.rows[r][int(h>>(16*r)&0xffff)%len(s.rows[r])]
-		if *c < 15 {
-			*c++
-		}
-	}
-	s.added++
-	if s.added >= s.size {
-		for r := range s.rows {
-			for i := range s.rows[r] {
-				s.rows[r][i] /= 2
-			}
-		}
-		s.added /= 2
-	}
-}
-
-func (s *smSketch) estimate(h uint64) int {
-	e := 15
-	for r := range s.rows {
-		e = min(e, int(s.rows[r][int(h>>(16*r)&0xffff)%len(s.rows[r])]))
-	}
-	return e
-}
-
 // victim is the idle backend the model says an eviction must close.
 func (m *stateMachine) victim() *smBackend {
 	for _, D := range m.evictionOrder() {
@@ -848,9 +754,6 @@ func (m *stateMachine) simShrink() map[*smBackend]evictReason {
 func (m *stateMachine) reused(D *smDB) {
 	if !D.prot {
 		D.prot = true
-		if m.window == D {
-			m.window = nil
-		}
 		pOpen := 0
 		for _, x := range m.dbs {
 			if x.d != nil && x.prot {
@@ -935,7 +838,6 @@ func runStateMachine(t testing.TB, data []byte, cov *smCov) {
 	m := &stateMachine{t: t, b: b, clk: clk, io: io, cfg: cfg, handoffAfter: handoffAfter,
 		backends: map[*backend]*smBackend{}, byW: map[*waiter]*smWaiter{}, results: make(chan smResult, 64),
 		roles: map[*smTimer]any{}, cov: cov}
-	m.sketch.init(limit)
 	m.paceSlots = 4
 	m.logf("limit %d perDB %d idle %s life %s dbs %d handoffAfter %s reserve(ws0) %d maxConns(ws1) %d",
 		limit, cfg.MaxConnectionsPerDB, cfg.ConnMaxIdleTime, cfg.ConnMaxLifetime, nDB, handoffAfter, reserve, maxConns1)
@@ -1312,26 +1214,7 @@ func (m *stateMachine) settle() {
 	// Evictions for callers that need a token follow the recency order:
 	// no backend left idle ranks before one closed, unless it sits within
 	// its database's reservation; within a database, longest idle first.
-	evictedDBs := map[*smDB]bool{}
-	var ranked []*smDB
 	for _, v := range lru {
-		evictedDBs[v.db] = true
-	}
-	for _, D := range m.dbs {
-		if D.d != nil && (evictedDBs[D] || len(m.idleOf(D)) > 0) {
-			ranked = append(ranked, D)
-		}
-	}
-	pos := map[*smDB]int{}
-	for i, D := range m.admissionOrder(ranked, evictedDBs) {
-		pos[D] = i
-	}
-	for _, v := range lru {
-		if W := m.window; W != nil && v.db != W && len(m.idleOf(W)) > 0 && !W.prot {
-			m.cov.windowKept++ // a newcomer kept over a less frequent victim
-		} else if v.db == W {
-			m.cov.windowEvicted++
-		}
 		for _, mb := range m.alive {
 			if mb.state != smIdle {
 				continue
@@ -1346,11 +1229,11 @@ func (m *stateMachine) settle() {
 				continue
 			}
 			m.cov.lruCompared++
-			if pos[mb.db] < pos[v.db] {
+			if m.evictsBefore(mb.db, v.db) {
 				vs, vu := m.rank(v.db)
 				ks, ku := m.rank(mb.db)
-				m.fail("%s (segment %d, used at %d, seen %d) evicted while %s (segment %d, used at %d, seen %d) kept idle backend %d (window %v)",
-					v.db.ws, vs, vu, m.sketch.estimate(m.hashOf(v.db)), mb.db.ws, ks, ku, m.sketch.estimate(m.hashOf(mb.db)), mb.id, m.window == v.db)
+				m.fail("%s (segment %d, used at %d) evicted while %s (segment %d, used at %d) kept idle backend %d",
+					v.db.ws, vs, vu, mb.db.ws, ks, ku, mb.id)
 			}
 		}
 	}
@@ -1479,9 +1362,6 @@ func (m *stateMachine) check() {
 			}
 			m.logf("%s forgotten", D.ws)
 			*D = smDB{i: D.i, key: D.key, ws: D.ws}
-			if m.window == D {
-				m.window = nil
-			}
 			if b.dbs[D.key] != nil {
 				m.fail("%s: forgotten, but another state is filed under its key", D.ws)
 			}
@@ -1814,9 +1694,6 @@ func (m *stateMachine) take(D *smDB, dead bool) (got *smBackend, queued *smWaite
 			}
 			var w *waiter
 			var err error
-			if !m.closed {
-				m.sketch.add(m.hashOf(D)) // every checkout counts
-			}
 			be, w, err = m.b.take(D.d, now)
 			switch {
 			case m.closed:
@@ -2027,9 +1904,6 @@ func (m *stateMachine) checkin(mb *smBackend) {
 			m.handoffs++
 			m.cov.handoffs++
 		} else if m.exp.busyReason == reasonNone {
-			if len(m.idleOf(D)) == 0 && !D.prot {
-				m.window = D // enters the cache on probation
-			}
 			mb.state, mb.idleSince, mb.idleSeq = smIdle, now, m.seq
 			D.touch = m.seq
 		}
@@ -2210,9 +2084,6 @@ func (m *stateMachine) reconfigure(arg int) {
 		if limit < m.limit() {
 			m.lowered = true
 		}
-		if limit != m.limit() {
-			m.sketch.init(limit) // sized for the budget: counts start afresh
-		}
 		m.cfg = cfg
 		m.exp.idle = m.simShrink()
 		for _, D := range m.dbs {
@@ -2364,8 +2235,6 @@ func TestBudgetStateMachineCoverage(t *testing.T) {
 	require.Greater(t, cov.patience, 50, "patience timers that made a waiter dial")
 	require.Greater(t, cov.reconfigures, 100, "reconfigures")
 	require.Greater(t, cov.demotions, 5, "demotions from the protected segment")
-	require.Greater(t, cov.windowEvicted, 5, "newcomers evicted by the frequency admission")
-	require.Greater(t, cov.windowKept, 5, "newcomers kept over another victim")
 	require.Greater(t, cov.drains, 1000, "socket drains")
 	require.Greater(t, cov.starving, 20, "backends closed for a starving caller of another database")
 	require.Greater(t, cov.reaps, 50, "backends reaped")
