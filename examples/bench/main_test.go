@@ -95,8 +95,10 @@ func TestBenchShort(t *testing.T) {
 			t.Errorf("sim %+v: hit rate out of range", s)
 		}
 	}
-	if len(rep.sims) != 2*4 {
-		t.Fatalf("%d cache simulations, want 8", len(rep.sims))
+	// Two distributions, two cache sizes, four policies (LRU, SLRU,
+	// W-TinyLFU, Belady).
+	if len(rep.sims) != 2*2*4 {
+		t.Fatalf("%d cache simulations, want 16", len(rep.sims))
 	}
 	for _, d := range []string{distZipf, distRoundRobin} {
 		for _, k := range []int{budget / 3, budget} {
@@ -142,7 +144,7 @@ func TestBenchShort(t *testing.T) {
 	if !slices.Equal(records[0], csvHeader) {
 		t.Fatalf("CSV header %v", records[0])
 	}
-	if got, want := len(records)-1, 2*len(allContenders)+8; got != want {
+	if got, want := len(records)-1, 2*len(allContenders)+2*2*4; got != want { // a row per run and per simulation
 		t.Fatalf("%d CSV rows, want %d", got, want)
 	}
 	col := func(name string) int { return slices.Index(csvHeader, name) }
