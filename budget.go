@@ -99,6 +99,12 @@ type budget struct {
 	lastCollect time.Time
 	collector   wakeup
 
+	// Dial pacing (pace.go); guarded by mu. claims counts the waiters
+	// promised the token of a backend being closed for them: each is about
+	// to dial and holds a dial slot.
+	claims int
+	pace   pacer
+
 	// Cumulative counters; guarded by mu.
 	waitCount    uint64
 	waitDuration time.Duration
@@ -182,6 +188,7 @@ type token struct {
 	probe     bool          // its dial is its server's probe
 	dialDone  bool          // its dial has ended, or was never started
 	dialStart time.Time     // when its dial started
+	paceEpoch uint64        // the pacer's epoch when it was granted
 }
 
 type evictReason uint8
@@ -234,6 +241,7 @@ func newBudget(cfg Config, clk clock, io backendIO) *budget {
 	b := &budget{clock: clk, io: io, dbs: make(map[dbKey]*database), servers: make(map[serverKey]*server),
 		handoffAfter: defaultHandoffAfter, livenessAfter: defaultLivenessAfter, hungDialAfter: defaultHungDialAfter}
 	b.drained = sync.NewCond(&b.mu)
+	b.pace.slots = initialDialSlots
 	b.reaper.fn = b.reap
 	b.tracing.Store(newTracing(cfg.TracerProvider))
 	b.leakCheck.fn = b.checkLeaks
@@ -601,7 +609,9 @@ func (b *budget) await(ctx, caller context.Context, w *waiter) (*backend, *token
 		b.dequeueLocked(w)
 		w.done = true // out of the queues: a patience timer that fired meanwhile must not queue it again
 		b.waitDuration += now.Sub(w.since)
-		// It may have been the one to dial for those queued behind it.
+		// It may have held a dial slot, and been the one to dial for those
+		// queued behind it.
+		b.serveQueueLocked()
 		b.growLocked(d)
 	}
 	waited := now.Sub(w.since)
@@ -675,10 +685,7 @@ func (b *budget) dequeueLocked(w *waiter) {
 func (b *budget) unseekLocked(w *waiter) {
 	w.db.seeking--
 	b.queue.remove(w)
-	if w.claim != nil {
-		w.claim.claim = nil
-		w.claim = nil
-	}
+	b.dropClaimLocked(w)
 	if s := w.db.srv; s != nil && s.prober == w {
 		// The probe's caller left before it could dial: another caller
 		// probes in its place.
@@ -700,7 +707,7 @@ func (b *budget) grantLocked(w *waiter, now time.Time) {
 	d := w.db
 	b.takeLocked(d)
 	b.dialingLocked(d)
-	w.tok = &token{db: d}
+	w.tok = &token{db: d, paceEpoch: b.pace.epoch}
 	if s := d.srv; s != nil && s.prober == w {
 		s.prober = nil // its dial is the probe now
 		w.tok.probe = true
@@ -770,20 +777,26 @@ func (b *budget) serveQueueLocked() {
 		return
 	}
 	now := b.clock.Now()
+	// paced: a caller was skipped for want of a dial slot; freed: a claim
+	// was dropped after it, which frees one.
+	paced, freed := false, false
 	for w := b.queue.front; w != nil; {
 		next := b.queue.next(w)
 		d := w.db
 		switch {
 		case d.open-d.closing >= b.capLocked(d):
 			// A lowered cap: it can only wait for a backend of its own.
+			freed = freed || paced && w.claim != nil
 			b.unseekLocked(w)
+		case w.claim == nil && !b.dialSlotFreeLocked():
+			// Paced: it waits for a dial slot holding no token and
+			// evicting nothing; its victim is chosen when its dial can
+			// start. A caller behind it with a claim holds a slot already.
+			paced = true
 		case b.roomLocked(d):
 			// A token freed before the claimed one, if any: take it, and
 			// let the claimed one go to whoever is first when released.
-			if w.claim != nil {
-				w.claim.claim = nil
-				w.claim = nil
-			}
+			b.dropClaimLocked(w)
 			b.grantLocked(w, now)
 		case w.claim != nil:
 		default:
@@ -794,6 +807,9 @@ func (b *budget) serveQueueLocked() {
 			}
 		}
 		w = next
+	}
+	if freed {
+		b.serveQueueLocked() // a caller skipped for a slot may have one now
 	}
 }
 
@@ -868,6 +884,7 @@ func (b *budget) checkinLocked(be *backend, now time.Time, used bool) {
 		b.recency.reusedLocked(b, d)
 		b.handOverLocked(w, be, now)
 		b.growLocked(d)
+		b.serveQueueLocked() // w may have held a dial slot
 		return
 	}
 	d.busy.remove(be)
@@ -920,6 +937,9 @@ func (b *budget) starvingLocked(d *database, now time.Time) *waiter {
 			return nil // later ones are younger still
 		}
 		if w.claim == nil && w.db != d {
+			if !b.dialSlotFreeLocked() {
+				return nil // its token would wait for a dial slot anyway
+			}
 			return w
 		}
 	}
@@ -958,6 +978,7 @@ func (b *budget) closeLocked(be *backend, reason evictReason, w *waiter) {
 	if w != nil {
 		t.claim = w
 		w.claim = t
+		b.claims++
 		w.evicted = be.db.workspace
 	}
 	b.countEvictionLocked(be.db, reason)
@@ -1012,6 +1033,7 @@ func (b *budget) dialed(tok *token, be *backend, took time.Duration) *backend {
 	b.dialTime.add(took, dialTimeAlpha)
 	be.db, be.tok = d, tok
 	be.created = b.clock.Now()
+	b.pace.dialed(tok, took, b.limit, be.created)
 	tok.dialDone = true
 	b.checkoutLocked(be, be.created, be.stack)
 	if b.closed {
@@ -1019,6 +1041,7 @@ func (b *budget) dialed(tok *token, be *backend, took time.Duration) *backend {
 		b.unlock()
 		return nil
 	}
+	b.serveQueueLocked() // a dial slot freed
 	var downFor time.Duration
 	var srv string
 	if s := d.srv; s != nil {
@@ -1081,6 +1104,8 @@ func (b *budget) dialFailed(t *token, kind dialErrorKind, cause error) {
 			downFor = b.markUpLocked(s, now)
 		}
 	}
+	// A dial slot freed, once the circuit has seen what this dial found.
+	b.serveQueueLocked()
 	// Callers queued behind this dial may have no backend coming now; the
 	// token itself returns only once its socket has drained.
 	b.growLocked(d)
@@ -1131,8 +1156,7 @@ func (b *budget) releaseLocked(t *token) {
 	b.closing--
 	b.giveLocked(d)
 	if w := t.claim; w != nil {
-		t.claim = nil
-		w.claim = nil
+		b.dropClaimLocked(w)
 		if !w.done && w.db.open-w.db.closing < b.capLocked(w.db) && b.roomLocked(w.db) {
 			b.grantLocked(w, b.clock.Now())
 		}
@@ -1570,6 +1594,7 @@ func (b *budget) dialHung(t *token) {
 	b.markDownLocked(s, b.clock.Now(), errNotAnswering)
 	s.wake.stop()
 	s.probing, t.probe = true, true
+	b.serveQueueLocked() // callers of other servers may have the slots its callers held
 	srv, ws := s.label, t.db.workspace
 	b.unlock()
 	b.logServerDown(srv, ws, errNotAnswering)

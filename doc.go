@@ -74,6 +74,12 @@
 // hot ones. Choosing a victim does not depend on the number of databases.
 // A backend a handle holds is never touched.
 //
+// Dials are paced: a caller that is to dial first waits for one of a few
+// dial slots (4, more while dials stay near the server's recent fastest,
+// halved when they take twice that), holding no token and closing
+// nothing, so that the budget stays a cache of backends rather than a
+// queue of dials sharing the server's cores.
+//
 // When nothing idle can be closed, callers wait in arrival order until a
 // token frees, their context ends or [Config.AcquireTimeout] passes; they
 // then get an error that matches [ErrBudgetExhausted] (see [BudgetError]).

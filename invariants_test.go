@@ -164,11 +164,21 @@ func (b *budget) checkInvariantsLocked() error {
 			return fmt.Errorf("database %q on probation in the protected list", x.workspace)
 		}
 	}
+	claims := 0
+	for w := b.queue.front; w != nil; w = b.queue.next(w) {
+		if w.claim != nil {
+			claims++
+		}
+	}
+	if claims != b.claims {
+		return fmt.Errorf("%d waiters hold a claim; the budget counts %d", claims, b.claims)
+	}
 	for w := b.queue.front; w != nil; w = b.queue.next(w) {
 		if w.claim != nil && w.claim.claim != w {
 			return fmt.Errorf("a waiter of %q claims a token promised elsewhere", w.db.workspace)
 		}
-		if w.claim == nil && !b.closed && b.roomLocked(w.db) && w.db.open-w.db.closing < b.capLocked(w.db) {
+		// Paced: a waiter without a claim may wait for a dial slot.
+		if w.claim == nil && !b.closed && b.roomLocked(w.db) && w.db.open-w.db.closing < b.capLocked(w.db) && b.dialSlotFreeLocked() {
 			return fmt.Errorf("a waiter of %q left in the queue with a token free", w.db.workspace)
 		}
 	}

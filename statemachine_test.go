@@ -246,6 +246,7 @@ func (D *smDB) owe(waited time.Duration) {
 }
 
 type smToken struct {
+	epoch    uint64 // the pacer's epoch at its grant
 	db       *smDB
 	tok      *token
 	be       *smBackend
@@ -357,6 +358,13 @@ type stateMachine struct {
 	ids           int
 	seq           int // sub-step counter: the recency clock
 	locked        bool
+	// Dial pacing: the model's AIMD, and the dials and claims under way
+	// before the sub-step.
+	paceSlots   int
+	paceDials   []smPaceDial // successful dials, for the baseline
+	paceGood    int
+	paceEpoch   uint64
+	preInFlight int
 
 	// Expected counters.
 	evictions                                       [numReasons]uint64
@@ -619,6 +627,74 @@ func (m *stateMachine) evictionOrder() []*smDB {
 	return out
 }
 
+type smPaceDial struct {
+	at   time.Time
+	took time.Duration
+}
+
+// paceDialed is the model of the dial pacing's AIMD after a successful
+// dial: the baseline is the fastest dial since the start of the window
+// before the current one (windows of a second, each starting with the
+// first dial a second or more after the previous window's start); a dial
+// over twice the baseline halves the slots (not below 4), once per epoch
+// (only a dial granted since the last cut cuts); a slot's worth of dials
+// within 1.5x the baseline adds one, up to the budget.
+func (m *stateMachine) paceDialed(tk *smToken, took time.Duration) {
+	now := m.clk.Now()
+	// The windows' starts, replayed from every dial.
+	var starts []time.Time
+	for _, d := range append(m.paceDials, smPaceDial{now, took}) {
+		if len(starts) == 0 || d.at.Sub(starts[len(starts)-1]) >= time.Second {
+			starts = append(starts, d.at)
+		}
+	}
+	m.paceDials = append(m.paceDials, smPaceDial{now, took})
+	from := starts[len(starts)-1]
+	if len(starts) > 1 && from.Sub(starts[len(starts)-2]) < 2*time.Second {
+		from = starts[len(starts)-2]
+	}
+	base := took
+	for _, d := range m.paceDials {
+		if !d.at.Before(from) {
+			base = min(base, d.took)
+		}
+	}
+	if took > 2*base {
+		if tk.epoch == m.paceEpoch {
+			m.paceSlots = max(4, min(m.paceSlots, m.limit())/2)
+			m.paceEpoch++
+			m.paceGood = 0
+			m.logf("dial pacing: %d slots", m.paceSlots)
+		}
+		return
+	}
+	if 2*took <= 3*base {
+		m.paceGood++
+		if m.paceGood >= m.paceSlots {
+			m.paceGood = 0
+			if m.paceSlots < m.limit() {
+				m.paceSlots++
+				m.logf("dial pacing: %d slots", m.paceSlots)
+			}
+		}
+	}
+}
+
+// slots is the number of dials (and claims) the pacing allows at once.
+func (m *stateMachine) slots() int { return min(m.paceSlots, m.limit()) }
+
+// inFlightLocked counts the dials under way and the waiters promised the
+// token of a backend being closed for them; b.mu is held.
+func (m *stateMachine) inFlightLocked() int {
+	n := len(m.dialingTokens())
+	for _, sw := range m.waiters {
+		if sw.w.claim != nil {
+			n++
+		}
+	}
+	return n
+}
+
 // victim is the idle backend the model says an eviction must close.
 func (m *stateMachine) victim() *smBackend {
 	for _, D := range m.evictionOrder() {
@@ -762,6 +838,7 @@ func runStateMachine(t testing.TB, data []byte, cov *smCov) {
 	m := &stateMachine{t: t, b: b, clk: clk, io: io, cfg: cfg, handoffAfter: handoffAfter,
 		backends: map[*backend]*smBackend{}, byW: map[*waiter]*smWaiter{}, results: make(chan smResult, 64),
 		roles: map[*smTimer]any{}, cov: cov}
+	m.paceSlots = 4
 	m.logf("limit %d perDB %d idle %s life %s dbs %d handoffAfter %s reserve(ws0) %d maxConns(ws1) %d",
 		limit, cfg.MaxConnectionsPerDB, cfg.ConnMaxIdleTime, cfg.ConnMaxLifetime, nDB, handoffAfter, reserve, maxConns1)
 	for i := 0; i < nDB; i++ {
@@ -986,6 +1063,7 @@ func (m *stateMachine) observe() {
 		sw.preSeeking, sw.preClaim, sw.granted = sw.w.seekingLocked(), sw.w.claim != nil, false
 	}
 	m.preOpen, m.preShared, m.preReserved = b.open, b.sharedInUse, m.reservedSum()
+	m.preInFlight = m.inFlightLocked()
 	m.preLive = map[*smDB]int{}
 	for _, D := range m.dbs {
 		m.preLive[D] = m.live(D)
@@ -1064,7 +1142,10 @@ func (m *stateMachine) settle() {
 			m.dials++
 			sw.granted = true
 			m.grantedNow = append(m.grantedNow, sw)
-			sw.tok = &smToken{db: D, tok: r.tok, dialing: true}
+			sw.tok = &smToken{db: D, tok: r.tok, dialing: true, epoch: m.paceEpoch}
+			if r.tok.paceEpoch != m.paceEpoch {
+				m.fail("waiter w%d granted in pacing epoch %d; the model is in %d", sw.id, r.tok.paceEpoch, m.paceEpoch)
+			}
 			m.tokens = append(m.tokens, sw.tok)
 			m.logf("waiter w%d (%s) gets a token: dials", sw.id, D.ws)
 		default:
@@ -1381,8 +1462,16 @@ func (m *stateMachine) check() {
 
 	// Liveness: no caller waits for a token while a victim could be
 	// evicted for it; the reaper is armed for the earliest idle expiry.
+	// Pacing: no dial or claim starts beyond the slots.
+	inFlight := m.inFlightLocked()
+	if inFlight > m.slots() && inFlight > m.preInFlight {
+		m.fail("%d dials and claims under way, over the %d dial slots (was %d)", inFlight, m.slots(), m.preInFlight)
+	}
+	if b.claims != inFlight-len(m.dialingTokens()) {
+		m.fail("the budget counts %d claims; %d waiters hold one", b.claims, inFlight-len(m.dialingTokens()))
+	}
 	victim := m.victim()
-	for w := b.queue.front; w != nil; w = b.queue.next(w) {
+	for w := b.queue.front; w != nil && inFlight < m.slots(); w = b.queue.next(w) {
 		if D := m.byW[w].db; w.claim == nil && m.room(D) && m.live(D) < m.capOf(D) {
 			m.fail("a caller of %s waits for a token while one is free for it", D.ws)
 		}
@@ -1720,6 +1809,7 @@ func (m *stateMachine) dialOK(tk *smToken, arg int) {
 		m.backends[nb] = mb
 		m.alive = append(m.alive, mb)
 		m.dialTime = smEWMA(m.dialTime, took, dialTimeAlpha)
+		m.paceDialed(tk, took)
 		tk.dialing, tk.be = false, mb
 		now := m.clk.Now()
 		mb.created, mb.checkedOut = now, now
@@ -1795,7 +1885,7 @@ func (m *stateMachine) checkin(mb *smBackend) {
 		case m.overLimit(D):
 			m.exp.busyReason = reasonBudgetShrink
 		}
-		if m.exp.busyReason == reasonNone && m.live(D) > D.reserved {
+		if m.exp.busyReason == reasonNone && m.live(D) > D.reserved && m.preInFlight < m.slots() {
 			for _, sw := range m.preQueue {
 				if now.Sub(sw.since) < m.handoffAfter {
 					break
