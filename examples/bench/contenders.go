@@ -43,6 +43,7 @@ type env struct {
 	acquireTimeout time.Duration
 	pgbouncerBin   string   // "" when not installed
 	pgbouncerSet   []string // extra settings, name=value
+	tenantpgPerDB  int      // tenantpg's MaxConnectionsPerDB, 0 = its default
 }
 
 const perDB = 3 // every contender's per-workspace cap, the seed's and tenantpg's default
@@ -123,7 +124,7 @@ func (t *tenantpgTarget) close() error {
 }
 
 func openTenantpg(_ context.Context, e *env, workspaces int) (target, error) {
-	drv, err := tenantpg.NewDriver(tenantpg.Config{MaxConnections: e.budget, AcquireTimeout: e.acquireTimeout})
+	drv, err := tenantpg.NewDriver(tenantpg.Config{MaxConnections: e.budget, MaxConnectionsPerDB: e.tenantpgPerDB, AcquireTimeout: e.acquireTimeout})
 	if err != nil {
 		return nil, fmt.Errorf("tenantpg: new driver: %w", err)
 	}

@@ -70,6 +70,7 @@ type options struct {
 	csvPath        string
 	pngPath        string
 	occupancyPNG   string
+	tenantpgPerDB  int // tenantpg's MaxConnectionsPerDB; 0 = its default (3), for experiments
 	pgbouncer      string
 	pgbouncerSet   []string // extra PgBouncer settings, name=value
 	setupOnly      bool
@@ -125,6 +126,7 @@ func main() {
 	flag.Var(&pgbSet, "pgbouncer-set", "comma-separated extra PgBouncer settings name=value, e.g. server_login_retry=1 (default: PgBouncer's defaults)")
 	openLoad := floatList(o.openLoad)
 	flag.Var(&openLoad, "open-loop", "comma-separated offered loads of open-loop runs after each closed-loop run: up to 1, a fraction of that contender's closed-loop ops/s (0.5,0.9); above 1, ops/s; Poisson arrivals, latency from the scheduled arrival")
+	flag.IntVar(&o.tenantpgPerDB, "tenantpg-per-db", 0, "tenantpg's MaxConnectionsPerDB (default: its own default, 3, the other contenders' cap); for experiments")
 	flag.BoolVar(&o.setupOnly, "setup-only", false, "create the databases, report how long that took, and stop")
 	flag.BoolVar(&o.simOnly, "sim-only", false, "only simulate LRU and Belady on the traces, without a server (for W too large for this disk)")
 	cpuProfile := flag.String("cpuprofile", "", "write the harness's CPU profile (all contenders, setup included) to this file")
@@ -225,7 +227,7 @@ func run(ctx context.Context, o options, stdout, stderr io.Writer) (*report, err
 		writeTable(stdout, rep)
 		return rep, nil
 	}
-	e := &env{budget: o.budget, workers: o.workers, acquireTimeout: o.acquireTimeout, pgbouncerSet: o.pgbouncerSet}
+	e := &env{budget: o.budget, workers: o.workers, acquireTimeout: o.acquireTimeout, pgbouncerSet: o.pgbouncerSet, tenantpgPerDB: o.tenantpgPerDB}
 	if bin, err := findPgbouncer(o.pgbouncer); err == nil {
 		e.pgbouncerBin = bin
 		rep.pgbouncer = pgbouncerVersion(bin)
