@@ -159,6 +159,7 @@ type waiter struct {
 	// For its trace, read by its owner once served. Guarded by mu.
 	sought  time.Time // when it first joined the budget's queue
 	evicted string    // workspace of the backend closed for its token
+	slotted time.Time // when it got a dial slot, with a free token or a victim closing for it
 }
 
 // seekingLocked reports whether w is in the budget's queue: it is to dial
@@ -708,6 +709,9 @@ func (b *budget) grantLocked(w *waiter, now time.Time) {
 	b.takeLocked(d)
 	b.dialingLocked(d)
 	w.tok = &token{db: d, paceEpoch: b.pace.epoch}
+	if w.slotted.IsZero() {
+		w.slotted = now
+	}
 	if s := d.srv; s != nil && s.prober == w {
 		s.prober = nil // its dial is the probe now
 		w.tok.probe = true
@@ -980,6 +984,9 @@ func (b *budget) closeLocked(be *backend, reason evictReason, w *waiter) {
 		w.claim = t
 		b.claims++
 		w.evicted = be.db.workspace
+		if w.slotted.IsZero() {
+			w.slotted = b.clock.Now()
+		}
 	}
 	b.countEvictionLocked(be.db, reason)
 	b.markClosingLocked(t)

@@ -312,6 +312,9 @@ func (c *connector) wait(ctx context.Context, w *waiter) (*backend, error) {
 		if w.evicted != "" {
 			a.evicted = w.evicted
 		}
+		if a.slotted.IsZero() {
+			a.slotted = w.slotted
+		}
 		if err != nil || be != nil {
 			return finish(be, err, "handoff")
 		}

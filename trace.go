@@ -19,8 +19,8 @@ import (
 // Traces: a client span per statement (semconv db.* attributes), and, for
 // a checkout that could not take an idle backend at once, a
 // tenantpg.acquire span that says where the time went: queued for a
-// backend of the database, queued for a token in the budget, which
-// workspace was evicted to make room, and the dial. The acquire span is
+// backend of the database, queued in the budget for a dial slot and a
+// token, which workspace was evicted to make room, and the dial. The acquire span is
 // built after the fact from the waiter's timestamps, so a checkout that
 // waits costs no tracing calls while it waits, and one served from the
 // idle list costs none at all.
@@ -153,6 +153,7 @@ type acquireTrace struct {
 	queued              time.Time // the checkout started waiting
 	sought              time.Time // it joined the budget's queue to dial; zero if never
 	evicted             string    // workspace whose idle backend was closed for its token
+	slotted             time.Time // it got a dial slot (and a free token or a victim); zero if never
 	dialStart, dialEnd  time.Time // of its last dial; zero if it did not dial
 	downAt              time.Time // its dial found the server down, and it waited for the circuit
 	end                 time.Time
@@ -178,6 +179,12 @@ func (t *tracing) record(ctx context.Context, a *acquireTrace) {
 		// Until here it waited for a backend of its database to be
 		// checked in; from here, for a token of the budget.
 		span.AddEvent("tenantpg.budget.queued", trace.WithTimestamp(a.sought))
+	}
+	if !a.slotted.IsZero() {
+		// From budget.queued until here it waited for one of the dial
+		// slots (dial pacing); from here until token.granted, for the
+		// evicted backend to close.
+		span.AddEvent("tenantpg.dial_slot.granted", trace.WithTimestamp(a.slotted))
 	}
 	if a.evicted != "" {
 		span.SetAttributes(attrEvictedWorkspace.String(a.evicted))

@@ -82,6 +82,7 @@ func TestTraces(t *testing.T) {
 			events = append(events, ev.Name)
 		}
 		require.Contains(t, events, "tenantpg.token.granted")
+		require.Contains(t, events, "tenantpg.dial_slot.granted")
 	}
 	require.Len(t, spansNamed(spans, "tenantpg.dial"), 2)
 	for _, d := range spansNamed(spans, "tenantpg.dial") {
