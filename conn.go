@@ -69,31 +69,19 @@ func (c *conn) backend(ctx context.Context) (*backend, error) {
 		c.pending = nil
 		return nil, err
 	}
+	var be *backend
+	var err error
 	if c.router == nil {
-		be, err := c.fixed.checkout(ctx)
-		if err != nil {
-			return nil, err
-		}
-		c.be = be
-		c.hold.be.Store(be)
-		return be, nil
+		be, err = c.fixed.checkout(ctx)
+	} else {
+		be, err = c.router.checkout(ctx, c.ws)
 	}
-	for {
-		cn, err := c.router.connector(ctx, c.ws)
-		if err != nil {
-			return nil, err
-		}
-		be, err := cn.checkout(ctx)
-		if err == errDBClosed {
-			continue // the router forgot the workspace after the lookup
-		}
-		if err != nil {
-			return nil, err
-		}
-		c.be = be
-		c.hold.be.Store(be)
-		return be, nil
+	if err != nil {
+		return nil, err
 	}
+	c.be = be
+	c.hold.be.Store(be)
+	return be, nil
 }
 
 // bind puts a router's handle on the workspace ctx names, or checks that
@@ -203,7 +191,7 @@ func (c *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (_ driver.Tx,
 }
 
 func (c *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (_ driver.Result, err error) {
-	ctx, span := c.startStatement(ctx, operationName(query), query)
+	ctx, span := c.startStatement(ctx, "", query)
 	var be *backend
 	defer func() { c.endStatement(span, be, err) }()
 	if be, err = c.backend(ctx); err != nil {
@@ -215,7 +203,7 @@ func (c *conn) ExecContext(ctx context.Context, query string, args []driver.Name
 // QueryContext's span ends when the first response arrives; reading the
 // rows is the caller's time.
 func (c *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (_ driver.Rows, err error) {
-	ctx, span := c.startStatement(ctx, operationName(query), query)
+	ctx, span := c.startStatement(ctx, "", query)
 	var be *backend
 	defer func() { c.endStatement(span, be, err) }()
 	if be, err = c.backend(ctx); err != nil {

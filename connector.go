@@ -297,6 +297,9 @@ func (c *connector) wait(ctx context.Context, w *waiter) (*backend, error) {
 	defer cancel()
 	a := acquireTrace{workspace: c.workspace, database: c.db.name, queued: w.since}
 	finish := func(be *backend, err error, outcome string) (*backend, error) {
+		if b.tracing.Load().tracer() == nil {
+			return be, err
+		}
 		a.end, a.outcome, a.err = b.clock.Now(), outcome, err
 		if err != nil {
 			a.outcome = "failed"

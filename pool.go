@@ -65,33 +65,23 @@ func (p *Pool) Acquire(ctx context.Context) (*PoolConn, error) {
 	if p.closed.Load() {
 		return nil, errPoolClosed
 	}
-	var ws string
-	if p.router != nil {
-		var named bool
-		if ws, named = WorkspaceFromContext(ctx); !named {
+	var be *backend
+	var err error
+	if p.router == nil {
+		if be, err = p.fixed.checkout(ctx); err == errDBClosed {
+			err = errPoolClosed // closed between the check above and the checkout
+		}
+	} else {
+		ws, named := WorkspaceFromContext(ctx)
+		if !named {
 			return nil, ErrNoWorkspace
 		}
+		be, err = p.router.checkout(ctx, ws)
 	}
-	for {
-		cn := p.fixed
-		if p.router != nil {
-			var err error
-			if cn, err = p.router.connector(ctx, ws); err != nil {
-				return nil, err
-			}
-		}
-		be, err := cn.checkout(ctx)
-		if err == errDBClosed {
-			if p.router != nil {
-				continue // the router forgot the workspace after the lookup
-			}
-			err = errPoolClosed
-		}
-		if err != nil {
-			return nil, err
-		}
-		return &PoolConn{b: p.b, be: be}, nil
+	if err != nil {
+		return nil, err
 	}
+	return &PoolConn{b: p.b, be: be}, nil
 }
 
 // Close releases the pool's share of its database's state. Backends checked

@@ -136,6 +136,22 @@ func (r *router) sweepLocked() {
 	r.sweepAt = 2 * r.count
 }
 
+// checkout gets a backend of workspace ws. A sweep may forget the
+// workspace between the lookup and the checkout (take refuses a forgotten
+// database): it is looked up again, made anew.
+func (r *router) checkout(ctx context.Context, ws string) (*backend, error) {
+	for {
+		cn, err := r.connector(ctx, ws)
+		if err != nil {
+			return nil, err
+		}
+		be, err := cn.checkout(ctx)
+		if err != errDBClosed {
+			return be, err
+		}
+	}
+}
+
 // params returns the DSN parameters of workspace ws: the resolver's DSN when
 // it gives one, else the template with the placeholder replaced.
 func (r *router) params(ctx context.Context, ws string) (*dsnParams, error) {

@@ -44,8 +44,9 @@ type tracing struct {
 }
 
 type globalTracer struct {
-	tp     trace.TracerProvider
-	tracer trace.Tracer
+	tp         trace.TracerProvider
+	tracer     trace.Tracer
+	comparable bool // tp's dynamic type supports ==
 }
 
 // unsetGlobal is what otel.GetTracerProvider returns until the application
@@ -75,10 +76,12 @@ func (t *tracing) tracer() trace.Tracer {
 	if tp == unsetGlobal {
 		return nil
 	}
-	if g := t.fromGlob.Load(); g != nil && reflect.TypeOf(tp).Comparable() && g.tp == tp {
+	// Comparing providers of a non-comparable type would panic: such a
+	// provider's tracer is fetched anew each time.
+	if g := t.fromGlob.Load(); g != nil && g.comparable && g.tp == tp {
 		return g.tracer
 	}
-	g := &globalTracer{tp: tp, tracer: tracerOf(tp)}
+	g := &globalTracer{tp: tp, tracer: tracerOf(tp), comparable: reflect.TypeOf(tp).Comparable()}
 	t.fromGlob.Store(g)
 	return g.tracer
 }
@@ -100,13 +103,16 @@ func operationName(query string) string {
 	return query[i:j]
 }
 
-// startStatement starts a statement's span. Attributes are set only on a
-// recording span: with no provider installed, a statement costs a
-// non-recording span and no allocation.
+// startStatement starts a statement's span, named op or, when op is empty,
+// after the query's first keyword. With no provider installed it does
+// nothing else; attributes are set only on a recording span.
 func (c *conn) startStatement(ctx context.Context, op, query string) (context.Context, trace.Span) {
 	tr := c.b.tracing.Load().tracer()
 	if tr == nil {
 		return ctx, nil
+	}
+	if op == "" {
+		op = operationName(query)
 	}
 	ctx, span := tr.Start(ctx, op, trace.WithSpanKind(trace.SpanKindClient))
 	if span.IsRecording() {
