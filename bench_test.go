@@ -85,17 +85,16 @@ func BenchmarkCheckoutCheckin(b *testing.B) {
 func BenchmarkCheckoutCheckinLeakThreshold(b *testing.B) {
 	e := newEnv(b, 1, Config{MaxConnections: 4, LeakThreshold: time.Minute})
 	b.Run("shallow", func(b *testing.B) { benchmarkCheckoutCheckin(b, e) })
-	b.Run("deep-stack", func(b *testing.B) {
-		var run func(depth int)
-		run = func(depth int) {
-			if depth > 0 {
-				run(depth - 1)
-				return
-			}
-			benchmarkCheckoutCheckin(b, e)
-		}
-		run(40)
-	})
+	b.Run("deep-stack", func(b *testing.B) { atDepth(40, func() { benchmarkCheckoutCheckin(b, e) }) })
+}
+
+// atDepth calls f that many frames below its caller.
+func atDepth(depth int, f func()) {
+	if depth > 0 {
+		atDepth(depth-1, f)
+		return
+	}
+	f()
 }
 
 func benchmarkCheckoutCheckin(b *testing.B, e *env) {
@@ -136,16 +135,10 @@ func newBenchBudget(n, limit, perDB int) (*budget, []*database) {
 		ConnMaxIdleTime: time.Hour, ConnMaxLifetime: time.Hour}, realClock{}, nopIO{})
 	past := time.Now().Add(-time.Minute)
 	dbs := make([]*database, n)
+	bg.mu.Lock()
+	defer bg.mu.Unlock()
 	for i := range dbs {
-		d := &database{key: dbKey{database: fmt.Sprint(i)}, name: fmt.Sprint(i), workspace: fmt.Sprint(i), refs: 1}
-		bg.dbs[d.key] = d
-		bg.takeLocked(d)
-		be := &backend{db: d, tok: &token{db: d}, created: past, state: backendIdle, idleSince: past}
-		d.idleBackends.pushFront(be)
-		d.idle++
-		bg.idle++
-		bg.recency.touchLocked(d)
-		dbs[i] = d
+		dbs[i] = addDatabaseLocked(bg, dbKey{database: fmt.Sprint(i)}, fmt.Sprint(i), 1, past)
 	}
 	return bg, dbs
 }
@@ -235,19 +228,13 @@ func BenchmarkCaptureStack(b *testing.B) {
 		}
 	})
 	b.Run("deep-stack", func(b *testing.B) {
-		var run func(depth int)
-		run = func(depth int) {
-			if depth > 0 {
-				run(depth - 1)
-				return
-			}
+		atDepth(40, func() {
 			b.ReportAllocs()
 			for b.Loop() {
 				if len(bg.captureStack()) != leakStackDepth {
 					b.Fatal("short stack")
 				}
 			}
-		}
-		run(40)
+		})
 	})
 }

@@ -1040,7 +1040,7 @@ func (b *budget) dialed(tok *token, be *backend, took time.Duration) *backend {
 	b.dialTime.add(took, dialTimeAlpha)
 	be.db, be.tok = d, tok
 	be.created = b.clock.Now()
-	b.pace.dialed(tok, took, b.limit, be.created)
+	b.pace.dialedLocked(tok, took, b.limit, be.created)
 	tok.dialDone = true
 	b.checkoutLocked(be, be.created, be.stack)
 	if b.closed {

@@ -128,9 +128,9 @@ func TestRestartUnderLoadRidesThrough(t *testing.T) {
 	require.Less(t, probes, uint64(restartWorkers))
 	s := e.drv.Stats()
 	require.False(t, s.Servers[0].Down)
-	// One outage, but on a loaded machine (CI under -race) a dial of the
-	// restarted server may take long enough to count as hung and mark it
-	// down again briefly: seen once as 2 outages, with the same errors.
+	// One outage, but CI under -race once counted 2, with errors within the
+	// bound. Why was not isolated; a dial of the restarted server slow
+	// enough to count as hung would do it.
 	require.GreaterOrEqual(t, s.Servers[0].Outages, uint64(1))
 	require.LessOrEqual(t, s.Servers[0].Outages, uint64(3))
 	require.Positive(t, s.DialErrors["unavailable"])
@@ -285,10 +285,7 @@ func (r *circuitRig) db(name string) *database {
 	b := r.b
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	key := dbKey{host: "db.example", port: 5432, database: name}
-	d := &database{key: key, name: name, workspace: name, refs: 1, srv: b.serverLocked(serverKey{host: key.host, port: key.port})}
-	b.dbs[key] = d
-	return d
+	return addDatabaseLocked(b, dbKey{host: "db.example", port: 5432, database: name}, name, 0, time.Time{})
 }
 
 // queue takes a checkout of d that finds no idle backend, and runs its

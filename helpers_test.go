@@ -174,3 +174,23 @@ const (
 	e2eWait   = 10 * time.Second
 	pollEvery = 2 * time.Millisecond
 )
+
+// addDatabaseLocked registers a database in b as register would, without a
+// DSN, holding idle backends last checked in at at (a server-free budget's
+// world, for the manual-clock tests and the benchmarks).
+func addDatabaseLocked(b *budget, key dbKey, workspace string, idle int, at time.Time) *database {
+	d := &database{key: key, name: key.database, workspace: workspace, refs: 1,
+		srv: b.serverLocked(serverKey{host: key.host, port: key.port})}
+	b.dbs[key] = d
+	for range idle {
+		b.takeLocked(d)
+		be := &backend{db: d, tok: &token{db: d}, created: at, state: backendIdle, idleSince: at}
+		d.idleBackends.pushFront(be)
+		d.idle++
+		b.idle++
+	}
+	if idle > 0 {
+		b.recency.touchLocked(d)
+	}
+	return d
+}

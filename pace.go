@@ -50,8 +50,8 @@ type pacer struct {
 	winMin, prevMin time.Duration
 }
 
-// dialed adjusts the slots after a successful dial of t that took took.
-func (p *pacer) dialed(t *token, took time.Duration, limit int, now time.Time) {
+// dialedLocked adjusts the slots after a successful dial of t that took took.
+func (p *pacer) dialedLocked(t *token, took time.Duration, limit int, now time.Time) {
 	switch since := now.Sub(p.winStart); {
 	case since >= 2*paceWindow:
 		p.winStart, p.winMin, p.prevMin = now, took, 0

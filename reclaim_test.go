@@ -284,18 +284,8 @@ func newManualBudget(t *testing.T, cfg Config, n int) (*budget, *smClock, *datab
 	clk := &smClock{now: smEpoch}
 	b := newBudget(cfg, clk, nopIO{})
 	t.Cleanup(b.close)
-	d := &database{key: dbKey{database: "db"}, workspace: "ws", refs: 1}
 	b.mu.Lock()
-	d.srv = b.serverLocked(serverKey{host: d.key.host, port: d.key.port})
-	b.dbs[d.key] = d
-	for range n {
-		b.takeLocked(d)
-		be := &backend{db: d, tok: &token{db: d}, created: smEpoch, state: backendIdle, idleSince: smEpoch}
-		d.idleBackends.pushFront(be)
-		d.idle++
-		b.idle++
-	}
-	b.recency.touchLocked(d)
+	d := addDatabaseLocked(b, dbKey{database: "db"}, "ws", n, smEpoch)
 	b.mu.Unlock()
 	return b, clk, d
 }
