@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"os"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
@@ -64,13 +63,5 @@ func writeOccupancyPNG(path string, rep *report) error {
 	for i := range panels {
 		panels[i][0].Draw(canvases[i][0])
 	}
-	f, err := os.Create(path)
-	if err != nil {
-		return fmt.Errorf("occupancy png: %w", err)
-	}
-	if _, err := (vgimg.PngCanvas{Canvas: img}).WriteTo(f); err != nil {
-		f.Close()
-		return fmt.Errorf("occupancy png: %w", err)
-	}
-	return f.Close()
+	return savePNG(path, img)
 }

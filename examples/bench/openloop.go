@@ -26,7 +26,8 @@ func driveOpen(ctx context.Context, tgt target, tr *trace, rate float64, warmup,
 	r := rand.New(rand.NewPCG(seed, 0x6f70656e)) // "open"
 	slots := make(chan struct{}, maxInFlight)
 	var mu sync.Mutex
-	m := &measurement{}
+	m := &measurement{} // guarded by mu until ended
+	ended := false      // guarded by mu
 	var wg sync.WaitGroup
 	start := time.Now()
 	measureFrom := start.Add(warmup)
@@ -66,6 +67,9 @@ func driveOpen(ctx context.Context, tgt target, tr *trace, rate float64, warmup,
 			}
 			mu.Lock()
 			defer mu.Unlock()
+			if ended {
+				return // abandoned as stuck: the measurement is out
+			}
 			if err != nil {
 				lv.errs.Add(1)
 				if counted {
@@ -85,14 +89,7 @@ func driveOpen(ctx context.Context, tgt target, tr *trace, rate float64, warmup,
 		}()
 	}
 	lv.phase.Store(phaseStop)
-	finished := make(chan struct{})
-	go func() {
-		wg.Wait()
-		close(finished)
-	}()
-	select {
-	case <-finished:
-	case <-time.After(opTimeout + stuckGrace):
+	if !waitFor(&wg, opTimeout+stuckGrace) {
 		mu.Lock()
 		m.stuck = len(slots)
 		m.errs[errStuck] += int64(m.stuck)
@@ -101,11 +98,11 @@ func driveOpen(ctx context.Context, tgt target, tr *trace, rate float64, warmup,
 	}
 	mu.Lock()
 	defer mu.Unlock()
+	ended = true
 	// Throughput is over the offered window: in an open loop the rate is
 	// given, and what is measured is whether the contender kept up with it.
 	m.window = window
 	m.ops = int64(len(m.lat))
-	m.lat = slices.Clone(m.lat)
 	slices.Sort(m.lat)
 	return m
 }

@@ -277,6 +277,11 @@ func writePNG(path string, rep *report) error {
 			rows[i][j].Draw(canvases[i][j])
 		}
 	}
+	return savePNG(path, img)
+}
+
+// savePNG writes img to path as a PNG.
+func savePNG(path string, img *vgimg.Canvas) error {
 	f, err := os.Create(path)
 	if err != nil {
 		return fmt.Errorf("png: %w", err)

@@ -155,17 +155,10 @@ func drive(ctx context.Context, tgt target, tr *trace, warmup, window, opTimeout
 	start := time.Now()
 	sleep(window)
 	lv.phase.Store(phaseStop)
-	finished := make(chan struct{})
-	go func() {
-		wg.Wait()
-		close(finished)
-	}()
-	select {
-	case <-finished:
-	case <-time.After(opTimeout + stuckGrace):
-		// Some worker's operation ignores its deadline. Its results are
-		// left out (it may still write them) and it is counted as stuck.
-	}
+	// A worker whose operation ignores its deadline is left running: its
+	// results are left out (it may still write them) and it counts as
+	// stuck below.
+	waitFor(&wg, opTimeout+stuckGrace)
 	// The window runs until the last worker has finished its last
 	// operation, so that the operations counted and the time they had are
 	// the same: every operation that ended after the warm-up, over the time
@@ -203,6 +196,23 @@ func drive(ctx context.Context, tgt target, tr *trace, warmup, window, opTimeout
 	m.ops = int64(len(m.lat))
 	slices.Sort(m.lat)
 	return m
+}
+
+// waitFor waits for wg, at most d; it reports whether wg finished.
+func waitFor(wg *sync.WaitGroup, d time.Duration) bool {
+	finished := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(finished)
+	}()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-finished:
+		return true
+	case <-t.C:
+		return false
+	}
 }
 
 // percentile returns the p-th percentile (0 < p < 100) of sorted latencies
