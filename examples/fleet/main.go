@@ -1,0 +1,164 @@
+// Command fleet measures issue #12's fleet budget: N replica processes
+// sharing one PostgreSQL role whose CONNECTION LIMIT is F, under a load that
+// moves from replica to replica, in three modes run one after another with
+// the same seed and schedule:
+//
+//	fleet          TENANTPG_FLEET_MAX_CONNECTIONS=F and TENANTPG_MAX_CONNECTIONS=F:
+//	               the replicas share F through the library's coordination
+//	static         TENANTPG_MAX_CONNECTIONS=F/N each: no replica can borrow
+//	uncoordinated  TENANTPG_MAX_CONNECTIONS=F each: the server refuses the excess
+//	               (53300) and the driver retries
+//
+// The replicas are OS processes (the program re-executes itself), configured
+// only through those environment variables, so a build of the library
+// without the fleet feature runs fleet mode as uncoordinated. Each replica
+// runs -workers closed-loop workers doing primary-key reads on Zipf-chosen
+// workspaces while it is hot, -cold-workers otherwise; replica p%N is hot in
+// phase p. Each prints one JSON line per second on stdout, which the parent
+// aggregates. The parent samples the role's sessions in pg_stat_activity
+// every 10 ms, counts the server's 53300 refusals from its log, and in fleet
+// mode (-kill) SIGKILLs a non-hot replica mid-run and measures how long
+// until the survivors hold more sessions than before: its slots serve them.
+//
+//	cd examples && go run ./fleet
+//	go run ./fleet -replicas 2 -phase 5s -duration 20s -modes static,uncoordinated
+//
+// Without -dsn (or DATABASE_URL, a superuser URL) it starts a throwaway
+// PostgreSQL from the local binaries; with one, it creates its role and
+// databases there under a prefix and drops them at the end, and cannot
+// count refusals (the server log is not ours).
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"time"
+)
+
+type options struct {
+	replicas, workers, coldWorkers int
+	workspaces, fleetBudget, rows  int
+	phase, duration                time.Duration
+	opTimeout                      time.Duration
+	lead                           time.Duration // from starting the replicas to their common start
+	sampleEvery                    time.Duration
+	modes                          []string
+	kill                           bool
+	seed                           int64
+	zipfS                          float64
+	dsn                            string
+}
+
+var allModes = []string{"fleet", "static", "uncoordinated"}
+
+func defaultOptions() options {
+	return options{
+		replicas: 4, workers: 16, coldWorkers: 1,
+		workspaces: 400, fleetBudget: 40, rows: 100,
+		phase: 10 * time.Second, duration: 40 * time.Second,
+		opTimeout: 10 * time.Second, lead: 2 * time.Second, sampleEvery: 10 * time.Millisecond,
+		modes: allModes, kill: true, seed: 1, zipfS: 1.1,
+	}
+}
+
+func main() {
+	if len(os.Args) > 2 && os.Args[1] == childFlag {
+		os.Exit(childMain(os.Args[2], os.Stdout, os.Stderr))
+	}
+	o := defaultOptions()
+	flag.IntVar(&o.replicas, "replicas", o.replicas, "replica processes N")
+	flag.IntVar(&o.workers, "workers", o.workers, "closed-loop workers per replica while it is hot")
+	flag.IntVar(&o.coldWorkers, "cold-workers", o.coldWorkers, "workers per replica while it is not hot (0: idle)")
+	flag.IntVar(&o.workspaces, "workspaces", o.workspaces, "workspace databases W")
+	flag.IntVar(&o.fleetBudget, "fleet-budget", o.fleetBudget, "F: the role's CONNECTION LIMIT and the fleet budget")
+	flag.DurationVar(&o.phase, "phase", o.phase, "how long each replica stays hot (whole seconds)")
+	flag.DurationVar(&o.duration, "duration", o.duration, "traffic per mode (whole seconds)")
+	flag.DurationVar(&o.opTimeout, "op-timeout", o.opTimeout, "deadline of one read")
+	modes := flag.String("modes", strings.Join(o.modes, ","), "modes to run, in order: fleet, static, uncoordinated")
+	flag.BoolVar(&o.kill, "kill", o.kill, "in fleet mode, SIGKILL a non-hot replica mid-run and time the reuse of its slots")
+	flag.Int64Var(&o.seed, "seed", o.seed, "seed of the workers' random streams (the same in every mode)")
+	flag.Float64Var(&o.zipfS, "zipf", o.zipfS, "Zipf exponent s (> 1) of the workspace choice")
+	flag.StringVar(&o.dsn, "dsn", os.Getenv("DATABASE_URL"), "superuser URL of an existing server (default: a throwaway one; env DATABASE_URL)")
+	flag.Parse()
+	o.modes = strings.Split(*modes, ",")
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	rep, err := run(ctx, o, os.Stdout, os.Stderr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "fleet:", err)
+		os.Exit(1)
+	}
+	if len(rep.problems()) > 0 {
+		os.Exit(1)
+	}
+}
+
+func (o options) validate() error {
+	for _, m := range o.modes {
+		if !strings.Contains(","+strings.Join(allModes, ",")+",", ","+m+",") {
+			return fmt.Errorf("unknown mode %q (want %s)", m, strings.Join(allModes, ", "))
+		}
+	}
+	switch {
+	case o.replicas < 1 || o.workers < 1 || o.coldWorkers < 0 || o.coldWorkers > o.workers:
+		return fmt.Errorf("need replicas ≥ 1, workers ≥ 1 and 0 ≤ cold-workers ≤ workers")
+	case o.workspaces < 2 || o.fleetBudget < o.replicas:
+		return fmt.Errorf("need workspaces ≥ 2 and fleet-budget ≥ replicas (static mode gives each F/N)")
+	case o.phase < time.Second || o.phase%time.Second != 0 || o.duration < o.phase || o.duration%time.Second != 0:
+		// The replicas report by the second, so phases are whole seconds.
+		return fmt.Errorf("phase and duration must be whole seconds, duration ≥ phase ≥ 1s")
+	case o.zipfS <= 1:
+		return fmt.Errorf("zipf must be > 1")
+	}
+	return nil
+}
+
+// run sets up the server once and runs each mode in turn.
+func run(ctx context.Context, o options, stdout, status io.Writer) (*report, error) {
+	if err := o.validate(); err != nil {
+		return nil, err
+	}
+	status = &lockedWriter{w: status}
+	w, err := startWorld(ctx, o, status)
+	if err != nil {
+		return nil, err
+	}
+	defer w.stop()
+	smp, err := w.sample(o.sampleEvery, fleetDatabase())
+	if err != nil {
+		return nil, err
+	}
+	defer smp.stop()
+	lw := w.watchLog(o.sampleEvery)
+	defer lw.stop()
+
+	rep := &report{o: o, external: w.external}
+	for _, m := range o.modes {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		fmt.Fprintf(status, "mode %s: %d replicas, %s\n", m, o.replicas, o.duration)
+		r, err := runMode(ctx, o, w, m, smp, lw, status)
+		if err != nil {
+			return nil, fmt.Errorf("mode %s: %w", m, err)
+		}
+		rep.modes = append(rep.modes, r)
+	}
+	rep.write(stdout)
+	return rep, nil
+}
+
+// fleetDatabase is where the library's coordination sessions connect
+// (TENANTPG_FLEET_DATABASE, default postgres); the sampler counts them.
+func fleetDatabase() string {
+	if db := os.Getenv("TENANTPG_FLEET_DATABASE"); db != "" {
+		return db
+	}
+	return "postgres"
+}

@@ -1,0 +1,315 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// modeResult is what one mode produced.
+type modeResult struct {
+	mode       string
+	perReplica int // TENANTPG_MAX_CONNECTIONS of each replica
+
+	ops          int64 // successful reads that ended within the run
+	opsByPhase   []int64
+	opsByReplica []int64
+	errs         map[string]int64
+	firstErr     string
+	hist         map[int]int64
+	lines        int // per-second lines parsed
+	badLines     int // stdout lines that were not JSON
+	finals       int // replicas that reached their final line
+	dials        uint64
+	rejected     uint64 // the drivers' dials refused with 53300
+
+	peak, coordPeak, samples int
+	refused                  int  // 53300 lines in the server log
+	refusedLossy             bool // some may have scrolled past
+	exitErrs                 []string
+	kill                     *killResult
+}
+
+// killResult is the kill -9 measurement of fleet mode.
+type killResult struct {
+	victim     int
+	at         time.Duration // since the common start
+	held       int           // the victim's sessions just before
+	survivors  int           // the other replicas' sessions just before
+	goneAfter  time.Duration // until the server shows none of the victim's sessions; -1: never
+	reuseAfter time.Duration // until the survivors hold more than before; -1: never
+	skipped    string        // why no replica was killed
+}
+
+// modeEnv is the driver configuration of each replica in a mode: the only
+// way the program talks to the library's budget.
+func modeEnv(mode string, o options) (env []string, perReplica int) {
+	f := strconv.Itoa(o.fleetBudget)
+	switch mode {
+	case "fleet":
+		env = []string{"TENANTPG_FLEET_MAX_CONNECTIONS=" + f, "TENANTPG_MAX_CONNECTIONS=" + f}
+		// The fleet's name and database pass through if the user set them.
+		for _, k := range []string{"TENANTPG_FLEET_NAME", "TENANTPG_FLEET_DATABASE"} {
+			if v, ok := os.LookupEnv(k); ok {
+				env = append(env, k+"="+v)
+			}
+		}
+		return env, o.fleetBudget
+	case "static":
+		perReplica = o.fleetBudget / o.replicas
+		return []string{"TENANTPG_MAX_CONNECTIONS=" + strconv.Itoa(perReplica)}, perReplica
+	default: // uncoordinated
+		return []string{"TENANTPG_MAX_CONNECTIONS=" + f}, o.fleetBudget
+	}
+}
+
+// baseEnv is the parent's environment without anything that configures the
+// driver or names a superuser: each mode sets exactly what it means to.
+func baseEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		k, _, _ := strings.Cut(kv, "=")
+		if strings.HasPrefix(k, "TENANTPG_") || k == "DATABASE_URL" || k == envChildDSN {
+			continue
+		}
+		env = append(env, kv)
+	}
+	return env
+}
+
+func runMode(ctx context.Context, o options, w *world, mode string, smp *sampler, lw *logWatch, status io.Writer) (*modeResult, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	env, perReplica := modeEnv(mode, o)
+	r := &modeResult{mode: mode, perReplica: perReplica, errs: map[string]int64{}, hist: map[int]int64{},
+		opsByReplica: make([]int64, o.replicas)}
+
+	spawned := time.Now()
+	start := spawned.Add(o.lead)
+	spec := childSpec{Replicas: o.replicas, Start: start.UnixNano(), Phase: o.phase, Duration: o.duration,
+		OpTimeout: o.opTimeout, Workers: o.workers, ColdWorkers: o.coldWorkers, Labels: w.labels,
+		Rows: o.rows, Seed: o.seed, ZipfS: o.zipfS}
+	// A replica that ignores its deadlines is killed: the run must end.
+	mctx, cancel := context.WithDeadline(ctx, start.Add(o.duration+o.opTimeout+30*time.Second))
+	defer cancel()
+
+	var mu sync.Mutex // guards r's fields the readers fill and the kill
+	var lines []line
+	cmds := make([]*exec.Cmd, o.replicas)
+	var wg sync.WaitGroup
+	for i := range cmds {
+		spec.Replica = i
+		arg, _ := json.Marshal(spec)
+		cmd := exec.CommandContext(mctx, exe, childFlag, string(arg))
+		cmd.Env = append(append(baseEnv(), env...),
+			envChildDSN+"="+w.routedDSN+"&application_name=replica-"+strconv.Itoa(i))
+		// The replicas die with the parent, whatever kills it.
+		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+		cmd.Stderr = &prefixWriter{w: status, prefix: fmt.Sprintf("replica-%d: ", i)}
+		out, err := cmd.StdoutPipe()
+		if err == nil {
+			err = cmd.Start()
+		}
+		if err != nil {
+			cancel()
+			wg.Wait()
+			return nil, fmt.Errorf("start replica %d: %w", i, err)
+		}
+		cmds[i] = cmd
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			sc := bufio.NewScanner(out)
+			sc.Buffer(make([]byte, 64<<10), 16<<20)
+			for sc.Scan() {
+				var l line
+				err := json.Unmarshal(sc.Bytes(), &l)
+				mu.Lock()
+				if err != nil {
+					r.badLines++
+				} else {
+					lines = append(lines, l)
+				}
+				mu.Unlock()
+			}
+			err := cmd.Wait()
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil && !(r.kill != nil && r.kill.victim == i) {
+				r.exitErrs = append(r.exitErrs, fmt.Sprintf("replica-%d: %v", i, err))
+			}
+		}(i)
+	}
+
+	var killed time.Time
+	if mode == "fleet" && o.kill {
+		kr, at := killOne(mctx, o, start, smp, cmds, &mu, r)
+		killed = at
+		if kr != nil {
+			fmt.Fprintf(status, "  killed replica-%d at %s (it held %d sessions)\n", kr.victim, kr.at.Round(time.Millisecond), kr.held)
+		}
+	}
+	wg.Wait()
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	// The backends of exited replicas end on their own; wait for that, so
+	// that the next mode starts from an empty role and this one's refusals
+	// and sessions are counted in its own window.
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if sn := smp.latest(); sn.at.After(time.Now().Add(-time.Second)) && sn.total == 0 {
+			break
+		}
+	}
+	time.Sleep(2 * o.sampleEvery) // the log poller's last look
+	end := time.Now()
+
+	r.aggregate(o, lines)
+	snaps := smp.between(spawned, end)
+	r.samples = len(snaps)
+	for _, sn := range snaps {
+		r.peak = max(r.peak, sn.total)
+		r.coordPeak = max(r.coordPeak, sn.coord)
+	}
+	r.refused, r.refusedLossy = lw.count(spawned, end)
+	if r.kill != nil && r.kill.skipped == "" {
+		r.kill.measure(smp.between(killed, end), killed)
+	}
+	return r, nil
+}
+
+// killOne waits until the middle of a phase in the middle of the run, picks
+// the non-hot replica holding the most sessions, and SIGKILLs it.
+func killOne(ctx context.Context, o options, start time.Time, smp *sampler, cmds []*exec.Cmd, mu *sync.Mutex, r *modeResult) (*killResult, time.Time) {
+	kr := &killResult{victim: -1, goneAfter: -1, reuseAfter: -1}
+	mu.Lock()
+	r.kill = kr
+	mu.Unlock()
+	if o.replicas < 2 {
+		kr.skipped = "one replica: no survivor"
+		return nil, time.Time{}
+	}
+	at := (o.duration/2/o.phase)*o.phase + o.phase/2
+	if at >= o.duration {
+		at = o.duration / 2
+	}
+	select {
+	case <-ctx.Done():
+		kr.skipped = "the run ended first"
+		return nil, time.Time{}
+	case <-time.After(time.Until(start.Add(at))):
+	}
+	sn := smp.latest()
+	hot := int((time.Since(start))/o.phase) % o.replicas
+	mu.Lock()
+	defer mu.Unlock()
+	for i := range cmds {
+		if n := sn.byApp[appName(i)]; i != hot && n > 0 && (kr.victim < 0 || n > kr.held) {
+			kr.victim, kr.held = i, n
+		}
+	}
+	if kr.victim < 0 {
+		kr.skipped = "no non-hot replica held a session"
+		return nil, time.Time{}
+	}
+	for i := range cmds {
+		if i != kr.victim {
+			kr.survivors += sn.byApp[appName(i)]
+		}
+	}
+	now := time.Now()
+	if err := cmds[kr.victim].Process.Signal(syscall.SIGKILL); err != nil {
+		kr.skipped = "kill: " + err.Error()
+		return nil, time.Time{}
+	}
+	kr.at = now.Sub(start)
+	return kr, now
+}
+
+// measure reads the snapshots after the kill.
+func (k *killResult) measure(snaps []snapshot, killed time.Time) {
+	for _, sn := range snaps {
+		survivors := 0
+		for app, n := range sn.byApp {
+			if strings.HasPrefix(app, "replica-") && app != appName(k.victim) {
+				survivors += n
+			}
+		}
+		if k.goneAfter < 0 && sn.byApp[appName(k.victim)] == 0 {
+			k.goneAfter = sn.at.Sub(killed)
+		}
+		if k.reuseAfter < 0 && survivors > k.survivors {
+			k.reuseAfter = sn.at.Sub(killed)
+		}
+	}
+}
+
+func appName(i int) string { return "replica-" + strconv.Itoa(i) }
+
+// aggregate sums the replicas' per-second lines.
+func (r *modeResult) aggregate(o options, lines []line) {
+	phases := int((o.duration + o.phase - 1) / o.phase)
+	r.opsByPhase = make([]int64, phases)
+	runSecs := int(o.duration / time.Second)
+	for _, l := range lines {
+		if l.Final {
+			r.finals++
+			r.dials += l.Dials
+			r.rejected += l.Rejected
+			continue
+		}
+		r.lines++
+		for k, n := range l.Errs {
+			r.errs[k] += n
+		}
+		if r.firstErr == "" && l.FirstErr != "" {
+			r.firstErr = l.FirstErr
+		}
+		// Reads that ended after the run (on their deadline) count as
+		// errors above, not as throughput.
+		if l.Sec < 0 || l.Sec >= runSecs {
+			continue
+		}
+		r.ops += l.Ops
+		r.opsByReplica[l.Replica] += l.Ops
+		r.opsByPhase[int(time.Duration(l.Sec)*time.Second/o.phase)] += l.Ops
+		for b, n := range l.Hist {
+			r.hist[b] += n
+		}
+	}
+}
+
+// prefixWriter forwards a replica's stderr line by line, prefixed, with the
+// password scrubbed in case some error ever carried it.
+type prefixWriter struct {
+	mu     sync.Mutex
+	w      io.Writer
+	prefix string
+	buf    []byte
+}
+
+func (p *prefixWriter) Write(b []byte) (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.buf = append(p.buf, b...)
+	for {
+		i := bytes.IndexByte(p.buf, '\n')
+		if i < 0 {
+			return len(b), nil
+		}
+		fmt.Fprintln(p.w, p.prefix+strings.ReplaceAll(string(p.buf[:i]), password, "****"))
+		p.buf = p.buf[i+1:]
+	}
+}
