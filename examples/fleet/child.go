@@ -52,7 +52,7 @@ func (s childSpec) phaseAt(t time.Time) int {
 }
 
 // line is one JSON line of a replica's stdout: one per second of the run,
-// and a final one with the driver's counters.
+// and a final one that says the replica finished.
 type line struct {
 	Replica  int              `json:"replica"`
 	Sec      int              `json:"sec"` // seconds since the common start
@@ -64,10 +64,12 @@ type line struct {
 	Hist     map[int]int64    `json:"hist,omitempty"` // latency buckets (histBucket), for the parent's percentiles
 	FirstErr string           `json:"first_err,omitempty"`
 
-	Final    bool   `json:"final,omitempty"`
-	Dials    uint64 `json:"dials,omitempty"`
-	Rejected uint64 `json:"rejected,omitempty"` // the driver's dials refused with 53300 (and retried)
-	PeakOpen int    `json:"peak_open,omitempty"`
+	// The driver's counters so far, in every line: a killed replica's
+	// last line still counts.
+	Dials    uint64 `json:"dials"`
+	Rejected uint64 `json:"rejected"` // dials the server refused with 53300 (the driver retries them)
+
+	Final bool `json:"final,omitempty"`
 }
 
 // histBucket maps a latency to a bucket, 20 per decade of microseconds
@@ -133,8 +135,9 @@ func (r *recorder) flush(spec childSpec, upTo int, enc *json.Encoder) {
 	r.mu.Unlock()
 	for i, k := range secs {
 		s := taken[i]
+		st := tenantpg.Default().Stats()
 		l := line{Replica: spec.Replica, Sec: k, Ops: s.ops, FirstErr: s.firstErr,
-			Hot: spec.hot(r.start.Add(time.Duration(k) * time.Second))}
+			Hot: spec.hot(r.start.Add(time.Duration(k) * time.Second)), Dials: st.Dials, Rejected: st.DialErrors["rejected"]}
 		if len(s.errs) > 0 {
 			l.Errs = s.errs
 		}
@@ -211,7 +214,7 @@ func childMain(arg string, stdout, stderr io.Writer) int {
 	<-flushDone
 	rec.flush(spec, math.MaxInt, enc) // operations that ended after the run (their deadline)
 	st := tenantpg.Default().Stats()
-	_ = enc.Encode(line{Replica: spec.Replica, Final: true, Dials: st.Dials, Rejected: st.DialErrors["rejected"], PeakOpen: st.PeakOpen})
+	_ = enc.Encode(line{Replica: spec.Replica, Final: true, Dials: st.Dials, Rejected: st.DialErrors["rejected"]})
 	return 0
 }
 

@@ -106,14 +106,13 @@ func (k *killResult) text() string {
 		return "–"
 	case k.skipped != "":
 		return "not killed: " + k.skipped
-	case k.reuseAfter < 0:
-		return fmt.Sprintf("replica-%d: never (gone after %s)", k.victim, dur(k.goneAfter))
 	}
 	verdict := "met"
-	if k.reuseAfter > killTarget {
+	if k.reuseAfter < 0 || k.reuseAfter > killTarget {
 		verdict = "not met"
 	}
-	return fmt.Sprintf("replica-%d: %s (target ≤ %s %s)", k.victim, dur(k.reuseAfter), killTarget, verdict)
+	return fmt.Sprintf("%s (replica-%d held %d, gone after %s; survivors > %d; target ≤ %s %s)",
+		dur(k.reuseAfter), k.victim, k.held, dur(k.goneAfter), k.survivors, killTarget, verdict)
 }
 
 func dur(d time.Duration) string {

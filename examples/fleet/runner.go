@@ -27,11 +27,10 @@ type modeResult struct {
 	errs         map[string]int64
 	firstErr     string
 	hist         map[int]int64
-	lines        int // per-second lines parsed
-	badLines     int // stdout lines that were not JSON
-	finals       int // replicas that reached their final line
-	dials        uint64
-	rejected     uint64 // the drivers' dials refused with 53300
+	lines        int    // per-second lines parsed
+	badLines     int    // stdout lines that were not JSON
+	finals       int    // replicas that reached their final line
+	rejected     uint64 // the drivers' dials refused with 53300, summed over replicas
 
 	peak, coordPeak, samples int
 	refused                  int  // 53300 lines in the server log
@@ -45,7 +44,7 @@ type killResult struct {
 	victim     int
 	at         time.Duration // since the common start
 	held       int           // the victim's sessions just before
-	survivors  int           // the other replicas' sessions just before
+	survivors  int           // the other replicas' most sessions in the second before
 	goneAfter  time.Duration // until the server shows none of the victim's sessions; -1: never
 	reuseAfter time.Duration // until the survivors hold more than before; -1: never
 	skipped    string        // why no replica was killed
@@ -224,12 +223,13 @@ func killOne(ctx context.Context, o options, start time.Time, smp *sampler, cmds
 		kr.skipped = "no non-hot replica held a session"
 		return nil, time.Time{}
 	}
-	for i := range cmds {
-		if i != kr.victim {
-			kr.survivors += sn.byApp[appName(i)]
-		}
-	}
+	// The survivors' baseline is their most over the last second, not one
+	// sample: their count moves all the time (dials refused and retried), and
+	// exceeding a momentary dip would prove nothing about the victim's slots.
 	now := time.Now()
+	for _, past := range smp.between(now.Add(-time.Second), now) {
+		kr.survivors = max(kr.survivors, survivorsOf(past, kr.victim))
+	}
 	if err := cmds[kr.victim].Process.Signal(syscall.SIGKILL); err != nil {
 		kr.skipped = "kill: " + err.Error()
 		return nil, time.Time{}
@@ -241,12 +241,7 @@ func killOne(ctx context.Context, o options, start time.Time, smp *sampler, cmds
 // measure reads the snapshots after the kill.
 func (k *killResult) measure(snaps []snapshot, killed time.Time) {
 	for _, sn := range snaps {
-		survivors := 0
-		for app, n := range sn.byApp {
-			if strings.HasPrefix(app, "replica-") && app != appName(k.victim) {
-				survivors += n
-			}
-		}
+		survivors := survivorsOf(sn, k.victim)
 		if k.goneAfter < 0 && sn.byApp[appName(k.victim)] == 0 {
 			k.goneAfter = sn.at.Sub(killed)
 		}
@@ -256,6 +251,17 @@ func (k *killResult) measure(snaps []snapshot, killed time.Time) {
 	}
 }
 
+// survivorsOf counts the sessions of every replica but the victim.
+func survivorsOf(sn snapshot, victim int) int {
+	n := 0
+	for app, c := range sn.byApp {
+		if strings.HasPrefix(app, "replica-") && app != appName(victim) {
+			n += c
+		}
+	}
+	return n
+}
+
 func appName(i int) string { return "replica-" + strconv.Itoa(i) }
 
 // aggregate sums the replicas' per-second lines.
@@ -263,11 +269,15 @@ func (r *modeResult) aggregate(o options, lines []line) {
 	phases := int((o.duration + o.phase - 1) / o.phase)
 	r.opsByPhase = make([]int64, phases)
 	runSecs := int(o.duration / time.Second)
+	rejected := make([]uint64, o.replicas) // cumulative in each line: keep the last
 	for _, l := range lines {
+		if l.Replica < 0 || l.Replica >= o.replicas {
+			r.badLines++
+			continue
+		}
+		rejected[l.Replica] = max(rejected[l.Replica], l.Rejected)
 		if l.Final {
 			r.finals++
-			r.dials += l.Dials
-			r.rejected += l.Rejected
 			continue
 		}
 		r.lines++
@@ -288,6 +298,9 @@ func (r *modeResult) aggregate(o options, lines []line) {
 		for b, n := range l.Hist {
 			r.hist[b] += n
 		}
+	}
+	for _, n := range rejected {
+		r.rejected += n
 	}
 }
 
