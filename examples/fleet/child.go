@@ -36,7 +36,7 @@ type childSpec struct {
 	Phase, Duration      time.Duration
 	OpTimeout            time.Duration
 	Workers, ColdWorkers int
-	Labels               []string // workspace ids, Zipf rank order
+	Workspaces           int // ids label(0)…label(W-1), in Zipf rank order
 	Rows                 int
 	Seed                 int64
 	ZipfS                float64
@@ -222,7 +222,7 @@ func childMain(arg string, stdout, stderr io.Writer) int {
 // seed, the replica and the worker, so every mode replays the same choices.
 func worker(db *sql.DB, spec childSpec, j int, start, end time.Time, rec *recorder) {
 	r := rand.New(rand.NewSource(spec.Seed*1_000_003 + int64(spec.Replica)*1_000 + int64(j)))
-	z := rand.NewZipf(r, spec.ZipfS, 1, uint64(len(spec.Labels)-1))
+	z := rand.NewZipf(r, spec.ZipfS, 1, uint64(spec.Workspaces-1))
 	time.Sleep(time.Until(start))
 	var v string
 	for {
@@ -239,7 +239,7 @@ func worker(db *sql.DB, spec childSpec, j int, start, end time.Time, rec *record
 			time.Sleep(time.Until(next))
 			continue
 		}
-		ws := spec.Labels[z.Uint64()]
+		ws := label(int(z.Uint64()))
 		ctx, cancel := context.WithTimeout(tenantpg.WithWorkspace(context.Background(), ws), spec.OpTimeout)
 		t := time.Now()
 		err := db.QueryRowContext(ctx, "SELECT v FROM kv WHERE id = $1", 1+r.Intn(spec.Rows)).Scan(&v)

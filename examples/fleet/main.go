@@ -149,6 +149,8 @@ func run(ctx context.Context, o options, stdout, status io.Writer) (*report, err
 			return nil, fmt.Errorf("mode %s: %w", m, err)
 		}
 		rep.modes = append(rep.modes, r)
+		fmt.Fprintf(status, "  %.0f ops/s, caller errors %s, role peak %d/%d, %s refusals in the server log\n",
+			rep.opsPerSec(r), r.errorText(), r.peak, o.fleetBudget, rep.refusedText(r))
 	}
 	rep.write(stdout)
 	return rep, nil

@@ -98,7 +98,7 @@ func runMode(ctx context.Context, o options, w *world, mode string, smp *sampler
 	spawned := time.Now()
 	start := spawned.Add(o.lead)
 	spec := childSpec{Replicas: o.replicas, Start: start.UnixNano(), Phase: o.phase, Duration: o.duration,
-		OpTimeout: o.opTimeout, Workers: o.workers, ColdWorkers: o.coldWorkers, Labels: w.labels,
+		OpTimeout: o.opTimeout, Workers: o.workers, ColdWorkers: o.coldWorkers, Workspaces: o.workspaces,
 		Rows: o.rows, Seed: o.seed, ZipfS: o.zipfS}
 	// A replica that ignores its deadlines is killed: the run must end.
 	mctx, cancel := context.WithDeadline(ctx, start.Add(o.duration+o.opTimeout+30*time.Second))

@@ -70,7 +70,7 @@ func startWorld(ctx context.Context, o options, log io.Writer) (*world, error) {
 		return nil, fmt.Errorf("template database: %w", err)
 	}
 	for i := 0; i < o.workspaces; i++ {
-		w.labels = append(w.labels, fmt.Sprintf("ws_%04d", i))
+		w.labels = append(w.labels, label(i))
 	}
 	if _, err := w.srv.CreateDatabases(ctx, w.role, tmpl[0], w.labels...); err != nil {
 		w.stop()
@@ -81,6 +81,9 @@ func startWorld(ctx context.Context, o options, log io.Writer) (*world, error) {
 		o.fleetBudget, o.workspaces, time.Since(start).Round(time.Millisecond))
 	return w, nil
 }
+
+// label is workspace i's id; its database is the server's prefix + label.
+func label(i int) string { return fmt.Sprintf("ws_%05d", i) }
 
 func (w *world) stop() { _ = w.srv.Stop() }
 
