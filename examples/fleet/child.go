@@ -219,7 +219,8 @@ func childMain(arg string, stdout, stderr io.Writer) int {
 }
 
 // worker is one closed-loop caller. Its random streams depend only on the
-// seed, the replica and the worker, so every mode replays the same choices.
+// seed, the replica and the worker, so every mode replays the same sequence
+// of workspaces and keys.
 func worker(db *sql.DB, spec childSpec, j int, start, end time.Time, rec *recorder) {
 	r := rand.New(rand.NewSource(spec.Seed*1_000_003 + int64(spec.Replica)*1_000 + int64(j)))
 	z := rand.NewZipf(r, spec.ZipfS, 1, uint64(spec.Workspaces-1))
