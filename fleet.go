@@ -668,27 +668,33 @@ func (c *fleetCoordinator) wait(d time.Duration) error {
 	c.waitCancel = cancel
 	c.mu.Unlock()
 	t := c.clk.AfterFunc(d, cancel)
-	n, err := c.conn.WaitForNotification(ctx)
-	t.Stop()
-	c.mu.Lock()
-	c.waitCancel = nil
-	c.mu.Unlock()
-	if err != nil {
-		if ctx.Err() != nil && !c.conn.IsClosed() && c.runCtx.Err() == nil {
-			return nil // timer or poke: the session stays usable
+	defer t.Stop()
+	defer func() {
+		c.mu.Lock()
+		c.waitCancel = nil
+		c.mu.Unlock()
+	}()
+	for {
+		n, err := c.conn.WaitForNotification(ctx)
+		if err != nil {
+			if ctx.Err() != nil && !c.conn.IsClosed() && c.runCtx.Err() == nil {
+				return nil // timer or poke: the session stays usable
+			}
+			return err
 		}
-		return err
+		// This session's own notifications come back to it: they change
+		// nothing, and a round for each would repeat the need before the
+		// other members could act on it.
+		if n.PID != c.pid {
+			c.heardNeed(n)
+			return nil
+		}
 	}
-	c.heardNeed(n)
-	return nil
 }
 
 // heardNeed handles another member's need: the host is asked to yield, and
 // the next rounds give back what it no longer needs.
 func (c *fleetCoordinator) heardNeed(n *pgconn.Notification) {
-	if n == nil || n.PID == c.pid {
-		return
-	}
 	f := strings.Fields(n.Payload)
 	if len(f) != 3 || f[0] != "need" {
 		return
