@@ -187,6 +187,7 @@ type fakeFleetHost struct {
 	yield   int
 	open    int
 	pinned  int
+	hidden  int // open backends fleetNeed does not count (one opened after it answered)
 	held    int // what the coordinator last allowed (or the fallback while lost)
 	lost    bool
 	lostN   []int
@@ -209,7 +210,7 @@ func (h *fakeFleetHost) settleLocked() {
 func (h *fakeFleetHost) fleetNeed() int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return max(h.demand-h.yield, h.open)
+	return max(h.demand-h.yield, h.open-h.hidden)
 }
 
 func (h *fakeFleetHost) fleetSetHeld(n int) bool {
