@@ -1,0 +1,711 @@
+package tenantpg
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"log/slog"
+	"math/rand/v2"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// The fleet: several processes (replicas of a service) that use tenantpg
+// against one PostgreSQL server share one cap, the fleet budget F (the
+// role's CONNECTION LIMIT). They coordinate through the server itself: each
+// process keeps one coordination session per server, to the coordination
+// database, and leases slots as session-level advisory locks on it. The
+// server frees every lease of a process the moment its session ends, so a
+// killed process gives its slots back without anyone noticing it died.
+//
+// Slots. The slots are the advisory locks (k1, s) for s in 1..F-1, k1 an
+// int4 hashed from the fleet name and the role (fleetKey). One unit of F is
+// never leased: it is the door, through which a joining process's
+// coordination session connects before it holds any lease. Once connected,
+// the session leases one slot for itself (slots[0]); every further slot is
+// a backend the host may open. So in steady state the members' sessions and
+// backends together stay within F-1, and with a joiner in the door within
+// F. A second process that joins at the same moment is refused by the
+// server (SQLSTATE 53300) and retries with backoff and jitter.
+//
+// Leasing. Slots are leased in one round trip per batch (leaseSQL): the
+// candidate slots are tried from a random offset, so that members do not
+// collide, skipping the ones the session holds already (advisory locks are
+// re-entrant within a session: locking one twice would need two unlocks),
+// and the scan stops after the wanted number of successes. A member leases
+// at least fleetBatch(F) slots at a time, so a dial costs at most one
+// amortised round trip, and gives spare slots back only beyond a hysteresis
+// of two batches, or at once when another member is short.
+//
+// Order. Acquiring: lock first, then fleetSetHeld(higher). Releasing:
+// fleetSetHeld(lower) first, and unlock only if the host accepted (its open
+// backends fit). The host is never told it may hold more backends than the
+// slots locked.
+//
+// Demand. Every member LISTENs on the fleet's channel (fleetChannel). A
+// member whose need is not met by the free slots says so with a
+// notification, "need <pid> <n>", and retries leasing, from every
+// fleetRetryMin doubling to fleetRetryMax while the shortage lasts (a killed
+// member's slots are free the moment its session ends, and are found within
+// fleetRetryMax). A member that hears another's need asks its host to yield
+// (fleetYield), down to the fair share, and gives back what its host no
+// longer needs in its next round.
+//
+// Members and fair share: the distinct sessions holding this fleet's locks
+// (pg_locks), plus sessions heard asking for slots recently (a joiner in
+// the door holds none), plus this one. fair = (F-1)/members - 1 backends,
+// at least 1: each member's session takes one slot of its share.
+//
+// Loss: if the session fails, every lease went with it. The host is told
+// (fleetLost) and falls back to the last fair share; the coordinator
+// reconnects with backoff (probeBackoff, as the circuit's probes) and
+// leases again, and tells the host what it holds (fleetSetHeld) once its
+// slots cover the host's need or at least the fallback share.
+//
+// One session does everything: LISTEN and the lease queries. Between
+// rounds the coordinator waits in WaitForNotification with a context that
+// poke or a timer cancels. pgconn's default context watcher sets a past
+// deadline on the socket; the read returns a timeout, which pgconn does not
+// treat as fatal, and the deadline is cleared when the wait returns, so the
+// session stays usable (TestFleetWaitCancelKeepsSession checks it).
+
+// fleetHost is the budget's side of one server's fleet coordination. Its
+// methods take the budget's lock; the coordinator calls them from its own
+// goroutine and never holds its own mutex while calling them.
+type fleetHost interface {
+	// fleetNeed returns how many slots the process wants leased for backends now
+	// (its open backends plus callers waiting to dial, capped by its local limit,
+	// minus what it is yielding to other members). The coordination session's own
+	// slot is not included.
+	fleetNeed() int
+	// fleetSetHeld tells the host it may hold n backends. Lowering succeeds only
+	// if the host's open backends fit in n; it returns false otherwise (the
+	// coordinator keeps those slots and tries again later).
+	fleetSetHeld(n int) bool
+	// fleetYield asks the host to give up to n slots to other members; fair is the
+	// fair share of backends per member, below which a host with demand keeps its slots.
+	fleetYield(n, fair int)
+	// fleetLost says the coordination session (and every lease with it) is gone:
+	// the host falls back to n backends, a safe local share, until fleetSetHeld is called again.
+	fleetLost(n int)
+}
+
+// fleetSettings configure one server's fleet coordination.
+type fleetSettings struct {
+	max      int    // F, the fleet budget: every member's sessions, coordination sessions included
+	name     string // fleet name, default "tenantpg"
+	database string // coordination database, default "postgres"
+
+	// refresh is how often the member count is refreshed (default
+	// fleetRefresh); tests lengthen it to count round trips exactly.
+	refresh time.Duration
+}
+
+// FleetStats describe one server's fleet coordination.
+type FleetStats struct {
+	Connected  bool   // the coordination session is up
+	Members    int    // processes in the fleet, as last counted (this one included)
+	Share      int    // slots held for backends (the session's own slot not included)
+	FairShare  int    // fair share of backends per member
+	Leased     uint64 // slots leased, cumulative
+	Released   uint64 // slots released, cumulative (those lost with a session included)
+	RoundTrips uint64 // statements run on the coordination session
+	Failures   uint64 // failed connections and sessions
+	LastError  string // what the last failure was, without DSN details
+}
+
+const (
+	fleetDefaultName     = "tenantpg"
+	fleetDefaultDatabase = "postgres"
+
+	fleetRefresh  = time.Second            // member count refresh
+	fleetRetryMin = 100 * time.Millisecond // lease retry and need notification while short
+	fleetRetryMax = time.Second
+	fleetHeard    = 2 * time.Second // a need heard from another member counts this long
+	fleetQueryMax = 5 * time.Second // bound on one statement of the session
+	fleetDialMax  = 10 * time.Second
+)
+
+// fleetKey is the first advisory-lock key of the fleet's slots: FNV-1a of
+// the fleet name and role, as an int4.
+func fleetKey(name, role string) int32 {
+	h := fnv.New32a()
+	h.Write([]byte("tenantpg fleet\x00" + name + "\x00" + role))
+	return int32(h.Sum32())
+}
+
+// fleetChannel is the fleet's LISTEN/NOTIFY channel: a lower-case
+// identifier, safe to use unquoted.
+func fleetChannel(k1 int32) string { return fmt.Sprintf("tenantpg_fleet_%08x", uint32(k1)) }
+
+// fleetBatch is how many slots a member leases at least in one round trip.
+func fleetBatch(f int) int { return max(1, f/16) }
+
+// fleetFair is the fair share of backends per member.
+func fleetFair(f, members int) int {
+	return max(1, (f-1)/max(1, members)-1)
+}
+
+// leaseSQL tries the slots from offset $1 round the $2 slots, skipping those
+// in $3, and stops after $5 successes: the try-lock sits in the filter of
+// the function scan directly under the LIMIT (no sort in between), so it is
+// evaluated only for the rows the LIMIT pulls. The CASE makes the
+// membership test run first: a slot held already must never be locked a
+// second time.
+const leaseSQL = `SELECT s FROM (SELECT ((($1::int4 + i) % $2::int4) + 1)::int4 AS s FROM generate_series(0, $2::int4 - 1) AS i) AS x
+WHERE CASE WHEN s = ANY($3::int4[]) THEN false ELSE pg_try_advisory_lock($4::int4, s) END
+LIMIT $5::int4`
+
+// releaseSQL unlocks the slots $2 and counts those that were held.
+const releaseSQL = `SELECT (count(*) FILTER (WHERE pg_advisory_unlock($1::int4, s)))::int4 FROM unnest($2::int4[]) AS s`
+
+// membersSQL lists the sessions holding slots of the fleet $1 (classid is
+// the key's unsigned value; objsubid 2 marks the two-int4 form) in this
+// database (advisory locks are per database).
+const membersSQL = `SELECT coalesce(array_agg(DISTINCT pid), '{}')::int4[] FROM pg_locks
+WHERE locktype = 'advisory' AND classid = $1::int8::oid AND objsubid = 2 AND granted
+AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`
+
+// fleetCoordinator coordinates one server's slots with the other members of
+// the fleet, for one host.
+type fleetCoordinator struct {
+	cfg     *pgx.ConnConfig // coordination database, no tracer
+	max     int
+	batch   int
+	refresh time.Duration
+	k1      int32
+	channel string
+	host    fleetHost
+	clk     clock
+	log     *slog.Logger
+
+	runCtx    context.Context // cancelled when close gives up waiting
+	runCancel context.CancelFunc
+	stop      chan struct{} // closed by close
+	stopOnce  sync.Once
+	done      chan struct{} // closed when run returns
+
+	mu         sync.Mutex
+	poked      bool
+	waitCancel context.CancelFunc // the current wait's, while it waits
+	st         FleetStats
+	sessionPID uint32 // the session's backend, 0 while down
+
+	// The rest belongs to the run goroutine.
+	conn         *pgx.Conn
+	pid          uint32
+	slots        []int32 // slots[0] is the session's own
+	granted      int     // what the host was last told it may hold; -1: not told since start or loss
+	lostSafe     int     // what the host fell back to
+	everUp       bool
+	fair         int
+	holders      map[uint32]bool      // sessions holding slots, as last counted
+	heard        map[uint32]time.Time // members heard asking for slots, when
+	othersWant   time.Time            // until when another member is short
+	refreshAt    time.Time            // next member count
+	short        bool                 // the last round could not cover the need
+	retry        time.Duration        // pause before the next attempt while short
+	lastNeed     int
+	connFailures int
+}
+
+// startFleet starts coordinating for host, through a coordination session
+// to s.database on the server of connCfg, as its user. s.max below 2 leaves
+// no slot to lease and is raised to 2 (the caller validates the setting).
+func startFleet(connCfg *pgx.ConnConfig, s fleetSettings, host fleetHost, clk clock, log *slog.Logger) *fleetCoordinator {
+	if s.name == "" {
+		s.name = fleetDefaultName
+	}
+	if s.database == "" {
+		s.database = fleetDefaultDatabase
+	}
+	if s.max < 2 {
+		s.max = 2
+	}
+	if s.refresh <= 0 {
+		s.refresh = fleetRefresh
+	}
+	if clk == nil {
+		clk = realClock{}
+	}
+	cfg := connCfg.Copy()
+	cfg.Database = s.database
+	cfg.Tracer = nil
+	if cfg.RuntimeParams == nil {
+		cfg.RuntimeParams = map[string]string{}
+	}
+	cfg.RuntimeParams["application_name"] = "tenantpg fleet " + s.name
+	if cfg.ConnectTimeout <= 0 || cfg.ConnectTimeout > fleetDialMax {
+		cfg.ConnectTimeout = fleetDialMax
+	}
+	k1 := fleetKey(s.name, cfg.User)
+	c := &fleetCoordinator{
+		cfg: cfg, max: s.max, batch: fleetBatch(s.max), refresh: s.refresh,
+		k1: k1, channel: fleetChannel(k1), host: host, clk: clk, log: log,
+		stop: make(chan struct{}), done: make(chan struct{}),
+		granted: -1, fair: 1, retry: fleetRetryMin,
+		holders: map[uint32]bool{}, heard: map[uint32]time.Time{},
+	}
+	c.st.Members, c.st.FairShare = 1, 1
+	c.runCtx, c.runCancel = context.WithCancel(context.Background())
+	go c.run()
+	return c
+}
+
+// poke says the host's need may have changed. It never blocks: it only
+// cuts the coordinator's wait short.
+func (c *fleetCoordinator) poke() {
+	c.mu.Lock()
+	c.poked = true
+	cancel := c.waitCancel
+	c.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+}
+
+// close stops coordinating: every slot is unlocked and the session closed.
+// If ctx ends first, the session is cut (the server then frees the slots
+// itself) and close returns ctx's error once the goroutine has ended.
+// Calling it again waits for the same end.
+func (c *fleetCoordinator) close(ctx context.Context) error {
+	c.stopOnce.Do(func() { close(c.stop) })
+	c.poke()
+	select {
+	case <-c.done:
+		return nil
+	case <-ctx.Done():
+		c.runCancel()
+		<-c.done
+		return ctx.Err()
+	}
+}
+
+// stats returns a snapshot of the coordination's state.
+func (c *fleetCoordinator) stats() FleetStats {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.st
+}
+
+// backendPID is the coordination session's backend process id, 0 while
+// it is down.
+func (c *fleetCoordinator) backendPID() uint32 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.sessionPID
+}
+
+func (c *fleetCoordinator) stopping() bool {
+	select {
+	case <-c.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// sleep pauses for d on the clock; false if close was called meanwhile.
+func (c *fleetCoordinator) sleep(d time.Duration) bool {
+	ch := make(chan struct{})
+	t := c.clk.AfterFunc(d, func() { close(ch) })
+	defer t.Stop()
+	select {
+	case <-ch:
+		return true
+	case <-c.stop:
+		return false
+	}
+}
+
+func (c *fleetCoordinator) logf(level slog.Level, msg string, attrs ...slog.Attr) {
+	if c.log != nil {
+		c.log.LogAttrs(context.Background(), level, msg, attrs...)
+	}
+}
+
+// run connects, coordinates until the session fails, and starts again,
+// until close.
+func (c *fleetCoordinator) run() {
+	defer close(c.done)
+	defer c.runCancel()
+	for !c.stopping() {
+		if err := c.connect(); err != nil {
+			c.failed(err)
+			c.connFailures++
+			if !c.everUp && c.connFailures == 1 {
+				c.lost() // the host learns it has no lease yet
+			}
+			if !c.sleep(probeBackoff(c.connFailures - 1)) {
+				break
+			}
+			continue
+		}
+		c.connFailures = 0
+		err := c.session()
+		if c.stopping() {
+			break
+		}
+		c.drop()
+		c.failed(err)
+		c.lost()
+		if !c.sleep(probeBackoff(0)) {
+			break
+		}
+	}
+	c.drain()
+}
+
+// connect opens the coordination session and LISTENs.
+func (c *fleetCoordinator) connect() error {
+	ctx, cancel := context.WithTimeout(c.runCtx, fleetDialMax)
+	defer cancel()
+	conn, err := pgx.ConnectConfig(ctx, c.cfg)
+	if err != nil {
+		return err
+	}
+	c.conn, c.pid = conn, conn.PgConn().PID()
+	if err := c.exec("LISTEN " + c.channel); err != nil {
+		c.drop()
+		return err
+	}
+	c.everUp = true
+	c.retry = fleetRetryMin
+	c.short = false
+	c.refreshAt = time.Time{}
+	c.mu.Lock()
+	c.st.Connected, c.sessionPID = true, c.pid
+	c.mu.Unlock()
+	c.logf(slog.LevelInfo, "tenantpg: fleet session connected", slog.String("channel", c.channel), slog.Int("pid", int(c.pid)))
+	return nil
+}
+
+// drop closes the session, whose slots the server frees with it.
+func (c *fleetCoordinator) drop() {
+	if c.conn == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	_ = c.conn.Close(ctx)
+	cancel()
+	c.conn = nil
+	c.mu.Lock()
+	c.st.Connected, c.sessionPID = false, 0
+	c.st.Released += uint64(len(c.slots))
+	c.st.Share = 0
+	c.mu.Unlock()
+	c.slots = c.slots[:0]
+}
+
+// drain ends coordination for close: unlock every slot and close the session.
+func (c *fleetCoordinator) drain() {
+	if c.conn != nil {
+		_ = c.exec("SELECT pg_advisory_unlock_all()")
+	}
+	c.drop()
+}
+
+// failed records a failure, without DSN details.
+func (c *fleetCoordinator) failed(err error) {
+	if err == nil {
+		return
+	}
+	msg := fleetErrorText(err)
+	c.mu.Lock()
+	c.st.Failures++
+	c.st.LastError = msg
+	c.mu.Unlock()
+	c.logf(slog.LevelWarn, "tenantpg: fleet coordination failed", slog.String("error", msg))
+}
+
+// fleetErrorText describes err without pgx's description of the dial
+// (which names the user and the database) nor anything of the DSN.
+func fleetErrorText(err error) string {
+	var pgErr *pgconn.PgError
+	switch {
+	case errors.As(err, &pgErr):
+		return pgErr.Severity + ": " + pgErr.Message + " (SQLSTATE " + pgErr.Code + ")"
+	case isContextError(err):
+		return "timeout"
+	}
+	return downCause(err).Error()
+}
+
+// lost tells the host every lease is gone.
+func (c *fleetCoordinator) lost() {
+	safe := 1
+	if c.everUp {
+		safe = c.fair
+	}
+	c.granted, c.lostSafe = -1, safe
+	c.host.fleetLost(safe)
+}
+
+// exec runs one statement on the session.
+func (c *fleetCoordinator) exec(sql string, args ...any) error {
+	ctx, cancel := context.WithTimeout(c.runCtx, fleetQueryMax)
+	defer cancel()
+	c.tick()
+	_, err := c.conn.Exec(ctx, sql, args...)
+	return err
+}
+
+func (c *fleetCoordinator) tick() {
+	c.mu.Lock()
+	c.st.RoundTrips++
+	c.mu.Unlock()
+}
+
+// session coordinates until the session fails or close is called.
+func (c *fleetCoordinator) session() error {
+	for !c.stopping() {
+		wait, err := c.round()
+		if err != nil {
+			return err
+		}
+		if err := c.wait(wait); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// round does what the host's need and the other members' needs call for,
+// and returns how long to wait for news before the next round.
+func (c *fleetCoordinator) round() (time.Duration, error) {
+	c.mu.Lock()
+	c.poked = false
+	c.mu.Unlock()
+	now := c.clk.Now()
+	need := max(0, c.host.fleetNeed())
+	if need != c.lastNeed {
+		c.lastNeed, c.retry = need, fleetRetryMin
+	}
+
+	if !now.Before(c.refreshAt) {
+		if err := c.countMembers(now); err != nil {
+			return 0, err
+		}
+	}
+
+	// Lease: the session's own slot, then the host's need, a batch at least.
+	want := need + 1 - len(c.slots)
+	short := false
+	if want > 0 {
+		n := min(max(want, c.batch), c.max-1-len(c.slots))
+		got, err := c.lease(n)
+		if err != nil {
+			return 0, err
+		}
+		if got < want {
+			short = true
+		}
+	}
+	share := max(0, len(c.slots)-1)
+
+	// Tell the host what it may hold: raising follows the locks.
+	if c.granted < 0 {
+		if share >= need || share >= c.lostSafe {
+			if c.host.fleetSetHeld(share) {
+				c.granted = share
+			}
+		}
+	} else if share > c.granted && c.host.fleetSetHeld(share) {
+		c.granted = share
+	}
+
+	// Release spare slots: the host lets go first.
+	othersWant := now.Before(c.othersWant)
+	pending := false
+	if c.granted >= 0 && share > need {
+		target := -1
+		switch {
+		case othersWant:
+			target = need
+		case share-need > 2*c.batch:
+			target = need + c.batch
+		}
+		if target >= 0 && target < share {
+			if c.host.fleetSetHeld(target) {
+				c.granted = target
+				if err := c.release(share - target); err != nil {
+					return 0, err
+				}
+			} else {
+				pending = true
+			}
+		}
+	}
+	c.mu.Lock()
+	c.st.Share = max(0, len(c.slots)-1)
+	c.mu.Unlock()
+
+	if short {
+		if !c.short {
+			c.retry = fleetRetryMin
+		}
+		c.short = true
+		if err := c.exec("SELECT pg_notify($1, $2)", c.channel,
+			"need "+strconv.FormatUint(uint64(c.pid), 10)+" "+strconv.Itoa(need+1-len(c.slots))); err != nil {
+			return 0, err
+		}
+		d := c.retry
+		c.retry = min(2*c.retry, fleetRetryMax)
+		return d/2 + rand.N(d/2+1), nil
+	}
+	c.short = false
+	wait := max(c.refreshAt.Sub(now), 0)
+	if pending && othersWant {
+		wait = min(wait, fleetRetryMin)
+	}
+	return wait, nil
+}
+
+// lease leases up to n more slots in one round trip and returns how many.
+func (c *fleetCoordinator) lease(n int) (int, error) {
+	if n <= 0 {
+		return 0, nil
+	}
+	ctx, cancel := context.WithTimeout(c.runCtx, fleetQueryMax)
+	defer cancel()
+	c.tick()
+	slots := c.max - 1
+	rows, err := c.conn.Query(ctx, leaseSQL, rand.N(slots), slots, c.slots, c.k1, n)
+	if err != nil {
+		return 0, err
+	}
+	got, err := pgx.CollectRows(rows, pgx.RowTo[int32])
+	if err != nil {
+		// Some of the rows may have been locked: the session is dropped,
+		// and its locks with it.
+		return 0, err
+	}
+	c.slots = append(c.slots, got...)
+	c.mu.Lock()
+	c.st.Leased += uint64(len(got))
+	c.mu.Unlock()
+	return len(got), nil
+}
+
+// release unlocks the last n slots (never the session's own).
+func (c *fleetCoordinator) release(n int) error {
+	n = min(n, len(c.slots)-1)
+	if n <= 0 {
+		return nil
+	}
+	free := c.slots[len(c.slots)-n:]
+	ctx, cancel := context.WithTimeout(c.runCtx, fleetQueryMax)
+	defer cancel()
+	c.tick()
+	var unlocked int32
+	if err := c.conn.QueryRow(ctx, releaseSQL, c.k1, free).Scan(&unlocked); err != nil {
+		return err
+	}
+	c.slots = c.slots[:len(c.slots)-n]
+	c.mu.Lock()
+	c.st.Released += uint64(n)
+	c.mu.Unlock()
+	if int(unlocked) != n {
+		return fmt.Errorf("tenantpg: fleet: %d of %d slots released were not held", n-int(unlocked), n)
+	}
+	return nil
+}
+
+// countMembers refreshes the member count and the fair share.
+func (c *fleetCoordinator) countMembers(now time.Time) error {
+	ctx, cancel := context.WithTimeout(c.runCtx, fleetQueryMax)
+	defer cancel()
+	c.tick()
+	var pids []int32
+	if err := c.conn.QueryRow(ctx, membersSQL, int64(uint32(c.k1))).Scan(&pids); err != nil {
+		return err
+	}
+	clear(c.holders)
+	for _, p := range pids {
+		c.holders[uint32(p)] = true
+	}
+	c.refreshAt = now.Add(c.refresh)
+	c.setFair(now)
+	return nil
+}
+
+// setFair recomputes the fair share from the holders, the members heard
+// asking recently and this one.
+func (c *fleetCoordinator) setFair(now time.Time) {
+	members := len(c.holders)
+	if !c.holders[c.pid] {
+		members++
+	}
+	for pid, at := range c.heard {
+		switch {
+		case now.Sub(at) > fleetHeard:
+			delete(c.heard, pid)
+		case !c.holders[pid]:
+			members++
+		}
+	}
+	c.fair = fleetFair(c.max, members)
+	c.mu.Lock()
+	c.st.Members, c.st.FairShare = members, c.fair
+	c.mu.Unlock()
+}
+
+// wait waits up to d for a notification, poke or close.
+func (c *fleetCoordinator) wait(d time.Duration) error {
+	ctx, cancel := context.WithCancel(c.runCtx)
+	defer cancel()
+	c.mu.Lock()
+	if c.poked || c.stopping() {
+		c.mu.Unlock()
+		return nil
+	}
+	c.waitCancel = cancel
+	c.mu.Unlock()
+	t := c.clk.AfterFunc(d, cancel)
+	defer t.Stop()
+	defer func() {
+		c.mu.Lock()
+		c.waitCancel = nil
+		c.mu.Unlock()
+	}()
+	for {
+		n, err := c.conn.WaitForNotification(ctx)
+		if err != nil {
+			if ctx.Err() != nil && !c.conn.IsClosed() && c.runCtx.Err() == nil {
+				return nil // timer or poke: the session stays usable
+			}
+			return err
+		}
+		// This session's own notifications come back to it: they change
+		// nothing, and a round for each would repeat the need before the
+		// other members could act on it.
+		if n.PID != c.pid {
+			c.heardNeed(n)
+			return nil
+		}
+	}
+}
+
+// heardNeed handles another member's need: the host is asked to yield, and
+// the next rounds give back what it no longer needs.
+func (c *fleetCoordinator) heardNeed(n *pgconn.Notification) {
+	f := strings.Fields(n.Payload)
+	if len(f) != 3 || f[0] != "need" {
+		return
+	}
+	want, err := strconv.Atoi(f[2])
+	if err != nil || want <= 0 {
+		return
+	}
+	now := c.clk.Now()
+	c.heard[n.PID] = now
+	c.othersWant = now.Add(fleetHeard)
+	c.setFair(now)
+	c.host.fleetYield(want, c.fair)
+}

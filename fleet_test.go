@@ -1,0 +1,434 @@
+package tenantpg
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
+
+	"github.com/tenantpg/tenantpg/internal/pgtest"
+)
+
+// fleetWait bounds the waits for the coordinators to settle.
+const fleetWait = 10 * time.Second
+
+var fleetSeq atomic.Int64
+
+// fleetEnv is one fleet test's world: a role whose CONNECTION LIMIT is the
+// fleet budget, and the coordination sessions' config.
+type fleetEnv struct {
+	t    *testing.T
+	srv  *pgtest.Server
+	role string
+	max  int
+	cfg  *pgx.ConnConfig
+	name string
+	k1   int32
+	logs *syncBuffer
+}
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+func newFleetEnv(t *testing.T, max int) *fleetEnv {
+	t.Helper()
+	srv := pgtest.Require(t)
+	ignore := []goleak.Option{goleak.IgnoreCurrent()}
+	for _, f := range pgtest.HarnessFunctions {
+		ignore = append(ignore, goleak.IgnoreAnyFunction(f))
+	}
+	t.Cleanup(func() {
+		srv.DropIdleAdminConns()
+		goleak.VerifyNone(t, ignore...)
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	id := fleetSeq.Add(1)
+	role, err := srv.CreateRole(ctx, fmt.Sprintf("fleet%d", id), testPassword, max)
+	require.NoError(t, err)
+	cfg, err := pgx.ParseConfig(srv.URL(role, testPassword, "template1"))
+	require.NoError(t, err)
+	name := fmt.Sprintf("fleet-test-%d", id)
+	return &fleetEnv{t: t, srv: srv, role: role, max: max, cfg: cfg, name: name,
+		k1: fleetKey(name, role), logs: &syncBuffer{}}
+}
+
+// start starts a coordinator (one simulated process) for a fake host with
+// demand.
+func (e *fleetEnv) start(demand int, refresh time.Duration) (*fleetCoordinator, *fakeFleetHost) {
+	e.t.Helper()
+	h := &fakeFleetHost{demand: demand}
+	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	h.mu.Lock()
+	c := startFleet(e.cfg, fleetSettings{max: e.max, name: e.name, refresh: refresh}, h, realClock{}, log)
+	h.c = c
+	h.mu.Unlock()
+	e.t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		require.NoError(e.t, c.close(ctx))
+	})
+	return c, h
+}
+
+// locks returns the fleet's slot locks per session, as the server sees them.
+func (e *fleetEnv) locks() map[uint32]int {
+	e.t.Helper()
+	rows, err := e.srv.Admin().QueryContext(context.Background(),
+		`SELECT pid, count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::int8::oid
+		AND objsubid = 2 AND granted GROUP BY pid`, int64(uint32(e.k1)))
+	require.NoError(e.t, err)
+	defer rows.Close()
+	m := map[uint32]int{}
+	for rows.Next() {
+		var pid uint32
+		var n int
+		require.NoError(e.t, rows.Scan(&pid, &n))
+		m[pid] = n
+	}
+	require.NoError(e.t, rows.Err())
+	return m
+}
+
+// setLimit sets the role's CONNECTION LIMIT.
+func (e *fleetEnv) setLimit(n int) {
+	e.t.Helper()
+	_, err := e.srv.Admin().ExecContext(context.Background(), fmt.Sprintf("ALTER ROLE %s CONNECTION LIMIT %d", pgtest.QuoteIdent(e.role), n))
+	require.NoError(e.t, err)
+}
+
+// sessions is how many sessions the server has for the role.
+func (e *fleetEnv) sessions() int {
+	e.t.Helper()
+	n, err := e.srv.Backends(context.Background(), e.role)
+	require.NoError(e.t, err)
+	return n
+}
+
+// checkFleet checks the invariants against the server: the slots leased
+// stay within F-1 and the sessions within F, and no host was ever told it
+// may hold more backends than its session had slots beyond its own (checked
+// inside fleetSetHeld, on the coordinator's goroutine). Once settled, each
+// host holds no more than its session's slots in pg_locks, less its own;
+// while the coordinators move slots that comparison races with them.
+func (e *fleetEnv) checkFleet(settled bool, members ...*fleetCoordinator) {
+	e.t.Helper()
+	locks := e.locks()
+	total := 0
+	for _, n := range locks {
+		total += n
+	}
+	require.LessOrEqual(e.t, total, e.max-1, "slots leased beyond F-1: %v", locks)
+	require.LessOrEqual(e.t, e.sessions(), e.max, "sessions beyond the role's limit")
+	for _, c := range members {
+		h := c.host.(*fakeFleetHost)
+		h.mu.Lock()
+		held, lost, bad := h.held, h.lost, h.overSet
+		h.mu.Unlock()
+		require.Zero(e.t, bad, "fleetSetHeld was called with more than the slots locked")
+		if !settled || lost {
+			continue
+		}
+		pid := c.backendPID()
+		require.NotZero(e.t, pid)
+		require.LessOrEqual(e.t, held, max(0, locks[pid]-1), "host holds more than its session's slots (pid %d, %v)", pid, locks)
+	}
+}
+
+// eventually polls cond until it holds or fleetWait passes, checking the
+// invariants on the way, and returns how long it took.
+func (e *fleetEnv) eventually(what string, cond func() bool, members ...*fleetCoordinator) time.Duration {
+	e.t.Helper()
+	start := time.Now()
+	for !cond() {
+		e.checkFleet(false, members...)
+		if time.Since(start) > fleetWait {
+			var b strings.Builder
+			for _, c := range members {
+				fmt.Fprintf(&b, "\n  pid %d: %+v host %s", c.backendPID(), c.stats(), c.host.(*fakeFleetHost))
+			}
+			e.t.Fatalf("%s: not within %v; locks %v%s", what, fleetWait, e.locks(), b.String())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return time.Since(start)
+}
+
+// fakeFleetHost is a budget whose backends open and close at once: open
+// follows the demand within what the host may hold, and never goes below
+// pinned (busy backends).
+type fakeFleetHost struct {
+	mu      sync.Mutex
+	c       *fleetCoordinator
+	demand  int
+	yield   int
+	open    int
+	pinned  int
+	hidden  int // open backends fleetNeed does not count (one opened after it answered)
+	held    int // what the coordinator last allowed (or the fallback while lost)
+	lost    bool
+	lostN   []int
+	refused int // fleetSetHeld calls refused
+	overSet int // fleetSetHeld calls with more than the slots locked
+	yields  int
+}
+
+func (h *fakeFleetHost) String() string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return fmt.Sprintf("{demand %d yield %d open %d held %d lost %v %v refused %d yields %d}",
+		h.demand, h.yield, h.open, h.held, h.lost, h.lostN, h.refused, h.yields)
+}
+
+func (h *fakeFleetHost) settleLocked() {
+	h.open = max(h.pinned, min(h.demand-h.yield, h.held))
+}
+
+func (h *fakeFleetHost) fleetNeed() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return max(h.demand-h.yield, h.open-h.hidden)
+}
+
+func (h *fakeFleetHost) fleetSetHeld(n int) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	// Called on the coordinator's goroutine: its slots can be read here.
+	if n > max(0, len(h.c.slots)-1) {
+		h.overSet++
+	}
+	if n < h.open {
+		h.refused++
+		return false
+	}
+	h.held, h.lost = n, false
+	h.settleLocked()
+	return true
+}
+
+func (h *fakeFleetHost) fleetYield(n, fair int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.yields++
+	h.yield = max(h.yield, min(h.yield+n, max(0, h.demand-fair)))
+	h.settleLocked()
+}
+
+func (h *fakeFleetHost) fleetLost(n int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.lost = true
+	h.lostN = append(h.lostN, n)
+	h.held = n
+	h.settleLocked()
+}
+
+// setDemand changes the demand (and ends any yield) and pokes, under the
+// host's lock as the budget would.
+func (h *fakeFleetHost) setDemand(d int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.demand, h.yield = d, 0
+	h.settleLocked()
+	h.c.poke()
+}
+
+func (h *fakeFleetHost) heldNow() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.held
+}
+
+// served reports whether the host holds at least n backends granted by the
+// coordinator (not a fallback share).
+func (h *fakeFleetHost) served(n int) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return !h.lost && h.held >= n
+}
+
+func (h *fakeFleetHost) lostCalls() []int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]int(nil), h.lostN...)
+}
+
+// TestFleetTwoMembersShareAndMove: two processes with F=10 lease up to
+// their need; when one's need drops and the other's rises, the slots move.
+func TestFleetTwoMembersShareAndMove(t *testing.T) {
+	e := newFleetEnv(t, 10)
+	a, ha := e.start(4, 0)
+	b, hb := e.start(3, 0)
+	e.eventually("both served", func() bool { return ha.heldNow() >= 4 && hb.heldNow() >= 3 }, a, b)
+	e.eventually("members counted", func() bool { return a.stats().Members == 2 && b.stats().Members == 2 }, a, b)
+	e.checkFleet(true, a, b)
+	locks := e.locks()
+	require.Len(t, locks, 2)
+	require.Equal(t, 5, locks[a.backendPID()], "A: its own slot and 4 backends")
+	require.Equal(t, 4, locks[b.backendPID()], "B: its own slot and 3 backends")
+	require.Equal(t, 2, e.sessions(), "the role's sessions are the two coordination sessions")
+	require.Equal(t, 3, a.stats().FairShare, "(10-1)/2-1")
+
+	ha.setDemand(1)
+	hb.setDemand(6)
+	took := e.eventually("slots moved to B", func() bool { return hb.heldNow() >= 6 }, a, b)
+	t.Logf("slots moved from A to B in %v", took)
+	require.Less(t, took, 2*time.Second)
+	e.checkFleet(true, a, b)
+	require.GreaterOrEqual(t, ha.heldNow(), 1, "A keeps its need")
+	st := a.stats()
+	require.NotZero(t, st.Released, "A released slots")
+	require.True(t, st.Connected)
+}
+
+// TestFleetJoinerTakesFromSaturatedMember: A holds every slot; B connects
+// through the door, asks, and A yields down to the fair share.
+func TestFleetJoinerTakesFromSaturatedMember(t *testing.T) {
+	e := newFleetEnv(t, 10)
+	a, ha := e.start(8, 0)
+	e.eventually("A holds every slot", func() bool { return ha.heldNow() == 8 }, a)
+	require.Equal(t, 9, e.locks()[a.backendPID()])
+	b, hb := e.start(3, 0)
+	took := e.eventually("B served", func() bool { return hb.heldNow() == 3 }, a, b)
+	t.Logf("joiner served in %v", took)
+	e.checkFleet(true, a, b)
+	require.Equal(t, 4, ha.heldNow(), "A yields what B asked for: its need 3 and its session's slot")
+	ha.mu.Lock()
+	require.NotZero(t, ha.yields)
+	ha.mu.Unlock()
+}
+
+// TestFleetKilledMemberFreesSlots terminates A's session while A's
+// backends are gone too (as when its process dies): its slots serve B at
+// once, A falls back to its fair share, reconnects, and is served again
+// when its demand comes back.
+func TestFleetKilledMemberFreesSlots(t *testing.T) {
+	e := newFleetEnv(t, 10)
+	a, ha := e.start(6, 0)
+	e.eventually("A served", func() bool { return ha.served(6) }, a)
+	b, hb := e.start(6, 0)
+	// B gets the free slots and asks for more: A yields to the fair share.
+	e.eventually("shared", func() bool { return hb.served(4) && ha.heldNow() == 3 }, a, b)
+	e.checkFleet(true, a, b)
+	pidA := a.backendPID()
+	require.Equal(t, 4, e.locks()[pidA])
+
+	// A's backends close without telling the coordinator (no poke), and
+	// its session is terminated.
+	ha.mu.Lock()
+	ha.demand, ha.yield, ha.open = 0, 0, 0
+	ha.mu.Unlock()
+	start := time.Now()
+	var killed bool
+	require.NoError(t, e.srv.Admin().QueryRowContext(context.Background(), "SELECT pg_terminate_backend($1)", int(pidA)).Scan(&killed))
+	require.True(t, killed)
+	took := e.eventually("B takes A's slots", func() bool { return hb.served(6) }, a, b)
+	t.Logf("a killed member's slots served the other in %v", took)
+	require.Less(t, time.Since(start), 2*time.Second, "target: freed slots serve others within 2s")
+
+	e.eventually("A lost and reconnected", func() bool {
+		pid := a.backendPID()
+		return pid != 0 && pid != pidA && ha.served(0)
+	}, a, b)
+	require.Equal(t, []int{3}, ha.lostCalls(), "A falls back to the last fair share")
+	st := a.stats()
+	require.Equal(t, uint64(1), st.Failures)
+	require.Contains(t, st.LastError, "57P01")
+	e.checkFleet(true, a, b)
+
+	// A's demand comes back: B yields down to the fair share.
+	ha.setDemand(6)
+	took = e.eventually("A served again", func() bool { return ha.served(3) }, a, b)
+	t.Logf("the reconnected member was served again in %v", took)
+	e.checkFleet(true, a, b)
+	require.Equal(t, 2, e.sessions())
+}
+
+// TestFleetBatchOneRoundTrip: with F=64 a lease takes 4 slots (F/16) at
+// least, in one round trip, and a need of 20 is leased in one round trip
+// too.
+func TestFleetBatchOneRoundTrip(t *testing.T) {
+	e := newFleetEnv(t, 64)
+	a, ha := e.start(1, time.Hour)
+	e.eventually("served", func() bool { return ha.heldNow() >= 1 }, a)
+	st := a.stats()
+	// LISTEN, the member count, one lease.
+	require.Equal(t, uint64(3), st.RoundTrips, "%+v", st)
+	require.Equal(t, uint64(4), st.Leased, "own slot and need 1, batch of 4")
+	require.Equal(t, 3, ha.heldNow(), "the batch's spare slots are the host's too")
+
+	ha.setDemand(3) // covered by the batch: no round trip
+	ha.setDemand(20)
+	e.eventually("need 20 served", func() bool { return ha.heldNow() >= 20 }, a)
+	st = a.stats()
+	require.Equal(t, uint64(4), st.RoundTrips, "need 3 took none, need 20 one round trip: %+v", st)
+	require.Equal(t, 21, e.locks()[a.backendPID()])
+}
+
+// TestFleetNoPasswordInErrors: failures (the role's limit refusing the
+// session, a killed session) are reported in stats and logs without the
+// password or DSN; a refused session is retried until it gets in.
+func TestFleetNoPasswordInErrors(t *testing.T) {
+	e := newFleetEnv(t, 10)
+	e.setLimit(0) // the throwaway server trusts any password: refuse by the limit
+	c, h := e.start(1, 0)
+	e.eventually("refusals recorded", func() bool { return c.stats().Failures >= 2 })
+	st := c.stats()
+	require.False(t, st.Connected)
+	require.Contains(t, st.LastError, "53300", "the server's answer is kept: %s", st.LastError)
+	require.Equal(t, []int{1}, h.lostCalls(), "never connected: the host falls back to 1, once")
+	e.setLimit(10)
+	e.eventually("got in", func() bool { return h.served(1) }, c)
+
+	var killed bool
+	require.NoError(t, e.srv.Admin().QueryRowContext(context.Background(), "SELECT pg_terminate_backend($1)", int(c.backendPID())).Scan(&killed))
+	e.eventually("loss recorded", func() bool { return len(h.lostCalls()) == 2 }, c)
+	killedErr := c.stats().LastError
+	require.Contains(t, killedErr, "57P01", "terminated by an administrator")
+
+	for _, text := range []string{st.LastError, killedErr, fmt.Sprintf("%+v", c.stats()), e.logs.String()} {
+		require.NotContains(t, text, testPassword)
+		require.NotContains(t, text, "postgres://")
+		require.NotContains(t, text, "password=")
+	}
+	require.Contains(t, e.logs.String(), "fleet coordination failed", "the failures were logged")
+}
+
+// TestFleetCloseUnlocksEverything: close unlocks the slots while the
+// session is up, and the role's sessions go back to none.
+func TestFleetCloseUnlocksEverything(t *testing.T) {
+	e := newFleetEnv(t, 10)
+	a, ha := e.start(5, 0)
+	e.eventually("served", func() bool { return ha.heldNow() == 5 }, a)
+	require.Equal(t, 6, e.locks()[a.backendPID()])
+	require.NoError(t, a.close(context.Background()))
+	require.NoError(t, a.close(context.Background()))
+	require.Empty(t, e.locks())
+	e.eventually("session gone", func() bool { return e.sessions() == 0 })
+	st := a.stats()
+	require.Equal(t, st.Leased, st.Released, "%+v", st)
+	require.False(t, st.Connected)
+}
