@@ -167,7 +167,7 @@ func BenchmarkBudgetCheckoutCheckin(b *testing.B) {
 			be := &backend{db: d, tok: &token{db: d}, created: time.Now(), state: backendIdle, idleSince: time.Now()}
 			d.idleBackends.pushFront(be)
 			d.idle++
-			bg.idle++
+			d.srv.idle++
 			bg.mu.Unlock()
 		}
 		ctx := context.Background()
@@ -197,17 +197,18 @@ func BenchmarkBudgetCheckoutCheckin(b *testing.B) {
 func BenchmarkEvictionDecision(b *testing.B) {
 	for _, n := range []int{10, 1000, 100000} {
 		b.Run(fmt.Sprintf("databases-%d", n), func(b *testing.B) {
-			bg, _ := newBenchBudget(n, n, 1)
+			bg, dbs := newBenchBudget(n, n, 1)
 			b.ReportAllocs()
 			for b.Loop() {
 				bg.mu.Lock()
-				v := bg.recency.victimLocked(bg)
+				s := dbs[0].srv
+				v := s.recency.victimLocked()
 				bg.unlinkIdleLocked(v)
 				// Used again: back at the front of the recency order.
 				v.db.idleBackends.pushFront(v)
 				v.db.idle++
-				bg.idle++
-				bg.recency.touchLocked(v.db)
+				s.idle++
+				s.recency.touchLocked(v.db)
 				bg.mu.Unlock()
 			}
 		})

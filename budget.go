@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"runtime"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -48,33 +50,27 @@ type budget struct {
 
 	mu sync.Mutex
 
-	// Settings; guarded by mu.
+	// Settings; guarded by mu. limit is the budget of a server without a
+	// figure of its own in serverLimits (keyed by host:port).
 	limit          int
+	serverLimits   map[string]int
+	fleet          fleetSettings // max 0: no fleet budget
 	perDB          int
 	lifetime       time.Duration
 	idleTimeout    time.Duration
 	acquireTimeout time.Duration
 
-	// Token accounting; guarded by mu.
-	reserved    int // Σ database.reserved
-	sharedInUse int // tokens held beyond reservations
-	sharedLive  int // Σ max(0, db.open - db.closing - db.reserved)
-	open        int // tokens held: dialing, in use, idle or closing
-	dialing     int
-	inUse       int
-	idle        int
-	closing     int // tokens whose backend is being torn down
-	peakOpen    int
+	// Totals over every server, for the driver-wide peak; guarded by mu.
+	open     int
+	peakOpen int
 
-	dbs     map[dbKey]*database               // guarded by mu
-	servers map[serverKey]*server             // circuits of the servers of dbs; guarded by mu
-	queue   list[waiter, waiterInBudgetQueue] // callers that need a token, oldest first; guarded by mu
-	waiting int                               // callers waiting for a backend or a token; guarded by mu
-	recency slru                              // databases with idle backends; guarded by mu
-	closed  bool                              // guarded by mu
-	shut    atomic.Bool                       // closed, for a check-in that holds no backend
-	toClose []closeJob                        // chosen for closing under mu, closed by unlock; guarded by mu
-	reaper  wakeup                            // closes idle backends past their idle time or lifetime; guarded by mu
+	dbs     map[dbKey]*database   // guarded by mu
+	servers map[serverKey]*server // the servers of dbs, each with its budget and circuit; guarded by mu
+	waiting int                   // callers waiting for a backend or a token; guarded by mu
+	closed  bool                  // guarded by mu
+	shut    atomic.Bool           // closed, for a check-in that holds no backend
+	toClose []closeJob            // chosen for closing under mu, closed by unlock; guarded by mu
+	reaper  wakeup                // closes idle backends past their idle time or lifetime; guarded by mu
 
 	// dialTime is the driver's EWMA of a dial's duration, what a caller
 	// pays for a new backend; guarded by mu.
@@ -99,12 +95,6 @@ type budget struct {
 	lastCollect time.Time
 	collector   wakeup
 
-	// Dial pacing (pace.go); guarded by mu. claims counts the waiters
-	// promised the token of a backend being closed for them: each is about
-	// to dial and holds a dial slot.
-	claims int
-	pace   pacer
-
 	// Cumulative counters; guarded by mu.
 	waitCount    uint64
 	waitDuration time.Duration
@@ -127,6 +117,44 @@ type budget struct {
 	metrics atomic.Pointer[metrics]
 	tracing atomic.Pointer[tracing]
 	log     atomic.Pointer[slog.Logger] // nil: no logging
+}
+
+// tokens is the budget of one server (host and port, as the DSN resolves
+// them): each server has its own max_connections, so a token of one cannot
+// pay for a backend of another, and eviction, the queue of callers that are
+// to dial, reservations and dial pacing all work per server. Guarded by
+// budget.mu.
+type tokens struct {
+	// max is its budget as configured: Config.MaxConnections or its
+	// ServerMaxConnections figure. limit is what it may hold now: max, or
+	// with a fleet budget the slots its coordinator leased (held), within
+	// max less the coordination session, and lowered while it yields
+	// slots to other processes (fleetCap until fleetCapUntil).
+	max, limit int
+	fleet      *fleetCoordinator // nil without a fleet budget
+	fleetRole  string            // the role whose fleet it is part of
+	held       int
+	fleetCap   int
+	capUntil   time.Time
+
+	reserved    int // Σ database.reserved
+	sharedInUse int // tokens held beyond reservations
+	sharedLive  int // Σ max(0, db.open - db.closing - db.reserved)
+	open        int // tokens held: dialing, in use, idle or closing
+	dialing     int
+	inUse       int
+	idle        int
+	closing     int // tokens whose backend is being torn down
+	peakOpen    int
+
+	queue   list[waiter, waiterInBudgetQueue] // callers that need a token, oldest first
+	recency slru                              // databases with idle backends
+
+	// Dial pacing (pace.go). claims counts the waiters promised the token
+	// of a backend being closed for them: each is about to dial and holds
+	// a dial slot.
+	claims int
+	pace   pacer
 }
 
 // closeJob is a backend chosen for closing under mu and closed by unlock.
@@ -207,10 +235,11 @@ const (
 	reasonServerFull               // idle, closed because the server refused a dial for lack of slots
 	reasonUnused                   // idle, closed because the last *sql.DB and handle of its database were closed
 	reasonAbandoned                // busy, closed because its handle became garbage without being returned
+	reasonFleet                    // closed to give its slot to another process of its fleet budget, or after the fleet's share shrank
 	numReasons
 )
 
-var reasonNames = [numReasons]string{"", "lru", "handoff", "idle_timeout", "lifetime", "budget_shrink", "broken", "driver_closed", "server_full", "unused", "abandoned"}
+var reasonNames = [numReasons]string{"", "lru", "handoff", "idle_timeout", "lifetime", "budget_shrink", "broken", "driver_closed", "server_full", "unused", "abandoned", "fleet"}
 
 type dialErrorKind uint8
 
@@ -242,7 +271,6 @@ func newBudget(cfg Config, clk clock, io backendIO) *budget {
 	b := &budget{clock: clk, io: io, dbs: make(map[dbKey]*database), servers: make(map[serverKey]*server),
 		handoffAfter: defaultHandoffAfter, livenessAfter: defaultLivenessAfter, hungDialAfter: defaultHungDialAfter}
 	b.drained = sync.NewCond(&b.mu)
-	b.pace.slots = initialDialSlots
 	b.reaper.fn = b.reap
 	b.tracing.Store(newTracing(cfg.TracerProvider))
 	b.leakCheck.fn = b.checkLeaks
@@ -253,6 +281,12 @@ func newBudget(cfg Config, clk clock, io backendIO) *budget {
 
 func (b *budget) apply(cfg Config) {
 	b.limit = cfg.MaxConnections
+	b.serverLimits = cfg.ServerMaxConnections
+	b.fleet = fleetSettings{max: cfg.FleetMaxConnections, name: cfg.FleetName, database: cfg.FleetDatabase}
+	for _, s := range b.servers {
+		s.max = b.serverLimitLocked(s.label)
+		s.limit = b.limitNowLocked(s)
+	}
 	b.perDB = cfg.MaxConnectionsPerDB
 	b.lifetime = cfg.ConnMaxLifetime
 	b.idleTimeout = cfg.ConnMaxIdleTime
@@ -300,14 +334,29 @@ func (b *budget) timeout() time.Duration {
 	return b.acquireTimeout
 }
 
+// serverLimitLocked returns the budget of the server named label
+// (host:port).
+func (b *budget) serverLimitLocked(label string) int {
+	return serverLimit(b.limit, b.serverLimits, label)
+}
+
+// serverLimit returns the budget of the server named label: its own figure
+// if it has one, else the default.
+func serverLimit(def int, perServer map[string]int, label string) int {
+	if n, ok := perServer[label]; ok {
+		return n
+	}
+	return def
+}
+
 // capLocked returns d's cap; guarded by mu.
 func (b *budget) capLocked(d *database) int {
 	c := b.perDB
 	if d.capOverride > 0 {
 		c = d.capOverride
 	}
-	if c > b.limit {
-		c = b.limit
+	if c > d.srv.limit {
+		c = d.srv.limit
 	}
 	if c < d.reserved {
 		c = d.reserved
@@ -329,44 +378,52 @@ func (b *budget) names(d *database) (workspace, name string) {
 	return d.workspace, d.name
 }
 
-// roomLocked reports whether d may take a token now without evicting.
+// roomLocked reports whether d may take a token of its server now without
+// evicting.
 func (b *budget) roomLocked(d *database) bool {
-	return b.open < b.limit && (d.open < d.reserved || b.sharedInUse < b.limit-b.reserved)
+	s := d.srv
+	return s.open < s.limit && (d.open < d.reserved || s.sharedInUse < s.limit-s.reserved)
 }
 
 // liveShared is d's part of sharedLive.
 func liveShared(d *database) int { return max(0, d.open-d.closing-d.reserved) }
 
 func (b *budget) takeLocked(d *database) {
+	s := d.srv
 	old := liveShared(d)
 	if d.protected {
-		b.recency.protectedOpen++
+		s.recency.protectedOpen++
 	}
 	d.open++
-	b.sharedLive += liveShared(d) - old
-	b.open++
+	s.sharedLive += liveShared(d) - old
+	s.open++
 	if d.open > d.reserved {
-		b.sharedInUse++
+		s.sharedInUse++
 	}
-	if b.open > b.peakOpen {
-		b.peakOpen = b.open
-	}
+	s.peakOpen = max(s.peakOpen, s.open)
+	b.open++
+	b.peakOpen = max(b.peakOpen, b.open)
 }
 
 func (b *budget) giveLocked(d *database) {
+	s := d.srv
 	if d.open > d.reserved {
-		b.sharedInUse--
+		s.sharedInUse--
 	}
 	old := liveShared(d)
 	if d.protected {
-		b.recency.protectedOpen--
+		s.recency.protectedOpen--
 		if d.open == 1 {
 			d.protected = false // out of the cache: a new arrival starts on probation
 		}
 	}
 	d.open--
-	b.sharedLive += liveShared(d) - old
+	s.sharedLive += liveShared(d) - old
+	s.open--
 	b.open--
+	if s.fleet != nil && s.open < s.held {
+		s.fleet.poke() // a leased slot is spare: another process may need it
+	}
 }
 
 // register attaches a parsed DSN to its database's shared state.
@@ -376,32 +433,51 @@ func (b *budget) register(p *dsnParams) (*database, error) {
 	if b.closed {
 		return nil, errDriverClosed
 	}
-	if p.maxConns > b.limit {
+	srvKey := serverKey{host: p.key.host, port: p.key.port}
+	limit := b.limit
+	if s := b.servers[srvKey]; s != nil {
+		limit = s.max
+	} else if len(b.serverLimits) > 0 {
+		limit = b.serverLimitLocked(net.JoinHostPort(srvKey.host, strconv.Itoa(int(srvKey.port))))
+	}
+	if p.maxConns > limit {
 		return nil, &DSNError{Workspace: p.workspace,
-			Reason: fmt.Sprintf("pool_max_conns %d exceeds the budget of %d connections", p.maxConns, b.limit)}
+			Reason: fmt.Sprintf("pool_max_conns %d exceeds the budget of %d connections", p.maxConns, limit)}
 	}
 	d := b.dbs[p.key]
 	if d == nil {
 		d = &database{key: p.key, name: p.cfg.Database}
-		d.srv = b.serverLocked(serverKey{host: p.key.host, port: p.key.port})
+		d.srv = b.serverLocked(srvKey)
 		b.dbs[p.key] = d
 	}
-	if others := b.reserved - d.reserved; others+p.reserved > b.limit {
+	s := d.srv
+	if others := s.reserved - d.reserved; others+p.reserved > s.max {
 		b.forgetLocked(d)
 		return nil, &DSNError{Workspace: p.workspace,
-			Reason: fmt.Sprintf("pool_reserved_conns %d does not fit: the budget is %d and other databases reserve %d", p.reserved, b.limit, others)}
+			Reason: fmt.Sprintf("pool_reserved_conns %d does not fit: the budget is %d and other databases reserve %d", p.reserved, s.max, others)}
+	}
+	if b.fleet.max > 0 {
+		if s.fleet == nil {
+			s.fleetRole = p.cfg.User
+			s.fleet = startFleet(p.cfg, b.fleet, fleetSide{b, s}, b.clock, b.log.Load())
+			s.limit = b.limitNowLocked(s)
+		} else if s.fleetRole != p.cfg.User {
+			b.forgetLocked(d)
+			return nil, &DSNError{Workspace: p.workspace,
+				Reason: fmt.Sprintf("the fleet budget on %s is role %q's; this DSN connects as another role (one role per server with a fleet budget)", s.label, s.fleetRole)}
+		}
 	}
 	// Move this database's share of the shared pool to the new reservation.
 	if d.open > d.reserved {
-		b.sharedInUse -= d.open - d.reserved
+		s.sharedInUse -= d.open - d.reserved
 	}
 	if d.open > p.reserved {
-		b.sharedInUse += d.open - p.reserved
+		s.sharedInUse += d.open - p.reserved
 	}
-	b.reserved += p.reserved - d.reserved
+	s.reserved += p.reserved - d.reserved
 	old := liveShared(d)
 	d.reserved = p.reserved
-	b.sharedLive += liveShared(d) - old
+	s.sharedLive += liveShared(d) - old
 	d.capOverride = p.maxConns
 	if d.workspace != p.workspace {
 		d.workspace = p.workspace
@@ -410,8 +486,8 @@ func (b *budget) register(p *dsnParams) (*database, error) {
 	d.refs++
 	// A new reservation is backed at once by closing idle shared backends;
 	// busy ones are closed as they are checked in.
-	b.shrinkLocked()
-	b.serveQueueLocked()
+	b.shrinkLocked(s)
+	b.serveQueueLocked(s)
 	b.growLocked(d)
 	return d, nil
 }
@@ -515,11 +591,12 @@ func (b *budget) releaseIfIdle(d *database) bool {
 // backend, so that opening many databases over time does not grow memory.
 func (b *budget) forgetLocked(d *database) {
 	if d.refs == 0 && d.open == 0 && b.dbs[d.key] == d {
-		b.reserved -= d.reserved
+		s := d.srv
+		s.reserved -= d.reserved
 		d.reserved = 0
 		delete(b.dbs, d.key)
 		b.releaseServerLocked(d)
-		b.serveQueueLocked()
+		b.serveQueueLocked(s)
 	}
 }
 
@@ -537,7 +614,7 @@ func (b *budget) take(d *database, now time.Time, stack []uintptr) (*backend, *w
 	if be := d.idleBackends.front; be != nil {
 		b.unlinkIdleLocked(be)
 		b.checkoutLocked(be, now, stack)
-		b.recency.reusedLocked(b, d)
+		d.srv.recency.reusedLocked(d)
 		b.mu.Unlock()
 		return be, nil, nil
 	}
@@ -594,13 +671,13 @@ func (b *budget) await(ctx, caller context.Context, w *waiter) (*backend, *token
 			b.checkinLocked(w.be, now, false)
 		} else {
 			d.dialing--
-			b.dialing--
+			d.srv.dialing--
 			b.giveLocked(d)
 			w.tok.dialDone = true
 			if w.tok.probe {
 				b.probeEndedLocked(d.srv, now, false) // never dialed: no news of the server
 			}
-			b.serveQueueLocked()
+			b.serveQueueLocked(d.srv)
 			b.growLocked(d)
 		}
 	} else {
@@ -612,7 +689,7 @@ func (b *budget) await(ctx, caller context.Context, w *waiter) (*backend, *token
 		b.waitDuration += now.Sub(w.since)
 		// It may have held a dial slot, and been the one to dial for those
 		// queued behind it.
-		b.serveQueueLocked()
+		b.serveQueueLocked(d.srv)
 		b.growLocked(d)
 	}
 	waited := now.Sub(w.since)
@@ -633,7 +710,7 @@ func (b *budget) await(ctx, caller context.Context, w *waiter) (*backend, *token
 	b.exhausted++
 	e := &BudgetError{
 		Workspace: d.workspace, Database: d.name,
-		Open: b.open, Limit: b.limit,
+		Server: d.srv.label, Open: d.srv.open, Limit: d.srv.limit,
 		DatabaseOpen: d.open, DatabaseCap: b.capLocked(d),
 		Waiting: b.waiting, Waited: waited,
 	}
@@ -685,7 +762,7 @@ func (b *budget) dequeueLocked(w *waiter) {
 // stays queued on its database.
 func (b *budget) unseekLocked(w *waiter) {
 	w.db.seeking--
-	b.queue.remove(w)
+	w.db.srv.queue.remove(w)
 	b.dropClaimLocked(w)
 	if s := w.db.srv; s != nil && s.prober == w {
 		// The probe's caller left before it could dial: another caller
@@ -708,7 +785,7 @@ func (b *budget) grantLocked(w *waiter, now time.Time) {
 	d := w.db
 	b.takeLocked(d)
 	b.dialingLocked(d)
-	w.tok = &token{db: d, paceEpoch: b.pace.epoch}
+	w.tok = &token{db: d, paceEpoch: d.srv.pace.epoch}
 	if w.slotted.IsZero() {
 		w.slotted = now
 	}
@@ -734,7 +811,7 @@ func (b *budget) handOverLocked(w *waiter, be *backend, now time.Time) {
 
 func (b *budget) dialingLocked(d *database) {
 	d.dialing++
-	b.dialing++
+	d.srv.dialing++
 	b.dials++
 }
 
@@ -746,8 +823,8 @@ func (b *budget) seekLocked(w *waiter) {
 		w.sought = b.clock.Now()
 	}
 	w.db.seeking++
-	b.queue.pushBack(w)
-	b.serveQueueLocked()
+	w.db.srv.queue.pushBack(w)
+	b.serveQueueLocked(w.db.srv)
 }
 
 // growLocked lets waiters of d dial while its pool should grow (see
@@ -776,23 +853,24 @@ func (b *budget) growLocked(d *database) {
 // evicting the least recently used idle backends, each promised to one
 // caller. It runs after every event that can make room: a token released, a
 // caller queued, a reservation or the budget changed, a backend gone idle.
-func (b *budget) serveQueueLocked() {
-	if b.queue.len == 0 {
+func (b *budget) serveQueueLocked(s *server) {
+	if s.queue.len == 0 {
 		return
 	}
 	now := b.clock.Now()
 	// paced: a caller was skipped for want of a dial slot; freed: a claim
-	// was dropped after it, which frees one.
-	paced, freed := false, false
-	for w := b.queue.front; w != nil; {
-		next := b.queue.next(w)
+	// was dropped after it, which frees one; short: a caller found no
+	// free token.
+	paced, freed, short := false, false, false
+	for w := s.queue.front; w != nil; {
+		next := s.queue.next(w)
 		d := w.db
 		switch {
 		case d.open-d.closing >= b.capLocked(d):
 			// A lowered cap: it can only wait for a backend of its own.
 			freed = freed || paced && w.claim != nil
 			b.unseekLocked(w)
-		case w.claim == nil && !b.dialSlotFreeLocked():
+		case w.claim == nil && !s.dialSlotFreeLocked():
 			// Paced: it waits for a dial slot holding no token and
 			// evicting nothing; its victim is chosen when its dial can
 			// start. A caller behind it with a claim holds a slot already.
@@ -804,16 +882,29 @@ func (b *budget) serveQueueLocked() {
 			b.grantLocked(w, now)
 		case w.claim != nil:
 		default:
-			if v := b.recency.victimLocked(b); v != nil {
+			short = true
+			if v := s.recency.victimLocked(); v != nil {
 				b.evictLocked(v, reasonLRU, w)
-			} else if b.reserved == 0 {
+			} else if s.reserved == 0 {
+				b.shortLocked(s)
 				return // no later caller can be served either
 			}
 		}
 		w = next
 	}
+	if short {
+		b.shortLocked(s)
+	}
 	if freed {
-		b.serveQueueLocked() // a caller skipped for a slot may have one now
+		b.serveQueueLocked(s) // a caller skipped for a slot may have one now
+	}
+}
+
+// shortLocked records that a caller that is to dial found no free token of
+// s: with a fleet budget, more slots may be leased.
+func (b *budget) shortLocked(s *server) {
+	if s.fleet != nil {
+		s.fleet.poke()
 	}
 }
 
@@ -826,7 +917,7 @@ func (b *budget) checkoutLocked(be *backend, now time.Time, stack []uintptr) {
 		b.unwatchLocked(be)
 	} else {
 		d.inUse++
-		b.inUse++
+		d.srv.inUse++
 	}
 	be.state = backendBusy
 	be.checkedOut = now
@@ -885,22 +976,23 @@ func (b *budget) checkinLocked(be *backend, now time.Time, used bool) {
 		return
 	}
 	if w := d.waiters.front; w != nil {
-		b.recency.reusedLocked(b, d)
+		d.srv.recency.reusedLocked(d)
 		b.handOverLocked(w, be, now)
 		b.growLocked(d)
-		b.serveQueueLocked() // w may have held a dial slot
+		b.serveQueueLocked(d.srv) // w may have held a dial slot
 		return
 	}
+	s := d.srv
 	d.busy.remove(be)
 	b.unwatchLocked(be)
 	d.inUse--
-	b.inUse--
+	s.inUse--
 	be.state = backendIdle
 	be.idleSince = now
 	d.idleBackends.pushFront(be)
 	d.idle++
-	b.idle++
-	b.recency.touchLocked(d)
+	s.idle++
+	s.recency.touchLocked(d)
 	// An armed reaper runs no later than this backend's idle expiry (it is
 	// armed for the earliest expiry, and every earlier check-in expires
 	// first), so only an earlier end of life needs arming. Skipping the
@@ -908,7 +1000,7 @@ func (b *budget) checkinLocked(be *backend, now time.Time, used bool) {
 	if !b.reaper.armed || b.lifetime > 0 && b.reaper.at.Sub(be.created) > b.lifetime {
 		b.armReaperLocked(b.expiryLocked(be), now)
 	}
-	b.serveQueueLocked()
+	b.serveQueueLocked(s)
 }
 
 func (b *budget) checkinReasonLocked(be *backend, now time.Time) evictReason {
@@ -923,6 +1015,9 @@ func (b *budget) checkinReasonLocked(be *backend, now time.Time) evictReason {
 		// Checked in from a Pool closed meanwhile: nothing can check it out.
 		return reasonUnused
 	case b.overLimitLocked(be.db):
+		if be.db.srv.fleet != nil {
+			return reasonFleet
+		}
 		return reasonBudgetShrink
 	}
 	return reasonNone
@@ -936,12 +1031,13 @@ func (b *budget) starvingLocked(d *database, now time.Time) *waiter {
 	if d.open-d.closing <= d.reserved {
 		return nil // closing this backend frees no shared token
 	}
-	for w := b.queue.front; w != nil; w = b.queue.next(w) {
+	s := d.srv
+	for w := s.queue.front; w != nil; w = s.queue.next(w) {
 		if now.Sub(w.since) < b.handoffAfter {
 			return nil // later ones are younger still
 		}
 		if w.claim == nil && w.db != d {
-			if !b.dialSlotFreeLocked() {
+			if !s.dialSlotFreeLocked() {
 				return nil // its token would wait for a dial slot anyway
 			}
 			return w
@@ -955,7 +1051,8 @@ func (b *budget) starvingLocked(d *database, now time.Time) *waiter {
 // a limit was lowered.
 func (b *budget) overLimitLocked(d *database) bool {
 	live := d.open - d.closing
-	return live > b.capLocked(d) || live > d.reserved && b.sharedLive > b.limit-b.reserved
+	s := d.srv
+	return live > b.capLocked(d) || live > d.reserved && s.sharedLive > s.limit-s.reserved
 }
 
 // closeBusyLocked closes a backend being checked in. If w is not nil, its
@@ -965,7 +1062,7 @@ func (b *budget) closeBusyLocked(be *backend, reason evictReason, w *waiter) {
 	d.busy.remove(be)
 	b.unwatchLocked(be)
 	d.inUse--
-	b.inUse--
+	d.srv.inUse--
 	b.closeLocked(be, reason, w)
 }
 
@@ -982,7 +1079,7 @@ func (b *budget) closeLocked(be *backend, reason evictReason, w *waiter) {
 	if w != nil {
 		t.claim = w
 		w.claim = t
-		b.claims++
+		be.db.srv.claims++
 		w.evicted = be.db.workspace
 		if w.slotted.IsZero() {
 			w.slotted = b.clock.Now()
@@ -1004,8 +1101,8 @@ func (b *budget) countEvictionLocked(d *database, reason evictReason) {
 func (b *budget) markClosingLocked(t *token) {
 	old := liveShared(t.db)
 	t.db.closing++
-	b.sharedLive += liveShared(t.db) - old
-	b.closing++
+	t.db.srv.sharedLive += liveShared(t.db) - old
+	t.db.srv.closing++
 }
 
 // unlinkIdleLocked takes idle backend be out of the idle lists without
@@ -1014,9 +1111,9 @@ func (b *budget) unlinkIdleLocked(be *backend) {
 	d := be.db
 	d.idleBackends.remove(be)
 	d.idle--
-	b.idle--
+	d.srv.idle--
 	if d.idleBackends.len == 0 {
-		b.recency.removeLocked(d)
+		d.srv.recency.removeLocked(d)
 	}
 }
 
@@ -1036,11 +1133,11 @@ func (b *budget) dialed(tok *token, be *backend, took time.Duration) *backend {
 	b.mu.Lock()
 	d := tok.db
 	d.dialing--
-	b.dialing--
+	d.srv.dialing--
 	b.dialTime.add(took, dialTimeAlpha)
 	be.db, be.tok = d, tok
 	be.created = b.clock.Now()
-	b.pace.dialedLocked(tok, took, b.limit, be.created)
+	d.srv.pace.dialedLocked(tok, took, d.srv.limit, be.created)
 	tok.dialDone = true
 	b.checkoutLocked(be, be.created, be.stack)
 	if b.closed {
@@ -1048,7 +1145,7 @@ func (b *budget) dialed(tok *token, be *backend, took time.Duration) *backend {
 		b.unlock()
 		return nil
 	}
-	b.serveQueueLocked() // a dial slot freed
+	b.serveQueueLocked(d.srv) // a dial slot freed
 	var downFor time.Duration
 	var srv string
 	if s := d.srv; s != nil {
@@ -1071,7 +1168,7 @@ func (b *budget) dialFailed(t *token, kind dialErrorKind, cause error) {
 	b.mu.Lock()
 	d := t.db
 	d.dialing--
-	b.dialing--
+	d.srv.dialing--
 	t.dialDone = true
 	if kind != dialRejected { // rejections are counted as they happen, retries included
 		b.dialErrors[kind]++
@@ -1112,7 +1209,7 @@ func (b *budget) dialFailed(t *token, kind dialErrorKind, cause error) {
 		}
 	}
 	// A dial slot freed, once the circuit has seen what this dial found.
-	b.serveQueueLocked()
+	b.serveQueueLocked(d.srv)
 	// Callers queued behind this dial may have no backend coming now; the
 	// token itself returns only once its socket has drained.
 	b.growLocked(d)
@@ -1157,10 +1254,11 @@ func (b *budget) releaseLocked(t *token) {
 		close(t.gone)
 	}
 	d := t.db
+	s := d.srv
 	old := liveShared(d)
 	d.closing--
-	b.sharedLive += liveShared(d) - old
-	b.closing--
+	s.sharedLive += liveShared(d) - old
+	s.closing--
 	b.giveLocked(d)
 	if w := t.claim; w != nil {
 		b.dropClaimLocked(w)
@@ -1168,7 +1266,7 @@ func (b *budget) releaseLocked(t *token) {
 			b.grantLocked(w, b.clock.Now())
 		}
 	}
-	b.serveQueueLocked()
+	b.serveQueueLocked(s)
 	b.growLocked(d)
 	b.forgetLocked(d)
 }
@@ -1209,14 +1307,14 @@ func (b *budget) countRejection() {
 	b.mu.Unlock()
 }
 
-// relieveServer closes the least recently used idle backend, because the
-// server refused a dial for lack of connection slots: its limit is below
-// the budget (other clients, a role or database CONNECTION LIMIT). It
-// returns a channel closed once that backend is gone, or nil when nothing
-// idle can be closed.
-func (b *budget) relieveServer() <-chan struct{} {
+// relieveServer closes the least recently used idle backend on d's server,
+// because the server refused a dial of d for lack of connection slots: its
+// limit is below the budget (other clients, a role or database CONNECTION
+// LIMIT). It returns a channel closed once that backend is gone, or nil
+// when nothing idle can be closed.
+func (b *budget) relieveServer(d *database) <-chan struct{} {
 	b.mu.Lock()
-	v := b.recency.victimLocked(b)
+	v := d.srv.recency.victimLocked()
 	if v == nil {
 		b.mu.Unlock()
 		return nil
@@ -1254,21 +1352,23 @@ func (b *budget) reap() {
 	now := b.clock.Now()
 	b.reaper.fired()
 	var next time.Time
-	b.recency.eachLocked(func(x *database) {
-		for be := x.idleBackends.back; be != nil; {
-			prev := x.idleBackends.prev(be)
-			if at := b.expiryLocked(be); !at.After(now) {
-				reason := reasonIdleTimeout
-				if b.lifetime > 0 && now.Sub(be.created) >= b.lifetime {
-					reason = reasonLifetime
+	for _, s := range b.servers {
+		s.recency.eachLocked(func(x *database) {
+			for be := x.idleBackends.back; be != nil; {
+				prev := x.idleBackends.prev(be)
+				if at := b.expiryLocked(be); !at.After(now) {
+					reason := reasonIdleTimeout
+					if b.lifetime > 0 && now.Sub(be.created) >= b.lifetime {
+						reason = reasonLifetime
+					}
+					b.evictLocked(be, reason, nil)
+				} else if next.IsZero() || at.Before(next) {
+					next = at
 				}
-				b.evictLocked(be, reason, nil)
-			} else if next.IsZero() || at.Before(next) {
-				next = at
+				be = prev
 			}
-			be = prev
-		}
-	})
+		})
+	}
 	if !next.IsZero() {
 		b.armReaperLocked(next, now)
 	}
@@ -1389,14 +1489,24 @@ func (b *budget) checkLeaks() {
 // they are checked in. Raising it serves waiters.
 func (b *budget) reconfigure(cfg Config) error {
 	b.mu.Lock()
-	if cfg.MaxConnections < b.reserved {
-		b.mu.Unlock()
-		return &ConfigError{Field: "MaxConnections", Reason: errReservedExceedsBudget(cfg.MaxConnections, b.reserved)}
+	for _, s := range b.servers {
+		if limit := serverLimit(cfg.MaxConnections, cfg.ServerMaxConnections, s.label); limit < s.reserved {
+			b.mu.Unlock()
+			field := "MaxConnections"
+			if _, ok := cfg.ServerMaxConnections[s.label]; ok {
+				field = "ServerMaxConnections[" + s.label + "]"
+			}
+			return &ConfigError{Field: field, Reason: errReservedExceedsBudget(limit, s.reserved)}
+		}
 	}
 	b.apply(cfg)
 	now := b.clock.Now()
-	b.shrinkLocked()
-	b.serveQueueLocked()
+	idle := 0
+	for _, s := range b.servers {
+		b.shrinkLocked(s)
+		b.serveQueueLocked(s)
+		idle += s.idle
+	}
 	for _, d := range b.dbs {
 		b.growLocked(d)
 	}
@@ -1404,7 +1514,7 @@ func (b *budget) reconfigure(cfg Config) error {
 	// check-in skips arming a reaper armed early enough, and the old time
 	// may be later than the new idle timeout allows.
 	b.reaper.stop()
-	if b.idle > 0 {
+	if idle > 0 {
 		b.armReaperLocked(now, now) // rescan now
 	}
 	// The leak threshold may have changed too: rescan now (a threshold
@@ -1417,21 +1527,24 @@ func (b *budget) reconfigure(cfg Config) error {
 	return nil
 }
 
-// shrinkLocked evicts idle backends until every database is within its cap
-// and the shared pool within the budget, counting backends already closing
-// as gone.
-func (b *budget) shrinkLocked() {
-	b.recency.eachLocked(func(x *database) {
+// shrinkLocked evicts idle backends of s until every database is within
+// its cap and the shared pool within s's budget, counting backends already
+// closing as gone.
+func (b *budget) shrinkLocked(s *server) { b.shrinkOverLocked(s, reasonBudgetShrink) }
+
+// shrinkOverLocked is shrinkLocked, closing backends for reason.
+func (b *budget) shrinkOverLocked(s *server, reason evictReason) {
+	s.recency.eachLocked(func(x *database) {
 		for x.open-x.closing > b.capLocked(x) && x.idleBackends.back != nil {
-			b.evictLocked(x.idleBackends.back, reasonBudgetShrink, nil)
+			b.evictLocked(x.idleBackends.back, reason, nil)
 		}
 	})
-	for b.sharedLive > b.limit-b.reserved {
-		v := b.recency.victimLocked(b)
+	for s.sharedLive > s.limit-s.reserved {
+		v := s.recency.victimLocked()
 		if v == nil {
 			return
 		}
-		b.evictLocked(v, reasonBudgetShrink, nil)
+		b.evictLocked(v, reason, nil)
 	}
 }
 
@@ -1455,15 +1568,15 @@ func (b *budget) close() {
 			w = next
 		}
 	}
-	b.recency.eachLocked(func(x *database) {
-		for x.idleBackends.back != nil {
-			b.evictLocked(x.idleBackends.back, reasonDriverClosed, nil)
-		}
-	})
-	b.reaper.stop()
 	for _, s := range b.servers {
+		s.recency.eachLocked(func(x *database) {
+			for x.idleBackends.back != nil {
+				b.evictLocked(x.idleBackends.back, reasonDriverClosed, nil)
+			}
+		})
 		s.wake.stop()
 	}
+	b.reaper.stop()
 	b.leakCheck.stop()
 	b.collector.stop()
 	b.unlock()
@@ -1472,7 +1585,20 @@ func (b *budget) close() {
 	b.metrics.Load().close()
 	b.mu.Lock()
 	b.waitDrainsLocked()
+	var fleets []*fleetCoordinator
+	for _, s := range b.servers {
+		if s.fleet != nil {
+			fleets = append(fleets, s.fleet)
+		}
+	}
 	b.mu.Unlock()
+	// A draining stop: the idle backends are gone, so their slots go back
+	// to the other processes now rather than when this one exits.
+	for _, f := range fleets {
+		ctx, cancel := context.WithTimeout(bg, fleetCloseTimeout)
+		_ = f.close(ctx)
+		cancel()
+	}
 }
 
 // isClosed reports whether close was called.
@@ -1504,14 +1630,16 @@ type snapshot struct {
 }
 
 type serverSnapshot struct {
-	srv             *server // for its metric attributes, which are not guarded by mu
-	label           string
-	down            bool
-	since           time.Time
-	downFor         time.Duration
-	waiting         int
-	outages, failed uint64
-	lastErr         string
+	srv                                                                       *server // for its metric attributes, which are not guarded by mu
+	label                                                                     string
+	limit, reserved, open, inUse, idle, dialing, closing, peakOpen, dialSlots int
+	down                                                                      bool
+	since                                                                     time.Time
+	downFor                                                                   time.Duration
+	waiting                                                                   int
+	outages, failed                                                           uint64
+	lastErr                                                                   string
+	fleet                                                                     *FleetStats
 }
 
 type dbSnapshot struct {
@@ -1531,8 +1659,7 @@ func (b *budget) snapshot() snapshot {
 	defer b.mu.Unlock()
 	now := b.clock.Now()
 	s := snapshot{
-		limit: b.limit, reserved: b.reserved, open: b.open, inUse: b.inUse, idle: b.idle, dialing: b.dialing,
-		closing: b.closing, waiting: b.waiting, peakOpen: b.peakOpen, dials: b.dials, waitCount: b.waitCount,
+		waiting: b.waiting, peakOpen: b.peakOpen, dials: b.dials, waitCount: b.waitCount,
 		timeouts: b.timeouts, exhausted: b.exhausted, handoffs: b.handoffs, waitDuration: b.waitDuration,
 		leaks: b.leaks, collections: b.collections,
 		dialTime: b.dialTime.duration(), evictions: b.evictions, dialErrors: b.dialErrors,
@@ -1551,14 +1678,30 @@ func (b *budget) snapshot() snapshot {
 		s.dbs = append(s.dbs, ds)
 	}
 	for _, x := range b.servers {
-		ss := serverSnapshot{srv: x, label: x.label, down: x.down, outages: x.outages, failed: x.failed}
+		ss := serverSnapshot{srv: x, label: x.label, limit: x.limit, reserved: x.reserved, open: x.open, inUse: x.inUse,
+			idle: x.idle, dialing: x.dialing, closing: x.closing, peakOpen: x.peakOpen, dialSlots: min(x.pace.slots, x.limit),
+			waiting: b.waitingOnLocked(x), down: x.down, outages: x.outages, failed: x.failed}
 		if x.down {
-			ss.since, ss.downFor, ss.waiting = x.since, now.Sub(x.since), b.waitingOnLocked(x)
+			ss.since, ss.downFor = x.since, now.Sub(x.since)
 			if x.lastErr != nil {
 				ss.lastErr = x.lastErr.Error()
 			}
 		}
+		if x.fleet != nil {
+			fs := x.fleet.stats() // lock order: budget.mu, then the coordinator's
+			ss.fleet = &fs
+		}
 		s.servers = append(s.servers, ss)
+		s.limit += x.limit
+		s.reserved += x.reserved
+		s.open += x.open
+		s.inUse += x.inUse
+		s.idle += x.idle
+		s.dialing += x.dialing
+		s.closing += x.closing
+	}
+	if len(b.servers) == 0 {
+		s.limit = b.limit
 	}
 	return s
 }
@@ -1601,7 +1744,6 @@ func (b *budget) dialHung(t *token) {
 	b.markDownLocked(s, b.clock.Now(), errNotAnswering)
 	s.wake.stop()
 	s.probing, t.probe = true, true
-	b.serveQueueLocked() // callers of other servers may have the slots its callers held
 	srv, ws := s.label, t.db.workspace
 	b.unlock()
 	b.logServerDown(srv, ws, errNotAnswering)
@@ -1642,3 +1784,113 @@ func (b *budget) logServerUp(srv string, downFor time.Duration) {
 		l.LogAttrs(bg, slog.LevelInfo, "tenantpg: server up", slog.String("server", srv), slog.Duration("downFor", downFor))
 	}
 }
+
+// limitNowLocked returns what s may hold now: its configured budget, or
+// with a fleet budget the slots its coordinator leased for backends, within
+// that budget less the coordination session, and within the cap it yields
+// to while other processes need slots.
+func (b *budget) limitNowLocked(s *server) int {
+	if s.fleet == nil {
+		return s.max
+	}
+	l := min(s.max-1, s.held)
+	if b.clock.Now().Before(s.capUntil) {
+		l = min(l, s.fleetCap)
+	}
+	return max(l, 0)
+}
+
+// refreshLimitLocked applies a change of what s may hold: a higher limit
+// serves its callers, a lower one closes idle backends down to it (busy
+// ones close as they are checked in).
+func (b *budget) refreshLimitLocked(s *server, reason evictReason) {
+	old := s.limit
+	s.limit = b.limitNowLocked(s)
+	switch {
+	case s.limit > old:
+		b.serveQueueLocked(s)
+		for _, d := range b.dbs {
+			if d.srv == s && d.waiters.len > d.seeking {
+				b.growLocked(d)
+			}
+		}
+	case s.limit < old:
+		b.shrinkOverLocked(s, reason)
+	}
+}
+
+// fleetSide is a server's budget as its fleet coordinator (fleet.go) sees
+// it.
+type fleetSide struct {
+	b *budget
+	s *server
+}
+
+// fleetNeed is what s holds (closing backends included, as the server
+// still counts them) and what its callers that are to dial want, within
+// its budget less the coordination session and the cap it yields to.
+func (f fleetSide) fleetNeed() int {
+	b, s := f.b, f.s
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return 0
+	}
+	need := s.open + s.queue.len - s.claims
+	if b.clock.Now().Before(s.capUntil) {
+		need = min(need, max(s.fleetCap, s.open))
+	}
+	return max(0, min(need, s.max-1))
+}
+
+func (f fleetSide) fleetSetHeld(n int) bool {
+	b, s := f.b, f.s
+	b.mu.Lock()
+	defer b.unlock()
+	if n < s.open {
+		return false
+	}
+	s.held = n
+	b.refreshLimitLocked(s, reasonFleet)
+	return true
+}
+
+// fleetYield gives up to n of s's slots to other processes: idle backends
+// close at once, down to what its callers use now, and busy ones beyond
+// the fair share close as they are checked in, so that a busy process
+// keeps its fair share and no more while others need slots. The cap lasts
+// fleetYieldFor; the coordinator releases the slots once their backends
+// are gone.
+func (f fleetSide) fleetYield(n, fair int) {
+	b, s := f.b, f.s
+	b.mu.Lock()
+	defer b.unlock()
+	live := s.open - s.closing
+	busy := s.inUse + s.dialing + s.queue.len
+	keep := min(busy, max(fair, 1))
+	give := min(n, live-keep)
+	if give <= 0 {
+		return
+	}
+	s.fleetCap = live - give
+	s.capUntil = b.clock.Now().Add(fleetYieldFor)
+	b.refreshLimitLocked(s, reasonFleet)
+}
+
+func (f fleetSide) fleetLost(n int) {
+	b, s := f.b, f.s
+	b.mu.Lock()
+	defer b.unlock()
+	s.held = n
+	b.refreshLimitLocked(s, reasonFleet)
+}
+
+// fleetCloseTimeout bounds how long Driver.Close waits for a coordination
+// session to unlock its slots; past it the session is cut, which frees
+// them on the server too.
+const fleetCloseTimeout = 5 * time.Second
+
+// fleetYieldFor is how long a process holds to the cap it lowered itself
+// to for other processes, as long as a need heard from another counts
+// (fleetHeard).
+const fleetYieldFor = fleetHeard

@@ -41,10 +41,12 @@ type serverKey struct {
 	port uint16
 }
 
-// server is the circuit of one server.
+// server is one server's budget (tokens) and circuit.
 type server struct {
 	key   serverKey
 	label string // host:port, for stats, metrics and errors
+
+	tokens // guarded by budget.mu
 
 	// metricOpts are its metric attribute sets, built by the first
 	// collection that sees it; not guarded by budget.mu.
@@ -115,6 +117,9 @@ func (b *budget) serverLocked(key serverKey) *server {
 	s := b.servers[key]
 	if s == nil {
 		s = &server{key: key, label: net.JoinHostPort(key.host, strconv.Itoa(int(key.port)))}
+		s.max = b.serverLimitLocked(s.label)
+		s.limit = s.max
+		s.pace.slots = initialDialSlots
 		s.wake.fn = func() { b.probeDue(s) }
 		b.servers[key] = s
 	}
@@ -131,7 +136,9 @@ func (b *budget) releaseServerLocked(d *database) {
 	}
 	d.srv = nil
 	s.refs--
-	if s.refs == 0 && b.servers[s.key] == s {
+	// A server with a fleet budget is kept: its coordination session and
+	// leases outlive its databases until the driver closes.
+	if s.refs == 0 && b.servers[s.key] == s && s.fleet == nil {
 		s.wake.stop()
 		delete(b.servers, s.key)
 	}
@@ -151,11 +158,9 @@ func (b *budget) markDownLocked(s *server, now time.Time, cause error) {
 	}
 	s.down, s.since, s.failures = true, now, 0
 	s.outages++
-	for w := b.queue.front; w != nil; {
-		next := b.queue.next(w)
-		if w.db.srv == s {
-			b.unseekLocked(w)
-		}
+	for w := s.queue.front; w != nil; {
+		next := s.queue.next(w)
+		b.unseekLocked(w)
 		w = next
 	}
 	s.probeAt = now.Add(probeBackoff(0))

@@ -337,7 +337,11 @@ func (r *circuitRig) advance(d time.Duration) {
 func (r *circuitRig) dialing() int {
 	r.b.mu.Lock()
 	defer r.b.mu.Unlock()
-	return r.b.dialing
+	n := 0
+	for _, s := range r.b.servers {
+		n += s.dialing
+	}
+	return n
 }
 
 // circuitState is a server's circuit as the test reads it.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"strconv"
 	"time"
@@ -35,14 +36,24 @@ const (
 	EnvConnMaxIdleTime     = "TENANTPG_CONN_MAX_IDLE_TIME"
 	EnvAcquireTimeout      = "TENANTPG_ACQUIRE_TIMEOUT"
 	EnvLeakThreshold       = "TENANTPG_LEAK_THRESHOLD"
+	// The fleet budget (Config.FleetMaxConnections and the fields after it).
+	EnvFleetMaxConnections = "TENANTPG_FLEET_MAX_CONNECTIONS"
+	EnvFleetName           = "TENANTPG_FLEET_NAME"
+	EnvFleetDatabase       = "TENANTPG_FLEET_DATABASE"
 )
 
 // Config holds a driver's settings. A zero field takes its default.
 type Config struct {
-	// MaxConnections is the budget: the most physical connections the
-	// driver holds to the server at once, across all databases, counting
-	// connections being dialed and being closed. Default 80.
+	// MaxConnections is the budget of each server (host and port as the
+	// DSNs resolve them): the most physical connections the driver holds
+	// to that server at once, across its databases, counting connections
+	// being dialed and being closed. Default 80.
 	MaxConnections int
+	// ServerMaxConnections gives servers a budget of their own, by host:port
+	// as their DSNs name them (port 5432 when a DSN names none), for
+	// workspaces spread over servers with different max_connections. A
+	// server not listed gets MaxConnections.
+	ServerMaxConnections map[string]int
 	// MaxConnectionsPerDB caps one database's connections, so that a busy
 	// workspace cannot take the whole budget. A DSN may override it with
 	// pool_max_conns. Default 3, or the budget if that is smaller.
@@ -68,6 +79,26 @@ type Config struct {
 	// transaction, for example 2m.
 	// Default 0: off.
 	LeakThreshold time.Duration
+
+	// FleetMaxConnections, when set, is a budget shared by every process
+	// (every replica of a service) that uses the same server, role and
+	// FleetName: the sum of their sessions on the server, one coordination
+	// session per process included, stays within it. Set the role's
+	// CONNECTION LIMIT to the same figure, so that the server enforces it
+	// too. Each process leases its share as session-level advisory locks
+	// on its coordination session, to FleetDatabase on the same server, and
+	// gives idle backends back when another process needs them; a process
+	// that dies frees its share the moment its session ends. MaxConnections
+	// still bounds one process's share (the coordination session counts in
+	// it). At least 3. Default 0: no fleet, each process has its own
+	// budget. See the README's fleet section.
+	FleetMaxConnections int
+	// FleetName separates fleets that share a server and role. Default
+	// "tenantpg".
+	FleetName string
+	// FleetDatabase is the database the coordination session connects to.
+	// Default "postgres".
+	FleetDatabase string
 
 	// Name is the db.client.connection.pool.name of the driver-wide metrics
 	// (the budget, the histograms). Default "tenantpg".
@@ -140,11 +171,40 @@ func (c Config) normalize() (Config, error) {
 			*f.v = f.def
 		}
 	}
+	if c.FleetMaxConnections != 0 && c.FleetMaxConnections < 3 {
+		return c, &ConfigError{Field: "FleetMaxConnections",
+			Reason: fmt.Sprintf("must be at least 3 (a coordination session, a connection, and one kept free for a process joining), got %d", c.FleetMaxConnections)}
+	}
+	if c.FleetMaxConnections > 0 {
+		if c.FleetName == "" {
+			c.FleetName = fleetDefaultName
+		}
+		if c.FleetDatabase == "" {
+			c.FleetDatabase = fleetDefaultDatabase
+		}
+	}
 	if c.LeakThreshold < 0 {
 		return c, &ConfigError{Field: "LeakThreshold", Reason: fmt.Sprintf("must not be negative, got %s", c.LeakThreshold)}
 	}
 	if c.Name == "" {
 		c.Name = DriverName
+	}
+	if len(c.ServerMaxConnections) > 0 {
+		servers := make(map[string]int, len(c.ServerMaxConnections))
+		for srv, n := range c.ServerMaxConnections {
+			host, port, err := net.SplitHostPort(srv)
+			if err != nil || host == "" {
+				return c, &ConfigError{Field: "ServerMaxConnections", Reason: fmt.Sprintf("want host:port keys, got %q", srv)}
+			}
+			if p, err := strconv.ParseUint(port, 10, 16); err != nil || p == 0 {
+				return c, &ConfigError{Field: "ServerMaxConnections", Reason: fmt.Sprintf("%q: port must be 1-65535", srv)}
+			}
+			if n < 1 {
+				return c, &ConfigError{Field: "ServerMaxConnections[" + srv + "]", Reason: fmt.Sprintf("must be at least 1, got %d", n)}
+			}
+			servers[net.JoinHostPort(host, port)] = n
+		}
+		c.ServerMaxConnections = servers // a copy: the caller's map may change later
 	}
 	if c.MaxConnectionsPerDB > c.MaxConnections {
 		return c, &ConfigError{Field: "MaxConnectionsPerDB",
@@ -160,7 +220,8 @@ func ConfigFromEnv() (Config, error) {
 	for _, f := range []struct {
 		env string
 		v   *int
-	}{{EnvMaxConnections, &c.MaxConnections}, {EnvMaxConnectionsPerDB, &c.MaxConnectionsPerDB}} {
+	}{{EnvMaxConnections, &c.MaxConnections}, {EnvMaxConnectionsPerDB, &c.MaxConnectionsPerDB},
+		{EnvFleetMaxConnections, &c.FleetMaxConnections}} {
 		if s := os.Getenv(f.env); s != "" {
 			n, err := strconv.Atoi(s)
 			if err != nil || n < 1 {
@@ -182,5 +243,7 @@ func ConfigFromEnv() (Config, error) {
 			*f.v = d
 		}
 	}
+	c.FleetName = os.Getenv(EnvFleetName)
+	c.FleetDatabase = os.Getenv(EnvFleetDatabase)
 	return c, nil
 }

@@ -406,7 +406,7 @@ func (c *connector) dial(ctx context.Context, tok *token) (_ *stdlib.Conn, err e
 		refused = err
 		b.countRejection()
 		if ctx.Err() == nil {
-			gone := b.relieveServer()
+			gone := b.relieveServer(tok.db)
 			pause := time.NewTimer(rejectionBackoff(attempts))
 			select {
 			case <-ctx.Done():

@@ -369,5 +369,6 @@ func TestStatsJSONFieldNames(t *testing.T) {
 		keys = append(keys, k)
 	}
 	slices.Sort(keys)
-	require.Equal(t, []string{"down", "downForNs", "downSince", "failedWaits", "lastError", "outages", "server", "waiting"}, keys)
+	require.Equal(t, []string{"closing", "dialSlots", "dialing", "down", "downForNs", "downSince", "failedWaits", "idle", "inUse",
+		"lastError", "limit", "open", "outages", "peakOpen", "reserved", "server", "waiting"}, keys, "fleet is omitted without a fleet budget")
 }

@@ -13,10 +13,13 @@ func (d *Driver) dumpState() string {
 	defer b.mu.Unlock()
 	var sb strings.Builder
 	now := time.Now()
-	fmt.Fprintf(&sb, "limit %d reserved %d shared %d open %d dialing %d inUse %d idle %d closing %d waiting %d seeking %d reapArmed %v dialTime %s\n",
-		b.limit, b.reserved, b.sharedInUse, b.open, b.dialing, b.inUse, b.idle, b.closing, b.waiting, b.queue.len, b.reaper.armed, b.dialTime.duration())
-	for w := b.queue.front; w != nil; w = b.queue.next(w) {
-		fmt.Fprintf(&sb, "  seeker %s age %s claim %v\n", w.db.workspace, now.Sub(w.since), w.claim != nil)
+	fmt.Fprintf(&sb, "open %d waiting %d reapArmed %v dialTime %s\n", b.open, b.waiting, b.reaper.armed, b.dialTime.duration())
+	for _, s := range b.servers {
+		fmt.Fprintf(&sb, " server %s limit %d reserved %d shared %d open %d dialing %d inUse %d idle %d closing %d seeking %d\n",
+			s.label, s.limit, s.reserved, s.sharedInUse, s.open, s.dialing, s.inUse, s.idle, s.closing, s.queue.len)
+		for w := s.queue.front; w != nil; w = s.queue.next(w) {
+			fmt.Fprintf(&sb, "  seeker %s age %s claim %v\n", w.db.workspace, now.Sub(w.since), w.claim != nil)
+		}
 	}
 	for _, x := range b.dbs {
 		fmt.Fprintf(&sb, "  db %s open %d dialing %d inUse %d idle %d closing %d waiters %d seeking %d refs %d listed %v protected %v useTime %s\n",

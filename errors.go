@@ -19,8 +19,9 @@ var ErrBudgetExhausted = errors.New("tenantpg: connection budget exhausted")
 type BudgetError struct {
 	Workspace    string        // the workspace label of the database asked for
 	Database     string        // the database name
-	Open         int           // connections held across all databases when the wait ended
-	Limit        int           // the budget
+	Server       string        // host:port of its server, whose budget it waited for
+	Open         int           // connections held to that server, across its databases, when the wait ended
+	Limit        int           // that server's budget
 	DatabaseOpen int           // connections held by this database
 	DatabaseCap  int           // this database's cap
 	Waiting      int           // other callers still waiting
@@ -29,8 +30,8 @@ type BudgetError struct {
 }
 
 func (e *BudgetError) Error() string {
-	s := fmt.Sprintf("tenantpg: connection budget exhausted: workspace %q (database %q) waited %s; %d/%d connections open, %d/%d for this database, %d waiting",
-		e.Workspace, e.Database, e.Waited.Round(time.Millisecond), e.Open, e.Limit, e.DatabaseOpen, e.DatabaseCap, e.Waiting)
+	s := fmt.Sprintf("tenantpg: connection budget exhausted: workspace %q (database %q) waited %s; %d/%d connections open to %s, %d/%d for this database, %d waiting",
+		e.Workspace, e.Database, e.Waited.Round(time.Millisecond), e.Open, e.Limit, e.Server, e.DatabaseOpen, e.DatabaseCap, e.Waiting)
 	if e.Err != nil {
 		s += ": " + e.Err.Error()
 	}

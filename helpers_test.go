@@ -187,10 +187,10 @@ func addDatabaseLocked(b *budget, key dbKey, workspace string, idle int, at time
 		be := &backend{db: d, tok: &token{db: d}, created: at, state: backendIdle, idleSince: at}
 		d.idleBackends.pushFront(be)
 		d.idle++
-		b.idle++
+		d.srv.idle++
 	}
 	if idle > 0 {
-		b.recency.touchLocked(d)
+		d.srv.recency.touchLocked(d)
 	}
 	return d
 }

@@ -7,8 +7,8 @@ import "fmt"
 // It is the shared invariant of the state-machine fuzz test and of every
 // server test at quiescence. It returns the first violation found.
 func (b *budget) checkInvariantsLocked() error {
-	var open, dialing, inUse, idle, closing, shared, live, reserved, waiting, seeking, idleDBs, protectedOpen int
-	servers := map[*server]int{}
+	servers := map[*server]*serverSums{}
+	var open, waiting int
 	for k, d := range b.dbs {
 		if d.key != k {
 			return fmt.Errorf("database %q filed under another key", d.workspace)
@@ -58,8 +58,8 @@ func (b *budget) checkInvariantsLocked() error {
 			if w.db != d || w.done {
 				return fmt.Errorf("database %q: a served or foreign waiter queued", d.workspace)
 			}
-			if w.seekingLocked() != b.queue.contains(w) {
-				return fmt.Errorf("database %q: a waiter seeking %v, in the budget's queue %v", d.workspace, w.seekingLocked(), b.queue.contains(w))
+			if w.seekingLocked() != d.srv.queue.contains(w) {
+				return fmt.Errorf("database %q: a waiter seeking %v, in its server's queue %v", d.workspace, w.seekingLocked(), d.srv.queue.contains(w))
 			}
 			if w.seekingLocked() {
 				dbSeeking++
@@ -71,7 +71,12 @@ func (b *budget) checkInvariantsLocked() error {
 		if d.srv == nil || b.servers[serverKey{host: k.host, port: k.port}] != d.srv {
 			return fmt.Errorf("database %q: not on the circuit of its server", d.workspace)
 		}
-		servers[d.srv]++
+		x := servers[d.srv]
+		if x == nil {
+			x = &serverSums{}
+			servers[d.srv] = x
+		}
+		x.dbs++
 		if d.serverDown() {
 			// Its callers wait for the server's probe, not for a dial of
 			// their own; only the probe's caller seeks a token.
@@ -88,55 +93,46 @@ func (b *budget) checkInvariantsLocked() error {
 			return fmt.Errorf("database %q: %d callers wait and no backend is there or to be dialed", d.workspace, d.waiters.len)
 		}
 		open += d.open
-		dialing += d.dialing
-		inUse += d.inUse
-		idle += d.idle
-		closing += d.closing
-		shared += max(0, d.open-d.reserved)
-		live += liveShared(d)
-		reserved += d.reserved
 		waiting += d.waiters.len
-		seeking += d.seeking
+		x.open += d.open
+		x.dialing += d.dialing
+		x.inUse += d.inUse
+		x.idle += d.idle
+		x.closing += d.closing
+		x.shared += max(0, d.open-d.reserved)
+		x.live += liveShared(d)
+		x.reserved += d.reserved
+		x.seeking += d.seeking
 		if d.lru.listed {
-			idleDBs++
+			x.idleDBs++
 		}
 		if d.protected {
-			protectedOpen += d.open
+			x.protectedOpen += d.open
 			if d.open == 0 {
 				return fmt.Errorf("database %q protected without a backend", d.workspace)
 			}
 		}
 	}
 	switch {
-	case open != b.open || dialing != b.dialing || inUse != b.inUse || idle != b.idle || closing != b.closing:
-		return fmt.Errorf("budget counters (open %d dialing %d inUse %d idle %d closing %d) != sum over databases (%d %d %d %d %d)",
-			b.open, b.dialing, b.inUse, b.idle, b.closing, open, dialing, inUse, idle, closing)
-	case shared != b.sharedInUse:
-		return fmt.Errorf("sharedInUse %d, but databases hold %d beyond their reservations", b.sharedInUse, shared)
-	case live != b.sharedLive:
-		return fmt.Errorf("sharedLive %d, but databases hold %d live beyond their reservations", b.sharedLive, live)
-	case reserved != b.reserved:
-		return fmt.Errorf("reserved %d, but databases reserve %d", b.reserved, reserved)
-	case idleDBs != b.recency.probation.len+b.recency.protected.len:
-		return fmt.Errorf("%d databases in the recency lists, %d listed as idle", b.recency.probation.len+b.recency.protected.len, idleDBs)
-	case protectedOpen != b.recency.protectedOpen:
-		return fmt.Errorf("protectedOpen %d, but protected databases hold %d", b.recency.protectedOpen, protectedOpen)
+	case open != b.open:
+		return fmt.Errorf("budget open %d != sum over databases %d", b.open, open)
 	case waiting != b.waiting:
 		return fmt.Errorf("%d callers waiting, databases queue %d", b.waiting, waiting)
-	case seeking != b.queue.len:
-		return fmt.Errorf("%d callers in the budget's queue, databases count %d seeking", b.queue.len, seeking)
 	case b.peakOpen < b.open:
 		return fmt.Errorf("peak %d below open %d", b.peakOpen, b.open)
-	case b.open > b.limit && b.sharedLive > b.limit-b.reserved && b.recency.victimLocked(b) != nil && !b.closed:
-		return fmt.Errorf("open %d over the budget %d with an idle shared backend left", b.open, b.limit)
+	}
+	for s, x := range servers {
+		if err := s.checkInvariantsLocked(b, x); err != nil {
+			return fmt.Errorf("server %s: %w", s.label, err)
+		}
 	}
 	if len(servers) != len(b.servers) {
 		return fmt.Errorf("%d circuits, databases are on %d servers", len(b.servers), len(servers))
 	}
-	for s, n := range servers {
+	for s, x := range servers {
 		switch {
-		case s.refs != n:
-			return fmt.Errorf("server %s: %d references, %d databases on it", s.label, s.refs, n)
+		case s.refs != x.dbs:
+			return fmt.Errorf("server %s: %d references, %d databases on it", s.label, s.refs, x.dbs)
 		case !s.down && (s.probing || s.prober != nil):
 			return fmt.Errorf("server %s: up with a probe under way", s.label)
 		case s.prober != nil && (!s.probing || !s.prober.seekingLocked() || s.prober.db.srv != s):
@@ -154,31 +150,66 @@ func (b *budget) checkInvariantsLocked() error {
 	if b.strays < 0 {
 		return fmt.Errorf("strays %d", b.strays)
 	}
-	for x := b.recency.probation.front; x != nil; x = b.recency.probation.next(x) {
+	return nil
+}
+
+// serverSums are the sums over one server's databases.
+type serverSums struct {
+	dbs, open, dialing, inUse, idle, closing, shared, live, reserved, seeking, idleDBs, protectedOpen int
+}
+
+// checkInvariantsLocked checks one server's budget against the sums over
+// its databases.
+func (s *server) checkInvariantsLocked(b *budget, x *serverSums) error {
+	switch {
+	case x.open != s.open || x.dialing != s.dialing || x.inUse != s.inUse || x.idle != s.idle || x.closing != s.closing:
+		return fmt.Errorf("counters (open %d dialing %d inUse %d idle %d closing %d) != sum over databases (%d %d %d %d %d)",
+			s.open, s.dialing, s.inUse, s.idle, s.closing, x.open, x.dialing, x.inUse, x.idle, x.closing)
+	case x.shared != s.sharedInUse:
+		return fmt.Errorf("sharedInUse %d, but databases hold %d beyond their reservations", s.sharedInUse, x.shared)
+	case x.live != s.sharedLive:
+		return fmt.Errorf("sharedLive %d, but databases hold %d live beyond their reservations", s.sharedLive, x.live)
+	case x.reserved != s.reserved:
+		return fmt.Errorf("reserved %d, but databases reserve %d", s.reserved, x.reserved)
+	case x.idleDBs != s.recency.probation.len+s.recency.protected.len:
+		return fmt.Errorf("%d databases in the recency lists, %d listed as idle", s.recency.probation.len+s.recency.protected.len, x.idleDBs)
+	case x.protectedOpen != s.recency.protectedOpen:
+		return fmt.Errorf("protectedOpen %d, but protected databases hold %d", s.recency.protectedOpen, x.protectedOpen)
+	case x.seeking != s.queue.len:
+		return fmt.Errorf("%d callers in its queue, databases count %d seeking", s.queue.len, x.seeking)
+	case s.peakOpen < s.open:
+		return fmt.Errorf("peak %d below open %d", s.peakOpen, s.open)
+	case s.open > s.limit && s.sharedLive > s.limit-s.reserved && s.recency.victimLocked() != nil && !b.closed:
+		return fmt.Errorf("open %d over the budget %d with an idle shared backend left", s.open, s.limit)
+	}
+	for x := s.recency.probation.front; x != nil; x = s.recency.probation.next(x) {
 		if x.protected {
 			return fmt.Errorf("protected database %q on probation", x.workspace)
 		}
 	}
-	for x := b.recency.protected.front; x != nil; x = b.recency.protected.next(x) {
+	for x := s.recency.protected.front; x != nil; x = s.recency.protected.next(x) {
 		if !x.protected {
 			return fmt.Errorf("database %q on probation in the protected list", x.workspace)
 		}
 	}
 	claims := 0
-	for w := b.queue.front; w != nil; w = b.queue.next(w) {
+	for w := s.queue.front; w != nil; w = s.queue.next(w) {
 		if w.claim != nil {
 			claims++
 		}
+		if w.db.srv != s {
+			return fmt.Errorf("a waiter of %q, on another server, in its queue", w.db.workspace)
+		}
 	}
-	if claims != b.claims {
-		return fmt.Errorf("%d waiters hold a claim; the budget counts %d", claims, b.claims)
+	if claims != s.claims {
+		return fmt.Errorf("%d waiters hold a claim; the server counts %d", claims, s.claims)
 	}
-	for w := b.queue.front; w != nil; w = b.queue.next(w) {
+	for w := s.queue.front; w != nil; w = s.queue.next(w) {
 		if w.claim != nil && w.claim.claim != w {
 			return fmt.Errorf("a waiter of %q claims a token promised elsewhere", w.db.workspace)
 		}
 		// Paced: a waiter without a claim may wait for a dial slot.
-		if w.claim == nil && !b.closed && b.roomLocked(w.db) && w.db.open-w.db.closing < b.capLocked(w.db) && b.dialSlotFreeLocked() {
+		if w.claim == nil && !b.closed && b.roomLocked(w.db) && w.db.open-w.db.closing < b.capLocked(w.db) && s.dialSlotFreeLocked() {
 			return fmt.Errorf("a waiter of %q left in the queue with a token free", w.db.workspace)
 		}
 	}

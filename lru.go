@@ -50,7 +50,7 @@ func (s *slru) removeLocked(d *database) { s.segmentOf(d).remove(d) }
 // probation is promoted; when that makes the protected segment hold more
 // than its share of the budget, the least recently used protected database
 // with idle backends goes back on probation.
-func (s *slru) reusedLocked(b *budget, d *database) {
+func (s *slru) reusedLocked(d *database) {
 	if !d.protected {
 		if d.lru.listed {
 			s.probation.remove(d)
@@ -60,7 +60,7 @@ func (s *slru) reusedLocked(b *budget, d *database) {
 		// One demotion per promotion, as in SLRU: databases whose backends
 		// are all busy count but cannot be demoted, and demoting until
 		// under the limit could empty the segment.
-		if x := s.protected.back; x != nil && s.protectedOpen > protectedLimit(b.limit) {
+		if x := s.protected.back; x != nil && s.protectedOpen > protectedLimit(d.srv.limit) {
 			s.protected.remove(x)
 			x.protected = false
 			s.protectedOpen -= x.open
@@ -81,7 +81,7 @@ func protectedLimit(limit int) int { return max(1, limit*4/5) }
 // the longest-idle backend of the least recently used database, probation
 // first. It skips databases whose backends all sit within their
 // reservation, as closing one would free no shared token.
-func (s *slru) victimLocked(b *budget) *backend {
+func (s *slru) victimLocked() *backend {
 	for _, l := range [2]*list[database, dbInRecency]{&s.probation, &s.protected} {
 		for x := l.back; x != nil; x = l.prev(x) {
 			if x.open-x.closing > x.reserved {

@@ -56,6 +56,12 @@ type metrics struct {
 	serverDown     metric.Int64ObservableGauge
 	serverDownTime metric.Float64ObservableGauge
 	serverWaiters  metric.Int64ObservableUpDownCounter
+	// The server's budget.
+	serverLimit, serverConnections, serverDialSlots metric.Int64ObservableUpDownCounter
+	// The fleet budget's coordination, per server.
+	fleetShare, fleetMembers                                   metric.Int64ObservableUpDownCounter
+	fleetConnected                                             metric.Int64ObservableGauge
+	fleetLeased, fleetReleased, fleetRoundTrips, fleetFailures metric.Int64ObservableCounter
 
 	driverSet  attribute.Set // pool name = the driver's name
 	driverOpt  metric.MeasurementOption
@@ -126,7 +132,37 @@ func newMetrics(mp metric.MeterProvider, name string, b *budget) (*metrics, erro
 		metric.WithDescription("How long the server has been down; 0 while up."))
 	keep(e)
 	m.serverWaiters, e = meter.Int64ObservableUpDownCounter("tenantpg.server.waiters", metric.WithUnit("{request}"),
-		metric.WithDescription("Callers waiting for a down server to come back; 0 while up."))
+		metric.WithDescription("Callers waiting on the server's databases: for a backend, a token, or a down server to come back."))
+	keep(e)
+	m.serverLimit, e = meter.Int64ObservableUpDownCounter("tenantpg.server.limit", metric.WithUnit("{connection}"),
+		metric.WithDescription("The server's budget: the most connections the driver holds to it across its databases."))
+	keep(e)
+	m.serverConnections, e = meter.Int64ObservableUpDownCounter("tenantpg.server.connections", metric.WithUnit("{connection}"),
+		metric.WithDescription("Tokens of the server's budget held, by tenantpg.connection.state: used, idle, dialing, closing."))
+	keep(e)
+	m.serverDialSlots, e = meter.Int64ObservableUpDownCounter("tenantpg.server.dial_slots", metric.WithUnit("{connection}"),
+		metric.WithDescription("Dials the pacing lets start at once on the server (evictions for a dial included)."))
+	keep(e)
+	m.fleetShare, e = meter.Int64ObservableUpDownCounter("tenantpg.fleet.share", metric.WithUnit("{connection}"),
+		metric.WithDescription("Slots of the fleet budget this process holds for connections to the server (its coordination session's not included)."))
+	keep(e)
+	m.fleetMembers, e = meter.Int64ObservableUpDownCounter("tenantpg.fleet.members", metric.WithUnit("{process}"),
+		metric.WithDescription("Processes sharing the fleet budget, as last counted."))
+	keep(e)
+	m.fleetConnected, e = meter.Int64ObservableGauge("tenantpg.fleet.connected", metric.WithUnit("1"),
+		metric.WithDescription("1 while the coordination session is up; 0 while the process falls back to a safe local share."))
+	keep(e)
+	m.fleetLeased, e = meter.Int64ObservableCounter("tenantpg.fleet.leased", metric.WithUnit("{connection}"),
+		metric.WithDescription("Slots leased from the fleet budget."))
+	keep(e)
+	m.fleetReleased, e = meter.Int64ObservableCounter("tenantpg.fleet.released", metric.WithUnit("{connection}"),
+		metric.WithDescription("Slots given back to the fleet budget, those lost with a session included."))
+	keep(e)
+	m.fleetRoundTrips, e = meter.Int64ObservableCounter("tenantpg.fleet.round_trips", metric.WithUnit("{statement}"),
+		metric.WithDescription("Statements run on the coordination session."))
+	keep(e)
+	m.fleetFailures, e = meter.Int64ObservableCounter("tenantpg.fleet.failures", metric.WithUnit("{error}"),
+		metric.WithDescription("Coordination sessions that failed to connect or were lost."))
 	keep(e)
 	m.budgetLeaks, e = meter.Int64ObservableCounter("tenantpg.budget.suspected_leaks", metric.WithUnit("{connection}"),
 		metric.WithDescription("Connections held longer than the leak threshold, each counted once."))
@@ -137,7 +173,7 @@ func newMetrics(mp metric.MeterProvider, name string, b *budget) (*metrics, erro
 	with := func(kvs ...attribute.KeyValue) metric.MeasurementOption {
 		return metric.WithAttributeSet(attribute.NewSet(append(m.driverSet.ToSlice(), kvs...)...))
 	}
-	for i, s := range []string{"used", "idle", "dialing", "closing"} {
+	for i, s := range connStates {
 		m.stateAttrs[i] = with(attrConnState.String(s))
 	}
 	for r := reasonNone + 1; r < numReasons; r++ {
@@ -151,7 +187,9 @@ func newMetrics(mp metric.MeterProvider, name string, b *budget) (*metrics, erro
 		m.observe(o, b)
 		return nil
 	}, m.count.Inst(), m.max.Inst(), m.idleMax.Inst(), m.pending.Inst(), m.budgetLimit, m.budgetConnections,
-		m.budgetWaiters, m.budgetEvictions, m.budgetDialErrors, m.budgetExhausted, m.budgetLeaks, m.serverDown, m.serverDownTime, m.serverWaiters)
+		m.budgetWaiters, m.budgetEvictions, m.budgetDialErrors, m.budgetExhausted, m.budgetLeaks, m.serverDown, m.serverDownTime, m.serverWaiters,
+		m.serverLimit, m.serverConnections, m.serverDialSlots,
+		m.fleetShare, m.fleetMembers, m.fleetConnected, m.fleetLeased, m.fleetReleased, m.fleetRoundTrips, m.fleetFailures)
 	if err != nil {
 		return nil, err
 	}
@@ -176,12 +214,17 @@ func newDBMetricOpts(workspace, name string) *dbMetricOpts {
 	}
 }
 
+// connStates name the states of a budget's connections, in the order the
+// observations use.
+var connStates = [4]string{"used", "idle", "dialing", "closing"}
+
 // serverMetricOpts is a server's attribute set, built once per set of
 // instruments (it carries the driver's name) so that a collection
 // allocates nothing per server.
 type serverMetricOpts struct {
-	m    *metrics
-	base metric.MeasurementOption
+	m      *metrics
+	base   metric.MeasurementOption
+	states [4]metric.MeasurementOption // its connections by state, as stateAttrs
 }
 
 func (m *metrics) serverOpts(s *server) *serverMetricOpts {
@@ -190,6 +233,9 @@ func (m *metrics) serverOpts(s *server) *serverMetricOpts {
 	}
 	kvs := append(m.driverSet.ToSlice(), semconv.ServerAddress(s.key.host), semconv.ServerPort(int(s.key.port)))
 	opts := &serverMetricOpts{m: m, base: metric.WithAttributeSet(attribute.NewSet(kvs...))}
+	for i, state := range connStates {
+		opts.states[i] = metric.WithAttributeSet(attribute.NewSet(append(kvs[:len(kvs):len(kvs)], attrConnState.String(state))...))
+	}
 	s.metricOpts.Store(opts)
 	return opts
 }
@@ -236,6 +282,24 @@ func (m *metrics) observe(o metric.Observer, b *budget) {
 		o.ObserveInt64(m.serverDown, down, opts.base)
 		o.ObserveFloat64(m.serverDownTime, x.downFor.Seconds(), opts.base)
 		o.ObserveInt64(m.serverWaiters, int64(x.waiting), opts.base)
+		o.ObserveInt64(m.serverLimit, int64(x.limit), opts.base)
+		for i, v := range []int{x.open - x.idle - x.dialing - x.closing, x.idle, x.dialing, x.closing} {
+			o.ObserveInt64(m.serverConnections, int64(v), opts.states[i])
+		}
+		o.ObserveInt64(m.serverDialSlots, int64(x.dialSlots), opts.base)
+		if f := x.fleet; f != nil {
+			connected := int64(0)
+			if f.Connected {
+				connected = 1
+			}
+			o.ObserveInt64(m.fleetShare, int64(f.Share), opts.base)
+			o.ObserveInt64(m.fleetMembers, int64(f.Members), opts.base)
+			o.ObserveInt64(m.fleetConnected, connected, opts.base)
+			o.ObserveInt64(m.fleetLeased, int64(f.Leased), opts.base)
+			o.ObserveInt64(m.fleetReleased, int64(f.Released), opts.base)
+			o.ObserveInt64(m.fleetRoundTrips, int64(f.RoundTrips), opts.base)
+			o.ObserveInt64(m.fleetFailures, int64(f.Failures), opts.base)
+		}
 	}
 	o.ObserveInt64(m.budgetLeaks, int64(s.leaks), m.driverOpt)
 }

@@ -39,7 +39,7 @@ const paceWindow = time.Second
 // a floor of 8 1.39x and 1.34x (one run each; BENCHMARKS.md).
 const minDialSlots = initialDialSlots
 
-// pacer is the budget's dial pacing state; guarded by budget.mu.
+// pacer is a server's dial pacing state; guarded by budget.mu.
 type pacer struct {
 	slots int    // dials allowed at once, claims included
 	good  int    // dials near the baseline since slots last changed
@@ -81,10 +81,10 @@ func (p *pacer) dialedLocked(t *token, took time.Duration, limit int, now time.T
 	}
 }
 
-// dialSlotFreeLocked reports whether another caller may start a dial, or
-// an eviction for one.
-func (b *budget) dialSlotFreeLocked() bool {
-	return b.dialing+b.claims < min(b.pace.slots, b.limit)
+// dialSlotFreeLocked reports whether another caller may start a dial to s,
+// or an eviction for one.
+func (s *tokens) dialSlotFreeLocked() bool {
+	return s.dialing+s.claims < min(s.pace.slots, s.limit)
 }
 
 // dropClaimLocked takes back the token w was promised, if any.
@@ -92,6 +92,6 @@ func (b *budget) dropClaimLocked(w *waiter) {
 	if w.claim != nil {
 		w.claim.claim = nil
 		w.claim = nil
-		b.claims--
+		w.db.srv.claims--
 	}
 }

@@ -179,8 +179,9 @@ func TestLoweredIdleTimeoutRearmsTheReaper(t *testing.T) {
 	require.NoError(t, err)
 	b := newBudget(cfg, realClock{}, nopIO{})
 	defer b.close()
-	d := &database{key: dbKey{database: "db"}, workspace: "ws", refs: 1}
-	b.dbs[d.key] = d
+	b.mu.Lock()
+	d := addDatabaseLocked(b, dbKey{database: "db"}, "ws", 0, time.Now())
+	b.mu.Unlock()
 	be1, be2 := mustCheckout(t, b, d), mustCheckout(t, b, d) // both busy
 	b.checkin(be1)                                           // the reaper is armed for +30m
 	require.Same(t, be1, mustCheckout(t, b, d))              // nothing idle now

@@ -423,10 +423,11 @@ func (m *stateMachine) dump() string {
 		defer b.mu.Unlock()
 	}
 	var sb strings.Builder
+	sv := m.srv()
 	fmt.Fprintf(&sb, "  limit %d reserved %d shared %d/%d open %d dialing %d inUse %d idle %d closing %d waiting %d seeking %d closed %v reaper %v@%s dialTime %s\n",
-		b.limit, b.reserved, b.sharedInUse, b.sharedLive, b.open, b.dialing, b.inUse, b.idle, b.closing, b.waiting, b.queue.len, b.closed,
+		sv.limit, sv.reserved, sv.sharedInUse, sv.sharedLive, sv.open, sv.dialing, sv.inUse, sv.idle, sv.closing, b.waiting, sv.queue.len, b.closed,
 		b.reaper.armed, b.reaper.at.Sub(smEpoch), b.dialTime.duration())
-	for w := b.queue.front; w != nil; w = b.queue.next(w) {
+	for w := sv.queue.front; w != nil; w = sv.queue.next(w) {
 		id := -1
 		if sw := m.byW[w]; sw != nil {
 			id = sw.id
@@ -682,6 +683,15 @@ func (m *stateMachine) paceDialed(tk *smToken, took time.Duration) {
 
 // slots is the number of dials (and claims) the pacing allows at once.
 func (m *stateMachine) slots() int { return min(m.paceSlots, m.limit()) }
+
+// srv returns the server of the model's databases (all on one), or an
+// empty one while the budget has forgotten it.
+func (m *stateMachine) srv() *server {
+	if s := m.b.servers[serverKey{}]; s != nil {
+		return s
+	}
+	return &server{}
+}
 
 // inFlightLocked counts the dials under way and the waiters promised the
 // token of a backend being closed for them; b.mu is held.
@@ -1051,7 +1061,8 @@ func (m *stateMachine) observe() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	m.preQueue = m.preQueue[:0]
-	for w := b.queue.front; w != nil; w = b.queue.next(w) {
+	sv := m.srv()
+	for w := sv.queue.front; w != nil; w = sv.queue.next(w) {
 		sw := m.byW[w]
 		if sw == nil {
 			m.locked = true
@@ -1062,7 +1073,7 @@ func (m *stateMachine) observe() {
 	for _, sw := range m.waiters {
 		sw.preSeeking, sw.preClaim, sw.granted = sw.w.seekingLocked(), sw.w.claim != nil, false
 	}
-	m.preOpen, m.preShared, m.preReserved = b.open, b.sharedInUse, m.reservedSum()
+	m.preOpen, m.preShared, m.preReserved = b.open, sv.sharedInUse, m.reservedSum()
 	m.preInFlight = m.inFlightLocked()
 	m.preLive = map[*smDB]int{}
 	for _, D := range m.dbs {
@@ -1347,6 +1358,7 @@ func (m *stateMachine) check() {
 	// Databases: forgotten exactly when nothing uses them and they hold no
 	// token; otherwise the budget's numbers are the model's.
 	totalOpen := 0
+	anyState := false
 	for _, D := range m.dbs {
 		c := m.counts(D)
 		totalOpen += c.open
@@ -1378,6 +1390,7 @@ func (m *stateMachine) check() {
 		if d.refs != D.refs() {
 			m.fail("%s: refs %d, the model %d (regs %d handles %d awaiting %d)", D.ws, d.refs, D.refs(), D.regs, D.handles, D.awaiting)
 		}
+		anyState = true
 		if d.reserved != D.reserved || d.capOverride != D.maxConns || b.capLocked(d) != m.capOf(D) {
 			m.fail("%s: reserved %d maxConns %d cap %d; the model %d %d %d", D.ws, d.reserved, d.capOverride, b.capLocked(d), D.reserved, D.maxConns, m.capOf(D))
 		}
@@ -1407,12 +1420,23 @@ func (m *stateMachine) check() {
 			i++
 		}
 	}
+	if !anyState {
+		// The budget forgets a server with its last database, dial pacing
+		// included: the next database on it starts from scratch.
+		if len(b.servers) != 0 {
+			m.fail("no database state left, yet %d servers kept", len(b.servers))
+		}
+		if m.paceSlots != 4 || m.paceGood != 0 || m.paceEpoch != 0 || len(m.paceDials) != 0 {
+			m.logf("server forgotten: dial pacing restarts")
+		}
+		m.paceSlots, m.paceGood, m.paceEpoch, m.paceDials = 4, 0, 0, nil
+	}
 	_, sharedLive := m.shared()
 	switch {
 	case b.open != totalOpen:
 		m.fail("budget holds %d tokens; the model counts %d", b.open, totalOpen)
-	case b.reserved != m.reservedSum():
-		m.fail("budget reserves %d; the model %d", b.reserved, m.reservedSum())
+	case m.srv().reserved != m.reservedSum():
+		m.fail("budget reserves %d; the model %d", m.srv().reserved, m.reservedSum())
 	case b.waiting != len(m.waiters):
 		m.fail("budget has %d waiting; the model %d", b.waiting, len(m.waiters))
 	case float64(b.dialTime) != m.dialTime:
@@ -1467,11 +1491,12 @@ func (m *stateMachine) check() {
 	if inFlight > m.slots() && inFlight > m.preInFlight {
 		m.fail("%d dials and claims under way, over the %d dial slots (was %d)", inFlight, m.slots(), m.preInFlight)
 	}
-	if b.claims != inFlight-len(m.dialingTokens()) {
-		m.fail("the budget counts %d claims; %d waiters hold one", b.claims, inFlight-len(m.dialingTokens()))
+	sv := m.srv()
+	if sv.claims != inFlight-len(m.dialingTokens()) {
+		m.fail("the budget counts %d claims; %d waiters hold one", sv.claims, inFlight-len(m.dialingTokens()))
 	}
 	victim := m.victim()
-	for w := b.queue.front; w != nil && inFlight < m.slots(); w = b.queue.next(w) {
+	for w := sv.queue.front; w != nil && inFlight < m.slots(); w = sv.queue.next(w) {
 		if D := m.byW[w].db; w.claim == nil && m.room(D) && m.live(D) < m.capOf(D) {
 			m.fail("a caller of %s waits for a token while one is free for it", D.ws)
 		}
@@ -1857,7 +1882,7 @@ func (m *stateMachine) reject(tk *smToken) {
 		if v != nil {
 			m.exp.idle[v] = reasonServerFull
 		}
-		gone := m.b.relieveServer()
+		gone := m.b.relieveServer(tk.tok.db)
 		if (gone == nil) != (v == nil) {
 			m.fail("relieveServer returned %v; the model's victim is %v", gone, v)
 		}
@@ -2182,9 +2207,9 @@ func (m *stateMachine) finish() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	m.locked = true
-	if b.open != 0 || len(b.dbs) != 0 || b.reserved != 0 || b.sharedInUse != 0 || b.sharedLive != 0 || b.waiting != 0 || b.queue.len != 0 {
-		m.fail("after everything closed: open %d, %d database states, reserved %d, shared %d/%d, waiting %d",
-			b.open, len(b.dbs), b.reserved, b.sharedInUse, b.sharedLive, b.waiting)
+	if b.open != 0 || len(b.dbs) != 0 || len(b.servers) != 0 || b.waiting != 0 {
+		m.fail("after everything closed: open %d, %d database states, %d servers, waiting %d",
+			b.open, len(b.dbs), len(b.servers), b.waiting)
 	}
 	for _, t := range m.clk.all() {
 		if _, active := t.state(); active {

@@ -13,15 +13,19 @@ import (
 // DSN, user or password (servers are named by host and port), and marshals
 // to JSON with camelCase names.
 type Stats struct {
-	Limit    int `json:"limit"`    // the budget
+	// Limit is the sum of the budgets of the servers in use (each gets
+	// MaxConnections unless ServerMaxConnections names it), MaxConnections
+	// before any database is opened. The counters that follow are sums over
+	// the servers too; Servers has each one's.
+	Limit    int `json:"limit"`
 	Reserved int `json:"reserved"` // connections reserved by databases for themselves
 	Open     int `json:"open"`     // tokens held: InUse + Idle + Dialing + Closing
 	InUse    int `json:"inUse"`
 	Idle     int `json:"idle"`
 	Dialing  int `json:"dialing"`
-	Closing  int `json:"closing"` // closed, waiting for the server to end the backend
-	Waiting  int `json:"waiting"` // callers waiting for a backend or a token
-	PeakOpen int `json:"peakOpen"`
+	Closing  int `json:"closing"`  // closed, waiting for the server to end the backend
+	Waiting  int `json:"waiting"`  // callers waiting for a backend or a token
+	PeakOpen int `json:"peakOpen"` // the most tokens held at once, across servers
 	// LongestUse is how long the connection checked out longest ago has
 	// been held by its caller, across all databases: minutes here mean a
 	// *sql.Conn, Rows or Tx that is never closed.
@@ -57,17 +61,32 @@ type Stats struct {
 	Servers []ServerStats `json:"servers"`
 }
 
-// ServerStats describes one server's circuit in a Stats snapshot. While a
-// server is down its callers wait for one probe dial at a time to succeed.
+// ServerStats describes one server's budget and circuit in a Stats
+// snapshot. While a server is down its callers wait for one probe dial at
+// a time to succeed.
 type ServerStats struct {
-	Server    string        `json:"server"` // host:port
+	Server   string `json:"server"` // host:port
+	Limit    int    `json:"limit"`  // its budget
+	Reserved int    `json:"reserved"`
+	Open     int    `json:"open"` // tokens of its budget held: InUse + Idle + Dialing + Closing
+	InUse    int    `json:"inUse"`
+	Idle     int    `json:"idle"`
+	Dialing  int    `json:"dialing"`
+	Closing  int    `json:"closing"`
+	PeakOpen int    `json:"peakOpen"`
+	// DialSlots is how many dials (or evictions for one) the pacing lets
+	// start at once now.
+	DialSlots int           `json:"dialSlots"`
+	Waiting   int           `json:"waiting"` // callers waiting on its databases: for a backend, a token, or it to come back
 	Down      bool          `json:"down"`
 	DownSince time.Time     `json:"downSince"`   // zero while up
 	DownFor   time.Duration `json:"downForNs"`   // zero while up
-	Waiting   int           `json:"waiting"`     // callers waiting for it to come back; zero while up
 	LastError string        `json:"lastError"`   // what the last dial found, while down: no DSN, user or password
 	Outages   uint64        `json:"outages"`     // times it went down
 	Failed    uint64        `json:"failedWaits"` // callers whose wait ended while it was down (ErrServerDown)
+	// Fleet is its fleet budget's coordination, nil without one
+	// (Config.FleetMaxConnections). Limit is then the share leased.
+	Fleet *FleetStats `json:"fleet,omitempty"`
 }
 
 // DatabaseStats describes one database in a Stats snapshot.
@@ -108,8 +127,10 @@ func (d *Driver) Stats() Stats {
 			"other": b.dialErrors[dialOther]},
 	}
 	for _, x := range b.servers {
-		s.Servers = append(s.Servers, ServerStats{Server: x.label, Down: x.down, DownSince: x.since, DownFor: x.downFor,
-			Waiting: x.waiting, LastError: x.lastErr, Outages: x.outages, Failed: x.failed})
+		s.Servers = append(s.Servers, ServerStats{Server: x.label, Limit: x.limit, Reserved: x.reserved, Open: x.open,
+			InUse: x.inUse, Idle: x.idle, Dialing: x.dialing, Closing: x.closing, PeakOpen: x.peakOpen, DialSlots: x.dialSlots,
+			Waiting: x.waiting, Down: x.down, DownSince: x.since, DownFor: x.downFor,
+			LastError: x.lastErr, Outages: x.outages, Failed: x.failed, Fleet: x.fleet})
 	}
 	sort.Slice(s.Servers, func(i, j int) bool {
 		if s.Servers[i].Down != s.Servers[j].Down {
