@@ -355,8 +355,8 @@ func (b *budget) capLocked(d *database) int {
 	if d.capOverride > 0 {
 		c = d.capOverride
 	}
-	if c > d.srv.limit {
-		c = d.srv.limit
+	if c > d.srv.max {
+		c = d.srv.max // not the fleet's share: a caller at it waits for a lease, not for a backend of its own
 	}
 	if c < d.reserved {
 		c = d.reserved
@@ -822,9 +822,13 @@ func (b *budget) seekLocked(w *waiter) {
 	if w.sought.IsZero() {
 		w.sought = b.clock.Now()
 	}
+	s := w.db.srv
 	w.db.seeking++
-	w.db.srv.queue.pushBack(w)
-	b.serveQueueLocked(w.db.srv)
+	s.queue.pushBack(w)
+	if s.fleet != nil && !b.roomLocked(w.db) {
+		s.fleet.poke() // more slots may be leased from the fleet
+	}
+	b.serveQueueLocked(s)
 }
 
 // growLocked lets waiters of d dial while its pool should grow (see
