@@ -240,7 +240,13 @@ func startFleet(connCfg *pgx.ConnConfig, s fleetSettings, host fleetHost, clk cl
 	if cfg.RuntimeParams == nil {
 		cfg.RuntimeParams = map[string]string{}
 	}
-	cfg.RuntimeParams["application_name"] = "tenantpg fleet " + s.name
+	// Named for the operator reading pg_stat_activity: the application's
+	// own name first, when its DSN sets one, so its sessions group together.
+	app := "tenantpg fleet " + s.name
+	if own := cfg.RuntimeParams["application_name"]; own != "" {
+		app = own + " (" + app + ")"
+	}
+	cfg.RuntimeParams["application_name"] = app
 	if cfg.ConnectTimeout <= 0 || cfg.ConnectTimeout > fleetDialMax {
 		cfg.ConnectTimeout = fleetDialMax
 	}

@@ -21,9 +21,7 @@ func TestMain(m *testing.M) {
 }
 
 // TestFleetShort runs two replica processes through static and fleet mode,
-// with the kill, small and short. It asserts what holds with and without
-// the library's fleet feature; the lines marked "fleet:" are the checks to
-// add once the feature lands.
+// with the kill, small and short: the CI version of the fleet measurement.
 func TestFleetShort(t *testing.T) {
 	o := defaultOptions()
 	o.replicas, o.workers, o.coldWorkers = 2, 4, 1
@@ -74,11 +72,24 @@ func TestFleetShort(t *testing.T) {
 	if k := fleet.kill; k == nil || k.skipped != "" || k.held == 0 || k.goneAfter < 0 {
 		t.Errorf("fleet: the kill did not happen or its sessions never left the server: %+v", k)
 	}
-	// fleet: if fleet.peak > o.fleetBudget { t.Errorf(...) } // the server's count, coordination sessions included
-	// fleet: if fleet.refused != 0 || fleet.rejected != 0 { t.Errorf(...) } // no 53300 at all: the replicas never over-ask
-	// fleet: if fleet.errorCount() != 0 { t.Errorf(...) }
-	// fleet: if fleet.coordPeak != o.replicas { t.Errorf(...) } // one coordination session per replica
-	// fleet: if fleet.kill.reuseAfter < 0 || fleet.kill.reuseAfter > killTarget { t.Errorf(...) }
+	// The fleet's cap holds on the server's own count, coordination
+	// sessions included, and nobody ever asks it for more.
+	if fleet.peak > o.fleetBudget {
+		t.Errorf("fleet: server peak %d over the fleet budget %d", fleet.peak, o.fleetBudget)
+	}
+	if fleet.refused != 0 || fleet.rejected != 0 || fleet.errorCount() != 0 {
+		t.Errorf("fleet: %d refusals in the log, %d refused dials, caller errors %s; first error: %s",
+			fleet.refused, fleet.rejected, fleet.errorText(), fleet.firstErr)
+	}
+	if fleet.coordPeak != o.replicas {
+		t.Errorf("fleet: %d coordination sessions at most, want one per replica (%d)", fleet.coordPeak, o.replicas)
+	}
+	// How soon the killed replica's slots served the others is measured
+	// (BENCHMARKS.md), not asserted: a time bound would fail on a loaded
+	// machine without anything being wrong.
+	if k := fleet.kill; k != nil {
+		t.Logf("fleet: the killed replica's slots served the others after %v", k.reuseAfter)
+	}
 
 	for name, text := range map[string]string{"output": out.String(), "status": status.String()} {
 		if strings.Contains(text, password) {

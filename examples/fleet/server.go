@@ -155,6 +155,11 @@ func readSessions(ctx context.Context, conn *sql.Conn, role, coordDB string) (sn
 			return snap, err
 		}
 		snap.total += n
+		// A replica's coordination session is named "replica-<i> (tenantpg
+		// fleet ...)": it counts as the replica's, as its slot does.
+		if i := strings.IndexByte(app, ' '); i > 0 && strings.HasPrefix(app, "replica-") {
+			app = app[:i]
+		}
 		snap.byApp[app] += n
 		if coord {
 			snap.coord += n
