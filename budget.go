@@ -1493,6 +1493,15 @@ func (b *budget) checkLeaks() {
 // they are checked in. Raising it serves waiters.
 func (b *budget) reconfigure(cfg Config) error {
 	b.mu.Lock()
+	if fs := (fleetSettings{max: cfg.FleetMaxConnections, name: cfg.FleetName, database: cfg.FleetDatabase}); fs != b.fleet {
+		for _, s := range b.servers {
+			if s.fleet != nil {
+				b.mu.Unlock()
+				return &ConfigError{Field: "FleetMaxConnections",
+					Reason: "the fleet settings cannot change once a server's coordination has started; set them before the first connection"}
+			}
+		}
+	}
 	for _, s := range b.servers {
 		if limit := serverLimit(cfg.MaxConnections, cfg.ServerMaxConnections, s.label); limit < s.reserved {
 			b.mu.Unlock()

@@ -176,6 +176,10 @@ func (c Config) normalize() (Config, error) {
 			Reason: fmt.Sprintf("must be at least 3 (a coordination session, a connection, and one kept free for a process joining), got %d", c.FleetMaxConnections)}
 	}
 	if c.FleetMaxConnections > 0 {
+		if c.MaxConnections < 2 {
+			return c, &ConfigError{Field: "MaxConnections",
+				Reason: fmt.Sprintf("with a fleet budget it must be at least 2 (the coordination session counts in it), got %d", c.MaxConnections)}
+		}
 		if c.FleetName == "" {
 			c.FleetName = fleetDefaultName
 		}
