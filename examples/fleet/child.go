@@ -68,6 +68,11 @@ type line struct {
 	// last line still counts.
 	Dials    uint64 `json:"dials"`
 	Rejected uint64 `json:"rejected"` // dials the server refused with 53300 (the driver retries them)
+	// The driver's state at the end of the second: connections held,
+	// callers waiting, and its fleet share (0 without a fleet budget).
+	Open    int `json:"open"`
+	Waiting int `json:"waiting"`
+	Share   int `json:"share"`
 
 	Final bool `json:"final,omitempty"`
 }
@@ -137,7 +142,13 @@ func (r *recorder) flush(spec childSpec, upTo int, enc *json.Encoder) {
 		s := taken[i]
 		st := tenantpg.Default().Stats()
 		l := line{Replica: spec.Replica, Sec: k, Ops: s.ops, FirstErr: s.firstErr,
-			Hot: spec.hot(r.start.Add(time.Duration(k) * time.Second)), Dials: st.Dials, Rejected: st.DialErrors["rejected"]}
+			Hot: spec.hot(r.start.Add(time.Duration(k) * time.Second)), Dials: st.Dials, Rejected: st.DialErrors["rejected"],
+			Open: st.Open, Waiting: st.Waiting}
+		for _, sv := range st.Servers {
+			if sv.Fleet != nil {
+				l.Share += sv.Fleet.Share
+			}
+		}
 		if len(s.errs) > 0 {
 			l.Errs = s.errs
 		}

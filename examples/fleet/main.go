@@ -49,6 +49,7 @@ type options struct {
 	sampleEvery                    time.Duration
 	modes                          []string
 	kill                           bool
+	timeline                       bool
 	seed                           int64
 	zipfS                          float64
 	dsn                            string
@@ -80,6 +81,7 @@ func main() {
 	flag.DurationVar(&o.duration, "duration", o.duration, "traffic per mode (whole seconds)")
 	flag.DurationVar(&o.opTimeout, "op-timeout", o.opTimeout, "deadline of one read")
 	modes := flag.String("modes", strings.Join(o.modes, ","), "modes to run, in order: fleet, static, uncoordinated")
+	flag.BoolVar(&o.timeline, "timeline", false, "print each replica's ops/open/fleet share/waiting per second")
 	flag.BoolVar(&o.kill, "kill", o.kill, "in fleet mode, SIGKILL a non-hot replica mid-run and time the reuse of its slots")
 	flag.Int64Var(&o.seed, "seed", o.seed, "seed of the workers' random streams (the same in every mode)")
 	flag.Float64Var(&o.zipfS, "zipf", o.zipfS, "Zipf exponent s (> 1) of the workspace choice")

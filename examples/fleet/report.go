@@ -151,6 +151,10 @@ func (rep *report) write(w io.Writer) {
 		fmt.Fprintln(w)
 	}
 
+	if o.timeline {
+		rep.writeTimeline(w)
+	}
+
 	fmt.Fprintln(w, "\nSummary:")
 	fleet, static, unco := rep.mode("fleet"), rep.mode("static"), rep.mode("uncoordinated")
 	if fleet != nil && static != nil && rep.opsPerSec(static) > 0 {
@@ -190,4 +194,34 @@ func (l *lockedWriter) Write(b []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(b)
+}
+
+// writeTimeline prints, per mode and second, each replica's reads,
+// connections held, fleet share and callers waiting: where a budget that
+// should follow the load lags behind it.
+func (rep *report) writeTimeline(w io.Writer) {
+	o := rep.o
+	for _, m := range rep.modes {
+		fmt.Fprintf(w, "\n%s, per second: ops/open/share/waiting by replica (* hot)\n\n| s |", m.mode)
+		for i := 0; i < o.replicas; i++ {
+			fmt.Fprintf(w, " r%d |", i)
+		}
+		fmt.Fprintf(w, "\n|---|%s\n", strings.Repeat("---|", o.replicas))
+		secs := make([]int, 0, len(m.timeline))
+		for s := range m.timeline {
+			secs = append(secs, s)
+		}
+		slices.Sort(secs)
+		for _, s := range secs {
+			cells := make([]string, o.replicas)
+			for _, l := range m.timeline[s] {
+				hot := ""
+				if l.Hot {
+					hot = "*"
+				}
+				cells[l.Replica] = fmt.Sprintf("%s%d/%d/%d/%d", hot, l.Ops, l.Open, l.Share, l.Waiting)
+			}
+			fmt.Fprintf(w, "| %d | %s |\n", s, strings.Join(cells, " | "))
+		}
+	}
 }

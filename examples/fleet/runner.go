@@ -37,6 +37,9 @@ type modeResult struct {
 	refusedLossy             bool // some may have scrolled past
 	exitErrs                 []string
 	kill                     *killResult
+	// timeline holds every replica's per-second lines by second, for
+	// -timeline.
+	timeline map[int][]line
 }
 
 // killResult is the kill -9 measurement of fleet mode.
@@ -281,6 +284,10 @@ func (r *modeResult) aggregate(o options, lines []line) {
 			continue
 		}
 		r.lines++
+		if r.timeline == nil {
+			r.timeline = map[int][]line{}
+		}
+		r.timeline[l.Sec] = append(r.timeline[l.Sec], l)
 		for k, n := range l.Errs {
 			r.errs[k] += n
 		}
