@@ -126,11 +126,11 @@ func (rep *report) write(w io.Writer) {
 	o := rep.o
 	fmt.Fprintf(w, "\n## Fleet budget F=%d: %d replicas × %d workers (%d while not hot), W=%d Zipf s=%.2f, phase %s, %s per mode\n\n",
 		o.fleetBudget, o.replicas, o.workers, o.coldWorkers, o.workspaces, o.zipfS, o.phase, o.duration)
-	fmt.Fprintln(w, "| mode | budget per replica | ops/s | p50 ms | p99 ms | caller errors | server peak (role) | coordination sessions | 53300 in server log | drivers' refused dials | kill -9 → slots reused |")
-	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|")
+	fmt.Fprintln(w, "| mode | budget per replica | ops/s | dials/s | p50 ms | p99 ms | caller errors | server peak (role) | coordination sessions | 53300 in server log | drivers' refused dials | kill -9 → slots reused |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|")
 	for _, m := range rep.modes {
-		fmt.Fprintf(w, "| %s | %d | %.0f | %.2f | %.2f | %s | %d / %d | %d | %s | %d | %s |\n",
-			m.mode, m.perReplica, rep.opsPerSec(m), percentile(m.hist, 0.5), percentile(m.hist, 0.99),
+		fmt.Fprintf(w, "| %s | %d | %.0f | %.0f | %.2f | %.2f | %s | %d / %d | %d | %s | %d | %s |\n",
+			m.mode, m.perReplica, rep.opsPerSec(m), float64(m.dials)/o.duration.Seconds(), percentile(m.hist, 0.5), percentile(m.hist, 0.99),
 			m.errorText(), m.peak, o.fleetBudget, m.coordPeak, rep.refusedText(m), m.rejected, m.kill.text())
 	}
 

@@ -31,6 +31,7 @@ type modeResult struct {
 	badLines     int    // stdout lines that were not JSON
 	finals       int    // replicas that reached their final line
 	rejected     uint64 // the drivers' dials refused with 53300, summed over replicas
+	dials        uint64 // the drivers' dials, summed over replicas
 
 	peak, coordPeak, samples int
 	refused                  int  // 53300 lines in the server log
@@ -273,12 +274,14 @@ func (r *modeResult) aggregate(o options, lines []line) {
 	r.opsByPhase = make([]int64, phases)
 	runSecs := int(o.duration / time.Second)
 	rejected := make([]uint64, o.replicas) // cumulative in each line: keep the last
+	dials := make([]uint64, o.replicas)
 	for _, l := range lines {
 		if l.Replica < 0 || l.Replica >= o.replicas {
 			r.badLines++
 			continue
 		}
 		rejected[l.Replica] = max(rejected[l.Replica], l.Rejected)
+		dials[l.Replica] = max(dials[l.Replica], l.Dials)
 		if l.Final {
 			r.finals++
 			continue
@@ -306,8 +309,9 @@ func (r *modeResult) aggregate(o options, lines []line) {
 			r.hist[b] += n
 		}
 	}
-	for _, n := range rejected {
+	for i, n := range rejected {
 		r.rejected += n
+		r.dials += dials[i]
 	}
 }
 
