@@ -73,6 +73,8 @@ type line struct {
 	Open    int `json:"open"`
 	Waiting int `json:"waiting"`
 	Share   int `json:"share"`
+	// Yielded counts the backends it closed for other replicas so far.
+	Yielded uint64 `json:"yielded"`
 
 	Final bool `json:"final,omitempty"`
 }
@@ -143,7 +145,7 @@ func (r *recorder) flush(spec childSpec, upTo int, enc *json.Encoder) {
 		st := tenantpg.Default().Stats()
 		l := line{Replica: spec.Replica, Sec: k, Ops: s.ops, FirstErr: s.firstErr,
 			Hot: spec.hot(r.start.Add(time.Duration(k) * time.Second)), Dials: st.Dials, Rejected: st.DialErrors["rejected"],
-			Open: st.Open, Waiting: st.Waiting}
+			Open: st.Open, Waiting: st.Waiting, Yielded: st.Evictions["fleet"]}
 		for _, sv := range st.Servers {
 			if sv.Fleet != nil {
 				l.Share += sv.Fleet.Share

@@ -169,6 +169,9 @@ func (rep *report) write(w io.Writer) {
 	for _, m := range rep.modes {
 		fmt.Fprintf(w, "- %s: %.0f ops/s, %s caller errors, the role peaked at %d of %d sessions, %s refusals in the server log",
 			m.mode, rep.opsPerSec(m), m.errorText(), m.peak, o.fleetBudget, rep.refusedText(m))
+		if m.yielded > 0 {
+			fmt.Fprintf(w, ", %d backends closed for another replica", m.yielded)
+		}
 		if m.firstErr != "" {
 			fmt.Fprintf(w, "; first error: %s", strings.ReplaceAll(m.firstErr, password, "****"))
 		}

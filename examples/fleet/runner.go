@@ -32,6 +32,7 @@ type modeResult struct {
 	finals       int    // replicas that reached their final line
 	rejected     uint64 // the drivers' dials refused with 53300, summed over replicas
 	dials        uint64 // the drivers' dials, summed over replicas
+	yielded      uint64 // backends closed for another replica, summed over replicas
 
 	peak, coordPeak, samples int
 	refused                  int  // 53300 lines in the server log
@@ -275,6 +276,7 @@ func (r *modeResult) aggregate(o options, lines []line) {
 	runSecs := int(o.duration / time.Second)
 	rejected := make([]uint64, o.replicas) // cumulative in each line: keep the last
 	dials := make([]uint64, o.replicas)
+	yielded := make([]uint64, o.replicas)
 	for _, l := range lines {
 		if l.Replica < 0 || l.Replica >= o.replicas {
 			r.badLines++
@@ -282,6 +284,7 @@ func (r *modeResult) aggregate(o options, lines []line) {
 		}
 		rejected[l.Replica] = max(rejected[l.Replica], l.Rejected)
 		dials[l.Replica] = max(dials[l.Replica], l.Dials)
+		yielded[l.Replica] = max(yielded[l.Replica], l.Yielded)
 		if l.Final {
 			r.finals++
 			continue
@@ -312,6 +315,7 @@ func (r *modeResult) aggregate(o options, lines []line) {
 	for i, n := range rejected {
 		r.rejected += n
 		r.dials += dials[i]
+		r.yielded += yielded[i]
 	}
 }
 
