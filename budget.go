@@ -1890,11 +1890,15 @@ func (f fleetSide) fleetYield(n, fair int) {
 	b.refreshLimitLocked(s, reasonFleet)
 }
 
+// fleetLost falls back to the smaller of what s held and the share it was
+// given (a fair share): its slots are free for other processes until the
+// session is back, so only the role's CONNECTION LIMIT holds the cap
+// meanwhile, and the less s holds the less it can overshoot.
 func (f fleetSide) fleetLost(n int) {
 	b, s := f.b, f.s
 	b.mu.Lock()
 	defer b.unlock()
-	s.held = n
+	s.held = min(s.held, n)
 	b.refreshLimitLocked(s, reasonFleet)
 }
 

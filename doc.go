@@ -1,8 +1,12 @@
 // Package tenantpg is a database/sql driver for applications that give every
 // tenant (workspace) its own PostgreSQL database. Every physical connection,
-// to every database opened through it, draws one token from one process-wide
-// budget, so the server never sees more connections than the budget however
-// many workspaces are open.
+// to every database opened through it, draws one token from the budget of
+// its server (host and port; [Config.MaxConnections] each, or a figure of
+// its own in [Config.ServerMaxConnections]), so a server never sees more
+// connections than its budget however many workspaces are open. With
+// [Config.FleetMaxConnections] one budget is shared by every process (every
+// replica of a service) using the same server and role, coordinated through
+// advisory locks on one session per process (see "Fleet budget" below).
 //
 // # Why
 //
@@ -99,6 +103,18 @@
 // When a probe connects, the waiting callers proceed. A restart thus shows
 // up as latency: only statements in flight when the server went down fail,
 // and callers whose deadline passes first get a [ServerDownError].
+//
+// # Fleet budget
+//
+// With [Config.FleetMaxConnections] set (equal to the role's CONNECTION
+// LIMIT), each process leases slots of that budget as session-level
+// advisory locks held by one coordination session per server, in batches,
+// and dials only on a leased slot. A process short of slots asks the others
+// with NOTIFY; they close idle backends down to what their callers use (and
+// busy ones beyond a fair share as they are returned) and unlock those
+// slots. A process that dies frees its slots when its session ends;
+// [Driver.Close] unlocks them at once. The coordination session counts in
+// the budget, and one slot is kept free for a joining process's session.
 //
 // Idle backends older than [Config.ConnMaxIdleTime] and backends older
 // than [Config.ConnMaxLifetime] are closed by the driver itself. A database
