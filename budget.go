@@ -1845,12 +1845,20 @@ type fleetSide struct {
 func (f fleetSide) fleetNeed() int {
 	b, s := f.b, f.s
 	b.mu.Lock()
-	defer b.mu.Unlock()
+	defer b.unlock()
 	if b.closed {
 		return 0
 	}
+	now := b.clock.Now()
+	if !s.capUntil.IsZero() && !now.Before(s.capUntil) {
+		// The yield is over: s may grow back to the slots it holds. The
+		// coordinator asks at least once a second, so the cap lasts at
+		// most that much longer than fleetYieldFor.
+		s.capUntil = time.Time{}
+		b.refreshLimitLocked(s, reasonFleet)
+	}
 	need := s.open + s.queue.len - s.claims
-	if b.clock.Now().Before(s.capUntil) {
+	if now.Before(s.capUntil) {
 		need = min(need, max(s.fleetCap, s.open))
 	}
 	return max(0, min(need, s.max-1))
