@@ -1901,12 +1901,17 @@ func (f fleetSide) fleetYield(n, fair int) {
 // fleetLost falls back to the smaller of what s held and the share it was
 // given (a fair share): its slots are free for other processes until the
 // session is back, so only the role's CONNECTION LIMIT holds the cap
-// meanwhile, and the less s holds the less it can overshoot.
+// meanwhile, and the less s holds the less it can overshoot. A process
+// that never held a share (its coordination session cannot connect) gets
+// the share it was given, so that a coordination failure is not an outage.
 func (f fleetSide) fleetLost(n int) {
 	b, s := f.b, f.s
 	b.mu.Lock()
 	defer b.unlock()
-	s.held = min(s.held, n)
+	if s.held > 0 {
+		n = min(s.held, n)
+	}
+	s.held = n
 	b.refreshLimitLocked(s, reasonFleet)
 }
 

@@ -86,3 +86,58 @@ func TestFleetDriversShareTheServer(t *testing.T) {
 	require.Greater(t, other.Stats().Open, fleet-2-busy)
 	require.LessOrEqual(t, share(other).Share, fleet-2, "one slot for its session and one kept as the door")
 }
+
+// TestFleetCoordinationLost terminates a driver's coordination session
+// under load: its callers see no error, it falls back to a share it held,
+// and it connects again and leases what it holds before it grows.
+func TestFleetCoordinationLost(t *testing.T) {
+	const fleet, workspaces = 8, 4
+	cfg := Config{MaxConnections: fleet, MaxConnectionsPerDB: 2, FleetMaxConnections: fleet, FleetName: t.Name(),
+		AcquireTimeout: 20 * time.Second}
+	e := newEnv(t, workspaces, cfg)
+	e.setRoleLimit(fleet)
+	dbs := make([]*sql.DB, workspaces)
+	for i := range dbs {
+		dbs[i] = e.open(i)
+	}
+	fleetStats := func() FleetStats {
+		s := e.drv.Stats()
+		require.Len(t, s.Servers, 1)
+		require.NotNil(t, s.Servers[0].Fleet)
+		return *s.Servers[0].Fleet
+	}
+	var errs errCollector
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range 6 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				_, err := dbs[(w+i)%workspaces].ExecContext(context.Background(), "SELECT pg_sleep(0.001)")
+				errs.add(err)
+			}
+		}()
+	}
+	require.Eventually(t, func() bool { return fleetStats().Connected && fleetStats().Share > 1 }, e2eWait, pollEvery)
+	var killed int
+	require.NoError(t, e.srv.Admin().QueryRowContext(context.Background(),
+		`SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1 AND application_name LIKE 'tenantpg fleet%'`,
+		e.role).Scan(&killed))
+	require.Equal(t, 1, killed, "one coordination session per process and server")
+	require.Eventually(t, func() bool { f := fleetStats(); return f.Failures > 0 && f.Connected }, e2eWait, pollEvery,
+		"the coordination session came back")
+	close(stop)
+	wg.Wait()
+	require.Empty(t, errs.list())
+	// Back, it leases what it holds: until then its backends are the
+	// fallback share, which no lock covers.
+	require.Eventually(t, func() bool { s := e.drv.Stats(); return s.Open <= s.Servers[0].Fleet.Share }, e2eWait, pollEvery,
+		"holds backends its leases do not cover")
+	require.Zero(t, e.drv.Stats().DialErrors["rejected"])
+}
