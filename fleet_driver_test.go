@@ -8,6 +8,9 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"go.opentelemetry.io/otel/attribute"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 )
 
 // TestFleetDriversShareTheServer runs two drivers, as two replicas would,
@@ -19,9 +22,12 @@ func TestFleetDriversShareTheServer(t *testing.T) {
 	const fleet, workspaces = 8, 6
 	cfg := Config{MaxConnections: fleet, MaxConnectionsPerDB: 3, FleetMaxConnections: fleet, FleetName: t.Name(),
 		AcquireTimeout: 20 * time.Second}
+	otherCfg := cfg
+	reader := sdkmetric.NewManualReader()
+	cfg.MeterProvider = sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
 	e := newEnv(t, workspaces, cfg)
 	e.setRoleLimit(fleet)
-	other, err := NewDriver(cfg)
+	other, err := NewDriver(otherCfg)
 	require.NoError(t, err)
 	t.Cleanup(func() { other.Close() })
 	drivers := []*Driver{e.drv, other}
@@ -77,6 +83,26 @@ func TestFleetDriversShareTheServer(t *testing.T) {
 	}
 	max, _ := peak.Stop()
 	require.LessOrEqual(t, max, fleet, "the server's count, coordination sessions included")
+
+	// The fleet and the server's budget as metrics, by server.
+	got := collect(t, reader)
+	srv := semconv.ServerAddress(e.srv.Host)
+	metric := func(name string) int64 {
+		v, ok := got.value(name, srv)
+		require.True(t, ok, name)
+		return v
+	}
+	require.EqualValues(t, 2, metric("tenantpg.fleet.members"))
+	require.EqualValues(t, 1, metric("tenantpg.fleet.connected"))
+	require.LessOrEqual(t, metric("tenantpg.fleet.share"), int64(fleet-2)) // may be 0: it gave its idle slots away
+	require.GreaterOrEqual(t, metric("tenantpg.fleet.leased"), metric("tenantpg.fleet.share"))
+	require.Positive(t, metric("tenantpg.fleet.released"), "it gave slots to the other driver")
+	require.Positive(t, metric("tenantpg.fleet.round_trips"))
+	limit, ok := got.value("tenantpg.server.limit", srv)
+	require.True(t, ok)
+	require.Equal(t, int64(e.drv.Stats().Servers[0].Limit), limit)
+	_, ok = got.value("tenantpg.server.connections", srv, attribute.String("tenantpg.connection.state", "idle"))
+	require.True(t, ok)
 
 	// A draining stop: the first driver's slots go back at Close.
 	require.NoError(t, e.drv.Close())

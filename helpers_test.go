@@ -145,7 +145,11 @@ func (e *env) requireQuiescent() {
 }
 
 // samplePeak measures the most backends the server reports for the role.
-func (e *env) samplePeak() *pgtest.PeakSampler { return e.srv.SamplePeak(e.role, 2*time.Millisecond) }
+func (e *env) samplePeak() *pgtest.PeakSampler {
+	p := e.srv.SamplePeak(e.role, 2*time.Millisecond)
+	e.t.Cleanup(func() { p.Stop() }) // registered after the leak check: runs before it, even after a failure
+	return p
+}
 
 // errCollector records errors from many goroutines.
 type errCollector struct {

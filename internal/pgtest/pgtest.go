@@ -536,6 +536,7 @@ func (s *Server) Backends(ctx context.Context, role string) (int, error) {
 type PeakSampler struct {
 	peak, samples atomic.Int64
 	stop, done    chan struct{}
+	stopOnce      sync.Once
 }
 
 // SamplePeak polls pg_stat_activity for role every interval until Stop.
@@ -566,8 +567,9 @@ func (s *Server) SamplePeak(role string, interval time.Duration) *PeakSampler {
 func (p *PeakSampler) Peak() int { return int(p.peak.Load()) }
 
 // Stop ends sampling and returns the peak and how many samples were taken.
+// It may be called again, from a test's cleanup after a failed assertion.
 func (p *PeakSampler) Stop() (peak, samples int) {
-	close(p.stop)
+	p.stopOnce.Do(func() { close(p.stop) })
 	<-p.done
 	return p.Peak(), int(p.samples.Load())
 }
