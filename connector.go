@@ -59,6 +59,9 @@ type database struct {
 	debtAt   time.Time
 
 	lru links[database] // in the budget's recency lists while it has idle backends
+	// spare: in the recency's spare lists, while listed and holding two
+	// live backends or more (lru.go).
+	spare links[database]
 	// protected: one of its backends was reused since it last had none.
 	// Cleared when it holds no backend or is demoted.
 	protected bool

@@ -12,10 +12,27 @@ package tenantpg
 // Only databases with idle backends are in the lists, so choosing a victim
 // is bounded by the budget, not by the number of databases, and usually
 // stops at the first. Every method is called with budget.mu held.
+//
+// A database that grows (it holds a backend and wants another) takes only
+// a spare backend when the budget is full: an idle one of a database that
+// holds at least one more. Evicting a database's last backend costs it a
+// dial when it is next used, and in a budget that holds every active
+// workspace's backend that is soon: hot workspaces growing to their cap by
+// evicting the only backend of colder ones made those dial again and
+// again (BENCHMARKS.md, "Fits in the budget": 2,800 evictions in 10 s, a
+// fifth of the ceiling). The grower's callers are served by its own
+// backends meanwhile. A database with no backend (a miss) evicts as
+// before: it cannot be served otherwise. The spare lists hold, in the
+// same order as the segment lists, the listed databases with two or more
+// live backends, so that the growth victim is found without a scan.
 type slru struct {
 	// Most recently used first; probation is evicted before protected.
 	probation list[database, dbInRecency]
 	protected list[database, dbInRecency]
+	// The databases of probation and protected, in the same order, whose
+	// idle backends are not their last live one (open - closing >= 2).
+	spareProbation list[database, dbSpare]
+	spareProtected list[database, dbSpare]
 	// protectedOpen is Σ db.open over protected databases; above
 	// protectedLimit the least recently used protected database is demoted.
 	protectedOpen int
@@ -25,6 +42,10 @@ type dbInRecency struct{}
 
 func (dbInRecency) links(d *database) *links[database] { return &d.lru }
 
+type dbSpare struct{}
+
+func (dbSpare) links(d *database) *links[database] { return &d.spare }
+
 // segmentOf returns the list d belongs in.
 func (s *slru) segmentOf(d *database) *list[database, dbInRecency] {
 	if d.protected {
@@ -32,6 +53,17 @@ func (s *slru) segmentOf(d *database) *list[database, dbInRecency] {
 	}
 	return &s.probation
 }
+
+// spareOf returns the spare list d belongs in.
+func (s *slru) spareOf(d *database) *list[database, dbSpare] {
+	if d.protected {
+		return &s.spareProtected
+	}
+	return &s.spareProbation
+}
+
+// hasSpare reports whether an idle backend of d would not be its last.
+func hasSpare(d *database) bool { return d.open-d.closing >= 2 }
 
 // touchLocked moves d, which has idle backends, to the front of its segment.
 func (s *slru) touchLocked(d *database) {
@@ -41,10 +73,34 @@ func (s *slru) touchLocked(d *database) {
 	} else {
 		l.pushFront(d)
 	}
+	// The front of both lists, so the spare list keeps the segment's order.
+	if sl := s.spareOf(d); hasSpare(d) {
+		if d.spare.listed {
+			sl.moveToFront(d)
+		} else {
+			sl.pushFront(d)
+		}
+	} else {
+		sl.remove(d)
+	}
 }
 
 // removeLocked takes d, which has no idle backend left, out of the lists.
-func (s *slru) removeLocked(d *database) { s.segmentOf(d).remove(d) }
+func (s *slru) removeLocked(d *database) {
+	s.segmentOf(d).remove(d)
+	s.spareOf(d).remove(d)
+}
+
+// liveDroppedLocked takes d out of the spare list once its live backends
+// dropped below two (one closing, or a dial's token returned). Live
+// backends only grow while d has no idle one (a dial is for a waiter, and a
+// database with waiters has no idle backend), so d never joins the list
+// other than at the front, when touched.
+func (s *slru) liveDroppedLocked(d *database) {
+	if d.spare.listed && !hasSpare(d) {
+		s.spareOf(d).remove(d)
+	}
+}
 
 // reusedLocked records a hit: a backend of d was used again. A database on
 // probation is promoted; when that makes the protected segment hold more
@@ -54,6 +110,7 @@ func (s *slru) reusedLocked(d *database) {
 	if !d.protected {
 		if d.lru.listed {
 			s.probation.remove(d)
+			s.spareProbation.remove(d) // touchLocked lists it again
 		}
 		d.protected = true
 		s.protectedOpen += d.open
@@ -65,6 +122,10 @@ func (s *slru) reusedLocked(d *database) {
 			x.protected = false
 			s.protectedOpen -= x.open
 			s.probation.pushFront(x)
+			if x.spare.listed {
+				s.spareProtected.remove(x)
+				s.spareProbation.pushFront(x)
+			}
 		}
 	}
 	if d.idleBackends.len > 0 {
@@ -83,6 +144,25 @@ func protectedLimit(limit int) int { return max(1, limit*4/5) }
 // reservation, as closing one would free no shared token.
 func (s *slru) victimLocked() *backend {
 	for _, l := range [2]*list[database, dbInRecency]{&s.probation, &s.protected} {
+		for x := l.back; x != nil; x = l.prev(x) {
+			if x.open-x.closing > x.reserved {
+				return x.idleBackends.back
+			}
+		}
+	}
+	return nil
+}
+
+// victimForLocked returns the idle backend to close so that a caller of d
+// can dial: for a miss (d holds no live backend), victimLocked's; for
+// growth, the longest-idle backend of the least recently used database
+// holding a spare one, or nil: d's callers then wait for its own backends,
+// which would serve them before a colder database's re-dial paid off.
+func (s *slru) victimForLocked(d *database) *backend {
+	if d.open-d.closing == 0 {
+		return s.victimLocked()
+	}
+	for _, l := range [2]*list[database, dbSpare]{&s.spareProbation, &s.spareProtected} {
 		for x := l.back; x != nil; x = l.prev(x) {
 			if x.open-x.closing > x.reserved {
 				return x.idleBackends.back

@@ -715,6 +715,21 @@ func (m *stateMachine) victim() *smBackend {
 	return nil
 }
 
+// victimFor is the idle backend the model says an eviction for a caller of
+// D must close: victim's for a miss (D holds no live backend); for growth,
+// only a spare backend, of a database that holds at least two live ones.
+func (m *stateMachine) victimFor(D *smDB) *smBackend {
+	if m.live(D) == 0 {
+		return m.victim()
+	}
+	for _, x := range m.evictionOrder() {
+		if l := m.live(x); l >= 2 && l > x.reserved {
+			return m.idleOf(x)[0]
+		}
+	}
+	return nil
+}
+
 // simShrink is the model of a shrink: every database down to its cap, then
 // the shared pool down to the budget, idle backends only.
 func (m *stateMachine) simShrink() map[*smBackend]evictReason {
@@ -1225,6 +1240,29 @@ func (m *stateMachine) settle() {
 	// Evictions for callers that need a token follow the recency order:
 	// no backend left idle ranks before one closed, unless it sits within
 	// its database's reservation; within a database, longest idle first.
+	// A database that grows takes only a spare backend, the first in that
+	// order among databases holding two live backends or more; a miss
+	// takes the first of all. The claimant is known while it still waits
+	// with the claim; a spare victim (its database keeps a live backend)
+	// whose claimant is not known is held to the growth order, which a
+	// miss's victim meets too.
+	b.mu.Lock()
+	grower := map[*smBackend]bool{}
+	for _, v := range lru {
+		for _, sw := range m.waiters {
+			if sw.w.claim != nil && sw.w.claim == v.tok.tok {
+				grower[v] = m.live(sw.db) > 0
+				if grower[v] && m.live(v.db) == 0 {
+					b.mu.Unlock()
+					m.fail("w%d of %s, which holds a backend, evicted the last backend %d of %s", sw.id, sw.db.ws, v.id, v.db.ws)
+				}
+			}
+		}
+		if _, known := grower[v]; !known {
+			grower[v] = m.live(v.db) > 0
+		}
+	}
+	b.mu.Unlock()
 	for _, v := range lru {
 		for _, mb := range m.alive {
 			if mb.state != smIdle {
@@ -1236,7 +1274,7 @@ func (m *stateMachine) settle() {
 				}
 				continue
 			}
-			if m.live(mb.db) <= mb.db.reserved {
+			if m.live(mb.db) <= mb.db.reserved || grower[v] && m.live(mb.db) < 2 {
 				continue
 			}
 			m.cov.lruCompared++
@@ -1495,12 +1533,11 @@ func (m *stateMachine) check() {
 	if sv.claims != inFlight-len(m.dialingTokens()) {
 		m.fail("the budget counts %d claims; %d waiters hold one", sv.claims, inFlight-len(m.dialingTokens()))
 	}
-	victim := m.victim()
 	for w := sv.queue.front; w != nil && inFlight < m.slots(); w = sv.queue.next(w) {
 		if D := m.byW[w].db; w.claim == nil && m.room(D) && m.live(D) < m.capOf(D) {
 			m.fail("a caller of %s waits for a token while one is free for it", D.ws)
 		}
-		if w.claim == nil && victim != nil {
+		if victim := m.victimFor(m.byW[w].db); w.claim == nil && victim != nil {
 			m.fail("a caller of %s waits for a token while backend %d of %s could be evicted for it", w.db.workspace, victim.id, victim.db.ws)
 		}
 	}
@@ -1915,7 +1952,8 @@ func (m *stateMachine) checkin(mb *smBackend) {
 				if now.Sub(sw.since) < m.handoffAfter {
 					break
 				}
-				if !sw.preClaim && sw.db != D {
+				// A grower takes only a spare backend.
+				if !sw.preClaim && sw.db != D && (m.live(sw.db) == 0 || m.live(D) >= 2) {
 					m.exp.busyReason = reasonHandoff
 					m.cov.starving++
 					break
@@ -2178,7 +2216,7 @@ func (m *stateMachine) finish() {
 	// Whoever still waits can never be served: no token is free for it
 	// and none can be freed.
 	for _, sw := range m.waiters {
-		if m.room(sw.db) || m.victim() != nil {
+		if m.room(sw.db) || m.victimFor(sw.db) != nil {
 			m.fail("w%d of %s still waits with nothing else going on", sw.id, sw.db.ws)
 		}
 	}
