@@ -197,7 +197,8 @@ func (b *budget) shouldDialLocked(d *database, now time.Time) bool {
 
 // dialCostLocked is what a new backend for d costs: the average dial time,
 // twice that when the budget is full and the dial evicts another database's
-// backend, which that database is likely to dial again.
+// backend, which that database is likely to dial again (for growth only a
+// spare one, of a database that keeps another: lru.go).
 func (b *budget) dialCostLocked(d *database) time.Duration {
 	if !b.roomLocked(d) {
 		return 2 * b.dialTime.duration()

@@ -71,8 +71,11 @@
 // caller. Recency is segmented: databases that have reused a backend are
 // protected (up to 80% of the budget) and evicted only after those that
 // have not, so a long tail of workspaces seen once does not push out the
-// hot ones. Choosing a victim does not depend on the number of databases.
-// A backend a handle holds is never touched.
+// hot ones. A database that already holds a backend and wants another
+// takes only a spare backend, of a database that keeps one, or else waits
+// for its own: closing a database's last backend costs that database a dial
+// when it is next used. Choosing a victim does not depend on the number of
+// databases. A backend a handle holds is never touched.
 //
 // Dials are paced: a caller that is to dial first waits for one of a few
 // dial slots (4, more while dials stay near the server's recent fastest,

@@ -316,6 +316,9 @@ type smReaper struct{}
 type smCov struct {
 	evictions, lruCompared, waits, handoffs, growth, patience, reconfigures, demotions, drains     int
 	starving, reaps, rejections, reuses, discards, shrinks, unused, closes, timeouts, dialFailures int
+	// spareTaken: a growing database's caller evicted a spare backend;
+	// growthHeld: one waited while only a last backend was idle.
+	spareTaken, growthHeld int
 }
 
 // smExpect is what the sub-step under way must do.
@@ -1252,6 +1255,9 @@ func (m *stateMachine) settle() {
 		for _, sw := range m.waiters {
 			if sw.w.claim != nil && sw.w.claim == v.tok.tok {
 				grower[v] = m.live(sw.db) > 0
+				if grower[v] {
+					m.cov.spareTaken++
+				}
 				if grower[v] && m.live(v.db) == 0 {
 					b.mu.Unlock()
 					m.fail("w%d of %s, which holds a backend, evicted the last backend %d of %s", sw.id, sw.db.ws, v.id, v.db.ws)
@@ -1536,6 +1542,9 @@ func (m *stateMachine) check() {
 	for w := sv.queue.front; w != nil && inFlight < m.slots(); w = sv.queue.next(w) {
 		if D := m.byW[w].db; w.claim == nil && m.room(D) && m.live(D) < m.capOf(D) {
 			m.fail("a caller of %s waits for a token while one is free for it", D.ws)
+		}
+		if w.claim == nil && m.live(m.byW[w].db) > 0 && m.victimFor(m.byW[w].db) == nil && m.victim() != nil {
+			m.cov.growthHeld++
 		}
 		if victim := m.victimFor(m.byW[w].db); w.claim == nil && victim != nil {
 			m.fail("a caller of %s waits for a token while backend %d of %s could be evicted for it", w.db.workspace, victim.id, victim.db.ws)
@@ -2306,4 +2315,6 @@ func TestBudgetStateMachineCoverage(t *testing.T) {
 	require.Greater(t, cov.discards, 30, "backends found dead at checkout")
 	require.Greater(t, cov.timeouts, 100, "waits ended by the acquire timeout")
 	require.Greater(t, cov.closes, 2, "Close during a run")
+	require.Greater(t, cov.spareTaken, 5, "spare backends evicted for a growing database")
+	require.Greater(t, cov.growthHeld, 20, "growing databases waiting while only a last backend was idle")
 }
