@@ -21,8 +21,9 @@ package tenantpg
 // evicting the only backend of colder ones made those dial again and
 // again (BENCHMARKS.md, "Fits in the budget": 2,800 evictions in 10 s, a
 // fifth of the ceiling). The grower's callers are served by its own
-// backends meanwhile. A database with no backend (a miss) evicts as
-// before: it cannot be served otherwise. The spare lists hold, in the
+// backends meanwhile. A database with no backend (a miss) takes a spare
+// backend too if there is one, and otherwise the least recently used idle
+// one: it cannot be served otherwise. The spare lists hold, in the
 // same order as the segment lists, the listed databases with two or more
 // live backends, so that the growth victim is found without a scan.
 type slru struct {
@@ -154,20 +155,27 @@ func (s *slru) victimLocked() *backend {
 }
 
 // victimForLocked returns the idle backend to close so that a caller of d
-// can dial: for a miss (d holds no live backend), victimLocked's; for
-// growth, the longest-idle backend of the least recently used database
-// holding a spare one, or nil: d's callers then wait for its own backends,
-// which would serve them before a colder database's re-dial paid off.
+// can dial: a spare one first, the longest-idle backend of the least
+// recently used database that keeps another live backend, since closing
+// it costs no database a dial. Failing that, a miss (d holds no live
+// backend) takes victimLocked's, which its callers cannot do without;
+// growth takes nothing and d's callers wait for its own backends, which
+// serve them before a colder database's re-dial would pay off.
+//
+// Spare first for a miss too: in a budget that holds every active
+// database's backend, a miss that closed another's last backend made that
+// one miss in turn, and the misses went round for as long as the load
+// lasted, where taking a spare one leaves every database a backend.
 func (s *slru) victimForLocked(d *database) *backend {
-	if d.open-d.closing == 0 {
-		return s.victimLocked()
-	}
 	for _, l := range [2]*list[database, dbSpare]{&s.spareProbation, &s.spareProtected} {
 		for x := l.back; x != nil; x = l.prev(x) {
 			if x.open-x.closing > x.reserved {
 				return x.idleBackends.back
 			}
 		}
+	}
+	if d.open-d.closing == 0 {
+		return s.victimLocked()
 	}
 	return nil
 }

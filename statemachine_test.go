@@ -719,16 +719,17 @@ func (m *stateMachine) victim() *smBackend {
 }
 
 // victimFor is the idle backend the model says an eviction for a caller of
-// D must close: victim's for a miss (D holds no live backend); for growth,
-// only a spare backend, of a database that holds at least two live ones.
+// D must close: a spare one first, of the first database in the eviction
+// order that holds at least two live backends; failing that, for a miss (D
+// holds no live backend) victim's, and for growth none.
 func (m *stateMachine) victimFor(D *smDB) *smBackend {
-	if m.live(D) == 0 {
-		return m.victim()
-	}
 	for _, x := range m.evictionOrder() {
 		if l := m.live(x); l >= 2 && l > x.reserved {
 			return m.idleOf(x)[0]
 		}
+	}
+	if m.live(D) == 0 {
+		return m.victim()
 	}
 	return nil
 }
@@ -1243,12 +1244,10 @@ func (m *stateMachine) settle() {
 	// Evictions for callers that need a token follow the recency order:
 	// no backend left idle ranks before one closed, unless it sits within
 	// its database's reservation; within a database, longest idle first.
-	// A database that grows takes only a spare backend, the first in that
-	// order among databases holding two live backends or more; a miss
-	// takes the first of all. The claimant is known while it still waits
-	// with the claim; a spare victim (its database keeps a live backend)
-	// whose claimant is not known is held to the growth order, which a
-	// miss's victim meets too.
+	// A spare backend goes first, the first in that order among databases
+	// holding two live backends or more; only a miss takes a last backend,
+	// the first of all, when no spare one is left. The claimant is known
+	// while it still waits with the claim.
 	b.mu.Lock()
 	grower := map[*smBackend]bool{}
 	for _, v := range lru {
@@ -1264,9 +1263,6 @@ func (m *stateMachine) settle() {
 				}
 			}
 		}
-		if _, known := grower[v]; !known {
-			grower[v] = m.live(v.db) > 0
-		}
 	}
 	b.mu.Unlock()
 	for _, v := range lru {
@@ -1280,8 +1276,11 @@ func (m *stateMachine) settle() {
 				}
 				continue
 			}
-			if m.live(mb.db) <= mb.db.reserved || grower[v] && m.live(mb.db) < 2 {
-				continue
+			if m.live(mb.db) <= mb.db.reserved || m.live(v.db) > 0 && m.live(mb.db) < 2 {
+				continue // a spare victim ranks only among spare backends
+			}
+			if m.live(v.db) == 0 && m.live(mb.db) >= 2 {
+				m.fail("the last backend %d of %s evicted while %s kept spare backend %d", v.id, v.db.ws, mb.db.ws, mb.id)
 			}
 			m.cov.lruCompared++
 			if m.evictsBefore(mb.db, v.db) {
