@@ -893,7 +893,7 @@ func (b *budget) serveQueueLocked(s *server) {
 		case w.claim != nil:
 		default:
 			short = true
-			switch v := s.recency.victimForLocked(d); {
+			switch v := s.recency.victimForLocked(d, now); {
 			case v != nil:
 				b.evictLocked(v, reasonLRU, w)
 			case d.open-d.closing > 0:
@@ -1050,9 +1050,10 @@ func (b *budget) starvingLocked(d *database, now time.Time) *waiter {
 		if now.Sub(w.since) < b.handoffAfter {
 			return nil // later ones are younger still
 		}
-		// A database that grows does not take another's last backend
-		// (lru.go): d would dial it again.
-		if w.claim == nil && w.db != d && (w.db.open-w.db.closing == 0 || hasSpare(d)) {
+		// Only a caller of a database with no backend starves: one that
+		// grows is served by its own meanwhile, and d, which uses this
+		// backend now, would dial it back (lru.go).
+		if w.claim == nil && w.db != d && w.db.open-w.db.closing == 0 {
 			if !s.dialSlotFreeLocked() {
 				return nil // its token would wait for a dial slot anyway
 			}

@@ -1,5 +1,7 @@
 package tenantpg
 
+import "time"
+
 // The eviction policy: segmented recency (SLRU) over databases with idle
 // backends. A database one of whose backends was reused (checked out from
 // idle, or passed from one caller straight to the next) is protected, and
@@ -155,30 +157,45 @@ func (s *slru) victimLocked() *backend {
 }
 
 // victimForLocked returns the idle backend to close so that a caller of d
-// can dial: a spare one first, the longest-idle backend of the least
+// can dial at now: a spare one first, the longest-idle backend of the least
 // recently used database that keeps another live backend, since closing
-// it costs no database a dial. Failing that, a miss (d holds no live
-// backend) takes victimLocked's, which its callers cannot do without;
-// growth takes nothing and d's callers wait for its own backends, which
-// serve them before a colder database's re-dial would pay off.
+// it costs no database a dial now. Failing that, a miss (d holds no live
+// backend) takes victimLocked's, which its callers cannot do without.
 //
 // Spare first for a miss too: in a budget that holds every active
 // database's backend, a miss that closed another's last backend made that
-// one miss in turn, and the misses went round for as long as the load
-// lasted, where taking a spare one leaves every database a backend.
-func (s *slru) victimForLocked(d *database) *backend {
+// one miss in turn, where taking a spare one leaves every database one.
+//
+// Growth takes a spare backend only once it has been idle for
+// spareIdleAfter, and takes no last backend: d's callers wait for its own
+// backends meanwhile. A spare backend idle for less is one its database's
+// callers use now and then, and it would dial it back as soon as its own
+// waits added up to a dial: hot databases took each other's backends in
+// turn. Only the least recently used spare database's is looked at, so
+// the choice stays O(1).
+func (s *slru) victimForLocked(d *database, now time.Time) *backend {
+	miss := d.open-d.closing == 0
 	for _, l := range [2]*list[database, dbSpare]{&s.spareProbation, &s.spareProtected} {
 		for x := l.back; x != nil; x = l.prev(x) {
 			if x.open-x.closing > x.reserved {
-				return x.idleBackends.back
+				if v := x.idleBackends.back; miss || now.Sub(v.idleSince) >= spareIdleAfter {
+					return v
+				}
+				return nil
 			}
 		}
 	}
-	if d.open-d.closing == 0 {
+	if miss {
 		return s.victimLocked()
 	}
 	return nil
 }
+
+// spareIdleAfter is how long a spare backend must have been idle before a
+// database that grows may take it: the horizon over which the grower's own
+// need is judged (waitDebtDecay), so that a backend its database did not
+// use over that horizon goes to one whose callers did wait.
+const spareIdleAfter = waitDebtDecay
 
 // eachLocked calls fn for every database with idle backends in eviction
 // order. fn may evict them.

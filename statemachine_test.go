@@ -720,15 +720,20 @@ func (m *stateMachine) victim() *smBackend {
 
 // victimFor is the idle backend the model says an eviction for a caller of
 // D must close: a spare one first, of the first database in the eviction
-// order that holds at least two live backends; failing that, for a miss (D
+// order that holds at least two live backends, for growth only if that
+// backend has been idle for spareIdleAfter; failing that, for a miss (D
 // holds no live backend) victim's, and for growth none.
 func (m *stateMachine) victimFor(D *smDB) *smBackend {
+	miss := m.live(D) == 0
 	for _, x := range m.evictionOrder() {
 		if l := m.live(x); l >= 2 && l > x.reserved {
-			return m.idleOf(x)[0]
+			if v := m.idleOf(x)[0]; miss || m.clk.Now().Sub(v.idleSince) >= spareIdleAfter {
+				return v
+			}
+			return nil
 		}
 	}
-	if m.live(D) == 0 {
+	if miss {
 		return m.victim()
 	}
 	return nil
@@ -1256,6 +1261,10 @@ func (m *stateMachine) settle() {
 				grower[v] = m.live(sw.db) > 0
 				if grower[v] {
 					m.cov.spareTaken++
+					if idle := m.clk.Now().Sub(v.idleSince); idle < spareIdleAfter {
+						b.mu.Unlock()
+						m.fail("w%d of %s, which holds a backend, evicted backend %d of %s idle for only %s", sw.id, sw.db.ws, v.id, v.db.ws, idle)
+					}
 				}
 				if grower[v] && m.live(v.db) == 0 {
 					b.mu.Unlock()
@@ -1545,7 +1554,11 @@ func (m *stateMachine) check() {
 		if w.claim == nil && m.live(m.byW[w].db) > 0 && m.victimFor(m.byW[w].db) == nil && m.victim() != nil {
 			m.cov.growthHeld++
 		}
-		if victim := m.victimFor(m.byW[w].db); w.claim == nil && victim != nil {
+		// A grower waits for a spare backend to age only until the next
+		// event on the server (no timer marks the moment): only misses
+		// are held to it here; the growth victims taken are checked in
+		// settle.
+		if victim := m.victimFor(m.byW[w].db); w.claim == nil && victim != nil && m.live(m.byW[w].db) == 0 {
 			m.fail("a caller of %s waits for a token while backend %d of %s could be evicted for it", w.db.workspace, victim.id, victim.db.ws)
 		}
 	}
@@ -1960,8 +1973,8 @@ func (m *stateMachine) checkin(mb *smBackend) {
 				if now.Sub(sw.since) < m.handoffAfter {
 					break
 				}
-				// A grower takes only a spare backend.
-				if !sw.preClaim && sw.db != D && (m.live(sw.db) == 0 || m.live(D) >= 2) {
+				// Only a caller of a database without a backend starves.
+				if !sw.preClaim && sw.db != D && m.live(sw.db) == 0 {
 					m.exp.busyReason = reasonHandoff
 					m.cov.starving++
 					break
@@ -2314,6 +2327,6 @@ func TestBudgetStateMachineCoverage(t *testing.T) {
 	require.Greater(t, cov.discards, 30, "backends found dead at checkout")
 	require.Greater(t, cov.timeouts, 100, "waits ended by the acquire timeout")
 	require.Greater(t, cov.closes, 2, "Close during a run")
-	require.Greater(t, cov.spareTaken, 5, "spare backends evicted for a growing database")
+	require.Greater(t, cov.spareTaken, 0, "spare backends evicted for a growing database")
 	require.Greater(t, cov.growthHeld, 20, "growing databases waiting while only a last backend was idle")
 }
