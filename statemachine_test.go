@@ -1258,7 +1258,10 @@ func (m *stateMachine) settle() {
 	for _, v := range lru {
 		for _, sw := range m.waiters {
 			if sw.w.claim != nil && sw.w.claim == v.tok.tok {
-				grower[v] = m.live(sw.db) > 0
+				// It grew if its database held a live backend when it
+				// chose: one now, less those granted in this sub-step
+				// (perhaps after it chose), is a lower bound.
+				grower[v] = m.live(sw.db)-grants[sw.db] > 0
 				if grower[v] {
 					m.cov.spareTaken++
 					if idle := m.clk.Now().Sub(v.idleSince); idle < spareIdleAfter {
