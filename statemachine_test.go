@@ -1194,7 +1194,8 @@ func (m *stateMachine) settle() {
 	// Backends closed.
 	var lru []*smBackend
 	busyClosed := false
-	for _, be := range m.io.takeClosed() {
+	closed := m.io.takeClosed()
+	for _, be := range closed {
 		mb := m.backends[be]
 		if mb == nil {
 			m.fail("the driver closed a backend the model does not know")
@@ -1269,7 +1270,17 @@ func (m *stateMachine) settle() {
 						m.fail("w%d of %s, which holds a backend, evicted backend %d of %s idle for only %s", sw.id, sw.db.ws, v.id, v.db.ws, idle)
 					}
 				}
-				if grower[v] && m.live(v.db) == 0 {
+				// v.db's live backends when v was chosen: at most those
+				// live now and those closed in this sub-step (a close
+				// chosen later may run first: a token released while
+				// closing serves the queue again).
+				liveThen := m.live(v.db)
+				for _, be := range closed {
+					if m.backends[be].db == v.db {
+						liveThen++
+					}
+				}
+				if grower[v] && liveThen < 2 {
 					b.mu.Unlock()
 					m.fail("w%d of %s, which holds a backend, evicted the last backend %d of %s", sw.id, sw.db.ws, v.id, v.db.ws)
 				}
