@@ -17,17 +17,18 @@ import "time"
 //
 // A database that grows (it holds a backend and wants another) takes only
 // a spare backend when the budget is full: an idle one of a database that
-// holds at least one more. Evicting a database's last backend costs it a
-// dial when it is next used, and in a budget that holds every active
-// workspace's backend that is soon: hot workspaces growing to their cap by
-// evicting the only backend of colder ones made those dial again and
-// again (BENCHMARKS.md, "Fits in the budget": 2,800 evictions in 10 s, a
-// fifth of the ceiling). The grower's callers are served by its own
-// backends meanwhile. A database with no backend (a miss) takes a spare
-// backend too if there is one, and otherwise the least recently used idle
-// one: it cannot be served otherwise. The spare lists hold, in the
-// same order as the segment lists, the listed databases with two or more
-// live backends, so that the growth victim is found without a scan.
+// holds at least one more, idle for spareIdleAfter (victimForLocked).
+// Evicting a database's last backend costs it a dial when it is next
+// used, and in a budget that holds every active workspace's backend that
+// is soon: hot workspaces growing to their cap by evicting the only
+// backend of colder ones made those dial again and again (BENCHMARKS.md,
+// "Fits in the budget": 2,800 evictions in 10 s, a fifth of the ceiling).
+// The grower's callers are served by its own backends meanwhile. A
+// database with no backend (a miss) takes a spare backend too if there is
+// one, and otherwise the least recently used idle one: it cannot be served
+// otherwise. The spare lists hold, in the same order as the segment lists,
+// the listed databases with two or more live backends, so that a spare
+// victim is found without a scan.
 type slru struct {
 	// Most recently used first; probation is evicted before protected.
 	probation list[database, dbInRecency]
