@@ -215,6 +215,26 @@ func BenchmarkEvictionDecision(b *testing.B) {
 	}
 }
 
+// BenchmarkGrowthVictim measures the victim choice for a database that
+// grows when every database holds its only backend, idle: nothing may be
+// taken, and finding that must not grow with N either.
+func BenchmarkGrowthVictim(b *testing.B) {
+	for _, n := range []int{10, 1000, 100000} {
+		b.Run(fmt.Sprintf("databases-%d", n), func(b *testing.B) {
+			bg, dbs := newBenchBudget(n, n, 1)
+			now := bg.clock.Now()
+			b.ReportAllocs()
+			for b.Loop() {
+				bg.mu.Lock()
+				if v := dbs[0].srv.recency.victimForLocked(dbs[0], now); v != nil {
+					b.Fatal("a last backend taken for growth")
+				}
+				bg.mu.Unlock()
+			}
+		})
+	}
+}
+
 // BenchmarkCaptureStack is the part of a checkout that Config.LeakThreshold
 // adds: runtime.Callers into a fresh slice of 32 program counters, from a
 // stack of a few frames and from one deeper than the 32 kept.

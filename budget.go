@@ -421,6 +421,7 @@ func (b *budget) giveLocked(d *database) {
 	s.sharedLive += liveShared(d) - old
 	s.open--
 	b.open--
+	s.recency.liveDroppedLocked(d)
 	if s.fleet != nil && s.open < s.held {
 		s.fleet.poke() // a leased slot is spare: another process may need it
 	}
@@ -834,6 +835,11 @@ func (b *budget) seekLocked(w *waiter) {
 // growLocked lets waiters of d dial while its pool should grow (see
 // shouldDialLocked in connector.go).
 func (b *budget) growLocked(d *database) {
+	if d.seeking > 0 && d.open-d.closing == 0 {
+		// Its last backend closed: its seekers, which grew and found
+		// no spare backend to take, are misses now and may evict.
+		b.serveQueueLocked(d.srv)
+	}
 	if d.waiters.len == d.seeking {
 		return
 	}
@@ -887,9 +893,13 @@ func (b *budget) serveQueueLocked(s *server) {
 		case w.claim != nil:
 		default:
 			short = true
-			if v := s.recency.victimLocked(); v != nil {
+			switch v := s.recency.victimForLocked(d, now); {
+			case v != nil:
 				b.evictLocked(v, reasonLRU, w)
-			} else if s.reserved == 0 {
+			case d.open-d.closing > 0:
+				// Growth, and no spare backend to take: it waits for its
+				// own backends (lru.go); a later miss may still evict.
+			case s.reserved == 0:
 				b.shortLocked(s)
 				return // no later caller can be served either
 			}
@@ -1040,7 +1050,10 @@ func (b *budget) starvingLocked(d *database, now time.Time) *waiter {
 		if now.Sub(w.since) < b.handoffAfter {
 			return nil // later ones are younger still
 		}
-		if w.claim == nil && w.db != d {
+		// Only a caller of a database with no backend starves: one that
+		// grows is served by its own meanwhile, and d, which uses this
+		// backend now, would dial it back (lru.go).
+		if w.claim == nil && w.db != d && w.db.open-w.db.closing == 0 {
 			if !s.dialSlotFreeLocked() {
 				return nil // its token would wait for a dial slot anyway
 			}
@@ -1107,6 +1120,7 @@ func (b *budget) markClosingLocked(t *token) {
 	t.db.closing++
 	t.db.srv.sharedLive += liveShared(t.db) - old
 	t.db.srv.closing++
+	t.db.srv.recency.liveDroppedLocked(t.db)
 }
 
 // unlinkIdleLocked takes idle backend be out of the idle lists without

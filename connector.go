@@ -59,6 +59,9 @@ type database struct {
 	debtAt   time.Time
 
 	lru links[database] // in the budget's recency lists while it has idle backends
+	// spare: in the recency's spare lists, while listed and holding two
+	// live backends or more (lru.go).
+	spare links[database]
 	// protected: one of its backends was reused since it last had none.
 	// Cleared when it holds no backend or is demoted.
 	protected bool
@@ -194,7 +197,8 @@ func (b *budget) shouldDialLocked(d *database, now time.Time) bool {
 
 // dialCostLocked is what a new backend for d costs: the average dial time,
 // twice that when the budget is full and the dial evicts another database's
-// backend, which that database is likely to dial again.
+// backend, which that database is likely to dial again (for growth only a
+// spare one, of a database that keeps another: lru.go).
 func (b *budget) dialCostLocked(d *database) time.Duration {
 	if !b.roomLocked(d) {
 		return 2 * b.dialTime.duration()

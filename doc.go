@@ -75,8 +75,12 @@
 // caller. Recency is segmented: databases that have reused a backend are
 // protected (up to 80% of the budget) and evicted only after those that
 // have not, so a long tail of workspaces seen once does not push out the
-// hot ones. Choosing a victim does not depend on the number of databases.
-// A backend a handle holds is never touched.
+// hot ones. A spare backend, of a database that keeps another, goes before
+// any database's last one, which costs that database a dial when it is
+// next used; a database that already holds a backend and wants another
+// takes only a spare one idle for a second or more, or else waits for its
+// own. Choosing a victim does not depend on the number of databases. A
+// backend a handle holds is never touched.
 //
 // Dials are paced: a caller that is to dial first waits for one of a few
 // dial slots (4, more while dials stay near the server's recent fastest,
@@ -87,9 +91,9 @@
 // When nothing idle can be closed, callers wait in arrival order until a
 // token frees, their context ends or [Config.AcquireTimeout] passes; they
 // then get an error that matches [ErrBudgetExhausted] (see [BudgetError]).
-// A caller that has waited more than 100ms for a token takes the token of
-// the next backend any other database checks in, so that a cold workspace
-// is not starved by hot ones.
+// A caller of a database with no backend that has waited more than 100ms
+// for a token takes the token of the next backend any other database checks
+// in, so that a cold workspace is not starved by hot ones.
 //
 // # Server outages
 //

@@ -192,6 +192,30 @@ func (s *server) checkInvariantsLocked(b *budget, x *serverSums) error {
 			return fmt.Errorf("database %q on probation in the protected list", x.workspace)
 		}
 	}
+	// The spare lists are the segments' databases that hold two live
+	// backends or more, in the segments' order.
+	for _, seg := range [2]struct {
+		l     *list[database, dbInRecency]
+		spare *list[database, dbSpare]
+	}{{&s.recency.probation, &s.recency.spareProbation}, {&s.recency.protected, &s.recency.spareProtected}} {
+		y, n := seg.spare.front, 0
+		for x := seg.l.front; x != nil; x = seg.l.next(x) {
+			if !hasSpare(x) {
+				if x.spare.listed {
+					return fmt.Errorf("database %q in a spare list with %d live backends", x.workspace, x.open-x.closing)
+				}
+				continue
+			}
+			if y != x {
+				return fmt.Errorf("database %q, %d live backends with one idle, not next in its spare list", x.workspace, x.open-x.closing)
+			}
+			y = seg.spare.next(y)
+			n++
+		}
+		if n != seg.spare.len {
+			return fmt.Errorf("%d databases in a spare list, %d in its segment with a spare backend", seg.spare.len, n)
+		}
+	}
 	claims := 0
 	for w := s.queue.front; w != nil; w = s.queue.next(w) {
 		if w.claim != nil {

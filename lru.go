@@ -1,5 +1,7 @@
 package tenantpg
 
+import "time"
+
 // The eviction policy: segmented recency (SLRU) over databases with idle
 // backends. A database one of whose backends was reused (checked out from
 // idle, or passed from one caller straight to the next) is protected, and
@@ -12,10 +14,29 @@ package tenantpg
 // Only databases with idle backends are in the lists, so choosing a victim
 // is bounded by the budget, not by the number of databases, and usually
 // stops at the first. Every method is called with budget.mu held.
+//
+// A database that grows (it holds a backend and wants another) takes only
+// a spare backend when the budget is full: an idle one of a database that
+// holds at least one more, idle for spareIdleAfter (victimForLocked).
+// Evicting a database's last backend costs it a dial when it is next
+// used, and in a budget that holds every active workspace's backend that
+// is soon: hot workspaces growing to their cap by evicting the only
+// backend of colder ones made those dial again and again (BENCHMARKS.md,
+// "Fits in the budget": 2,800 evictions in 10 s, a fifth of the ceiling).
+// The grower's callers are served by its own backends meanwhile. A
+// database with no backend (a miss) takes a spare backend too if there is
+// one, and otherwise the least recently used idle one: it cannot be served
+// otherwise. The spare lists hold, in the same order as the segment lists,
+// the listed databases with two or more live backends, so that a spare
+// victim is found without a scan.
 type slru struct {
 	// Most recently used first; probation is evicted before protected.
 	probation list[database, dbInRecency]
 	protected list[database, dbInRecency]
+	// The databases of probation and protected, in the same order, whose
+	// idle backends are not their last live one (open - closing >= 2).
+	spareProbation list[database, dbSpare]
+	spareProtected list[database, dbSpare]
 	// protectedOpen is Σ db.open over protected databases; above
 	// protectedLimit the least recently used protected database is demoted.
 	protectedOpen int
@@ -25,6 +46,10 @@ type dbInRecency struct{}
 
 func (dbInRecency) links(d *database) *links[database] { return &d.lru }
 
+type dbSpare struct{}
+
+func (dbSpare) links(d *database) *links[database] { return &d.spare }
+
 // segmentOf returns the list d belongs in.
 func (s *slru) segmentOf(d *database) *list[database, dbInRecency] {
 	if d.protected {
@@ -32,6 +57,17 @@ func (s *slru) segmentOf(d *database) *list[database, dbInRecency] {
 	}
 	return &s.probation
 }
+
+// spareOf returns the spare list d belongs in.
+func (s *slru) spareOf(d *database) *list[database, dbSpare] {
+	if d.protected {
+		return &s.spareProtected
+	}
+	return &s.spareProbation
+}
+
+// hasSpare reports whether an idle backend of d would not be its last.
+func hasSpare(d *database) bool { return d.open-d.closing >= 2 }
 
 // touchLocked moves d, which has idle backends, to the front of its segment.
 func (s *slru) touchLocked(d *database) {
@@ -41,10 +77,34 @@ func (s *slru) touchLocked(d *database) {
 	} else {
 		l.pushFront(d)
 	}
+	// The front of both lists, so the spare list keeps the segment's order.
+	if sl := s.spareOf(d); hasSpare(d) {
+		if d.spare.listed {
+			sl.moveToFront(d)
+		} else {
+			sl.pushFront(d)
+		}
+	} else {
+		sl.remove(d)
+	}
 }
 
 // removeLocked takes d, which has no idle backend left, out of the lists.
-func (s *slru) removeLocked(d *database) { s.segmentOf(d).remove(d) }
+func (s *slru) removeLocked(d *database) {
+	s.segmentOf(d).remove(d)
+	s.spareOf(d).remove(d)
+}
+
+// liveDroppedLocked takes d out of the spare list once its live backends
+// dropped below two (one closing, or a dial's token returned). Live
+// backends only grow while d has no idle one (a dial is for a waiter, and a
+// database with waiters has no idle backend), so d never joins the list
+// other than at the front, when touched.
+func (s *slru) liveDroppedLocked(d *database) {
+	if d.spare.listed && !hasSpare(d) {
+		s.spareOf(d).remove(d)
+	}
+}
 
 // reusedLocked records a hit: a backend of d was used again. A database on
 // probation is promoted; when that makes the protected segment hold more
@@ -54,6 +114,7 @@ func (s *slru) reusedLocked(d *database) {
 	if !d.protected {
 		if d.lru.listed {
 			s.probation.remove(d)
+			s.spareProbation.remove(d) // touchLocked lists it again
 		}
 		d.protected = true
 		s.protectedOpen += d.open
@@ -65,6 +126,10 @@ func (s *slru) reusedLocked(d *database) {
 			x.protected = false
 			s.protectedOpen -= x.open
 			s.probation.pushFront(x)
+			if x.spare.listed {
+				s.spareProtected.remove(x)
+				s.spareProbation.pushFront(x)
+			}
 		}
 	}
 	if d.idleBackends.len > 0 {
@@ -91,6 +156,47 @@ func (s *slru) victimLocked() *backend {
 	}
 	return nil
 }
+
+// victimForLocked returns the idle backend to close so that a caller of d
+// can dial at now: a spare one first, the longest-idle backend of the least
+// recently used database that keeps another live backend, since closing
+// it costs no database a dial now. Failing that, a miss (d holds no live
+// backend) takes victimLocked's, which its callers cannot do without.
+//
+// Spare first for a miss too: in a budget that holds every active
+// database's backend, a miss that closed another's last backend made that
+// one miss in turn, where taking a spare one leaves every database one.
+//
+// Growth takes a spare backend only once it has been idle for
+// spareIdleAfter, and takes no last backend: d's callers wait for its own
+// backends meanwhile. A spare backend idle for less is one its database's
+// callers use now and then, and it would dial it back as soon as its own
+// waits added up to a dial: hot databases took each other's backends in
+// turn. Only the least recently used spare database's is looked at, so
+// the choice stays O(1).
+func (s *slru) victimForLocked(d *database, now time.Time) *backend {
+	miss := d.open-d.closing == 0
+	for _, l := range [2]*list[database, dbSpare]{&s.spareProbation, &s.spareProtected} {
+		for x := l.back; x != nil; x = l.prev(x) {
+			if x.open-x.closing > x.reserved {
+				if v := x.idleBackends.back; miss || now.Sub(v.idleSince) >= spareIdleAfter {
+					return v
+				}
+				return nil
+			}
+		}
+	}
+	if miss {
+		return s.victimLocked()
+	}
+	return nil
+}
+
+// spareIdleAfter is how long a spare backend must have been idle before a
+// database that grows may take it: the horizon over which the grower's own
+// need is judged (waitDebtDecay), so that a backend its database did not
+// use over that horizon goes to one whose callers did wait.
+const spareIdleAfter = waitDebtDecay
 
 // eachLocked calls fn for every database with idle backends in eviction
 // order. fn may evict them.

@@ -316,6 +316,9 @@ type smReaper struct{}
 type smCov struct {
 	evictions, lruCompared, waits, handoffs, growth, patience, reconfigures, demotions, drains     int
 	starving, reaps, rejections, reuses, discards, shrinks, unused, closes, timeouts, dialFailures int
+	// spareTaken: a growing database's caller evicted a spare backend;
+	// growthHeld: one waited while only a last backend was idle.
+	spareTaken, growthHeld int
 }
 
 // smExpect is what the sub-step under way must do.
@@ -711,6 +714,27 @@ func (m *stateMachine) victim() *smBackend {
 		if m.live(D) > D.reserved {
 			return m.idleOf(D)[0]
 		}
+	}
+	return nil
+}
+
+// victimFor is the idle backend the model says an eviction for a caller of
+// D must close: a spare one first, of the first database in the eviction
+// order that holds at least two live backends, for growth only if that
+// backend has been idle for spareIdleAfter; failing that, for a miss (D
+// holds no live backend) victim's, and for growth none.
+func (m *stateMachine) victimFor(D *smDB) *smBackend {
+	miss := m.live(D) == 0
+	for _, x := range m.evictionOrder() {
+		if l := m.live(x); l >= 2 && l > x.reserved {
+			if v := m.idleOf(x)[0]; miss || m.clk.Now().Sub(v.idleSince) >= spareIdleAfter {
+				return v
+			}
+			return nil
+		}
+	}
+	if miss {
+		return m.victim()
 	}
 	return nil
 }
@@ -1170,7 +1194,8 @@ func (m *stateMachine) settle() {
 	// Backends closed.
 	var lru []*smBackend
 	busyClosed := false
-	for _, be := range m.io.takeClosed() {
+	closed := m.io.takeClosed()
+	for _, be := range closed {
 		mb := m.backends[be]
 		if mb == nil {
 			m.fail("the driver closed a backend the model does not know")
@@ -1225,6 +1250,44 @@ func (m *stateMachine) settle() {
 	// Evictions for callers that need a token follow the recency order:
 	// no backend left idle ranks before one closed, unless it sits within
 	// its database's reservation; within a database, longest idle first.
+	// A spare backend goes first, the first in that order among databases
+	// holding two live backends or more; only a miss takes a last backend,
+	// the first of all, when no spare one is left. The claimant is known
+	// while it still waits with the claim.
+	b.mu.Lock()
+	grower := map[*smBackend]bool{}
+	for _, v := range lru {
+		for _, sw := range m.waiters {
+			if sw.w.claim != nil && sw.w.claim == v.tok.tok {
+				// It grew if its database held a live backend when it
+				// chose: one now, less those granted in this sub-step
+				// (perhaps after it chose), is a lower bound.
+				grower[v] = m.live(sw.db)-grants[sw.db] > 0
+				if grower[v] {
+					m.cov.spareTaken++
+					if idle := m.clk.Now().Sub(v.idleSince); idle < spareIdleAfter {
+						b.mu.Unlock()
+						m.fail("w%d of %s, which holds a backend, evicted backend %d of %s idle for only %s", sw.id, sw.db.ws, v.id, v.db.ws, idle)
+					}
+				}
+				// v.db's live backends when v was chosen: at most those
+				// live now and those closed in this sub-step (a close
+				// chosen later may run first: a token released while
+				// closing serves the queue again).
+				liveThen := m.live(v.db)
+				for _, be := range closed {
+					if m.backends[be].db == v.db {
+						liveThen++
+					}
+				}
+				if grower[v] && liveThen < 2 {
+					b.mu.Unlock()
+					m.fail("w%d of %s, which holds a backend, evicted the last backend %d of %s", sw.id, sw.db.ws, v.id, v.db.ws)
+				}
+			}
+		}
+	}
+	b.mu.Unlock()
 	for _, v := range lru {
 		for _, mb := range m.alive {
 			if mb.state != smIdle {
@@ -1236,8 +1299,11 @@ func (m *stateMachine) settle() {
 				}
 				continue
 			}
-			if m.live(mb.db) <= mb.db.reserved {
-				continue
+			if m.live(mb.db) <= mb.db.reserved || m.live(v.db) > 0 && m.live(mb.db) < 2 {
+				continue // a spare victim ranks only among spare backends
+			}
+			if m.live(v.db) == 0 && m.live(mb.db) >= 2 {
+				m.fail("the last backend %d of %s evicted while %s kept spare backend %d", v.id, v.db.ws, mb.db.ws, mb.id)
 			}
 			m.cov.lruCompared++
 			if m.evictsBefore(mb.db, v.db) {
@@ -1495,12 +1561,18 @@ func (m *stateMachine) check() {
 	if sv.claims != inFlight-len(m.dialingTokens()) {
 		m.fail("the budget counts %d claims; %d waiters hold one", sv.claims, inFlight-len(m.dialingTokens()))
 	}
-	victim := m.victim()
 	for w := sv.queue.front; w != nil && inFlight < m.slots(); w = sv.queue.next(w) {
 		if D := m.byW[w].db; w.claim == nil && m.room(D) && m.live(D) < m.capOf(D) {
 			m.fail("a caller of %s waits for a token while one is free for it", D.ws)
 		}
-		if w.claim == nil && victim != nil {
+		if w.claim == nil && m.live(m.byW[w].db) > 0 && m.victimFor(m.byW[w].db) == nil && m.victim() != nil {
+			m.cov.growthHeld++
+		}
+		// A grower waits for a spare backend to age only until the next
+		// event on the server (no timer marks the moment): only misses
+		// are held to it here; the growth victims taken are checked in
+		// settle.
+		if victim := m.victimFor(m.byW[w].db); w.claim == nil && victim != nil && m.live(m.byW[w].db) == 0 {
 			m.fail("a caller of %s waits for a token while backend %d of %s could be evicted for it", w.db.workspace, victim.id, victim.db.ws)
 		}
 	}
@@ -1915,7 +1987,8 @@ func (m *stateMachine) checkin(mb *smBackend) {
 				if now.Sub(sw.since) < m.handoffAfter {
 					break
 				}
-				if !sw.preClaim && sw.db != D {
+				// Only a caller of a database without a backend starves.
+				if !sw.preClaim && sw.db != D && m.live(sw.db) == 0 {
 					m.exp.busyReason = reasonHandoff
 					m.cov.starving++
 					break
@@ -2178,7 +2251,7 @@ func (m *stateMachine) finish() {
 	// Whoever still waits can never be served: no token is free for it
 	// and none can be freed.
 	for _, sw := range m.waiters {
-		if m.room(sw.db) || m.victim() != nil {
+		if m.room(sw.db) || m.victimFor(sw.db) != nil {
 			m.fail("w%d of %s still waits with nothing else going on", sw.id, sw.db.ws)
 		}
 	}
@@ -2268,4 +2341,6 @@ func TestBudgetStateMachineCoverage(t *testing.T) {
 	require.Greater(t, cov.discards, 30, "backends found dead at checkout")
 	require.Greater(t, cov.timeouts, 100, "waits ended by the acquire timeout")
 	require.Greater(t, cov.closes, 2, "Close during a run")
+	require.Greater(t, cov.spareTaken, 0, "spare backends evicted for a growing database")
+	require.Greater(t, cov.growthHeld, 20, "growing databases waiting while only a last backend was idle")
 }
