@@ -431,6 +431,7 @@ func (s *soak) misuse(ctx context.Context, end time.Time, r *rand.Rand) {
 	sleepUntil(ctx, start.Add(window/2))
 	tiny := s.cfg
 	tiny.MaxConnections = 2
+	tiny.ServerMaxConnections = map[string]int{s.w.addr(): 1, s.proxy.addr(): 1}
 	tiny.MaxConnectionsPerDB = min(tiny.MaxConnectionsPerDB, 2)
 	if err := s.drv.Configure(tiny); err != nil {
 		s.notes.harnessError("configure a tiny budget", err)

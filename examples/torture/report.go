@@ -75,7 +75,7 @@ func (s *soak) fill(r *report) {
 	r.samples = t.samples
 	t.mu.Unlock()
 
-	r.peakOpen = r.final.PeakOpen
+	_, r.peakOpen = s.realServer(r.final)
 	r.sampledOpen = int(s.sampledOpen.Load())
 
 	r.errorSecrets = t.secretHits.Load()
@@ -218,7 +218,7 @@ func (r *report) print(w io.Writer) {
 		r.elapsed.Round(100*time.Millisecond), float64(r.ops)/r.elapsed.Seconds(), okMark(r.ops == 0))
 	fmt.Fprintf(w, "| unexpected errors (quiet periods, or of no known kind) | %d | 0 | %s |\n", r.unexpected, okMark(r.unexpected > 0))
 	fmt.Fprintf(w, "| workspaces not answering after the run | %d of %d | 0 | %s |\n", r.unanswered, o.workspaces, okMark(r.unanswered > 0))
-	fmt.Fprintf(w, "| max tokens: driver's PeakOpen / sampled Open | %d / %d | ≤ %d | %s |\n", r.peakOpen, r.sampledOpen, b,
+	fmt.Fprintf(w, "| max tokens to the server (direct + proxy): PeakOpen / sampled Open | %d / %d | ≤ %d | %s |\n", r.peakOpen, r.sampledOpen, b,
 		okMark(r.peakOpen > b || r.sampledOpen > b))
 	fmt.Fprintf(w, "| server-side peak of the role's backends (%d samples) | %d | ≤ %d | %s |\n", r.serverSamples, r.serverPeak, b, okMark(r.serverPeak > b))
 	fmt.Fprintf(w, "| dials refused with 53300 in quiet periods (the role's limit is the budget then) | %d | 0 | %s |\n",

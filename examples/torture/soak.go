@@ -79,12 +79,17 @@ func (s *soak) run(ctx context.Context, out, status io.Writer, tty bool) (*repor
 	defer s.proxy.close()
 
 	s.logs = &logWatch{secret: password}
+	// The driver budgets each server as the DSNs name it, so the proxy is a
+	// server of its own; together the two ways to the one real server get
+	// the budget under test.
+	proxyShare := max(1, s.o.budget/4)
 	s.cfg = tenantpg.Config{
-		MaxConnections:      s.o.budget,
-		MaxConnectionsPerDB: s.o.perDB,
-		AcquireTimeout:      s.o.acquireTimeout,
-		Name:                "torture",
-		Logger:              slog.New(slog.NewTextHandler(s.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		MaxConnections:       s.o.budget,
+		ServerMaxConnections: map[string]int{s.w.addr(): s.o.budget - proxyShare, s.proxy.addr(): proxyShare},
+		MaxConnectionsPerDB:  s.o.perDB,
+		AcquireTimeout:       s.o.acquireTimeout,
+		Name:                 "torture",
+		Logger:               slog.New(slog.NewTextHandler(s.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	if s.drv, err = tenantpg.NewDriver(s.cfg); err != nil {
 		return nil, err
@@ -227,8 +232,8 @@ func (s *soak) sampleTokens(done <-chan struct{}) {
 		case <-done:
 			return
 		case <-t.C:
-			if n := int64(s.drv.Stats().Open); n > s.sampledOpen.Load() {
-				s.sampledOpen.Store(n)
+			if n, _ := s.realServer(s.drv.Stats()); int64(n) > s.sampledOpen.Load() {
+				s.sampledOpen.Store(int64(n))
 			}
 		}
 	}
@@ -422,4 +427,18 @@ func (l *logWatch) Write(p []byte) (int, error) {
 		l.hits++
 	}
 	return len(p), nil
+}
+
+// realServer sums what the driver holds to the one real server, directly
+// and through the proxy: the tokens it holds now, and the sum of the two
+// ways' peaks (an upper bound of the real server's peak). The hung host's
+// and the refusing port's tokens never reach it.
+func (s *soak) realServer(st tenantpg.Stats) (open, peak int) {
+	for _, sv := range st.Servers {
+		if sv.Server == s.w.addr() || sv.Server == s.proxy.addr() {
+			open += sv.Open
+			peak += sv.PeakOpen
+		}
+	}
+	return open, peak
 }
