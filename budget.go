@@ -134,6 +134,7 @@ type tokens struct {
 	fleet      *fleetCoordinator // nil without a fleet budget
 	fleetRole  string            // the role whose fleet it is part of
 	held       int
+	granted    bool // the coordinator has set held at least once: held is a share, not a fallback
 	fleetCap   int
 	capUntil   time.Time
 
@@ -422,8 +423,13 @@ func (b *budget) giveLocked(d *database) {
 	s.open--
 	b.open--
 	s.recency.liveDroppedLocked(d)
-	if s.fleet != nil && s.open < s.held {
-		s.fleet.poke() // a leased slot is spare: another process may need it
+	if s.fleet != nil {
+		if s.open < s.held {
+			s.fleet.poke() // a leased slot is spare: another process may need it
+		}
+		if b.closed && s.open == 0 {
+			b.drained.Broadcast() // close waits for this before it unlocks the slots
+		}
 	}
 }
 
@@ -1507,14 +1513,12 @@ func (b *budget) checkLeaks() {
 // they are checked in. Raising it serves waiters.
 func (b *budget) reconfigure(cfg Config) error {
 	b.mu.Lock()
-	if fs := (fleetSettings{max: cfg.FleetMaxConnections, name: cfg.FleetName, database: cfg.FleetDatabase}); fs != b.fleet {
-		for _, s := range b.servers {
-			if s.fleet != nil {
-				b.mu.Unlock()
-				return &ConfigError{Field: "FleetMaxConnections",
-					Reason: "the fleet settings cannot change once a server's coordination has started; set them before the first connection"}
-			}
-		}
+	if fs := (fleetSettings{max: cfg.FleetMaxConnections, name: cfg.FleetName, database: cfg.FleetDatabase}); fs != b.fleet && len(b.servers) > 0 {
+		// A server in use would be coordinated only from its next DSN on,
+		// with backends no lease covers.
+		b.mu.Unlock()
+		return &ConfigError{Field: "FleetMaxConnections",
+			Reason: "the fleet settings cannot change while databases are open; set them before the first connection"}
 	}
 	for _, s := range b.servers {
 		if limit := serverLimit(cfg.MaxConnections, cfg.ServerMaxConnections, s.label); limit < s.reserved {
@@ -1612,20 +1616,40 @@ func (b *budget) close() {
 	b.metrics.Load().close()
 	b.mu.Lock()
 	b.waitDrainsLocked()
+	// A draining stop: a fleet's slots go back to the other processes
+	// once the server has closed this process's backends on them (busy
+	// ones close as they are checked in), or after fleetCloseTimeout.
 	var fleets []*fleetCoordinator
 	for _, s := range b.servers {
 		if s.fleet != nil {
 			fleets = append(fleets, s.fleet)
 		}
 	}
-	b.mu.Unlock()
-	// A draining stop: the idle backends are gone, so their slots go back
-	// to the other processes now rather than when this one exits.
-	for _, f := range fleets {
-		ctx, cancel := context.WithTimeout(bg, fleetCloseTimeout)
-		_ = f.close(ctx)
-		cancel()
+	if len(fleets) > 0 {
+		timedOut := false
+		t := b.clock.AfterFunc(fleetCloseTimeout, func() {
+			b.mu.Lock()
+			timedOut = true
+			b.drained.Broadcast()
+			b.mu.Unlock()
+		})
+		for !timedOut && b.fleetOpenLocked() {
+			b.drained.Wait()
+		}
+		t.Stop()
 	}
+	b.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, f := range fleets {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(bg, fleetCloseTimeout)
+			defer cancel()
+			_ = f.close(ctx)
+		}()
+	}
+	wg.Wait()
 }
 
 // isClosed reports whether close was called.
@@ -1871,7 +1895,11 @@ func (f fleetSide) fleetNeed() int {
 		s.capUntil = time.Time{}
 		b.refreshLimitLocked(s, reasonFleet)
 	}
-	need := s.open + s.queue.len - s.claims
+	// Reserved tokens a database does not use are held back from the
+	// others (roomLocked), so they must be leased too, or the share could
+	// sit at or below the reservations and no other database could dial.
+	unusedReserved := s.reserved - (s.open - s.sharedInUse)
+	need := s.open + s.queue.len - s.claims + unusedReserved
 	if now.Before(s.capUntil) {
 		need = min(need, max(s.fleetCap, s.open))
 	}
@@ -1885,7 +1913,7 @@ func (f fleetSide) fleetSetHeld(n int) bool {
 	if n < s.open {
 		return false
 	}
-	s.held = n
+	s.held, s.granted = n, true
 	b.refreshLimitLocked(s, reasonFleet)
 	return true
 }
@@ -1912,29 +1940,42 @@ func (f fleetSide) fleetYield(n, fair int) {
 	b.refreshLimitLocked(s, reasonFleet)
 }
 
-// fleetLost falls back to the smaller of what s held and the share it was
-// given (a fair share): its slots are free for other processes until the
-// session is back, so only the role's CONNECTION LIMIT holds the cap
-// meanwhile, and the less s holds the less it can overshoot. A process
-// that never held a share (its coordination session cannot connect) gets
-// the share it was given, so that a coordination failure is not an outage.
+// fleetLost lowers s to n at once, whatever it holds open: the
+// coordination session was lost, or is back with fewer slots than s holds.
+// A lost session's slots are free for other processes until it is back, so
+// only the role's CONNECTION LIMIT holds the cap meanwhile: s falls back to
+// the smaller of its share and n (a fair share), the less to overshoot. A
+// process that was never given a share (its coordination session has not
+// connected yet) gets n, so that a coordination failure is not an outage.
 func (f fleetSide) fleetLost(n int) {
 	b, s := f.b, f.s
 	b.mu.Lock()
 	defer b.unlock()
-	if s.held > 0 {
+	if s.granted {
 		n = min(s.held, n)
 	}
 	s.held = n
 	b.refreshLimitLocked(s, reasonFleet)
 }
 
-// fleetCloseTimeout bounds how long Driver.Close waits for a coordination
-// session to unlock its slots; past it the session is cut, which frees
-// them on the server too.
+// fleetCloseTimeout bounds how long Driver.Close waits for the backends on
+// a fleet's server to close (busy ones are closed when they are checked
+// in), and then for the coordination session to unlock its slots; past it
+// the session is cut, which frees them on the server too.
 const fleetCloseTimeout = 5 * time.Second
 
 // fleetYieldFor is how long a process holds to the cap it lowered itself
 // to for other processes, as long as a need heard from another counts
 // (fleetHeard).
 const fleetYieldFor = fleetHeard
+
+// fleetOpenLocked reports whether a server with a fleet budget still has
+// backends open: its slots must not be unlocked yet.
+func (b *budget) fleetOpenLocked() bool {
+	for _, s := range b.servers {
+		if s.fleet != nil && s.open > 0 {
+			return true
+		}
+	}
+	return false
+}

@@ -180,6 +180,12 @@ func (c Config) normalize() (Config, error) {
 			return c, &ConfigError{Field: "MaxConnections",
 				Reason: fmt.Sprintf("with a fleet budget it must be at least 2 (the coordination session counts in it), got %d", c.MaxConnections)}
 		}
+		for srv, n := range c.ServerMaxConnections {
+			if n < 2 {
+				return c, &ConfigError{Field: "ServerMaxConnections[" + srv + "]",
+					Reason: fmt.Sprintf("with a fleet budget it must be at least 2 (the coordination session counts in it), got %d", n)}
+			}
+		}
 		if c.FleetName == "" {
 			c.FleetName = fleetDefaultName
 		}

@@ -521,6 +521,12 @@ func (c *fleetCoordinator) round() (time.Duration, error) {
 			if c.host.fleetSetHeld(share) {
 				c.granted = share
 			}
+		} else {
+			// Connected again but short of the fallback share (the others
+			// took the slots meanwhile): the host must hold no more than
+			// the locks now cover. Its busy backends above that close as
+			// they are checked in.
+			c.host.fleetLost(share)
 		}
 	} else if share > c.granted && c.host.fleetSetHeld(share) {
 		c.granted = share

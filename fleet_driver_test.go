@@ -167,3 +167,19 @@ func TestFleetCoordinationLost(t *testing.T) {
 		"holds backends its leases do not cover")
 	require.Zero(t, e.drv.Stats().DialErrors["rejected"])
 }
+
+// TestFleetLeasesUnusedReservations: a reservation nothing uses yet is held
+// back from the other databases, so the fleet share must cover it, or a
+// caller of another database could never dial (found in review).
+func TestFleetLeasesUnusedReservations(t *testing.T) {
+	const fleet = 10
+	cfg := Config{MaxConnections: fleet, FleetMaxConnections: fleet, FleetName: t.Name(), AcquireTimeout: 5 * time.Second}
+	e := newEnv(t, 2, cfg)
+	e.setRoleLimit(fleet)
+	reserved := e.open(0, "pool_reserved_conns=3")
+	other := e.open(1)
+	queryOne(t, other)
+	s := e.drv.Stats()
+	require.GreaterOrEqual(t, s.Servers[0].Fleet.Share, 3+1, "the unused reservation and the caller's backend")
+	queryOne(t, reserved)
+}
