@@ -211,6 +211,7 @@ type fleetCoordinator struct {
 	refreshAt    time.Time            // next member count
 	short        bool                 // the last round could not cover the need
 	retry        time.Duration        // pause before the next attempt while short
+	retryAt      time.Time            // no attempt before, while short
 	lastNeed     int
 	connFailures int
 }
@@ -491,7 +492,8 @@ func (c *fleetCoordinator) round() (time.Duration, error) {
 	now := c.clk.Now()
 	need := max(0, c.host.fleetNeed())
 	if need != c.lastNeed {
-		c.lastNeed, c.retry = need, fleetRetryMin
+		// A new need is tried at once, and asked for again if short.
+		c.lastNeed, c.retry, c.retryAt = need, fleetRetryMin, time.Time{}
 	}
 
 	if !now.Before(c.refreshAt) {
@@ -501,16 +503,21 @@ func (c *fleetCoordinator) round() (time.Duration, error) {
 	}
 
 	// Lease: the session's own slot, then the host's need, a batch at least.
+	// While short, the lease and the notification wait for the retry
+	// time, whatever wakes the session meanwhile: two members that are
+	// both short would otherwise wake each other in a loop.
 	want := need + 1 - len(c.slots)
-	short := false
+	short, tried := false, false
 	if want > 0 {
-		n := min(max(want, c.batch), c.max-1-len(c.slots))
-		got, err := c.lease(n)
-		if err != nil {
-			return 0, err
-		}
-		if got < want {
-			short = true
+		short = true
+		if !c.short || !now.Before(c.retryAt) {
+			tried = true
+			n := min(max(want, c.batch), c.max-1-len(c.slots))
+			got, err := c.lease(n)
+			if err != nil {
+				return 0, err
+			}
+			short = got < want
 		}
 	}
 	share := max(0, len(c.slots)-1)
@@ -563,13 +570,16 @@ func (c *fleetCoordinator) round() (time.Duration, error) {
 			c.retry = fleetRetryMin
 		}
 		c.short = true
-		if err := c.exec("SELECT pg_notify($1, $2)", c.channel,
-			"need "+strconv.FormatUint(uint64(c.pid), 10)+" "+strconv.Itoa(need+1-len(c.slots))); err != nil {
-			return 0, err
+		if tried {
+			if err := c.exec("SELECT pg_notify($1, $2)", c.channel,
+				"need "+strconv.FormatUint(uint64(c.pid), 10)+" "+strconv.Itoa(need+1-len(c.slots))); err != nil {
+				return 0, err
+			}
+			d := c.retry
+			c.retry = min(2*c.retry, fleetRetryMax)
+			c.retryAt = now.Add(d/2 + rand.N(d/2+1))
 		}
-		d := c.retry
-		c.retry = min(2*c.retry, fleetRetryMax)
-		return d/2 + rand.N(d/2+1), nil
+		return max(c.retryAt.Sub(now), 0), nil
 	}
 	c.short = false
 	wait := max(c.refreshAt.Sub(now), 0)

@@ -158,3 +158,18 @@ func TestFleetServerRestart(t *testing.T) {
 	e.checkFleet(true, a, b)
 	require.True(t, a.stats().Connected)
 }
+
+// TestFleetArithmetic pins the formulas: the fair share keeps one slot of
+// each member's share for its session, the batch is F/16, and the key and
+// channel are stable (every process must derive the same ones).
+func TestFleetArithmetic(t *testing.T) {
+	require.Equal(t, 8, fleetFair(10, 1))
+	require.Equal(t, 3, fleetFair(10, 2), "(10-1)/2-1")
+	require.Equal(t, 1, fleetFair(10, 9), "at least 1")
+	require.Equal(t, 1, fleetBatch(10))
+	require.Equal(t, 4, fleetBatch(64))
+	require.Equal(t, fleetKey("tenantpg", "app"), fleetKey("tenantpg", "app"))
+	require.NotEqual(t, fleetKey("tenantpg", "app"), fleetKey("tenantpg", "app2"))
+	require.NotEqual(t, fleetKey("a", "bc"), fleetKey("ab", "c"), "the parts are separated")
+	require.Regexp(t, `^tenantpg_fleet_[0-9a-f]{8}$`, fleetChannel(fleetKey("tenantpg", "app")))
+}

@@ -187,8 +187,9 @@ type fakeFleetHost struct {
 	yield   int
 	open    int
 	pinned  int
-	hidden  int // open backends fleetNeed does not count (one opened after it answered)
-	held    int // what the coordinator last allowed (or the fallback while lost)
+	hidden  int  // open backends fleetNeed does not count (one opened after it answered)
+	keep    bool // fleetYield yields nothing (its backends are busy)
+	held    int  // what the coordinator last allowed (or the fallback while lost)
 	lost    bool
 	lostN   []int
 	refused int // fleetSetHeld calls refused
@@ -233,6 +234,9 @@ func (h *fakeFleetHost) fleetYield(n, fair int) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.yields++
+	if h.keep {
+		return
+	}
 	h.yield = max(h.yield, min(h.yield+n, max(0, h.demand-fair)))
 	h.settleLocked()
 }
@@ -431,4 +435,40 @@ func TestFleetCloseUnlocksEverything(t *testing.T) {
 	st := a.stats()
 	require.Equal(t, st.Leased, st.Released, "%+v", st)
 	require.False(t, st.Connected)
+}
+
+// TestFleetBothShortStayQuiet: two members that both want more than the
+// fleet has, and cannot yield (their backends are busy), hear each other's
+// needs; they must not wake each other into a loop: their round trips stay
+// within the retry pace (a lease and a notification a retry, at
+// fleetRetryMax after a while).
+func TestFleetBothShortStayQuiet(t *testing.T) {
+	e := newFleetEnv(t, 10)
+	a, ha := e.start(4, 0)
+	b, hb := e.start(3, 0)
+	e.eventually("both served", func() bool { return ha.served(4) && hb.served(3) }, a, b)
+	for _, h := range []*fakeFleetHost{ha, hb} {
+		h.mu.Lock()
+		h.keep = true
+		h.mu.Unlock()
+		h.setDemand(8)
+	}
+	e.eventually("both heard the other", func() bool {
+		ha.mu.Lock()
+		defer ha.mu.Unlock()
+		hb.mu.Lock()
+		defer hb.mu.Unlock()
+		return ha.yields > 0 && hb.yields > 0
+	}, a, b)
+	ra, rb := a.stats().RoundTrips, b.stats().RoundTrips
+	start := time.Now()
+	// Not a synchronisation: the interval over which the pace is measured.
+	time.Sleep(2 * time.Second)
+	da, db := a.stats().RoundTrips-ra, b.stats().RoundTrips-rb
+	per := float64(da+db) / time.Since(start).Seconds()
+	t.Logf("round trips over %v: A %d, B %d (%.1f/s); A %s, B %s", time.Since(start).Round(time.Millisecond), da, db, per, ha, hb)
+	require.Less(t, per, 30.0, "two short members must not wake each other in a loop")
+	e.checkFleet(true, a, b)
+	require.Equal(t, 4, ha.heldNow())
+	require.Equal(t, 3, hb.heldNow())
 }
