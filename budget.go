@@ -149,6 +149,7 @@ type tokens struct {
 	peakOpen    int
 
 	queue   list[waiter, waiterInBudgetQueue] // callers that need a token, oldest first
+	waiting int                               // callers queued on its databases (Σ database.waiters.len)
 	recency slru                              // databases with idle backends
 
 	// Dial pacing (pace.go). claims counts the waiters promised the token
@@ -635,6 +636,7 @@ func (b *budget) take(d *database, now time.Time, stack []uintptr) (*backend, *w
 	d.refs++ // a waiter keeps its database's state alive
 	d.waiters.pushBack(w)
 	b.waiting++
+	d.srv.waiting++
 	b.growLocked(d)
 	if !w.done {
 		b.waitCount++ // not served at once: it waits
@@ -760,6 +762,7 @@ func (b *budget) dequeueLocked(w *waiter) {
 	}
 	d.waiters.remove(w)
 	b.waiting--
+	d.srv.waiting--
 	if w.seekingLocked() {
 		b.unseekLocked(w)
 	}
@@ -1731,7 +1734,7 @@ func (b *budget) snapshot() snapshot {
 	for _, x := range b.servers {
 		ss := serverSnapshot{srv: x, label: x.label, limit: x.limit, reserved: x.reserved, open: x.open, inUse: x.inUse,
 			idle: x.idle, dialing: x.dialing, closing: x.closing, peakOpen: x.peakOpen, dialSlots: min(x.pace.slots, x.limit),
-			waiting: b.waitingOnLocked(x), down: x.down, outages: x.outages, failed: x.failed}
+			waiting: x.waiting, down: x.down, outages: x.outages, failed: x.failed}
 		if x.down {
 			ss.since, ss.downFor = x.since, now.Sub(x.since)
 			if x.lastErr != nil {
@@ -1806,7 +1809,7 @@ func (b *budget) serverDownErrorLocked(d *database, now time.Time, waited time.D
 	s := d.srv
 	s.failed++
 	return &ServerDownError{Workspace: d.workspace, Database: d.name, Server: s.label,
-		Down: now.Sub(s.since), Waited: waited, Waiting: b.waitingOnLocked(s), Err: cause, ctxErr: callerErr}
+		Down: now.Sub(s.since), Waited: waited, Waiting: s.waiting, Err: cause, ctxErr: callerErr}
 }
 
 // serverDownError is serverDownErrorLocked for a caller whose own dial found

@@ -250,17 +250,6 @@ func (b *budget) startProbeLocked(s *server, now time.Time) bool {
 	return true
 }
 
-// waitingOnLocked counts the callers queued on the databases of s.
-func (b *budget) waitingOnLocked(s *server) int {
-	n := 0
-	for _, d := range b.dbs {
-		if d.srv == s {
-			n += d.waiters.len
-		}
-	}
-	return n
-}
-
 // classifyDialError sorts a failed dial: refused for lack of slots (the
 // driver retries), the server unreachable or not accepting connections
 // (its circuit opens), or anything else, which the server answered or the

@@ -103,6 +103,7 @@ func (b *budget) checkInvariantsLocked() error {
 		x.live += liveShared(d)
 		x.reserved += d.reserved
 		x.seeking += d.seeking
+		x.waiting += d.waiters.len
 		if d.lru.listed {
 			x.idleDBs++
 		}
@@ -155,7 +156,7 @@ func (b *budget) checkInvariantsLocked() error {
 
 // serverSums are the sums over one server's databases.
 type serverSums struct {
-	dbs, open, dialing, inUse, idle, closing, shared, live, reserved, seeking, idleDBs, protectedOpen int
+	dbs, open, dialing, inUse, idle, closing, shared, live, reserved, seeking, waiting, idleDBs, protectedOpen int
 }
 
 // checkInvariantsLocked checks one server's budget against the sums over
@@ -177,6 +178,8 @@ func (s *server) checkInvariantsLocked(b *budget, x *serverSums) error {
 		return fmt.Errorf("protectedOpen %d, but protected databases hold %d", s.recency.protectedOpen, x.protectedOpen)
 	case x.seeking != s.queue.len:
 		return fmt.Errorf("%d callers in its queue, databases count %d seeking", s.queue.len, x.seeking)
+	case x.waiting != s.waiting:
+		return fmt.Errorf("%d callers waiting, databases queue %d", s.waiting, x.waiting)
 	case s.peakOpen < s.open:
 		return fmt.Errorf("peak %d below open %d", s.peakOpen, s.open)
 	case s.open > s.limit && s.sharedLive > s.limit-s.reserved && s.recency.victimLocked() != nil && !b.closed:
