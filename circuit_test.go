@@ -37,29 +37,8 @@ func TestRestartUnderLoadRidesThrough(t *testing.T) {
 	}
 	var ok atomic.Int64
 	var errs errCollector
-	ctx, stop := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	for g := 0; g < restartWorkers; g++ {
-		wg.Add(1)
-		go func(g int) {
-			defer wg.Done()
-			for n := 0; ctx.Err() == nil; n++ {
-				qctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				var v string
-				err := dbs[(g+n)%len(dbs)].QueryRowContext(qctx, "SELECT v FROM kv WHERE id = 2").Scan(&v)
-				cancel()
-				if err != nil {
-					errs.add(err)
-				} else {
-					ok.Add(1)
-				}
-			}
-		}(g)
-	}
-	defer func() {
-		stop()
-		wg.Wait()
-	}()
+	stop := readLoad(dbs, restartWorkers, &ok, &errs)
+	defer stop() // a failed assertion before the end; stop may run twice
 	require.Eventually(t, func() bool { return ok.Load() >= 500 }, e2eWait, pollEvery)
 
 	require.NoError(t, e.srv.Shutdown())
@@ -108,7 +87,6 @@ func TestRestartUnderLoadRidesThrough(t *testing.T) {
 	up := ok.Load()
 	require.Eventually(t, func() bool { return ok.Load() >= up+500 }, e2eWait, pollEvery, "callers must proceed once the server is up")
 	stop()
-	wg.Wait()
 
 	list := errs.list()
 	t.Logf("%d queries succeeded, %d failed across an outage of %s; %d probe dials while down", ok.Load(), len(list), outage, probes)
@@ -479,4 +457,33 @@ func TestCircuitDeadlineWhileDown(t *testing.T) {
 	r.check()
 	r.b.dialFailed(probe.tok, dialOther, context.DeadlineExceeded)
 	r.check()
+}
+
+// readLoad starts workers that read a row from dbs in turn, each read with
+// a 10 s deadline, counting successes in ok and collecting failures in
+// errs, and returns the function that stops them and waits.
+func readLoad(dbs []*sql.DB, workers int, ok *atomic.Int64, errs *errCollector) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	for g := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := 0; ctx.Err() == nil; n++ {
+				qctx, cancelRead := context.WithTimeout(context.Background(), 10*time.Second)
+				var v string
+				err := dbs[(g+n)%len(dbs)].QueryRowContext(qctx, "SELECT v FROM kv WHERE id = 2").Scan(&v)
+				cancelRead()
+				if err != nil {
+					errs.add(err)
+				} else {
+					ok.Add(1)
+				}
+			}
+		}()
+	}
+	return func() {
+		cancel()
+		wg.Wait()
+	}
 }
