@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 
@@ -44,6 +45,8 @@ type env struct {
 	pgbouncerBin   string   // "" when not installed
 	pgbouncerSet   []string // extra settings, name=value
 	tenantpgPerDB  int      // tenantpg's MaxConnectionsPerDB, 0 = its default
+	naivePerDB     int      // naive's SetMaxOpenConns per workspace, 0 = perDB
+	naiveSameDB    bool     // naive's pools all reach workspace 0's database
 }
 
 const perDB = 3 // every contender's per-workspace cap, the seed's and tenantpg's default
@@ -76,6 +79,7 @@ var allContenders = []contender{
 	{"pgbouncer", openPgbouncer},
 	{"naive", openNaive},
 	{"single-db", openSingle},
+	{"dial-each", openDialEach},
 }
 
 func contenderNames() []string {
@@ -84,6 +88,12 @@ func contenderNames() []string {
 		names[i] = c.name
 	}
 	return names
+}
+
+// defaultContenders are the ones a run without -contenders compares:
+// dial-each is a reference point for experiments, not a contender.
+func defaultContenders() []string {
+	return slices.DeleteFunc(contenderNames(), func(n string) bool { return n == "dial-each" })
 }
 
 // poolsTarget serves every operation from the *sql.DB of its workspace.
@@ -146,12 +156,40 @@ func openTenantpg(_ context.Context, e *env, workspaces int) (target, error) {
 func openNaive(_ context.Context, e *env, workspaces int) (target, error) {
 	t := &poolsTarget{dbs: make([]*sql.DB, workspaces)}
 	for i := range workspaces {
-		db, err := sql.Open("pgx", e.w.dsn(i))
+		dsn := e.w.dsn(i)
+		if e.naiveSameDB {
+			dsn = e.w.dsn(0)
+		}
+		db, err := sql.Open("pgx", dsn)
 		if err != nil {
 			_ = t.close()
 			return nil, fmt.Errorf("naive: open workspace %s: %w", e.w.labels[i], err)
 		}
-		db.SetMaxOpenConns(perDB)
+		n := perDB
+		if e.naivePerDB > 0 {
+			n = e.naivePerDB
+		}
+		db.SetMaxOpenConns(n)
+		db.SetMaxIdleConns(n)
+		t.dbs[i] = db
+	}
+	return t, nil
+}
+
+// dial-each: a new server session for every operation, closed after it,
+// one *sql.DB per workspace keeping no idle connection. Every operation is
+// a miss, so its ops/s is the server's connect rate with the operation
+// included, the ceiling of any pooler that must dial: one with hit rate h
+// can do at most that rate / (1 - h). Not in the default set.
+func openDialEach(_ context.Context, e *env, workspaces int) (target, error) {
+	t := &poolsTarget{dbs: make([]*sql.DB, workspaces)}
+	for i := range workspaces {
+		db, err := sql.Open("pgx", e.w.dsn(i))
+		if err != nil {
+			_ = t.close()
+			return nil, fmt.Errorf("dial-each: open workspace %s: %w", e.w.labels[i], err)
+		}
+		db.SetMaxIdleConns(0)
 		t.dbs[i] = db
 	}
 	return t, nil

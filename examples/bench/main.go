@@ -71,6 +71,10 @@ type options struct {
 	pngPath        string
 	occupancyPNG   string
 	tenantpgPerDB  int // tenantpg's MaxConnectionsPerDB; 0 = its default (3), for experiments
+	naivePerDB     int // naive's pool size per workspace; 0 = 3, for experiments
+	naiveSameDB    bool
+	cold           bool     // leave the workspace databases unwarmed (see world.warm)
+	serverSet      []string // extra settings of the throwaway server, name=value
 	pgbouncer      string
 	pgbouncerSet   []string // extra PgBouncer settings, name=value
 	setupOnly      bool
@@ -86,7 +90,7 @@ func defaultOptions() options {
 	return options{
 		workspaces:     []int{400},
 		dists:          []string{distZipf, distRoundRobin},
-		contenders:     contenderNames(),
+		contenders:     defaultContenders(),
 		budget:         40,
 		workers:        32,
 		rows:           100,
@@ -107,7 +111,7 @@ func main() {
 	dists := strList(o.dists)
 	flag.Var(&dists, "dist", "comma-separated workspace choice: zipf (s = 1.1), rr (round-robin, the worst case), noisy (half the workers run pg_sleep(0.5) in workspace 0, the others read uniformly in the rest; measured: the others), quiet (the same others alone)")
 	cs := strList(o.contenders)
-	flag.Var(&cs, "contenders", "comma-separated contenders, run in this order: "+strings.Join(contenderNames(), ","))
+	flag.Var(&cs, "contenders", "comma-separated contenders, run in this order: "+strings.Join(contenderNames(), ",")+" (dial-each, a new session per operation, is the server's connect rate: not run by default)")
 	flag.IntVar(&o.budget, "budget", o.budget, "connection budget B: the app role's CONNECTION LIMIT and every contender's cap")
 	flag.IntVar(&o.workers, "workers", o.workers, "concurrent worker goroutines C")
 	flag.Float64Var(&o.writes, "writes", o.writes, "fraction of operations that update their row instead of reading it (0..1)")
@@ -127,12 +131,17 @@ func main() {
 	openLoad := floatList(o.openLoad)
 	flag.Var(&openLoad, "open-loop", "comma-separated offered loads of open-loop runs after each closed-loop run: up to 1, a fraction of that contender's closed-loop ops/s (0.5,0.9); above 1, ops/s; Poisson arrivals, latency from the scheduled arrival")
 	flag.IntVar(&o.tenantpgPerDB, "tenantpg-per-db", 0, "tenantpg's MaxConnectionsPerDB (default: its own default, 3, the other contenders' cap); for experiments")
+	flag.IntVar(&o.naivePerDB, "naive-per-db", 0, "the naive contender's pool size per workspace (default 3, the other contenders' cap); for experiments")
+	flag.BoolVar(&o.naiveSameDB, "naive-same-db", false, "the naive contender's pools (one per workspace) all reach the first workspace's database: many client pools, one server database; for experiments")
+	srvSet := strList(nil)
+	flag.Var(&srvSet, "server-set", "comma-separated extra settings of the throwaway PostgreSQL, name=value, e.g. shared_buffers=2GB (default: the test harness's, shared_buffers=64MB); ignored with DATABASE_URL")
+	flag.BoolVar(&o.cold, "cold", false, "do not open a first session to each workspace database before the contenders run; the first contender then pays for every database's first session (pg_internal.init), the later ones do not")
 	flag.BoolVar(&o.setupOnly, "setup-only", false, "create the databases, report how long that took, and stop")
 	flag.BoolVar(&o.simOnly, "sim-only", false, "only simulate LRU and Belady on the traces, without a server (for W too large for this disk)")
 	cpuProfile := flag.String("cpuprofile", "", "write the harness's CPU profile (all contenders, setup included) to this file")
 	timeout := flag.Duration("timeout", 3*time.Hour, "stop everything after this long")
 	flag.Parse()
-	o.workspaces, o.dists, o.contenders, o.pgbouncerSet, o.openLoad = wsList, dists, cs, pgbSet, openLoad
+	o.workspaces, o.dists, o.contenders, o.pgbouncerSet, o.openLoad, o.serverSet = wsList, dists, cs, pgbSet, openLoad, srvSet
 	if fi, err := os.Stderr.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
 		o.tty = true
 	}
@@ -192,6 +201,7 @@ type result struct {
 type creation struct {
 	total, created int
 	took           time.Duration
+	warmed         time.Duration // the first session to each created database; 0 with -cold
 }
 
 // report is everything one invocation measured.
@@ -227,14 +237,14 @@ func run(ctx context.Context, o options, stdout, stderr io.Writer) (*report, err
 		writeTable(stdout, rep)
 		return rep, nil
 	}
-	e := &env{budget: o.budget, workers: o.workers, acquireTimeout: o.acquireTimeout, pgbouncerSet: o.pgbouncerSet, tenantpgPerDB: o.tenantpgPerDB}
+	e := &env{budget: o.budget, workers: o.workers, acquireTimeout: o.acquireTimeout, pgbouncerSet: o.pgbouncerSet, tenantpgPerDB: o.tenantpgPerDB, naivePerDB: o.naivePerDB, naiveSameDB: o.naiveSameDB}
 	if bin, err := findPgbouncer(o.pgbouncer); err == nil {
 		e.pgbouncerBin = bin
 		rep.pgbouncer = pgbouncerVersion(bin)
 	}
 
 	fmt.Fprintf(stderr, "starting PostgreSQL (or attaching to DATABASE_URL)...\n")
-	w, err := startWorld(ctx, o.budget, o.workers, o.rows, stderr)
+	w, err := startWorld(ctx, o.budget, o.workers, o.rows, o.serverSet, stderr)
 	if err != nil {
 		return nil, err
 	}
@@ -254,6 +264,14 @@ func run(ctx context.Context, o options, stdout, stderr io.Writer) (*report, err
 		rep.creations = append(rep.creations, creation{total: n, created: created, took: took})
 		fmt.Fprintf(stderr, "created %d workspace databases (now %d) in %s (%.1f/s)\n",
 			created, n, took.Round(time.Millisecond), float64(created)/math.Max(took.Seconds(), 1e-9))
+		if created > 0 && !o.cold {
+			start := time.Now()
+			if err := w.warm(ctx, n-created, n); err != nil {
+				return rep, err
+			}
+			rep.creations[len(rep.creations)-1].warmed = time.Since(start)
+			fmt.Fprintf(stderr, "first session to each of them in %s\n", time.Since(start).Round(time.Millisecond))
+		}
 		if o.setupOnly {
 			continue
 		}
@@ -341,6 +359,12 @@ func (o *options) validate() error {
 		name, _, ok := strings.Cut(kv, "=")
 		if !ok || strings.TrimSpace(name) == "" || strings.ContainsAny(kv, "\r\n[]") {
 			return fmt.Errorf("-pgbouncer-set: want name=value, got %q", kv)
+		}
+	}
+	for _, kv := range o.serverSet {
+		name, _, ok := strings.Cut(kv, "=")
+		if !ok || strings.TrimSpace(name) == "" || strings.ContainsAny(kv, "\r\n") {
+			return fmt.Errorf("-server-set: want name=value, got %q", kv)
 		}
 	}
 	for _, d := range o.dists {

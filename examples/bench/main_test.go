@@ -49,7 +49,7 @@ func TestBenchShort(t *testing.T) {
 	demo.CheckRun(t, err, stderr.String())
 
 	_, pgbErr := findPgbouncer("")
-	if got, want := len(rep.results), 2*len(allContenders); got != want {
+	if got, want := len(rep.results), 2*len(defaultContenders()); got != want {
 		t.Fatalf("%d results, want %d", got, want)
 	}
 	for _, r := range rep.results {
@@ -131,7 +131,7 @@ func TestBenchShort(t *testing.T) {
 			}
 		}
 	}
-	if want := 2*len(allContenders) + 2; rows != want {
+	if want := 2*len(defaultContenders()) + 2; rows != want {
 		t.Errorf("%d table rows for W=30, want %d", rows, want)
 	}
 
@@ -146,7 +146,7 @@ func TestBenchShort(t *testing.T) {
 	if !slices.Equal(records[0], csvHeader) {
 		t.Fatalf("CSV header %v", records[0])
 	}
-	if got, want := len(records)-1, 2*len(allContenders)+len(rep.sims); got != want {
+	if got, want := len(records)-1, 2*len(defaultContenders())+len(rep.sims); got != want {
 		t.Fatalf("%d CSV rows, want %d", got, want)
 	}
 	col := func(name string) int { return slices.Index(csvHeader, name) }

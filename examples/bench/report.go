@@ -37,10 +37,17 @@ func writeTable(out io.Writer, rep *report) {
 			rep.server, rep.pgbouncer, o.budget, o.workers, writeMix(o.writes), o.rows, o.duration, o.warmup,
 			o.opTimeout, o.acquireTimeout, (o.traceOps+o.workers-1)/o.workers*o.workers, o.seed)
 	}
+	if len(o.serverSet) > 0 {
+		fmt.Fprintf(out, "Server settings beyond the harness's: %s.\n\n", strings.Join(o.serverSet, ", "))
+	}
 	for _, c := range rep.creations {
 		if c.created > 0 {
 			fmt.Fprintf(out, "Creating %d workspace databases (up to W = %d) took %s (%.1f per second).\n",
 				c.created, c.total, c.took.Round(100*time.Millisecond), float64(c.created)/math.Max(c.took.Seconds(), 1e-9))
+			if c.warmed > 0 {
+				fmt.Fprintf(out, "A first session to each of them, 4 at a time, before any contender: %s (%.1f per second).\n",
+					c.warmed.Round(100*time.Millisecond), float64(c.created)/math.Max(c.warmed.Seconds(), 1e-9))
+			}
 		}
 	}
 	if len(rep.results) > 0 {

@@ -339,3 +339,18 @@ func TestOpenLoopShowsQueueing(t *testing.T) {
 		t.Fatalf("p50 %s at a fifth of capacity", p50)
 	}
 }
+
+// TestServerSetValidation: a -server-set entry that is not name=value is
+// refused before a server starts, naming the flag and the entry.
+func TestServerSetValidation(t *testing.T) {
+	o := defaultOptions()
+	o.serverSet = []string{"shared_buffers=2GB", "huge_pages"}
+	err := o.validate()
+	if err == nil || !strings.Contains(err.Error(), "-server-set") || !strings.Contains(err.Error(), `"huge_pages"`) {
+		t.Fatalf("validate = %v, want an error naming -server-set and the entry", err)
+	}
+	o.serverSet = []string{"shared_buffers=2GB", "huge_pages=try"}
+	if err := o.validate(); err != nil {
+		t.Fatalf("validate = %v for name=value entries", err)
+	}
+}

@@ -9,9 +9,11 @@ import (
 	"net/url"
 	"os"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/tenantpg/tenantpg/internal/pgtest"
@@ -44,7 +46,7 @@ type world struct {
 // limit is checked).
 const databaseOverhead = 30
 
-func startWorld(ctx context.Context, budget, workers, rows int, log io.Writer) (*world, error) {
+func startWorld(ctx context.Context, budget, workers, rows int, settings []string, log io.Writer) (*world, error) {
 	external := false
 	if u := os.Getenv("DATABASE_URL"); u != "" {
 		// As examples/internal/demo does: a superuser URL; everything is created
@@ -54,7 +56,12 @@ func startWorld(ctx context.Context, budget, workers, rows int, log io.Writer) (
 	if os.Getenv(pgtest.EnvURL) != "" {
 		external = true
 	}
-	srv, err := pgtest.Start(pgtest.Options{MaxConnections: budget + workers + databaseOverhead})
+	set := make(map[string]string, len(settings))
+	for _, kv := range settings {
+		k, v, _ := strings.Cut(kv, "=") // checked by the options
+		set[strings.TrimSpace(k)] = v
+	}
+	srv, err := pgtest.Start(pgtest.Options{MaxConnections: budget + workers + databaseOverhead, Settings: set})
 	if err != nil {
 		return nil, err
 	}
@@ -122,6 +129,52 @@ func (w *world) ensureDatabases(ctx context.Context, n int, log io.Writer) (int,
 		}
 	}
 	return len(labels), time.Since(start), nil
+}
+
+// warm connects once to each workspace database in [from, to) and reads
+// one row, so that every contender meets a server in its steady state.
+// A database's first session builds its relation cache init file
+// (pg_internal.init) from the catalogs, several times the work of a later
+// session, and CREATE DATABASE does not copy that file from the template:
+// unwarmed, the contender that runs first pays for the first session of
+// every database it reaches and the later ones find the files built.
+func (w *world) warm(ctx context.Context, from, to int) error {
+	const parallel = 4 // within every budget the harness allows (at least 8)
+	next := make(chan int)
+	errs := make(chan error, parallel)
+	for range parallel {
+		go func() {
+			var first error
+			for i := range next {
+				if first != nil {
+					continue
+				}
+				conn, err := pgx.Connect(ctx, w.dsn(i))
+				if err == nil {
+					var v string
+					err = conn.QueryRow(ctx, queryRead, 1).Scan(&v)
+					err = errors.Join(err, conn.Close(ctx))
+				}
+				if err != nil {
+					first = fmt.Errorf("warm workspace %s: %w", w.labels[i], err)
+				}
+			}
+			errs <- first
+		}()
+	}
+	for i := from; i < to; i++ {
+		select {
+		case next <- i:
+		case <-ctx.Done():
+			i = to
+		}
+	}
+	close(next)
+	var all []error
+	for range parallel {
+		all = append(all, <-errs)
+	}
+	return errors.Join(append(all, ctx.Err())...)
 }
 
 // checkDisk refuses to create more databases than the disk holding the
