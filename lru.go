@@ -78,21 +78,27 @@ func (s *slru) touchLocked(d *database) {
 		l.pushFront(d)
 	}
 	// The front of both lists, so the spare list keeps the segment's order.
-	if sl := s.spareOf(d); hasSpare(d) {
-		if d.spare.listed {
-			sl.moveToFront(d)
-		} else {
-			sl.pushFront(d)
-		}
-	} else {
-		sl.remove(d)
+	// The listed checks spare the common case, a database with one backend,
+	// a call into the list: list methods are not inlined, and each of
+	// their links lookups is an indirect call through the generic
+	// dictionary (BenchmarkEvictionDecision at 10 databases: 32.1 ns
+	// without these checks, 27.0 with them, 24.4 before the spare lists).
+	switch {
+	case hasSpare(d) && d.spare.listed:
+		s.spareOf(d).moveToFront(d)
+	case hasSpare(d):
+		s.spareOf(d).pushFront(d)
+	case d.spare.listed:
+		s.spareOf(d).remove(d)
 	}
 }
 
 // removeLocked takes d, which has no idle backend left, out of the lists.
 func (s *slru) removeLocked(d *database) {
 	s.segmentOf(d).remove(d)
-	s.spareOf(d).remove(d)
+	if d.spare.listed {
+		s.spareOf(d).remove(d)
+	}
 }
 
 // liveDroppedLocked takes d out of the spare list once its live backends
@@ -114,7 +120,9 @@ func (s *slru) reusedLocked(d *database) {
 	if !d.protected {
 		if d.lru.listed {
 			s.probation.remove(d)
-			s.spareProbation.remove(d) // touchLocked lists it again
+			if d.spare.listed {
+				s.spareProbation.remove(d) // touchLocked lists it again
+			}
 		}
 		d.protected = true
 		s.protectedOpen += d.open
