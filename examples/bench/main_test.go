@@ -40,6 +40,7 @@ func TestBenchShort(t *testing.T) {
 	o.csvPath = filepath.Join(dir, "bench.csv")
 	o.pngPath = filepath.Join(dir, "bench.png")
 	o.occupancyPNG = filepath.Join(dir, "occupancy.png")
+	o.contenders = append(defaultContenders(), "dial-each")
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -49,7 +50,7 @@ func TestBenchShort(t *testing.T) {
 	demo.CheckRun(t, err, stderr.String())
 
 	_, pgbErr := findPgbouncer("")
-	if got, want := len(rep.results), 2*len(defaultContenders()); got != want {
+	if got, want := len(rep.results), 2*len(o.contenders); got != want {
 		t.Fatalf("%d results, want %d", got, want)
 	}
 	for _, r := range rep.results {
@@ -79,6 +80,12 @@ func TestBenchShort(t *testing.T) {
 			// no session).
 			if r.serverConns >= 0 && (r.serverConns > r.dials || r.serverConns < r.dials/2) {
 				t.Errorf("%s tenantpg: the server counted %d sessions for %d dials", r.dist, r.serverConns, r.dials)
+			}
+		case "dial-each":
+			// Its point is a session per operation: the server must have
+			// counted at least one for every operation that succeeded.
+			if r.m.ops == 0 || r.serverConns >= 0 && r.serverConns < r.m.ops {
+				t.Errorf("%s dial-each: %d operations on %d sessions", r.dist, r.m.ops, r.serverConns)
 			}
 		case "single-db":
 			if r.m.ops == 0 || r.m.errors() != 0 {
@@ -116,6 +123,11 @@ func TestBenchShort(t *testing.T) {
 		t.Errorf("round-robin over 30 workspaces with 8 LRU slots must always miss, got %.3f", hit["rr/lru/8"])
 	}
 
+	// Every database had its first session before any contender ran.
+	if !strings.Contains(stdout.String(), "A first session to each of them") {
+		t.Error("the report does not say the databases were warmed")
+	}
+
 	// The markdown table: one row per contender and distribution, and one
 	// per distribution in the cache table.
 	out := stdout.String()
@@ -131,7 +143,7 @@ func TestBenchShort(t *testing.T) {
 			}
 		}
 	}
-	if want := 2*len(defaultContenders()) + 2; rows != want {
+	if want := 2*len(o.contenders) + 2; rows != want {
 		t.Errorf("%d table rows for W=30, want %d", rows, want)
 	}
 
@@ -146,7 +158,7 @@ func TestBenchShort(t *testing.T) {
 	if !slices.Equal(records[0], csvHeader) {
 		t.Fatalf("CSV header %v", records[0])
 	}
-	if got, want := len(records)-1, 2*len(defaultContenders())+len(rep.sims); got != want {
+	if got, want := len(records)-1, 2*len(o.contenders)+len(rep.sims); got != want {
 		t.Fatalf("%d CSV rows, want %d", got, want)
 	}
 	col := func(name string) int { return slices.Index(csvHeader, name) }
