@@ -165,12 +165,13 @@ func openNaive(_ context.Context, e *env, workspaces int) (target, error) {
 			_ = t.close()
 			return nil, fmt.Errorf("naive: open workspace %s: %w", e.w.labels[i], err)
 		}
-		n := perDB
+		db.SetMaxOpenConns(perDB)
 		if e.naivePerDB > 0 {
-			n = e.naivePerDB
+			// The experiment's pools keep every connection they open;
+			// the default naive contender keeps database/sql's 2 idle.
+			db.SetMaxOpenConns(e.naivePerDB)
+			db.SetMaxIdleConns(e.naivePerDB)
 		}
-		db.SetMaxOpenConns(n)
-		db.SetMaxIdleConns(n)
 		t.dbs[i] = db
 	}
 	return t, nil

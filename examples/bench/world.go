@@ -134,8 +134,8 @@ func (w *world) ensureDatabases(ctx context.Context, n int, log io.Writer) (int,
 // warm connects once to each workspace database in [from, to) and reads
 // one row, so that every contender meets a server in its steady state.
 // A database's first session builds its relation cache init file
-// (pg_internal.init) from the catalogs, several times the work of a later
-// session, and CREATE DATABASE does not copy that file from the template:
+// (pg_internal.init) from the catalogs, work a later session skips, and
+// CREATE DATABASE does not copy that file from the template:
 // unwarmed, the contender that runs first pays for the first session of
 // every database it reaches and the later ones find the files built.
 func (w *world) warm(ctx context.Context, from, to int) error {
