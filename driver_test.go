@@ -371,4 +371,18 @@ func TestStatsJSONFieldNames(t *testing.T) {
 	slices.Sort(keys)
 	require.Equal(t, []string{"closing", "dialSlots", "dialing", "down", "downForNs", "downSince", "failedWaits", "idle", "inUse",
 		"lastError", "limit", "open", "outages", "peakOpen", "reserved", "server", "waiting"}, keys, "fleet is omitted without a fleet budget")
+
+	// With a fleet budget the server carries its coordination's figures,
+	// camelCase like the rest.
+	js, err = json.Marshal(ServerStats{Fleet: &FleetStats{}})
+	require.NoError(t, err)
+	var sv map[string]any
+	require.NoError(t, json.Unmarshal(js, &sv))
+	fleet := sv["fleet"].(map[string]any)
+	keys = keys[:0]
+	for k := range fleet {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	require.Equal(t, []string{"connected", "failures", "fairShare", "lastError", "leased", "members", "released", "roundTrips", "share"}, keys)
 }

@@ -109,15 +109,15 @@ type fleetSettings struct {
 
 // FleetStats describe one server's fleet coordination.
 type FleetStats struct {
-	Connected  bool   // the coordination session is up
-	Members    int    // processes in the fleet, as last counted (this one included)
-	Share      int    // slots held for backends (the session's own slot not included)
-	FairShare  int    // fair share of backends per member
-	Leased     uint64 // slots leased, cumulative
-	Released   uint64 // slots released, cumulative (those lost with a session included)
-	RoundTrips uint64 // statements run on the coordination session
-	Failures   uint64 // failed connections and sessions
-	LastError  string // what the last failure was, without DSN details
+	Connected  bool   `json:"connected"`  // the coordination session is up
+	Members    int    `json:"members"`    // processes in the fleet, as last counted (this one included)
+	Share      int    `json:"share"`      // slots held for backends (the session's own slot not included)
+	FairShare  int    `json:"fairShare"`  // fair share of backends per member
+	Leased     uint64 `json:"leased"`     // slots leased, cumulative
+	Released   uint64 `json:"released"`   // slots released, cumulative (those lost with a session included)
+	RoundTrips uint64 `json:"roundTrips"` // statements run on the coordination session
+	Failures   uint64 `json:"failures"`   // failed connections and sessions
+	LastError  string `json:"lastError"`  // what the last failure was, without DSN details
 }
 
 const (
