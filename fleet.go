@@ -431,13 +431,17 @@ func (c *fleetCoordinator) failed(err error) {
 	c.logf(slog.LevelWarn, "tenantpg: fleet coordination failed", slog.String("error", msg))
 }
 
+// errSlotsNotHeld: the server unlocked fewer slots than the coordinator
+// believed it held, so its count and the server's disagreed.
+var errSlotsNotHeld = errors.New("tenantpg: fleet: slots released were not held")
+
 // fleetErrorText describes err without pgx's description of the dial
-// (which names the user and the database) nor anything of the DSN.
+// (which names the user and the database) nor anything of the DSN: the
+// server's own answer, the network's, or the coordinator's own error.
 func fleetErrorText(err error) string {
-	var pgErr *pgconn.PgError
 	switch {
-	case errors.As(err, &pgErr):
-		return pgErr.Severity + ": " + pgErr.Message + " (SQLSTATE " + pgErr.Code + ")"
+	case errors.Is(err, errSlotsNotHeld):
+		return err.Error()
 	case isContextError(err):
 		return "timeout"
 	}
@@ -634,7 +638,7 @@ func (c *fleetCoordinator) release(n int) error {
 	c.st.Released += uint64(n)
 	c.mu.Unlock()
 	if int(unlocked) != n {
-		return fmt.Errorf("tenantpg: fleet: %d of %d slots released were not held", n-int(unlocked), n)
+		return fmt.Errorf("%w: %d of %d", errSlotsNotHeld, n-int(unlocked), n)
 	}
 	return nil
 }

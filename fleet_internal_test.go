@@ -3,15 +3,19 @@ package tenantpg
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/stretchr/testify/require"
 )
 
-// fleetConn opens a plain session as the env's role to the coordination
+// conn opens a plain session as the env's role to the coordination
 // database.
 func (e *fleetEnv) conn() *pgx.Conn {
 	e.t.Helper()
@@ -172,4 +176,23 @@ func TestFleetArithmetic(t *testing.T) {
 	require.NotEqual(t, fleetKey("tenantpg", "app"), fleetKey("tenantpg", "app2"))
 	require.NotEqual(t, fleetKey("a", "bc"), fleetKey("ab", "c"), "the parts are separated")
 	require.Regexp(t, `^tenantpg_fleet_[0-9a-f]{8}$`, fleetChannel(fleetKey("tenantpg", "app")))
+}
+
+// TestFleetErrorText: what the coordinator records and logs of a failure
+// is the server's answer, the network's, or its own error, never pgx's
+// description of the dial nor anything else an error may carry.
+func TestFleetErrorText(t *testing.T) {
+	refused := &pgconn.PgError{Severity: "FATAL", Code: "53300", Message: `too many connections for role "app"`}
+	for _, c := range []struct {
+		err  error
+		want string
+	}{
+		{fmt.Errorf("failed to connect to `user=app database=postgres`: %w", refused), `FATAL: too many connections for role "app" (SQLSTATE 53300)`},
+		{fmt.Errorf("lease: %w", context.DeadlineExceeded), "timeout"},
+		{fmt.Errorf("%w: 2 of 3", errSlotsNotHeld), "tenantpg: fleet: slots released were not held: 2 of 3"},
+		{&net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}, syscall.ECONNREFUSED.Error()},
+		{errors.New("cannot parse `postgres://app:secret@db/postgres`"), "connection failed"},
+	} {
+		require.Equal(t, c.want, fleetErrorText(c.err), "%v", c.err)
+	}
 }
