@@ -195,6 +195,7 @@ type fakeFleetHost struct {
 	refused int // fleetSetHeld calls refused
 	overSet int // fleetSetHeld calls with more than the slots locked
 	yields  int
+	asked   int // what fleetNeed last answered
 }
 
 func (h *fakeFleetHost) String() string {
@@ -211,7 +212,15 @@ func (h *fakeFleetHost) settleLocked() {
 func (h *fakeFleetHost) fleetNeed() int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return max(h.demand-h.yield, h.open-h.hidden)
+	h.asked = max(h.demand-h.yield, h.open-h.hidden)
+	return h.asked
+}
+
+// lastAsked returns what fleetNeed last answered.
+func (h *fakeFleetHost) lastAsked() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.asked
 }
 
 func (h *fakeFleetHost) fleetSetHeld(n int) bool {
@@ -385,10 +394,12 @@ func TestFleetBatchOneRoundTrip(t *testing.T) {
 	require.Equal(t, 3, ha.heldNow(), "the batch's spare slots are the host's too")
 
 	ha.setDemand(3) // covered by the batch: no round trip
+	e.eventually("need 3 seen", func() bool { return ha.lastAsked() == 3 }, a)
+	require.Equal(t, uint64(3), a.stats().RoundTrips, "need 3 is covered by the batch")
 	ha.setDemand(20)
 	e.eventually("need 20 served", func() bool { return ha.heldNow() >= 20 }, a)
 	st = a.stats()
-	require.Equal(t, uint64(4), st.RoundTrips, "need 3 took none, need 20 one round trip: %+v", st)
+	require.Equal(t, uint64(4), st.RoundTrips, "need 20 in one round trip: %+v", st)
 	require.Equal(t, 21, e.locks()[a.backendPID()])
 }
 
