@@ -277,14 +277,15 @@ func newBudget(cfg Config, clk clock, io backendIO) *budget {
 	b.tracing.Store(newTracing(cfg.TracerProvider))
 	b.leakCheck.fn = b.checkLeaks
 	b.collector.fn = b.collectAgain
-	b.apply(cfg)
+	b.applyLocked(cfg)
 	return b
 }
 
-func (b *budget) apply(cfg Config) {
+// applyLocked takes cfg's settings; reconfigure calls it under mu.
+func (b *budget) applyLocked(cfg Config) {
 	b.limit = cfg.MaxConnections
 	b.serverLimits = cfg.ServerMaxConnections
-	b.fleet = fleetSettings{max: cfg.FleetMaxConnections, name: cfg.FleetName, database: cfg.FleetDatabase}
+	b.fleet = fleetSettingsOf(cfg)
 	for _, s := range b.servers {
 		s.max = b.serverLimitLocked(s.label)
 		s.limit = b.limitNowLocked(s)
@@ -1516,7 +1517,7 @@ func (b *budget) checkLeaks() {
 // they are checked in. Raising it serves waiters.
 func (b *budget) reconfigure(cfg Config) error {
 	b.mu.Lock()
-	if fs := (fleetSettings{max: cfg.FleetMaxConnections, name: cfg.FleetName, database: cfg.FleetDatabase}); fs != b.fleet && len(b.servers) > 0 {
+	if fleetSettingsOf(cfg) != b.fleet && len(b.servers) > 0 {
 		// A server in use would be coordinated only from its next DSN on,
 		// with backends no lease covers.
 		b.mu.Unlock()
@@ -1533,7 +1534,7 @@ func (b *budget) reconfigure(cfg Config) error {
 			return &ConfigError{Field: field, Reason: errReservedExceedsBudget(limit, s.reserved)}
 		}
 	}
-	b.apply(cfg)
+	b.applyLocked(cfg)
 	now := b.clock.Now()
 	idle := 0
 	for _, s := range b.servers {

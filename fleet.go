@@ -107,6 +107,11 @@ type fleetSettings struct {
 	refresh time.Duration
 }
 
+// fleetSettingsOf returns cfg's fleet settings.
+func fleetSettingsOf(cfg Config) fleetSettings {
+	return fleetSettings{max: cfg.FleetMaxConnections, name: cfg.FleetName, database: cfg.FleetDatabase}
+}
+
 // FleetStats describe one server's fleet coordination.
 type FleetStats struct {
 	Connected  bool   `json:"connected"`  // the coordination session is up
@@ -191,11 +196,11 @@ type fleetCoordinator struct {
 	stopOnce  sync.Once
 	done      chan struct{} // closed when run returns
 
-	mu         sync.Mutex
-	poked      bool
-	waitCancel context.CancelFunc // the current wait's, while it waits
-	st         FleetStats
-	sessionPID uint32 // the session's backend, 0 while down
+	mu         sync.Mutex         // guards the fields below, up to the blank line
+	poked      bool               // guarded by mu
+	waitCancel context.CancelFunc // guarded by mu; the current wait's, while it waits
+	st         FleetStats         // guarded by mu
+	sessionPID uint32             // guarded by mu; the session's backend, 0 while down
 
 	// The rest belongs to the run goroutine.
 	conn         *pgx.Conn
