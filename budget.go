@@ -722,7 +722,7 @@ func (b *budget) await(ctx, caller context.Context, w *waiter) (*backend, *token
 		Workspace: d.workspace, Database: d.name,
 		Server: d.srv.label, Open: d.srv.open, Limit: d.srv.limit,
 		DatabaseOpen: d.open, DatabaseCap: b.capLocked(d),
-		Waiting: b.waiting, Waited: waited,
+		Waiting: d.srv.waiting, Waited: waited,
 	}
 	if caller.Err() != nil {
 		e.Err = caller.Err()

@@ -24,7 +24,7 @@ type BudgetError struct {
 	Limit        int           // that server's budget
 	DatabaseOpen int           // connections held by this database
 	DatabaseCap  int           // this database's cap
-	Waiting      int           // other callers still waiting
+	Waiting      int           // other callers still waiting for a connection to Server
 	Waited       time.Duration // how long this caller waited
 	Err          error         // the caller's context error, or nil when the acquire timeout ended the wait
 }
