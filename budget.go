@@ -1062,7 +1062,7 @@ func (b *budget) starvingLocked(d *database, now time.Time) *waiter {
 		}
 		// Only a caller of a database with no backend starves: one that
 		// grows is served by its own meanwhile, and d, which uses this
-		// backend now, would dial it back (lru.go).
+		// backend now, would likely dial it back (lru.go; inferred).
 		if w.claim == nil && w.db != d && w.db.open-w.db.closing == 0 {
 			if !s.dialSlotFreeLocked() {
 				return nil // its token would wait for a dial slot anyway

@@ -28,7 +28,7 @@ type database struct {
 	metricOpts atomic.Pointer[dbMetricOpts]
 
 	// Guarded by budget.mu.
-	srv         *server // the circuit of its server; nil once forgotten
+	srv         *server // its server's budget and circuit; nil once forgotten
 	workspace   string
 	capOverride int // pool_max_conns; 0 = the driver's per-database default
 	reserved    int // pool_reserved_conns
@@ -43,7 +43,7 @@ type database struct {
 	evictions uint64
 
 	waiters list[waiter, waiterInDBQueue] // callers waiting for a backend, oldest first
-	seeking int                           // waiters in the budget's queue, to dial
+	seeking int                           // waiters in its server's queue, to dial
 	// idleBackends are most recently checked in first; a checkout takes
 	// the front, so backends the load no longer needs age at the back.
 	idleBackends list[backend, backendInList]

@@ -172,16 +172,20 @@ func (s *slru) victimLocked() *backend {
 // backend) takes victimLocked's, which its callers cannot do without.
 //
 // Spare first for a miss too: in a budget that holds every active
-// database's backend, a miss that closed another's last backend made that
-// one miss in turn, where taking a spare one leaves every database one.
+// database's backend, a miss that closes another's last backend makes that
+// one miss in turn, where taking a spare one leaves every database one
+// (with the step, the W=60 runs' evictions fell from hundreds to tens, on
+// a noisy machine; BENCHMARKS.md).
 //
 // Growth takes a spare backend only once it has been idle for
 // spareIdleAfter, and takes no last backend: d's callers wait for its own
 // backends meanwhile. A spare backend idle for less is one its database's
-// callers use now and then, and it would dial it back as soon as its own
-// waits added up to a dial: hot databases took each other's backends in
-// turn. Only the least recently used spare database's is looked at, so
-// the choice stays O(1).
+// callers use now and then, which would dial it back as soon as their
+// waits added up to a dial. That hot databases took each other's spare
+// backends in turn is an inference (the evictions left grew with the
+// run's throughput and the idle age removed them); it was not isolated.
+// Only the least recently used spare database's is looked at, so the
+// choice stays O(1).
 func (s *slru) victimForLocked(d *database, now time.Time) *backend {
 	miss := d.open-d.closing == 0
 	for _, l := range [2]*list[database, dbSpare]{&s.spareProbation, &s.spareProtected} {
@@ -203,7 +207,8 @@ func (s *slru) victimForLocked(d *database, now time.Time) *backend {
 // spareIdleAfter is how long a spare backend must have been idle before a
 // database that grows may take it: the horizon over which the grower's own
 // need is judged (waitDebtDecay), so that a backend its database did not
-// use over that horizon goes to one whose callers did wait.
+// use over that horizon goes to one whose callers did wait. Only this
+// value (1s) was measured.
 const spareIdleAfter = waitDebtDecay
 
 // eachLocked calls fn for every database with idle backends in eviction
