@@ -872,7 +872,7 @@ func runStateMachine(t testing.TB, data []byte, cov *smCov) {
 	m := &stateMachine{t: t, b: b, clk: clk, io: io, cfg: cfg, handoffAfter: handoffAfter,
 		backends: map[*backend]*smBackend{}, byW: map[*waiter]*smWaiter{}, results: make(chan smResult, 64),
 		roles: map[*smTimer]any{}, cov: cov}
-	m.paceSlots = 4
+	m.paceSlots = initialDialSlots
 	m.logf("limit %d perDB %d idle %s life %s dbs %d handoffAfter %s reserve(ws0) %d maxConns(ws1) %d",
 		limit, cfg.MaxConnectionsPerDB, cfg.ConnMaxIdleTime, cfg.ConnMaxLifetime, nDB, handoffAfter, reserve, maxConns1)
 	for i := 0; i < nDB; i++ {
@@ -1492,10 +1492,10 @@ func (m *stateMachine) check() {
 		if len(b.servers) != 0 {
 			m.fail("no database state left, yet %d servers kept", len(b.servers))
 		}
-		if m.paceSlots != 4 || m.paceGood != 0 || m.paceEpoch != 0 || len(m.paceDials) != 0 {
+		if m.paceSlots != initialDialSlots || m.paceGood != 0 || m.paceEpoch != 0 || len(m.paceDials) != 0 {
 			m.logf("server forgotten: dial pacing restarts")
 		}
-		m.paceSlots, m.paceGood, m.paceEpoch, m.paceDials = 4, 0, 0, nil
+		m.paceSlots, m.paceGood, m.paceEpoch, m.paceDials = initialDialSlots, 0, 0, nil
 	}
 	_, sharedLive := m.shared()
 	switch {
