@@ -665,7 +665,7 @@ func (m *stateMachine) paceDialed(tk *smToken, took time.Duration) {
 	}
 	if took > 2*base {
 		if tk.epoch == m.paceEpoch {
-			m.paceSlots = max(4, min(m.paceSlots, m.limit())/2)
+			m.paceSlots = max(minDialSlots, min(m.paceSlots, m.limit())/2)
 			m.paceEpoch++
 			m.paceGood = 0
 			m.logf("dial pacing: %d slots", m.paceSlots)
