@@ -306,24 +306,7 @@ func TestConfigureShrinksUnderLoad(t *testing.T) {
 	}
 	var errs errCollector
 	var ops atomic.Int64
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for g := 0; g < 16; g++ {
-		wg.Add(1)
-		go func(g int) {
-			defer wg.Done()
-			for n := 0; ; n++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				var v string
-				errs.add(dbs[(g+n)%8].QueryRowContext(context.Background(), "SELECT v FROM kv WHERE id = 2").Scan(&v))
-				ops.Add(1)
-			}
-		}(g)
-	}
+	stop := readLoad(dbs, 16, &ops, &errs)
 	require.Eventually(t, func() bool { return ops.Load() > 200 }, 30*time.Second, time.Millisecond)
 	require.NoError(t, e.drv.Configure(Config{MaxConnections: 3, MaxConnectionsPerDB: 3, AcquireTimeout: 30 * time.Second}))
 	// Give the shrink a moment under load, then let the load finish.
@@ -332,8 +315,7 @@ func TestConfigureShrinksUnderLoad(t *testing.T) {
 		pprof.Lookup("goroutine").WriteTo(os.Stderr, 1)
 		t.Fatalf("no progress after the shrink:\n%s", e.drv.dumpState())
 	}
-	close(stop)
-	wg.Wait()
+	stop()
 	require.Empty(t, errs.list())
 	s := e.drv.Stats()
 	require.Equal(t, 3, s.Limit)

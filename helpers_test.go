@@ -198,3 +198,32 @@ func addDatabaseLocked(b *budget, key dbKey, workspace string, idle int, at time
 	}
 	return d
 }
+
+// readLoad starts workers that read a row from dbs in turn, each read with
+// a 10 s deadline, counting successes in ok and collecting failures in
+// errs, and returns the function that stops them and waits.
+func readLoad(dbs []*sql.DB, workers int, ok *atomic.Int64, errs *errCollector) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	for g := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := 0; ctx.Err() == nil; n++ {
+				qctx, cancelRead := context.WithTimeout(context.Background(), 10*time.Second)
+				var v string
+				err := dbs[(g+n)%len(dbs)].QueryRowContext(qctx, "SELECT v FROM kv WHERE id = 2").Scan(&v)
+				cancelRead()
+				if err != nil {
+					errs.add(err)
+				} else {
+					ok.Add(1)
+				}
+			}
+		}()
+	}
+	return func() {
+		cancel()
+		wg.Wait()
+	}
+}
