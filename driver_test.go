@@ -1,7 +1,6 @@
 package tenantpg
 
 import (
-	"bytes"
 	"context"
 	"database/sql"
 	"encoding/json"
@@ -11,7 +10,6 @@ import (
 	"net"
 	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -243,9 +241,8 @@ func TestRegisteredDriver(t *testing.T) {
 // distinctive password, with debug logging on, and checks every error (as
 // text and formatted with %+v and %#v), every log line and the stats JSON.
 func TestSecretsNeverLeak(t *testing.T) {
-	var logs bytes.Buffer
-	var logMu sync.Mutex
-	logger := slog.New(slog.NewJSONHandler(lockedWriter{&logs, &logMu}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	var logs syncBuffer
+	logger := slog.New(slog.NewJSONHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	e := newEnv(t, 2, Config{MaxConnections: 2, MaxConnectionsPerDB: 1, AcquireTimeout: 300 * time.Millisecond, Logger: logger})
 	ctx := context.Background()
 	const wrongPassword = "wr0ng-Pa55-plugh"
@@ -320,27 +317,13 @@ func TestSecretsNeverLeak(t *testing.T) {
 	for _, err := range errs {
 		texts = append(texts, err.Error(), fmt.Sprintf("%+v", err), fmt.Sprintf("%#v", err))
 	}
-	logMu.Lock()
 	texts = append(texts, logs.String())
-	logMu.Unlock()
 	require.Contains(t, logs.String(), `"level":"WARN"`, "the failures were logged")
 	for _, s := range texts {
 		require.NotContains(t, s, testPassword)
 		require.NotContains(t, s, wrongPassword)
 		require.NotContains(t, s, "postgres://")
 	}
-}
-
-// lockedWriter serialises writes to a buffer shared with the test.
-type lockedWriter struct {
-	buf *bytes.Buffer
-	mu  *sync.Mutex
-}
-
-func (w lockedWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.buf.Write(p)
 }
 
 func TestStatsJSONFieldNames(t *testing.T) {

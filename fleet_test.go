@@ -1,7 +1,6 @@
 package tenantpg
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
@@ -34,23 +33,6 @@ type fleetEnv struct {
 	name string
 	k1   int32
 	logs *syncBuffer
-}
-
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 func newFleetEnv(t *testing.T, max int) *fleetEnv {

@@ -1,6 +1,7 @@
 package tenantpg
 
 import (
+	"bytes"
 	"context"
 	"database/sql"
 	"fmt"
@@ -226,4 +227,22 @@ func readLoad(dbs []*sql.DB, workers int, ok *atomic.Int64, errs *errCollector) 
 		cancel()
 		wg.Wait()
 	}
+}
+
+// syncBuffer is a buffer that a logger writes to while the test reads it.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
