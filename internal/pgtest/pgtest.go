@@ -2,8 +2,10 @@
 //
 // It looks for initdb and postgres in PATH, then in /usr/lib/postgresql/*/bin
 // (newest version first), initialises a cluster in a temporary directory with
-// trust authentication and durability switched off, and starts it on a free
-// port on 127.0.0.1. When the process runs as root the server runs as the
+// durability switched off, and starts it on a free port on 127.0.0.1. As on a
+// production server, every TCP login is checked with scram-sha-256, the
+// superuser's included (its password is random per server); only the
+// server's own Unix socket, in the server's private directory, trusts. When the process runs as root the server runs as the
 // "postgres" OS user, because PostgreSQL refuses to run as root.
 //
 // In a test binary run with -short, Start starts nothing and returns
@@ -23,7 +25,9 @@ package pgtest
 import (
 	"bufio"
 	"context"
+	"crypto/rand"
 	"database/sql"
+	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -247,7 +251,23 @@ func (s *Server) command(name string, args ...string) *exec.Cmd {
 func (s *Server) dataDir() string { return filepath.Join(s.dir, "data") }
 
 func (s *Server) initdb() error {
-	cmd := s.command("initdb", "-D", s.dataDir(), "-U", s.adminUser, "-A", "trust",
+	pw := make([]byte, 16)
+	if _, err := rand.Read(pw); err != nil {
+		return err
+	}
+	s.adminPass = hex.EncodeToString(pw)
+	pwfile := filepath.Join(s.dir, "pwfile")
+	if err := os.WriteFile(pwfile, []byte(s.adminPass+"\n"), 0o600); err != nil {
+		return err
+	}
+	defer os.Remove(pwfile)
+	if s.runAs != nil {
+		if err := os.Chown(pwfile, int(s.runAs.Uid), int(s.runAs.Gid)); err != nil {
+			return err
+		}
+	}
+	cmd := s.command("initdb", "-D", s.dataDir(), "-U", s.adminUser,
+		"--auth-host=scram-sha-256", "--auth-local=trust", "--pwfile="+pwfile,
 		"--no-sync", "--locale=C", "-E", "UTF8", "--no-instructions")
 	out, err := cmd.CombinedOutput()
 	if err != nil {
@@ -262,7 +282,7 @@ func (s *Server) start() error {
 	args := []string{"-D", s.dataDir(), "-p", strconv.Itoa(s.Port), "-h", s.Host, "-k", s.dir,
 		"-c", "max_connections=" + strconv.Itoa(s.opts.MaxConnections),
 		"-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-		"-c", "shared_buffers=64MB", "-c", "log_min_messages=warning",
+		"-c", "shared_buffers=64MB", "-c", "log_min_messages=warning", "-c", "password_encryption=scram-sha-256",
 		"-c", "log_connections=off", "-c", "log_disconnections=off"}
 	keys := make([]string, 0, len(s.opts.Settings))
 	for k := range s.opts.Settings {
