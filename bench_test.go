@@ -138,7 +138,7 @@ func newBenchBudget(n, limit, perDB int) (*budget, []*database) {
 	bg.mu.Lock()
 	defer bg.mu.Unlock()
 	for i := range dbs {
-		dbs[i] = addDatabaseLocked(bg, dbKey{database: fmt.Sprint(i)}, fmt.Sprint(i), 1, past)
+		dbs[i] = addDatabaseLocked(bg, serverKey{}, fmt.Sprint(i), fmt.Sprint(i), 1, past)
 	}
 	return bg, dbs
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"runtime"
 	"strconv"
@@ -54,7 +55,8 @@ type budget struct {
 	// figure of its own in serverLimits (keyed by host:port).
 	limit          int
 	serverLimits   map[string]int
-	fleet          fleetSettings // max 0: no fleet budget
+	aliases        map[string]string // Config.ServerAliases
+	fleet          fleetSettings     // max 0: no fleet budget
 	perDB          int
 	lifetime       time.Duration
 	idleTimeout    time.Duration
@@ -64,13 +66,14 @@ type budget struct {
 	open     int
 	peakOpen int
 
-	dbs     map[dbKey]*database   // guarded by mu
-	servers map[serverKey]*server // the servers of dbs, each with its budget and circuit; guarded by mu
-	waiting int                   // callers waiting for a backend or a token; guarded by mu
-	closed  bool                  // guarded by mu
-	shut    atomic.Bool           // closed, for a check-in that holds no backend
-	toClose []closeJob            // chosen for closing under mu, closed by unlock; guarded by mu
-	reaper  wakeup                // closes idle backends past their idle time or lifetime; guarded by mu
+	dbs     map[*database]struct{} // every pool; guarded by mu
+	poolIDs uint64                 // the last pool id given; guarded by mu
+	servers map[serverKey]*server  // the servers of dbs, each with its budget and circuit; guarded by mu
+	waiting int                    // callers waiting for a backend or a token; guarded by mu
+	closed  bool                   // guarded by mu
+	shut    atomic.Bool            // closed, for a check-in that holds no backend
+	toClose []closeJob             // chosen for closing under mu, closed by unlock; guarded by mu
+	reaper  wakeup                 // closes idle backends past their idle time or lifetime; guarded by mu
 
 	// dialTime is the driver's EWMA of a dial's duration, what a caller
 	// pays for a new backend; guarded by mu.
@@ -270,7 +273,7 @@ const defaultHandoffAfter = 100 * time.Millisecond
 const defaultLivenessAfter = 50 * time.Millisecond
 
 func newBudget(cfg Config, clk clock, io backendIO) *budget {
-	b := &budget{clock: clk, io: io, dbs: make(map[dbKey]*database), servers: make(map[serverKey]*server),
+	b := &budget{clock: clk, io: io, dbs: make(map[*database]struct{}), servers: make(map[serverKey]*server),
 		handoffAfter: defaultHandoffAfter, livenessAfter: defaultLivenessAfter, hungDialAfter: defaultHungDialAfter}
 	b.drained = sync.NewCond(&b.mu)
 	b.reaper.fn = b.reap
@@ -285,6 +288,7 @@ func newBudget(cfg Config, clk clock, io backendIO) *budget {
 func (b *budget) applyLocked(cfg Config) {
 	b.limit = cfg.MaxConnections
 	b.serverLimits = cfg.ServerMaxConnections
+	b.aliases = cfg.ServerAliases
 	b.fleet = fleetSettingsOf(cfg)
 	for _, s := range b.servers {
 		s.max = b.serverLimitLocked(s.label)
@@ -435,14 +439,14 @@ func (b *budget) giveLocked(d *database) {
 	}
 }
 
-// register attaches a parsed DSN to its database's shared state.
+// register makes the pool of a parsed DSN, on its server's budget.
 func (b *budget) register(p *dsnParams) (*database, error) {
 	b.mu.Lock()
 	defer b.unlock()
 	if b.closed {
 		return nil, errDriverClosed
 	}
-	srvKey := serverKey{host: p.key.host, port: p.key.port}
+	srvKey := b.serverKeyLocked(p.server)
 	limit := b.limit
 	if s := b.servers[srvKey]; s != nil {
 		limit = s.max
@@ -453,17 +457,15 @@ func (b *budget) register(p *dsnParams) (*database, error) {
 		return nil, &DSNError{Workspace: p.workspace,
 			Reason: fmt.Sprintf("pool_max_conns %d exceeds the budget of %d connections", p.maxConns, limit)}
 	}
-	d := b.dbs[p.key]
-	if d == nil {
-		d = &database{key: p.key, name: p.cfg.Database}
-		d.srv = b.serverLocked(srvKey)
-		b.dbs[p.key] = d
-	}
+	b.poolIDs++
+	d := &database{id: b.poolIDs, name: p.cfg.Database}
+	d.srv = b.serverLocked(srvKey)
+	b.dbs[d] = struct{}{}
 	s := d.srv
-	if others := s.reserved - d.reserved; others+p.reserved > s.max {
+	if others := s.reserved; others+p.reserved > s.max {
 		b.forgetLocked(d)
 		return nil, &DSNError{Workspace: p.workspace,
-			Reason: fmt.Sprintf("pool_reserved_conns %d does not fit: the budget is %d and other databases reserve %d", p.reserved, s.max, others)}
+			Reason: fmt.Sprintf("pool_reserved_conns %d does not fit: the budget is %d and other pools reserve %d", p.reserved, s.max, others)}
 	}
 	if b.fleet.max > 0 {
 		if s.fleet == nil {
@@ -476,28 +478,18 @@ func (b *budget) register(p *dsnParams) (*database, error) {
 				Reason: fmt.Sprintf("the fleet budget on %s is role %q's; this DSN connects as another role (one role per server with a fleet budget)", s.label, s.fleetRole)}
 		}
 	}
-	// Move this database's share of the shared pool to the new reservation.
-	if d.open > d.reserved {
-		s.sharedInUse -= d.open - d.reserved
-	}
-	if d.open > p.reserved {
-		s.sharedInUse += d.open - p.reserved
-	}
-	s.reserved += p.reserved - d.reserved
-	old := liveShared(d)
+	s.reserved += p.reserved
 	d.reserved = p.reserved
-	s.sharedLive += liveShared(d) - old
 	d.capOverride = p.maxConns
-	if d.workspace != p.workspace {
-		d.workspace = p.workspace
-		d.metricOpts.Store(nil) // rebuilt with the new label at the next collection
+	d.workspace = p.workspace
+	d.resetSession = p.resetSession
+	d.refs++ // the connector's
+	if p.reserved > 0 {
+		// A new reservation is backed at once by closing idle shared
+		// backends; busy ones are closed as they are checked in.
+		b.shrinkLocked(s)
+		b.serveQueueLocked(s)
 	}
-	d.refs++
-	// A new reservation is backed at once by closing idle shared backends;
-	// busy ones are closed as they are checked in.
-	b.shrinkLocked(s)
-	b.serveQueueLocked(s)
-	b.growLocked(d)
 	return d, nil
 }
 
@@ -548,8 +540,9 @@ func (b *budget) release(d *database, o *owner) {
 }
 
 // closeOwner records that o's *sql.DB or Pool was closed: its handles still
-// open are strays from now on. d, if not nil, is the database whose state o
-// kept alive.
+// open are strays from now on. d, if not nil, is o's pool: its idle
+// backends are closed now, its busy ones as they are checked in, whatever
+// handles are still open.
 func (b *budget) closeOwner(d *database, o *owner) {
 	b.mu.Lock()
 	if !o.closed {
@@ -557,9 +550,19 @@ func (b *budget) closeOwner(d *database, o *owner) {
 		b.strays += o.handles
 	}
 	if d != nil {
+		d.closed = true
+		b.closeIdleLocked(d)
 		b.unregisterLocked(d)
 	}
 	b.unlock()
+}
+
+// closeIdleLocked closes d's idle backends: nothing of a closed pool's
+// sessions may be reused.
+func (b *budget) closeIdleLocked(d *database) {
+	for d.idleBackends.back != nil {
+		b.evictLocked(d.idleBackends.back, reasonUnused, nil)
+	}
 }
 
 func (b *budget) unregister(d *database) {
@@ -571,11 +574,8 @@ func (b *budget) unregister(d *database) {
 func (b *budget) unregisterLocked(d *database) {
 	d.refs--
 	if d.refs == 0 {
-		// Nothing can check these out any more: an application that closed
-		// its *sql.DB expects its connections closed.
-		for d.idleBackends.back != nil {
-			b.evictLocked(d.idleBackends.back, reasonUnused, nil)
-		}
+		// Nothing can check these out any more.
+		b.closeIdleLocked(d)
 	}
 	b.forgetLocked(d)
 }
@@ -599,11 +599,11 @@ func (b *budget) releaseIfIdle(d *database) bool {
 // forgetLocked drops the state of a database nothing uses and that holds no
 // backend, so that opening many databases over time does not grow memory.
 func (b *budget) forgetLocked(d *database) {
-	if d.refs == 0 && d.open == 0 && b.dbs[d.key] == d {
+	if _, listed := b.dbs[d]; listed && d.refs == 0 && d.open == 0 {
 		s := d.srv
 		s.reserved -= d.reserved
 		d.reserved = 0
-		delete(b.dbs, d.key)
+		delete(b.dbs, d)
 		b.releaseServerLocked(d)
 		b.serveQueueLocked(s)
 	}
@@ -1029,14 +1029,14 @@ func (b *budget) checkinLocked(be *backend, now time.Time, used bool) {
 
 func (b *budget) checkinReasonLocked(be *backend, now time.Time) evictReason {
 	switch {
-	case b.io.broken(be):
+	case b.io.broken(be) || be.resetFailed:
 		return reasonBroken
 	case b.closed:
 		return reasonDriverClosed
 	case b.lifetime > 0 && now.Sub(be.created) >= b.lifetime:
 		return reasonLifetime
-	case be.db.refs == 0:
-		// Checked in from a Pool closed meanwhile: nothing can check it out.
+	case be.db.closed || be.db.refs == 0:
+		// Its pool was closed meanwhile: none of its sessions is reused.
 		return reasonUnused
 	case b.overLimitLocked(be.db):
 		if be.db.srv.fleet != nil {
@@ -1517,6 +1517,11 @@ func (b *budget) checkLeaks() {
 // they are checked in. Raising it serves waiters.
 func (b *budget) reconfigure(cfg Config) error {
 	b.mu.Lock()
+	if !maps.Equal(cfg.ServerAliases, b.aliases) && len(b.servers) > 0 {
+		b.mu.Unlock()
+		return &ConfigError{Field: "ServerAliases",
+			Reason: "aliases cannot change while pools are open: their backends count against the server they were opened on"}
+	}
 	if fleetSettingsOf(cfg) != b.fleet && len(b.servers) > 0 {
 		// A server in use would be coordinated only from its next DSN on,
 		// with backends no lease covers.
@@ -1542,7 +1547,7 @@ func (b *budget) reconfigure(cfg Config) error {
 		b.serveQueueLocked(s)
 		idle += s.idle
 	}
-	for _, d := range b.dbs {
+	for d := range b.dbs {
 		b.growLocked(d)
 	}
 	// The timeouts may have changed. Disarm even with nothing idle: a later
@@ -1594,7 +1599,7 @@ func (b *budget) close() {
 	}
 	b.closed = true
 	b.shut.Store(true)
-	for _, d := range b.dbs {
+	for d := range b.dbs {
 		for w := d.waiters.front; w != nil; {
 			next := d.waiters.next(w)
 			b.dequeueLocked(w)
@@ -1719,7 +1724,7 @@ func (b *budget) snapshot() snapshot {
 		leaks: b.leaks, collections: b.collections,
 		dialTime: b.dialTime.duration(), evictions: b.evictions, dialErrors: b.dialErrors,
 	}
-	for _, d := range b.dbs {
+	for d := range b.dbs {
 		if d.open == 0 && d.reserved == 0 && d.waiters.len == 0 {
 			continue
 		}
@@ -1864,7 +1869,7 @@ func (b *budget) refreshLimitLocked(s *server, reason evictReason) {
 	switch {
 	case s.limit > old:
 		b.serveQueueLocked(s)
-		for _, d := range b.dbs {
+		for d := range b.dbs {
 			if d.srv == s && d.waiters.len > d.seeking {
 				b.growLocked(d)
 			}

@@ -113,6 +113,21 @@ func (b *budget) hungDialAfterLocked(s *server) time.Duration {
 var errNotAnswering = errors.New("the server accepted the connection and did not answer")
 
 // serverLocked returns the circuit of key, made on first use.
+// serverKeyLocked returns the server a DSN's host and port count against:
+// the one Config.ServerAliases names for it, or itself.
+func (b *budget) serverKeyLocked(k serverKey) serverKey {
+	if len(b.aliases) == 0 {
+		return k
+	}
+	to, ok := b.aliases[net.JoinHostPort(k.host, strconv.Itoa(int(k.port)))]
+	if !ok {
+		return k
+	}
+	host, port, _ := net.SplitHostPort(to) // checked by Config.normalize
+	p, _ := strconv.ParseUint(port, 10, 16)
+	return serverKey{host: host, port: uint16(p)}
+}
+
 func (b *budget) serverLocked(key serverKey) *server {
 	s := b.servers[key]
 	if s == nil {
@@ -181,7 +196,7 @@ func (b *budget) markUpLocked(s *server, now time.Time) (downFor time.Duration) 
 		s.prober = nil
 	}
 	s.wake.stop()
-	for _, d := range b.dbs {
+	for d := range b.dbs {
 		if d.srv == s && d.waiters.len > 0 {
 			b.growLocked(d)
 		}
@@ -230,7 +245,7 @@ func (b *budget) startProbeLocked(s *server, now time.Time) bool {
 		return false
 	}
 	var oldest *waiter
-	for _, d := range b.dbs {
+	for d := range b.dbs {
 		if d.srv != s || d.waiters.len == 0 {
 			continue
 		}

@@ -263,7 +263,7 @@ func (r *circuitRig) db(name string) *database {
 	b := r.b
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return addDatabaseLocked(b, dbKey{host: "db.example", port: 5432, database: name}, name, 0, time.Time{})
+	return addDatabaseLocked(b, serverKey{host: "db.example", port: 5432}, name, name, 0, time.Time{})
 }
 
 // queue takes a checkout of d that finds no idle backend, and runs its

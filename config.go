@@ -54,6 +54,15 @@ type Config struct {
 	// workspaces spread over servers with different max_connections. A
 	// server not listed gets MaxConnections.
 	ServerMaxConnections map[string]int
+	// ServerAliases names one server reached under several names, so that
+	// they share one budget: each key (host:port, as a DSN names it; a Unix
+	// socket's directory counts as its host) is counted as the server its
+	// value names. For example {"localhost:5432": "127.0.0.1:5432"}. The
+	// driver resolves no names itself: DNS answers change (failover, load
+	// balancers) and a lookup would put I/O into sql.Open, while which
+	// names are one server is something the application knows. Aliases
+	// cannot change once a pool is open.
+	ServerAliases map[string]string
 	// MaxConnectionsPerDB caps one database's connections, so that a busy
 	// workspace cannot take the whole budget. A DSN may override it with
 	// pool_max_conns. Default 3, or the budget if that is smaller.
@@ -202,25 +211,56 @@ func (c Config) normalize() (Config, error) {
 	if len(c.ServerMaxConnections) > 0 {
 		servers := make(map[string]int, len(c.ServerMaxConnections))
 		for srv, n := range c.ServerMaxConnections {
-			host, port, err := net.SplitHostPort(srv)
-			if err != nil || host == "" {
-				return c, &ConfigError{Field: "ServerMaxConnections", Reason: fmt.Sprintf("want host:port keys, got %q", srv)}
-			}
-			if p, err := strconv.ParseUint(port, 10, 16); err != nil || p == 0 {
-				return c, &ConfigError{Field: "ServerMaxConnections", Reason: fmt.Sprintf("%q: port must be 1-65535", srv)}
+			label, err := hostPortLabel(srv)
+			if err != nil {
+				return c, &ConfigError{Field: "ServerMaxConnections", Reason: fmt.Sprintf("key %q: %v", srv, err)}
 			}
 			if n < 1 {
 				return c, &ConfigError{Field: "ServerMaxConnections[" + srv + "]", Reason: fmt.Sprintf("must be at least 1, got %d", n)}
 			}
-			servers[net.JoinHostPort(host, port)] = n
+			servers[label] = n
 		}
 		c.ServerMaxConnections = servers // a copy: the caller's map may change later
+	}
+	if len(c.ServerAliases) > 0 {
+		aliases := make(map[string]string, len(c.ServerAliases))
+		for from, to := range c.ServerAliases {
+			a, err := hostPortLabel(from)
+			if err != nil {
+				return c, &ConfigError{Field: "ServerAliases", Reason: fmt.Sprintf("key %q: %v", from, err)}
+			}
+			b, err := hostPortLabel(to)
+			if err != nil {
+				return c, &ConfigError{Field: "ServerAliases[" + from + "]", Reason: err.Error()}
+			}
+			aliases[a] = b
+		}
+		for from, to := range aliases {
+			if _, chained := aliases[to]; chained && to != from {
+				return c, &ConfigError{Field: "ServerAliases[" + from + "]",
+					Reason: fmt.Sprintf("%q is itself an alias: name the server every alias stands for", to)}
+			}
+		}
+		c.ServerAliases = aliases
 	}
 	if c.MaxConnectionsPerDB > c.MaxConnections {
 		return c, &ConfigError{Field: "MaxConnectionsPerDB",
 			Reason: fmt.Sprintf("%d exceeds MaxConnections %d", c.MaxConnectionsPerDB, c.MaxConnections)}
 	}
 	return c, nil
+}
+
+// hostPortLabel checks a host:port and returns it as the driver labels
+// servers.
+func hostPortLabel(s string) (string, error) {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil || host == "" {
+		return "", fmt.Errorf("want host:port, got %q", s)
+	}
+	if p, err := strconv.ParseUint(port, 10, 16); err != nil || p == 0 {
+		return "", fmt.Errorf("%q: port must be 1-65535", s)
+	}
+	return net.JoinHostPort(host, port), nil
 }
 
 // ConfigFromEnv reads the TENANTPG_* environment variables into a Config.

@@ -125,7 +125,7 @@ func (c *conn) IsValid() bool {
 	if be := c.be; be != nil {
 		c.be = nil
 		c.hold.be.Store(nil)
-		c.b.checkin(be)
+		c.b.giveBack(be)
 	}
 	return !c.b.shut.Load()
 }
@@ -143,7 +143,7 @@ func (c *conn) Close() error {
 		// closes a backend that is broken or inside a transaction.
 		c.be = nil
 		c.hold.be.Store(nil)
-		c.b.checkin(be)
+		c.b.giveBack(be)
 	}
 	c.b.release(c.hold.db, c.hold.own)
 	return nil

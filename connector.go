@@ -14,15 +14,21 @@ import (
 	"github.com/jackc/pgx/v5/stdlib"
 )
 
-// A database's pool of backends: the state every connector for one server,
-// user and database shares, the backends it holds, the callers queued for
+// A pool's backends: the state of one connector (a *sql.DB, a Pool, or one
+// workspace of a routed DB), the backends it dialed, the callers queued for
 // one, and the decision to wait for a busy backend or dial another.
 
-// database is the state shared by every connector for one server, user and
-// database.
+// database is one pool: the backends one connector dialed with its own DSN,
+// which serve only that connector's handles. Two *sql.DBs opened with the
+// same DSN are two pools, as with pgx's stdlib driver; pools share their
+// server's budget, recency order, queue, dial pacing, circuit and fleet
+// lease, never a session.
 type database struct {
-	key  dbKey
+	id   uint64 // distinct per pool of the driver, for Stats
 	name string
+	// resetSession: its backends' sessions are reset at every check-in
+	// (pool_reset_session). Set by register, then constant.
+	resetSession bool
 	// metricOpts are its metric attribute sets, built by the first
 	// collection that sees it; not guarded by budget.mu.
 	metricOpts atomic.Pointer[dbMetricOpts]
@@ -32,7 +38,12 @@ type database struct {
 	workspace   string
 	capOverride int // pool_max_conns; 0 = the driver's per-database default
 	reserved    int // pool_reserved_conns
-	refs        int // connectors, handles and waiters that use this state
+	refs        int // its connector, handles and waiters
+	// closed: its connector was closed. Its idle backends were closed
+	// then, and a backend checked in later is closed, so that no session
+	// of a closed pool (temporary tables, SET, advisory locks, LISTEN)
+	// reaches later code.
+	closed bool
 
 	open      int // tokens held by this database
 	dialing   int
@@ -81,6 +92,9 @@ const (
 // driver close it.
 type backend struct {
 	pc *stdlib.Conn // set before it is known to the budget, then constant
+	// resetFailed: its session reset failed (giveBack). Written by the
+	// caller that holds it, before its check-in takes budget.mu.
+	resetFailed bool
 
 	// Set by budget.dialed, then constant.
 	db      *database
@@ -206,8 +220,10 @@ func (b *budget) dialCostLocked(d *database) time.Duration {
 	return b.dialTime.duration()
 }
 
-// connector is the driver.Connector for one DSN. Every connector for the
-// same server, user and database shares one *database.
+// connector is the driver.Connector for one DSN: one pool, whose backends
+// are dialed with every setting of that DSN (credentials, TLS, hosts,
+// run-time parameters, pgx's exec mode and caches) and serve no other
+// connector.
 type connector struct {
 	drv       *Driver
 	db        *database
@@ -226,8 +242,8 @@ var (
 // Driver returns the *Driver the connector belongs to.
 func (c *connector) Driver() driver.Driver { return c.drv }
 
-// Close releases the connector's share of its database's state. database/sql
-// calls it from DB.Close.
+// Close closes the pool: its idle backends at once, its busy ones as they
+// are checked in. database/sql calls it from DB.Close.
 func (c *connector) Close() error {
 	c.closeOnce.Do(func() { c.drv.b.closeOwner(c.db, &c.own) })
 	return nil
@@ -282,6 +298,27 @@ func (c *connector) alive(ctx context.Context, be *backend, now time.Time) bool 
 		return true
 	}
 	return be.pc.Conn().PgConn().Ping(ctx) == nil
+}
+
+// giveBack returns a caller's backend to the driver, first resetting its
+// session when its pool asks for it (pool_reset_session): DISCARD ALL ends
+// everything the caller left in the session (SET, temporary tables,
+// advisory locks, LISTEN, prepared statements), and pgx's DeallocateAll
+// empties the statement and description caches that referred to those
+// statements. It runs on the caller's goroutine, outside the budget's lock,
+// and only on a backend that can be reused; one whose reset fails is closed.
+func (b *budget) giveBack(be *backend) {
+	if be.db.resetSession && !b.io.broken(be) {
+		ctx, cancel := context.WithTimeout(context.Background(), b.timeout())
+		pc := be.pc.Conn()
+		err := pc.PgConn().Exec(ctx, "DISCARD ALL").Close()
+		if err == nil {
+			err = pc.DeallocateAll(ctx)
+		}
+		cancel()
+		be.resetFailed = err != nil
+	}
+	b.checkin(be)
 }
 
 // pingAfter is how long a backend must have been idle before its checkout

@@ -123,16 +123,16 @@ func (d *Driver) Open(dsn string) (driver.Conn, error) {
 	if !ok {
 		return nil, &DSNError{Reason: "a " + WorkspacePlaceholder + " DSN serves many databases: open it with sql.Open or OpenDB, not Driver.Open"}
 	}
-	// The handle keeps its database's state alive on its own, and is no
-	// stray when its connector closes: no *sql.DB will close it.
-	defer cn.Close()
+	// The handle is the pool's only user: it keeps the pool alive on its
+	// own, and its Close ends the pool (no *sql.DB will close it).
+	defer d.b.unregister(cn.db)
 	return newHandle(d.b, cn, nil, nil)
 }
 
-// OpenConnector parses dsn and returns a connector for its database. Every
-// connector for the same server, user and database shares one state, cap and
-// reservation; the most recent connector's workspace label, pool_max_conns
-// and pool_reserved_conns apply.
+// OpenConnector parses dsn and returns a connector: a pool of its own,
+// whose backends are dialed with every setting of dsn and serve only this
+// connector, on the budget of dsn's server. pool_max_conns and
+// pool_reserved_conns apply to this pool.
 func (d *Driver) OpenConnector(dsn string) (driver.Connector, error) {
 	if err := d.ready(); err != nil {
 		return nil, err

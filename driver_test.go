@@ -42,18 +42,20 @@ func TestParseDSN(t *testing.T) {
 			require.Equal(t, c.workspace, p.workspace)
 			require.Equal(t, c.maxConns, p.maxConns)
 			require.Equal(t, c.reserved, p.reserved)
-			require.Equal(t, dbKey{host: "db", port: c.port, user: c.user, database: c.db}, dbKey{host: "db", port: p.key.port, user: p.key.user, database: p.key.database})
+			require.Equal(t, c.port, p.server.port)
+			require.Equal(t, c.user, p.cfg.User)
+			require.Equal(t, c.db, p.cfg.Database)
 			for _, k := range []string{paramWorkspace, paramMaxConns, paramReserved} {
 				require.NotContains(t, p.cfg.RuntimeParams, k, "tenantpg parameters must not reach the server")
 			}
 		})
 	}
-	t.Run("same key, different spelling", func(t *testing.T) {
+	t.Run("same server, different spelling", func(t *testing.T) {
 		a, err := parseDSN("postgres://app:x@db:5432/ws1?workspace=one")
 		require.NoError(t, err)
 		b, err := parseDSN("host=db port=5432 user=app password=y dbname=ws1 workspace=uno")
 		require.NoError(t, err)
-		require.Equal(t, a.key, b.key)
+		require.Equal(t, a.server, b.server)
 	})
 }
 
@@ -345,7 +347,7 @@ func TestStatsJSONFieldNames(t *testing.T) {
 		keys = append(keys, k)
 	}
 	slices.Sort(keys)
-	require.Equal(t, []string{"cap", "closing", "database", "dialing", "evictions", "idle", "inUse", "lastUsed", "longestUseNs", "open", "reserved", "useTimeNs", "waiting", "workspace"}, keys)
+	require.Equal(t, []string{"cap", "closing", "database", "dialing", "evictions", "idle", "inUse", "lastUsed", "longestUseNs", "open", "pool", "reserved", "useTimeNs", "waiting", "workspace"}, keys)
 	srv := m["servers"].([]any)[0].(map[string]any)
 	keys = keys[:0]
 	for k := range srv {

@@ -14,15 +14,6 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
-// dbKey identifies a database on a server as a user sees it: two DSNs with
-// the same key share one state, cap and reservation.
-type dbKey struct {
-	host     string
-	port     uint16
-	user     string
-	database string
-}
-
 // DSN parameters tenantpg reads and removes before pgx sees the DSN; pgx
 // would send unknown ones to the server as run-time parameters, and the
 // server would refuse the connection.
@@ -30,16 +21,20 @@ const (
 	paramWorkspace = "workspace"
 	paramMaxConns  = "pool_max_conns"
 	paramReserved  = "pool_reserved_conns"
+	paramReset     = "pool_reset_session"
 )
 
 const maxWorkspaceLen = 200
 
 type dsnParams struct {
 	cfg       *pgx.ConnConfig
-	key       dbKey
+	server    serverKey // whose budget its backends draw on
 	workspace string
 	maxConns  int // 0: the driver's per-database default
-	reserved  int
+	// resetSession: pool_reset_session=true, a session reset at every
+	// check-in (resetSession).
+	resetSession bool
+	reserved     int
 	// routed: the database name holds WorkspacePlaceholder, and the
 	// workspace comes from each caller's context.
 	routed bool
@@ -85,13 +80,21 @@ func parseDSN(dsn string) (*dsnParams, error) {
 		}
 		*f.v = n
 	}
+	if s, ok := rp[paramReset]; ok {
+		delete(rp, paramReset)
+		v, err := strconv.ParseBool(s)
+		if err != nil {
+			return nil, fail(fmt.Sprintf("%s must be true or false, got %q", paramReset, s))
+		}
+		p.resetSession = v
+	}
 	if p.maxConns > 0 && p.reserved > p.maxConns {
 		return nil, fail(fmt.Sprintf("%s %d exceeds %s %d", paramReserved, p.reserved, paramMaxConns, p.maxConns))
 	}
 	for k := range rp {
 		if strings.HasPrefix(k, "pool_") {
-			return nil, fail(fmt.Sprintf("unsupported parameter %s: tenantpg reads %s, %s and %s; other pool settings belong in Config",
-				k, paramWorkspace, paramMaxConns, paramReserved))
+			return nil, fail(fmt.Sprintf("unsupported parameter %s: tenantpg reads %s, %s, %s and %s; other pool settings belong in Config",
+				k, paramWorkspace, paramMaxConns, paramReserved, paramReset))
 		}
 	}
 	p.routed = strings.Contains(cfg.Database, WorkspacePlaceholder)
@@ -106,7 +109,16 @@ func parseDSN(dsn string) (*dsnParams, error) {
 			return nil, fail(paramReserved + " cannot be used with " + WorkspacePlaceholder + ": it would reserve connections for every workspace")
 		}
 	}
-	p.key = dbKey{host: cfg.Host, port: cfg.Port, user: cfg.User, database: cfg.Database}
+	for _, fb := range cfg.Fallbacks {
+		// sslmode=prefer adds a fallback to the same host without TLS;
+		// another host would be a backend counted against the first
+		// host's budget, which the budget cannot move once dialed.
+		if fb.Host != cfg.Host || fb.Port != cfg.Port {
+			return nil, fail("a DSN with several hosts is not supported: each backend counts against one server's budget, " +
+				"and a fallback host's would count against the first host's; open a DSN per host, or name the hosts by one address (a DNS name or a virtual IP)")
+		}
+	}
+	p.server = serverKey{host: cfg.Host, port: cfg.Port}
 	return p, nil
 }
 

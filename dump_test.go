@@ -21,7 +21,7 @@ func (d *Driver) dumpState() string {
 			fmt.Fprintf(&sb, "  seeker %s age %s claim %v\n", w.db.workspace, now.Sub(w.since), w.claim != nil)
 		}
 	}
-	for _, x := range b.dbs {
+	for x := range b.dbs {
 		fmt.Fprintf(&sb, "  db %s open %d dialing %d inUse %d idle %d closing %d waiters %d seeking %d refs %d listed %v protected %v useTime %s\n",
 			x.workspace, x.open, x.dialing, x.inUse, x.idle, x.closing, x.waiters.len, x.seeking, x.refs, x.lru.listed, x.protected, x.useTime.duration())
 	}

@@ -183,10 +183,9 @@ const (
 // addDatabaseLocked registers a database in b as register would, without a
 // DSN, holding idle backends last checked in at at (a server-free budget's
 // world, for the manual-clock tests and the benchmarks).
-func addDatabaseLocked(b *budget, key dbKey, workspace string, idle int, at time.Time) *database {
-	d := &database{key: key, name: key.database, workspace: workspace, refs: 1,
-		srv: b.serverLocked(serverKey{host: key.host, port: key.port})}
-	b.dbs[key] = d
+func addDatabaseLocked(b *budget, srv serverKey, name, workspace string, idle int, at time.Time) *database {
+	d := &database{name: name, workspace: workspace, refs: 1, srv: b.serverLocked(srv)}
+	b.dbs[d] = struct{}{}
 	for range idle {
 		b.takeLocked(d)
 		be := &backend{db: d, tok: &token{db: d}, created: at, state: backendIdle, idleSince: at}

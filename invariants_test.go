@@ -9,10 +9,7 @@ import "fmt"
 func (b *budget) checkInvariantsLocked() error {
 	servers := map[*server]*serverSums{}
 	var open, waiting int
-	for k, d := range b.dbs {
-		if d.key != k {
-			return fmt.Errorf("database %q filed under another key", d.workspace)
-		}
+	for d := range b.dbs {
 		if d.open != d.dialing+d.inUse+d.idle+d.closing {
 			return fmt.Errorf("database %q: open %d != dialing %d + inUse %d + idle %d + closing %d",
 				d.workspace, d.open, d.dialing, d.inUse, d.idle, d.closing)
@@ -68,7 +65,7 @@ func (b *budget) checkInvariantsLocked() error {
 		if dbSeeking != d.seeking {
 			return fmt.Errorf("database %q: seeking %d, %d waiters seeking", d.workspace, d.seeking, dbSeeking)
 		}
-		if d.srv == nil || b.servers[serverKey{host: k.host, port: k.port}] != d.srv {
+		if d.srv == nil || b.servers[d.srv.key] != d.srv {
 			return fmt.Errorf("database %q: not on the circuit of its server", d.workspace)
 		}
 		x := servers[d.srv]

@@ -27,9 +27,9 @@ func BenchmarkDatabaseStateMemory(b *testing.B) {
 		bg := newBudget(Config{MaxConnections: 80, MaxConnectionsPerDB: 3}, realClock{}, nopIO{})
 		params := make([]*dsnParams, n)
 		for i := range params {
-			p := &dsnParams{cfg: &pgx.ConnConfig{}, key: dbKey{host: "db.internal", port: 5432, user: "app", database: fmt.Sprintf("app_ws_%06d", i)},
+			p := &dsnParams{cfg: &pgx.ConnConfig{}, server: serverKey{host: "db.internal", port: 5432},
 				workspace: fmt.Sprintf("ws_%06d", i)}
-			p.cfg.Database = p.key.database
+			p.cfg.Database = fmt.Sprintf("app_ws_%06d", i)
 			params[i] = p
 		}
 		before := heapInUse()

@@ -100,7 +100,7 @@ func TestDBCloseWhileQueriesRun(t *testing.T) {
 	require.Eventually(t, func() bool { return dbStats(e.drv.Stats(), "ws0").Open == 0 }, e2eWait, pollEvery)
 	e.requireQuiescent()
 	e.drv.b.mu.Lock()
-	for _, d := range e.drv.b.dbs {
+	for d := range e.drv.b.dbs {
 		require.NotEqual(t, "ws0", d.workspace, "a closed *sql.DB with no connection leaves no state")
 	}
 	e.drv.b.mu.Unlock()

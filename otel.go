@@ -1,8 +1,10 @@
 package tenantpg
 
 import (
+	"cmp"
 	"context"
 	"errors"
+	"slices"
 	"time"
 
 	"go.opentelemetry.io/otel"
@@ -244,8 +246,26 @@ func (m *metrics) serverOpts(s *server) *serverMetricOpts {
 // callers waiting, from a snapshot.
 func (m *metrics) observe(o metric.Observer, b *budget) {
 	s := b.snapshot()
-	for _, d := range s.dbs {
-		if d.open == 0 && d.waiting == 0 {
+	// Pools of one workspace label and database (two *sql.DBs of one DSN)
+	// are reported as one: their attribute sets are equal, and an
+	// asynchronous instrument keeps one observation per set. So are those
+	// of a label reused across pools; the pool name is the application's
+	// label, which keeps the metrics' cardinality the application's.
+	slices.SortFunc(s.dbs, func(x, y dbSnapshot) int {
+		return cmp.Or(cmp.Compare(x.workspace, y.workspace), cmp.Compare(x.name, y.name))
+	})
+	for i := 0; i < len(s.dbs); {
+		d := s.dbs[i]
+		var sum dbSnapshot
+		for ; i < len(s.dbs) && s.dbs[i].workspace == d.workspace && s.dbs[i].name == d.name; i++ {
+			x := &s.dbs[i]
+			sum.open += x.open
+			sum.idle += x.idle
+			sum.dialing += x.dialing
+			sum.cap += x.cap
+			sum.waiting += x.waiting
+		}
+		if sum.open == 0 && sum.waiting == 0 {
 			continue // reserving only
 		}
 		opts := d.db.metricOpts.Load()
@@ -255,11 +275,11 @@ func (m *metrics) observe(o metric.Observer, b *budget) {
 		}
 		// A backend being dialed is not one yet; one being closed still
 		// holds its server process.
-		o.ObserveInt64(m.count.Inst(), int64(d.idle), opts.idle)
-		o.ObserveInt64(m.count.Inst(), int64(d.open-d.idle-d.dialing), opts.used)
-		o.ObserveInt64(m.max.Inst(), int64(d.cap), opts.base)
-		o.ObserveInt64(m.idleMax.Inst(), int64(d.cap), opts.base)
-		o.ObserveInt64(m.pending.Inst(), int64(d.waiting), opts.base)
+		o.ObserveInt64(m.count.Inst(), int64(sum.idle), opts.idle)
+		o.ObserveInt64(m.count.Inst(), int64(sum.open-sum.idle-sum.dialing), opts.used)
+		o.ObserveInt64(m.max.Inst(), int64(sum.cap), opts.base)
+		o.ObserveInt64(m.idleMax.Inst(), int64(sum.cap), opts.base)
+		o.ObserveInt64(m.pending.Inst(), int64(sum.waiting), opts.base)
 	}
 	o.ObserveInt64(m.budgetLimit, int64(s.limit), m.driverOpt)
 	for i, v := range []int{s.open - s.idle - s.dialing - s.closing, s.idle, s.dialing, s.closing} {

@@ -11,8 +11,9 @@ import (
 // Pool is a workspace's database for code that uses pgx directly instead of
 // database/sql. It hands out backends from the driver's budget, with the
 // same queue, hand-off, eviction, metrics and errors as database/sql's
-// handles, so a service that mixes both APIs still has one budget; a backend
-// checked in by one API is reused by the other.
+// handles, so a service that mixes both APIs still has one budget. A Pool is
+// a pool of its own, as a *sql.DB is: its backends serve only its Acquire
+// calls.
 type Pool struct {
 	b *budget
 	// One database (fixed) or, under a {workspace} DSN, the workspace each
@@ -36,9 +37,8 @@ func OpenPool(dsn string) (*Pool, error) { return defaultDriver.OpenPool(dsn) }
 
 // OpenPool opens dsn's database for pgx-native use. It dials nothing;
 // Acquire does, when the database has no idle backend and the driver
-// decides it needs another. The DSN is read as by OpenDB, and its
-// database's state, cap and reservation are shared with every *sql.DB and
-// Pool opened for the same server, user and database.
+// decides it needs another. The DSN is read as by OpenDB; pool_max_conns
+// and pool_reserved_conns apply to this Pool alone.
 func (d *Driver) OpenPool(dsn string) (*Pool, error) {
 	c, err := d.OpenConnector(dsn)
 	if err != nil {
@@ -84,9 +84,8 @@ func (p *Pool) Acquire(ctx context.Context) (*PoolConn, error) {
 	return &PoolConn{b: p.b, be: be}, nil
 }
 
-// Close releases the pool's share of its database's state. Backends checked
-// out keep working until released, and are closed then if nothing else
-// uses the database.
+// Close closes the pool's idle backends. Backends checked out keep working
+// until released, and are closed then.
 func (p *Pool) Close() {
 	if !p.closed.CompareAndSwap(false, true) {
 		return
@@ -109,6 +108,6 @@ func (c *PoolConn) Conn() *pgx.Conn { return c.be.pc.Conn() }
 func (c *PoolConn) Release() {
 	if be := c.be; be != nil {
 		c.be = nil
-		c.b.checkin(be)
+		c.b.giveBack(be)
 	}
 }

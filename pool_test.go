@@ -17,7 +17,8 @@ func TestPoolSharesTheBudget(t *testing.T) {
 	e := newEnv(t, 2, Config{MaxConnections: 1, MaxConnectionsPerDB: 1, AcquireTimeout: 300 * time.Millisecond})
 	ctx := context.Background()
 	viaSQL := e.open(0)
-	queryOne(t, viaSQL)
+	var sqlPID int
+	require.NoError(t, viaSQL.QueryRowContext(ctx, "SELECT pg_backend_pid()").Scan(&sqlPID))
 	require.Equal(t, uint64(1), e.drv.Stats().Dials)
 
 	pool, err := e.drv.OpenPool(e.dsn(0, "workspace=ws0"))
@@ -28,7 +29,10 @@ func TestPoolSharesTheBudget(t *testing.T) {
 	var v string
 	require.NoError(t, pc.Conn().QueryRow(ctx, "SELECT v FROM kv WHERE id = $1", 3).Scan(&v))
 	require.Equal(t, "v3", v)
-	require.Equal(t, uint64(1), e.drv.Stats().Dials, "the Pool reused database/sql's idle backend")
+	require.NotEqual(t, uint32(sqlPID), pc.Conn().PgConn().PID(), "a Pool is a pool of its own: it never gets a *sql.DB's session")
+	s := e.drv.Stats()
+	require.Equal(t, uint64(2), s.Dials)
+	require.Equal(t, uint64(1), s.Evictions["lru"], "the *sql.DB's idle backend made room in the budget of 1")
 
 	other := e.open(1)
 	var one int
@@ -47,9 +51,9 @@ func TestPoolSharesTheBudget(t *testing.T) {
 }
 
 // TestPoolHandsOverAndClosesWhenUnused: a backend released by a PoolConn
-// goes straight to a database/sql caller waiting for it; a PoolConn
-// released after its Pool and every *sql.DB of the database were closed is
-// closed, and the database's state is forgotten.
+// makes room for a database/sql caller of another pool waiting for the
+// budget (never lending it its session); a PoolConn released after its Pool
+// was closed is closed, and the pool's state is forgotten.
 func TestPoolHandsOverAndClosesWhenUnused(t *testing.T) {
 	e := newEnv(t, 1, Config{MaxConnections: 1, MaxConnectionsPerDB: 1, AcquireTimeout: 30 * time.Second})
 	ctx := context.Background()
@@ -65,10 +69,11 @@ func TestPoolHandsOverAndClosesWhenUnused(t *testing.T) {
 		done <- db.QueryRowContext(ctx, "SELECT 1").Scan(&one)
 	}()
 	waitForWaiters(t, e.drv, 1)
-	handoffs := e.drv.Stats().Handoffs
+	poolPID := pc.Conn().PgConn().PID()
 	pc.Release()
 	require.NoError(t, <-done)
-	require.Equal(t, handoffs+1, e.drv.Stats().Handoffs)
+	require.Equal(t, uint64(2), e.drv.Stats().Dials, "the waiter dialed its own backend")
+	require.Eventually(t, func() bool { return !pidAlive(t, e, int(poolPID)) }, e2eWait, pollEvery)
 
 	pc, err = pool.Acquire(ctx)
 	require.NoError(t, err)

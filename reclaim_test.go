@@ -266,7 +266,7 @@ func TestLeakThresholdOffCapturesNothing(t *testing.T) {
 	b := e.drv.b
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	for _, d := range b.dbs {
+	for d := range b.dbs {
 		for be := d.busy.front; be != nil; be = d.busy.next(be) {
 			require.Nil(t, be.stack)
 		}
@@ -285,7 +285,7 @@ func newManualBudget(t *testing.T, cfg Config, n int) (*budget, *smClock, *datab
 	b := newBudget(cfg, clk, nopIO{})
 	t.Cleanup(b.close)
 	b.mu.Lock()
-	d := addDatabaseLocked(b, dbKey{database: "db"}, "ws", n, smEpoch)
+	d := addDatabaseLocked(b, serverKey{}, "db", "ws", n, smEpoch)
 	b.mu.Unlock()
 	return b, clk, d
 }

@@ -180,7 +180,7 @@ func TestLoweredIdleTimeoutRearmsTheReaper(t *testing.T) {
 	b := newBudget(cfg, realClock{}, nopIO{})
 	defer b.close()
 	b.mu.Lock()
-	d := addDatabaseLocked(b, dbKey{database: "db"}, "ws", 0, time.Now())
+	d := addDatabaseLocked(b, serverKey{}, "db", "ws", 0, time.Now())
 	b.mu.Unlock()
 	be1, be2 := mustCheckout(t, b, d), mustCheckout(t, b, d) // both busy
 	b.checkin(be1)                                           // the reaper is armed for +30m
@@ -223,11 +223,15 @@ func mustCheckout(t testing.TB, b *budget, d *database) *backend {
 // broken; with several idle backends the checkout loop discarded them all.
 func TestCancelledCallerDoesNotDiscardIdleBackends(t *testing.T) {
 	e := newEnv(t, 1, Config{MaxConnections: 3, MaxConnectionsPerDB: 3})
-	db := e.open(0)
-	queryOne(t, db)
+	pool, err := e.drv.OpenPool(e.dsn(0, "workspace=ws0"))
+	require.NoError(t, err)
+	defer pool.Close()
+	pc, err := pool.Acquire(context.Background())
+	require.NoError(t, err)
+	pc.Release()
 	b := e.drv.b
 	b.mu.Lock()
-	for _, d := range b.dbs {
+	for d := range b.dbs {
 		for be := d.idleBackends.front; be != nil; be = d.idleBackends.next(be) {
 			be.idleSince = be.idleSince.Add(-2 * pingAfter) // long idle: the checkout pings it
 		}
@@ -236,12 +240,9 @@ func TestCancelledCallerDoesNotDiscardIdleBackends(t *testing.T) {
 
 	// database/sql checks the context before it asks for a connection; a
 	// Pool does not, and a context can end between that check and the ping.
-	pool, err := e.drv.OpenPool(e.dsn(0, "workspace=ws0"))
-	require.NoError(t, err)
-	defer pool.Close()
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	pc, err := pool.Acquire(ctx)
+	pc, err = pool.Acquire(ctx)
 	require.NoError(t, err, "the backend is handed over unchecked")
 	var one int
 	require.ErrorIs(t, pc.Conn().QueryRow(ctx, "SELECT 1").Scan(&one), context.Canceled)
@@ -249,7 +250,9 @@ func TestCancelledCallerDoesNotDiscardIdleBackends(t *testing.T) {
 	s := e.drv.Stats()
 	require.Zero(t, s.Evictions["broken"], "a healthy backend was discarded")
 	require.Equal(t, 1, s.Open)
-	queryOne(t, db)
+	pc, err = pool.Acquire(context.Background())
+	require.NoError(t, err)
+	pc.Release()
 	require.Equal(t, uint64(1), e.drv.Stats().Dials)
 	e.requireQuiescent()
 }

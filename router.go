@@ -186,7 +186,6 @@ func (r *router) params(ctx context.Context, ws string) (*dsnParams, error) {
 	p.cfg = cfg
 	p.workspace = ws
 	p.routed = false
-	p.key.database = name
 	return &p, nil
 }
 

@@ -216,10 +216,10 @@ func (io *smIO) takeClosed() []*backend {
 
 type smDB struct {
 	i        int
-	key      dbKey
 	ws       string
-	d        *database // nil while the budget has forgotten it
-	regs     int       // registrations: connectors of open *sql.DB
+	d        *database // its pool; nil while the budget has forgotten it
+	regs     int       // its connector, while open (0 or 1)
+	closed   bool      // its connector was closed: check-ins close backends
 	handles  int       // checkouts under way: waiting, dialing or holding a backend
 	awaiting int       // waiters whose await has not returned: each holds a ref
 	reserved int
@@ -876,7 +876,7 @@ func runStateMachine(t testing.TB, data []byte, cov *smCov) {
 	m.logf("limit %d perDB %d idle %s life %s dbs %d handoffAfter %s reserve(ws0) %d maxConns(ws1) %d",
 		limit, cfg.MaxConnectionsPerDB, cfg.ConnMaxIdleTime, cfg.ConnMaxLifetime, nDB, handoffAfter, reserve, maxConns1)
 	for i := 0; i < nDB; i++ {
-		D := &smDB{i: i, key: dbKey{database: fmt.Sprint("db", i)}, ws: fmt.Sprint("ws", i)}
+		D := &smDB{i: i, ws: fmt.Sprint("ws", i)}
 		m.dbs = append(m.dbs, D)
 		res, mc := 0, 0
 		if i == 0 {
@@ -1026,7 +1026,12 @@ func (m *stateMachine) step(op, arg int) {
 			m.reconfigure(arg)
 		}
 	case opRegister:
+		// Every registration is a new pool: only a forgotten one is
+		// opened again.
 		D := m.dbs[arg%len(m.dbs)]
+		if D.d != nil {
+			return
+		}
 		reserved, maxConns := [4]int{0, 0, 1, 2}[arg>>3&3], [8]int{0, 0, 0, 1, 2, 3, 4, 6}[arg>>5]
 		if maxConns > 0 {
 			reserved = min(reserved, maxConns)
@@ -1429,24 +1434,18 @@ func (m *stateMachine) check() {
 		c := m.counts(D)
 		totalOpen += c.open
 		if D.d == nil {
-			if b.dbs[D.key] != nil {
-				m.fail("%s: the budget keeps a state the model dropped", D.ws)
-			}
 			continue
 		}
 		if D.refs() == 0 && c.open == 0 {
-			if b.dbs[D.key] == D.d {
+			if _, listed := b.dbs[D.d]; listed {
 				m.fail("%s: nothing uses it and it holds nothing, yet it is not forgotten", D.ws)
 			}
 			m.logf("%s forgotten", D.ws)
-			*D = smDB{i: D.i, key: D.key, ws: D.ws}
-			if b.dbs[D.key] != nil {
-				m.fail("%s: forgotten, but another state is filed under its key", D.ws)
-			}
+			*D = smDB{i: D.i, ws: D.ws}
 			continue
 		}
 		d := D.d
-		if b.dbs[D.key] != d {
+		if _, listed := b.dbs[d]; !listed {
 			m.fail("%s: forgotten while used (refs %d) or holding %d tokens", D.ws, D.refs(), c.open)
 		}
 		if d.open != c.open || d.closing != c.closing || d.dialing != c.dialing || d.inUse != c.busy || d.idle != c.idle {
@@ -1687,8 +1686,8 @@ func (m *stateMachine) checkCloseReturn() {
 // Events.
 
 func (m *stateMachine) register(D *smDB, reserved, maxConns int) {
-	p := &dsnParams{cfg: &pgx.ConnConfig{}, key: D.key, workspace: D.ws, maxConns: maxConns, reserved: reserved}
-	p.cfg.Database = D.key.database
+	p := &dsnParams{cfg: &pgx.ConnConfig{}, workspace: D.ws, maxConns: maxConns, reserved: reserved}
+	p.cfg.Database = "db" + D.ws
 	m.subf("%s: register reserved %d maxConns %d", D.ws, reserved, maxConns)(func() {
 		others := m.reservedSum()
 		if D.d != nil {
@@ -1704,10 +1703,7 @@ func (m *stateMachine) register(D *smDB, reserved, maxConns int) {
 		if want == "" {
 			// The model of what register does before it shrinks.
 			D.reserved, D.maxConns = reserved, maxConns
-			if D.d == nil {
-				D.regs = 0
-			}
-			D.regs++
+			D.regs, D.closed = 1, false
 			m.exp.idle = m.simShrink()
 			m.exp.grow = []*smDB{D}
 		}
@@ -1726,14 +1722,9 @@ func (m *stateMachine) register(D *smDB, reserved, maxConns int) {
 			if err != nil {
 				m.fail("register: %v", err)
 			}
-			if D.d != nil && d != D.d {
-				m.fail("register made a second state for %s", D.ws)
-			}
-			if D.d == nil {
-				for _, x := range m.dbs {
-					if x.d == d {
-						m.fail("register reused a forgotten state")
-					}
+			for _, x := range m.dbs {
+				if x.d == d {
+					m.fail("register reused another pool's state")
 				}
 			}
 			D.d = d
@@ -1749,12 +1740,16 @@ func (m *stateMachine) expectUnregister(D *smDB) {
 	}
 }
 
-// closeDB: a *sql.DB of D is closed, and its connector with it.
+// closeDB: D's *sql.DB is closed, and its connector with it: its idle
+// backends close at once, whatever handles remain.
 func (m *stateMachine) closeDB(D *smDB) {
-	m.subf("%s: a *sql.DB is closed", D.ws)(func() {
+	m.subf("%s: its *sql.DB is closed", D.ws)(func() {
 		D.regs--
-		m.expectUnregister(D)
-		m.b.unregister(D.d)
+		D.closed = true
+		for _, mb := range m.idleOf(D) {
+			m.exp.idle[mb] = reasonUnused
+		}
+		m.b.closeOwner(D.d, &owner{})
 	})
 }
 
@@ -1979,6 +1974,8 @@ func (m *stateMachine) checkin(mb *smBackend) {
 			m.exp.busyReason = reasonDriverClosed
 		case m.cfg.ConnMaxLifetime > 0 && now.Sub(mb.created) >= m.cfg.ConnMaxLifetime:
 			m.exp.busyReason = reasonLifetime
+		case D.closed:
+			m.exp.busyReason = reasonUnused
 		case m.overLimit(D):
 			m.exp.busyReason = reasonBudgetShrink
 		}
@@ -2078,7 +2075,7 @@ func (m *stateMachine) giveUp(sw *smWaiter, timeout bool) {
 		if timeout {
 			wantErr = nil
 		}
-		if be.Workspace != D.ws || be.Database != D.key.database || be.Waited != now.Sub(sw.since) || be.Err != wantErr ||
+		if be.Workspace != D.ws || be.Database != "db"+D.ws || be.Waited != now.Sub(sw.since) || be.Err != wantErr ||
 			be.Limit != m.limit() || be.DatabaseCap != m.capOf(D) {
 			m.fail("w%d: %+v; the model: waited %s, limit %d, cap %d", sw.id, *be, now.Sub(sw.since), m.limit(), m.capOf(D))
 		}

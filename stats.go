@@ -52,8 +52,8 @@ type Stats struct {
 	// closed *sql.DBs were still open; see Evictions["abandoned"].
 	Collections uint64 `json:"collections"`
 
-	// Databases lists every database holding or reserving connections,
-	// ordered by workspace.
+	// Databases lists every pool holding or reserving connections,
+	// ordered by workspace, database and pool.
 	Databases []DatabaseStats `json:"databases"`
 
 	// Servers lists the servers of the databases in use, down ones first,
@@ -89,10 +89,15 @@ type ServerStats struct {
 	Fleet *FleetStats `json:"fleet,omitempty"`
 }
 
-// DatabaseStats describes one database in a Stats snapshot.
+// DatabaseStats describes one pool in a Stats snapshot: a *sql.DB, a Pool or
+// one workspace of a routed DB. Two pools of one database (two *sql.DBs
+// opened with its DSN) are two entries, told apart by Pool.
 type DatabaseStats struct {
-	Workspace string    `json:"workspace"`
-	Database  string    `json:"database"`
+	Workspace string `json:"workspace"`
+	Database  string `json:"database"`
+	// Pool identifies the pool within the driver, for as long as it
+	// lives; a pool opened later gets another.
+	Pool      uint64    `json:"pool"`
 	Open      int       `json:"open"`
 	InUse     int       `json:"inUse"`
 	Idle      int       `json:"idle"`
@@ -146,7 +151,7 @@ func (d *Driver) Stats() Stats {
 			continue // callers waiting only; Waiting counts them
 		}
 		s.Databases = append(s.Databases, DatabaseStats{
-			Workspace: db.workspace, Database: db.name,
+			Workspace: db.workspace, Database: db.name, Pool: db.db.id,
 			Open: db.open, InUse: db.inUse, Idle: db.idle, Dialing: db.dialing, Closing: db.closing,
 			Waiting: db.waiting, Cap: db.cap, Reserved: db.reserved, LastUsed: db.lastUsed, Evictions: db.evictions,
 			LongestUse: db.longestUse, UseTime: db.useTime,
@@ -157,7 +162,10 @@ func (d *Driver) Stats() Stats {
 		if s.Databases[i].Workspace != s.Databases[j].Workspace {
 			return s.Databases[i].Workspace < s.Databases[j].Workspace
 		}
-		return s.Databases[i].Database < s.Databases[j].Database
+		if s.Databases[i].Database != s.Databases[j].Database {
+			return s.Databases[i].Database < s.Databases[j].Database
+		}
+		return s.Databases[i].Pool < s.Databases[j].Pool
 	})
 	return s
 }
