@@ -160,7 +160,9 @@
 // wait; answer 503 with Retry-After. [ServerDownError] (errors.Is
 // [ErrServerDown]): the server of the database was down for the whole wait;
 // also a 503. [ConnectError]: the dial failed; it
-// wraps pgx's error, so the server's SQLSTATE is reachable with errors.As.
+// wraps what pgx's error wraps, so the server's SQLSTATE is reachable with
+// errors.As, but not pgx's *pgconn.ConnectError, whose Config holds the
+// password.
 // [DSNError] and [ConfigError]: bad input. No error, stats field or log line
 // contains a password or a DSN.
 //
