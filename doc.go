@@ -150,7 +150,8 @@
 //
 // With [Config.TracerProvider] or a global provider installed, each
 // statement gets a client span with the semconv db.* attributes and the
-// workspace, and a checkout that waited or dialed gets a tenantpg.acquire
+// workspace (db.query.text only with [Config.TraceQueryText], its literals
+// replaced by ?), and a checkout that waited or dialed gets a tenantpg.acquire
 // span: how long it queued for a backend and for a token, which workspace
 // was evicted for it, and the dial.
 //

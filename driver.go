@@ -87,7 +87,7 @@ func (d *Driver) Configure(cfg Config) error {
 	}
 	d.envPending = false
 	d.setResolver(cfg.ResolveWorkspace)
-	d.b.tracing.Store(newTracing(cfg.TracerProvider))
+	d.b.tracing.Store(newTracing(cfg.TracerProvider, cfg.TraceQueryText))
 	return d.setupMetrics(cfg.MeterProvider, cfg.Name)
 }
 
