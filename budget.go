@@ -277,7 +277,7 @@ func newBudget(cfg Config, clk clock, io backendIO) *budget {
 		handoffAfter: defaultHandoffAfter, livenessAfter: defaultLivenessAfter, hungDialAfter: defaultHungDialAfter}
 	b.drained = sync.NewCond(&b.mu)
 	b.reaper.fn = b.reap
-	b.tracing.Store(newTracing(cfg.TracerProvider))
+	b.tracing.Store(newTracing(cfg.TracerProvider, cfg.TraceQueryText))
 	b.leakCheck.fn = b.checkLeaks
 	b.collector.fn = b.collectAgain
 	b.applyLocked(cfg)

@@ -132,6 +132,15 @@ type Config struct {
 	// the time went. Default: the global TracerProvider, a no-op until the
 	// application installs one.
 	TracerProvider trace.TracerProvider
+	// TraceQueryText records each statement's text as db.query.text on its
+	// span, with its string, dollar-quoted and numeric literals replaced
+	// by ?, as the OpenTelemetry semantic conventions ask for text that
+	// may hold sensitive values. Default false: spans carry no text at
+	// all, because a literal is where a password goes (ALTER ROLE ...
+	// PASSWORD '...') and the sanitizer reads literals as a server with
+	// standard_conforming_strings on does. Argument values ($1, ...) are
+	// never recorded.
+	TraceQueryText bool
 
 	// Logger receives one line per eviction batch (Debug), budget
 	// exhaustion, server rejection, dial failure, a suspected leak (see

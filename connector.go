@@ -229,6 +229,7 @@ type connector struct {
 	db        *database
 	workspace string           // the label its DSN gave, for traces
 	inner     driver.Connector // pgx stdlib, dialing through trackedDial
+	password  string           // its DSN's, kept out of the dial errors it returns
 
 	own       owner // its handles; guarded by budget.mu
 	closeOnce sync.Once
@@ -495,7 +496,7 @@ func rejectionBackoff(n int) time.Duration {
 
 func (c *connector) dialError(ctx context.Context, err error) error {
 	ws, name := c.drv.b.names(c.db)
-	e := &ConnectError{Workspace: ws, Database: name, Err: err}
+	e := &ConnectError{Workspace: ws, Database: name, Err: scrubDialError(err, c.password)}
 	if ctxErr := ctx.Err(); ctxErr != nil {
 		e.ctxErr = ctxErr
 	} else if dl, ok := ctx.Deadline(); ok && !c.drv.b.clock.Now().Before(dl) {

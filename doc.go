@@ -150,7 +150,8 @@
 //
 // With [Config.TracerProvider] or a global provider installed, each
 // statement gets a client span with the semconv db.* attributes and the
-// workspace, and a checkout that waited or dialed gets a tenantpg.acquire
+// workspace (db.query.text only with [Config.TraceQueryText], its literals
+// replaced by ?), and a checkout that waited or dialed gets a tenantpg.acquire
 // span: how long it queued for a backend and for a token, which workspace
 // was evicted for it, and the dial.
 //
@@ -160,7 +161,9 @@
 // wait; answer 503 with Retry-After. [ServerDownError] (errors.Is
 // [ErrServerDown]): the server of the database was down for the whole wait;
 // also a 503. [ConnectError]: the dial failed; it
-// wraps pgx's error, so the server's SQLSTATE is reachable with errors.As.
+// wraps what pgx's error wraps, so the server's SQLSTATE is reachable with
+// errors.As, but not pgx's *pgconn.ConnectError, whose Config holds the
+// password.
 // [DSNError] and [ConfigError]: bad input. No error, stats field or log line
 // contains a password or a DSN.
 //

@@ -87,7 +87,7 @@ func (d *Driver) Configure(cfg Config) error {
 	}
 	d.envPending = false
 	d.setResolver(cfg.ResolveWorkspace)
-	d.b.tracing.Store(newTracing(cfg.TracerProvider))
+	d.b.tracing.Store(newTracing(cfg.TracerProvider, cfg.TraceQueryText))
 	return d.setupMetrics(cfg.MeterProvider, cfg.Name)
 }
 
@@ -155,7 +155,7 @@ func (d *Driver) newConnector(p *dsnParams) (*connector, error) {
 	}
 	cfg := p.cfg
 	cfg.DialFunc = trackedDial(cfg.DialFunc)
-	return &connector{drv: d, db: db, workspace: p.workspace, inner: stdlib.GetConnector(*cfg)}, nil
+	return &connector{drv: d, db: db, workspace: p.workspace, inner: stdlib.GetConnector(*cfg), password: cfg.Password}, nil
 }
 
 // resolver returns Config.ResolveWorkspace as last configured.

@@ -8,12 +8,15 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"reflect"
 	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/stretchr/testify/require"
 )
 
@@ -326,6 +329,119 @@ func TestSecretsNeverLeak(t *testing.T) {
 		require.NotContains(t, s, wrongPassword)
 		require.NotContains(t, s, "postgres://")
 	}
+	for i, err := range errs {
+		require.Empty(t, secretIn(err, testPassword, wrongPassword), "error %d: %v", i, err)
+	}
+}
+
+// TestDialErrorsHoldNoSecret dials the scram server with the role's real
+// name and a wrong password, and a hung host until the circuit opens: what
+// the caller gets names the server's SQLSTATE and the network's and
+// context's errors as before, but neither errors.As nor a walk of every
+// field reaches pgx's *pgconn.ConnectError, whose Config holds the
+// password.
+func TestDialErrorsHoldNoSecret(t *testing.T) {
+	var logs syncBuffer
+	logger := slog.New(slog.NewJSONHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	e := newEnv(t, 1, Config{MaxConnections: 2, AcquireTimeout: 5 * time.Second, Logger: logger})
+	e.drv.b.hungDialAfter = 200 * time.Millisecond // below the hung caller's deadline; set before any dial
+	const wrongPassword = "wr0ng-Pa55-plugh"
+
+	wrong, err := e.drv.OpenDB(strings.Replace(e.dsn(0, "workspace=wrong"), testPassword, wrongPassword, 1))
+	require.NoError(t, err)
+	defer wrong.Close()
+	err = wrong.PingContext(context.Background())
+	var ce *ConnectError
+	require.ErrorAs(t, err, &ce)
+	var pgErr *pgconn.PgError
+	require.ErrorAs(t, err, &pgErr)
+	require.Equal(t, "28P01", pgErr.Code)
+	require.False(t, errors.As(err, new(*pgconn.ConnectError)), "pgx's ConnectError, and its Config, must not be reachable")
+	require.Empty(t, secretIn(err, wrongPassword, testPassword))
+	require.NotContains(t, fmt.Sprintf("%v %+v %#v", err, err, err), wrongPassword)
+
+	h := newHalfOpen(t)
+	hung, err := e.drv.OpenDB("postgres://" + e.role + ":" + testPassword + "@" + h.ln.Addr().String() + "/hung?sslmode=disable&workspace=hung")
+	require.NoError(t, err)
+	defer hung.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	err = hung.PingContext(ctx)
+	cancel()
+	var de *ServerDownError
+	require.ErrorAs(t, err, &de)
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	require.False(t, errors.As(err, new(*pgconn.ConnectError)), "pgx's ConnectError, and its Config, must not be reachable")
+	require.Empty(t, secretIn(err, testPassword))
+	require.NotContains(t, fmt.Sprintf("%v %+v %#v", err, err, err), testPassword)
+
+	js, err := json.Marshal(e.drv.Stats())
+	require.NoError(t, err)
+	for _, s := range []string{string(js), logs.String()} {
+		require.NotContains(t, s, testPassword)
+		require.NotContains(t, s, wrongPassword)
+	}
+}
+
+// secretIn returns the path to the first value reachable from v, through
+// unexported fields too, that is a pgconn.Config or pgx.ConnConfig or a
+// string holding one of secrets; "" if there is none. Formatting an error
+// shows only what its Error method chooses to, and errors.As only the
+// types asked for: a secret can hide anywhere else.
+func secretIn(v any, secrets ...string) string {
+	type visit struct {
+		p uintptr
+		t reflect.Type
+	}
+	seen := map[visit]bool{}
+	configs := []reflect.Type{reflect.TypeFor[pgconn.Config](), reflect.TypeFor[pgx.ConnConfig]()}
+	var walk func(v reflect.Value, path string) string
+	walk = func(v reflect.Value, path string) string {
+		switch v.Kind() {
+		case reflect.Pointer:
+			if v.IsNil() || seen[visit{v.Pointer(), v.Type()}] {
+				return ""
+			}
+			seen[visit{v.Pointer(), v.Type()}] = true
+			return walk(v.Elem(), "(*"+path+")")
+		case reflect.Interface:
+			if v.IsNil() {
+				return ""
+			}
+			return walk(v.Elem(), path+".("+v.Elem().Type().String()+")")
+		case reflect.Struct:
+			if slices.Contains(configs, v.Type()) {
+				return path + " is a " + v.Type().String()
+			}
+			for i := range v.NumField() {
+				if p := walk(v.Field(i), path+"."+v.Type().Field(i).Name); p != "" {
+					return p
+				}
+			}
+		case reflect.Slice, reflect.Array:
+			for i := range v.Len() {
+				if p := walk(v.Index(i), fmt.Sprintf("%s[%d]", path, i)); p != "" {
+					return p
+				}
+			}
+		case reflect.Map:
+			for it := v.MapRange(); it.Next(); {
+				if p := walk(it.Key(), path+"[key]"); p != "" {
+					return p
+				}
+				if p := walk(it.Value(), path+"[value]"); p != "" {
+					return p
+				}
+			}
+		case reflect.String:
+			for _, s := range secrets {
+				if strings.Contains(v.String(), s) {
+					return path + " holds a password"
+				}
+			}
+		}
+		return ""
+	}
+	return walk(reflect.ValueOf(v), "err")
 }
 
 func TestStatsJSONFieldNames(t *testing.T) {

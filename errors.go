@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // ErrBudgetExhausted is matched by errors.Is for every error returned when a
@@ -45,9 +47,12 @@ func (e *BudgetError) Is(target error) bool { return target == ErrBudgetExhauste
 func (e *BudgetError) Unwrap() error { return e.Err }
 
 // ConnectError is returned when a dial to the server fails after a token was
-// taken (the token is already given back). It wraps pgx's error, so
-// errors.As(err, &*pgconn.PgError) finds the server's SQLSTATE, for example
-// 53300 when the server itself has no connection slot left.
+// taken (the token is already given back). It wraps what pgx's error wraps,
+// so errors.As(err, &*pgconn.PgError) finds the server's SQLSTATE, for
+// example 53300 when the server itself has no connection slot left or 28P01
+// for a wrong password, and errors.Is and errors.As find the network's and
+// the context's errors. pgx's *pgconn.ConnectError itself is not reachable:
+// its Config holds the password. The text is pgx's, without the password.
 type ConnectError struct {
 	Workspace string
 	Database  string
@@ -81,6 +86,61 @@ func (e *ConnectError) Unwrap() []error {
 		return []error{e.Err, e.ctxErr}
 	}
 	return []error{e.Err}
+}
+
+// dialCause is a failed dial's error as the driver keeps and returns it:
+// pgx's error with every wrapper on the way to a *pgconn.ConnectError or
+// *pgconn.ParseConfigError taken out, because those carry the DSN's
+// settings, password included, to anyone with errors.As. The rest of the
+// tree stays, so matching a SQLSTATE, a net error or a context error works
+// as it does on pgx's own error.
+type dialCause struct {
+	msg  string
+	errs []error
+}
+
+func (e *dialCause) Error() string   { return e.msg }
+func (e *dialCause) Unwrap() []error { return e.errs }
+
+// scrubDialError returns err without the errors that carry a DSN's
+// settings and, in its text, without password. An error that holds
+// neither is returned as it is.
+func scrubDialError(err error, password string) error {
+	if err == nil {
+		return nil
+	}
+	msg := scrub(err.Error(), "", []string{password})
+	if !carriesConfig(err) && msg == err.Error() {
+		return err
+	}
+	return &dialCause{msg: msg, errs: withoutConfig(err)}
+}
+
+func carriesConfig(err error) bool {
+	return errors.As(err, new(*pgconn.ConnectError)) || errors.As(err, new(*pgconn.ParseConfigError))
+}
+
+// withoutConfig returns the largest subtrees of err that carry no DSN
+// settings. A wrapper on the way to one is dropped, its text living on in
+// dialCause's; anything of unknown shape that carries one is dropped whole.
+func withoutConfig(err error) []error {
+	if !carriesConfig(err) {
+		return []error{err}
+	}
+	var safe []error
+	switch u := err.(type) {
+	case interface{ Unwrap() error }:
+		if inner := u.Unwrap(); inner != nil {
+			safe = withoutConfig(inner)
+		}
+	case interface{ Unwrap() []error }:
+		for _, inner := range u.Unwrap() {
+			if inner != nil {
+				safe = append(safe, withoutConfig(inner)...)
+			}
+		}
+	}
+	return safe
 }
 
 // ErrServerDown is matched by errors.Is for the error a caller gets when its

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"reflect"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -38,9 +39,10 @@ const (
 // hands out none and statements skip tracing: a span from the global
 // default costs about 220ns and five allocations (BenchmarkStatementSpan).
 type tracing struct {
-	fixed    trace.Tracer // from Config.TracerProvider
-	follow   bool         // Config.TracerProvider unset: follow the global provider
-	fromGlob atomic.Pointer[globalTracer]
+	fixed     trace.Tracer // from Config.TracerProvider
+	follow    bool         // Config.TracerProvider unset: follow the global provider
+	queryText bool         // Config.TraceQueryText
+	fromGlob  atomic.Pointer[globalTracer]
 }
 
 type globalTracer struct {
@@ -53,14 +55,14 @@ type globalTracer struct {
 // installs a provider: a delegating no-op.
 var unsetGlobal = otel.GetTracerProvider()
 
-func newTracing(tp trace.TracerProvider) *tracing {
+func newTracing(tp trace.TracerProvider, queryText bool) *tracing {
 	switch tp.(type) {
 	case nil:
-		return &tracing{follow: true}
+		return &tracing{follow: true, queryText: queryText}
 	case noop.TracerProvider, *noop.TracerProvider:
 		return &tracing{}
 	}
-	return &tracing{fixed: tracerOf(tp)}
+	return &tracing{fixed: tracerOf(tp), queryText: queryText}
 }
 
 func tracerOf(tp trace.TracerProvider) trace.Tracer {
@@ -103,11 +105,188 @@ func operationName(query string) string {
 	return query[i:j]
 }
 
+// sanitizeQuery replaces the literals of a statement, strings (with their
+// E, B, X, N or U& prefix) and dollar-quoted strings and numbers, with ?.
+// Identifiers, quoted ones included, keywords, comments and parameters
+// ($1) stay. It lexes as PostgreSQL does with standard_conforming_strings
+// on; an unterminated literal swallows the rest of the text.
+func sanitizeQuery(q string) string {
+	out := make([]byte, 0, len(q))
+	identByte := func(c byte) bool {
+		return c == '_' || c == '$' || c >= '0' && c <= '9' || c|0x20 >= 'a' && c|0x20 <= 'z' || c >= 0x80
+	}
+	// A digit or dollar that continues an identifier (t1, a$1) is no
+	// literal.
+	startsToken := func(i int) bool { return i == 0 || !identByte(q[i-1]) }
+	for i := 0; i < len(q); {
+		c := q[i]
+		switch {
+		case c == '\'':
+			// A prefix (E'...', X'...', U&'...') belongs to the literal.
+			escapes := false
+			n := len(out)
+			switch {
+			case n >= 2 && out[n-1] == '&' && out[n-2]|0x20 == 'u' && (n == 2 || !identByte(out[n-3])):
+				out = out[:n-2]
+			case n >= 1 && strings.IndexByte("eEbBxXnN", out[n-1]) >= 0 && (n == 1 || !identByte(out[n-2])):
+				escapes = out[n-1]|0x20 == 'e'
+				out = out[:n-1]
+			}
+			i = skipString(q, i+1, escapes)
+			out = append(out, '?')
+		case c == '"':
+			j := skipQuoted(q, i+1)
+			out = append(out, q[i:j]...)
+			i = j
+		case c == '$' && startsToken(i):
+			tag, ok := dollarTag(q[i:])
+			if !ok {
+				// A parameter ($1): its digits follow as part of it.
+				out = append(out, c)
+				for i++; i < len(q) && q[i] >= '0' && q[i] <= '9'; i++ {
+					out = append(out, q[i])
+				}
+				continue
+			}
+			if end := strings.Index(q[i+len(tag):], tag); end >= 0 {
+				i += len(tag) + end + len(tag)
+			} else {
+				i = len(q)
+			}
+			out = append(out, '?')
+		case c == '-' && strings.HasPrefix(q[i:], "--"):
+			j := strings.IndexByte(q[i:], '\n')
+			if j < 0 {
+				j = len(q) - i
+			}
+			out = append(out, q[i:i+j]...)
+			i += j
+		case c == '/' && strings.HasPrefix(q[i:], "/*"):
+			j := skipBlockComment(q, i+2)
+			out = append(out, q[i:j]...)
+			i = j
+		case startsToken(i) && (c >= '0' && c <= '9' || c == '.' && i+1 < len(q) && q[i+1] >= '0' && q[i+1] <= '9'):
+			i = skipNumber(q, i)
+			out = append(out, '?')
+		default:
+			out = append(out, c)
+			i++
+		}
+	}
+	return string(out)
+}
+
+// skipString returns the index after the string literal whose text starts
+// at q[i], or len(q) if it never ends. A doubled quote is a quote; escapes:
+// an E'...' string, in which a backslash escapes the next byte.
+func skipString(q string, i int, escapes bool) int {
+	for i < len(q) {
+		switch {
+		case escapes && q[i] == '\\':
+			i += 2
+		case q[i] == '\'' && i+1 < len(q) && q[i+1] == '\'':
+			i += 2
+		case q[i] == '\'':
+			return i + 1
+		default:
+			i++
+		}
+	}
+	return len(q)
+}
+
+// skipQuoted returns the index after the quoted identifier whose text
+// starts at q[i].
+func skipQuoted(q string, i int) int {
+	for i < len(q) {
+		if q[i] == '"' {
+			if i+1 < len(q) && q[i+1] == '"' {
+				i += 2
+				continue
+			}
+			return i + 1
+		}
+		i++
+	}
+	return len(q)
+}
+
+// skipBlockComment returns the index after the comment whose text starts
+// at q[i]; PostgreSQL's block comments nest.
+func skipBlockComment(q string, i int) int {
+	for depth := 1; i < len(q); {
+		switch {
+		case strings.HasPrefix(q[i:], "/*"):
+			depth++
+			i += 2
+		case strings.HasPrefix(q[i:], "*/"):
+			depth--
+			i += 2
+			if depth == 0 {
+				return i
+			}
+		default:
+			i++
+		}
+	}
+	return len(q)
+}
+
+// dollarTag returns the opening tag of a dollar-quoted string at the start
+// of s: $$ or $tag$, the tag not starting with a digit.
+func dollarTag(s string) (string, bool) {
+	for j := 1; j < len(s); j++ {
+		c := s[j]
+		switch {
+		case c == '$':
+			return s[:j+1], true
+		case c == '_' || c|0x20 >= 'a' && c|0x20 <= 'z' || c >= 0x80 || j > 1 && c >= '0' && c <= '9':
+		default:
+			return "", false
+		}
+	}
+	return "", false
+}
+
+// skipNumber returns the index after the numeric literal at q[i]: decimal
+// with a fraction and exponent, or 0x, 0o, 0b, with _ between digits.
+func skipNumber(q string, i int) int {
+	if i+1 < len(q) && q[i] == '0' && strings.ContainsRune("xXoObB", rune(q[i+1])) {
+		i += 2
+		for i < len(q) && (q[i] == '_' || q[i] >= '0' && q[i] <= '9' || q[i]|0x20 >= 'a' && q[i]|0x20 <= 'f') {
+			i++
+		}
+		return i
+	}
+	digits := func() {
+		for i < len(q) && (q[i] >= '0' && q[i] <= '9' || q[i] == '_') {
+			i++
+		}
+	}
+	digits()
+	if i < len(q) && q[i] == '.' {
+		i++
+		digits()
+	}
+	if i < len(q) && q[i]|0x20 == 'e' {
+		j := i + 1
+		if j < len(q) && (q[j] == '+' || q[j] == '-') {
+			j++
+		}
+		if j < len(q) && q[j] >= '0' && q[j] <= '9' {
+			i = j
+			digits()
+		}
+	}
+	return i
+}
+
 // startStatement starts a statement's span, named op or, when op is empty,
 // after the query's first keyword. With no provider installed it does
 // nothing else; attributes are set only on a recording span.
 func (c *conn) startStatement(ctx context.Context, op, query string) (context.Context, trace.Span) {
-	tr := c.b.tracing.Load().tracer()
+	t := c.b.tracing.Load()
+	tr := t.tracer()
 	if tr == nil {
 		return ctx, nil
 	}
@@ -117,8 +296,8 @@ func (c *conn) startStatement(ctx context.Context, op, query string) (context.Co
 	ctx, span := tr.Start(ctx, op, trace.WithSpanKind(trace.SpanKindClient))
 	if span.IsRecording() {
 		attrs := []attribute.KeyValue{semconv.DBSystemNamePostgreSQL, semconv.DBOperationName(op)}
-		if query != "" {
-			attrs = append(attrs, semconv.DBQueryText(query))
+		if query != "" && t.queryText {
+			attrs = append(attrs, semconv.DBQueryText(sanitizeQuery(query)))
 		}
 		span.SetAttributes(attrs...)
 	}

@@ -11,6 +11,8 @@ import (
 	"go.opentelemetry.io/otel/codes"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+
+	"github.com/tenantpg/tenantpg/internal/pgtest"
 )
 
 func spanAttrs(s sdktrace.ReadOnlySpan) map[attribute.Key]string {
@@ -135,4 +137,71 @@ func TestTracingOffByDefault(t *testing.T) {
 	require.Nil(t, span, "no provider installed: no span")
 	db := e.open(0)
 	require.NoError(t, db.PingContext(context.Background()))
+}
+
+// TestQueryTextNotTracedByDefault: a statement's text stays out of its span
+// unless Config.TraceQueryText is set, and then only with its literals
+// replaced, so a password set with ALTER ROLE reaches no trace either way.
+func TestQueryTextNotTracedByDefault(t *testing.T) {
+	exp := tracetest.NewInMemoryExporter()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSyncer(exp), sdktrace.WithSampler(sdktrace.AlwaysSample()))
+	defer tp.Shutdown(context.Background())
+	cfg := Config{MaxConnections: 1, TracerProvider: tp}
+	e := newEnv(t, 1, cfg)
+	db := e.open(0)
+	ctx := context.Background()
+	// The role's own password, set again: later dials still log in.
+	alter := "ALTER ROLE " + pgtest.QuoteIdent(e.role) + " PASSWORD '" + testPassword + "'"
+	run := func() {
+		t.Helper()
+		_, err := db.ExecContext(ctx, alter)
+		require.NoError(t, err)
+		require.NoError(t, db.QueryRowContext(ctx, "SELECT v FROM kv WHERE id = 3 AND v <> 'v1'").Scan(new(string)))
+	}
+	texts := func() map[string]string {
+		t.Helper()
+		got := map[string]string{}
+		for _, s := range exp.GetSpans().Snapshots() {
+			for _, kv := range s.Attributes() {
+				require.NotContains(t, kv.Value.Emit(), testPassword, "span %s", s.Name())
+				if kv.Key == "db.query.text" {
+					got[s.Name()] = kv.Value.Emit()
+				}
+			}
+		}
+		exp.Reset()
+		return got
+	}
+
+	run()
+	require.Empty(t, texts(), "no db.query.text by default")
+
+	cfg.TraceQueryText = true
+	require.NoError(t, e.drv.Configure(cfg))
+	run()
+	require.Equal(t, map[string]string{
+		"ALTER":  "ALTER ROLE " + pgtest.QuoteIdent(e.role) + " PASSWORD ?",
+		"SELECT": "SELECT v FROM kv WHERE id = ? AND v <> ?",
+	}, texts())
+}
+
+func TestSanitizeQuery(t *testing.T) {
+	for in, want := range map[string]string{
+		"SELECT 1":            "SELECT ?",
+		"SELECT $1, $22::int": "SELECT $1, $22::int",
+		"SELECT t1.c2 FROM t1 WHERE x > 1.5e-3 AND y = .5": "SELECT t1.c2 FROM t1 WHERE x > ? AND y = ?",
+		"SELECT 0x1F, 1_000":                             "SELECT ?, ?",
+		"ALTER ROLE app PASSWORD 'it''s secret'":         "ALTER ROLE app PASSWORD ?",
+		"SELECT E'a\\'b', 'c'":                           "SELECT ?, ?",
+		"SELECT e'x', X'1F', B'01', N'n', U&'d\\0061'":   "SELECT ?, ?, ?, ?, ?",
+		`SELECT "we're"."col1" FROM "t""x"`:              `SELECT "we're"."col1" FROM "t""x"`,
+		"SELECT $$sec'ret$$, $tag$a$$b$tag$":             "SELECT ?, ?",
+		"SELECT 1 -- it's 2\nFROM t /* a 'b' /* 3 */ */": "SELECT ? -- it's 2\nFROM t /* a 'b' /* 3 */ */",
+		"SELECT 'unterminated secret":                    "SELECT ?",
+		"SELECT $t$ unterminated":                        "SELECT ?",
+		"SELECT a$1 FROM t":                              "SELECT a$1 FROM t",
+		"SELECT ARRAY[1,2], interval '1 day'":            "SELECT ARRAY[?,?], interval ?",
+	} {
+		require.Equal(t, want, sanitizeQuery(in), in)
+	}
 }
