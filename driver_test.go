@@ -303,8 +303,8 @@ func TestSecretsNeverLeak(t *testing.T) {
 	collect("unterminated quote", ping("host=localhost password='"+testPassword+" dbname=db"))
 	// Dial errors: no such database, wrong password, refused, hung.
 	collect("no such database", ping(strings.Replace(e.dsn(0), e.dbs[0], e.dbs[0]+"_missing", 1)))
-	// The harness's server trusts local connections, so a startup refusal
-	// comes from a role that does not exist, with a password of its own.
+	// A login refused by scram: a role that does not exist, with a
+	// password of its own.
 	collect("no such role", ping(strings.Replace(strings.Replace(e.dsn(0), testPassword, wrongPassword, 1), e.role+":", "nosuchrole:", 1)))
 	collect("refused", ping("postgres://app:"+testPassword+"@"+refusedAddr+"/db?sslmode=disable&workspace=refused"))
 	collect("hung", ping("postgres://app:"+testPassword+"@"+hung.Addr().String()+"/db?sslmode=disable&workspace=hung"))
