@@ -259,3 +259,29 @@ func BenchmarkCaptureStack(b *testing.B) {
 		})
 	})
 }
+
+// BenchmarkResetSession is the cost of pool_reset_session: a SELECT 1 on a
+// pooled connection without and with the reset at check-in (DISCARD ALL and
+// pgx's DeallocateAll), on two pools of one database side by side.
+//
+//	go test -run '^$' -bench ResetSession -count 10 . | tee reset.txt
+func BenchmarkResetSession(b *testing.B) {
+	e := newEnv(b, 1, Config{MaxConnections: 4, MaxConnectionsPerDB: 1})
+	for _, c := range []struct{ name, param string }{{"off", "pool_reset_session=false"}, {"on", "pool_reset_session=true"}} {
+		db, err := e.drv.OpenDB(e.dsn(0, "workspace=reset-"+c.name, c.param))
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer db.Close()
+		b.Run(c.name, func(b *testing.B) {
+			ctx := context.Background()
+			var n int
+			b.ReportAllocs()
+			for b.Loop() {
+				if err := db.QueryRowContext(ctx, "SELECT 1").Scan(&n); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
