@@ -215,4 +215,3 @@ func sqlstate(err error) string {
 	}
 	return "ok"
 }
-
