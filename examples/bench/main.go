@@ -74,6 +74,7 @@ type options struct {
 	naivePerDB     int // naive's pool size per workspace; 0 = 3, for experiments
 	naiveSameDB    bool
 	cold           bool     // leave the workspace databases unwarmed (see world.warm)
+	tls            bool     // the server (and PgBouncer, both sides) with TLS
 	serverSet      []string // extra settings of the throwaway server, name=value
 	pgbouncer      string
 	pgbouncerSet   []string // extra PgBouncer settings, name=value
@@ -135,6 +136,7 @@ func main() {
 	flag.BoolVar(&o.naiveSameDB, "naive-same-db", false, "the naive contender's pools (one per workspace) all reach the first workspace's database: many client pools, one server database; for experiments")
 	srvSet := strList(nil)
 	flag.Var(&srvSet, "server-set", "comma-separated extra settings of the throwaway PostgreSQL, name=value, e.g. shared_buffers=2GB (default: the test harness's, shared_buffers=64MB); ignored with DATABASE_URL")
+	flag.BoolVar(&o.tls, "tls", false, "run the throwaway server with ssl=on and a self-signed certificate; every contender dials with sslmode=verify-full, PgBouncer with TLS on its client and server sides (logins are scram-sha-256 either way)")
 	flag.BoolVar(&o.cold, "cold", false, "do not open a first session to each workspace database before the contenders run; the first contender then pays for every database's first session (pg_internal.init), the later ones do not")
 	flag.BoolVar(&o.setupOnly, "setup-only", false, "create the databases, report how long that took, and stop")
 	flag.BoolVar(&o.simOnly, "sim-only", false, "only simulate LRU and Belady on the traces, without a server (for W too large for this disk)")
@@ -244,7 +246,7 @@ func run(ctx context.Context, o options, stdout, stderr io.Writer) (*report, err
 	}
 
 	fmt.Fprintf(stderr, "starting PostgreSQL (or attaching to DATABASE_URL)...\n")
-	w, err := startWorld(ctx, o.budget, o.workers, o.rows, o.serverSet, stderr)
+	w, err := startWorld(ctx, o.budget, o.workers, o.rows, o.serverSet, o.tls, stderr)
 	if err != nil {
 		return nil, err
 	}

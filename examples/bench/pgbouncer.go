@@ -16,9 +16,12 @@ package main
 //     an idle server connection of another pool to open one for a waiting
 //     client, or the client waits.
 //   - default_pool_size = 3: the per-database cap of the other contenders.
-//   - auth_type = trust with an auth_file listing the app role: clients are
-//     not authenticated by PgBouncer (the harness is its only client, on
-//     127.0.0.1); the file gives PgBouncer the password for the server.
+//   - auth_type = scram-sha-256 with an auth_file listing the app role and
+//     its password: PgBouncer checks its clients' logins as the server
+//     checks the other contenders', and logs in to the server with it.
+//   - with -tls, TLS on both sides: clients reach PgBouncer with
+//     sslmode=verify-full (the server's certificate, which names
+//     127.0.0.1), and PgBouncer reaches the server with verify-full.
 //   - max_client_conn: every workspace's *sql.DB may keep up to 3 client
 //     connections, so 3 W plus slack.
 //   - everything else at PgBouncer's defaults, notably server_idle_timeout
@@ -152,7 +155,7 @@ func launchBouncer(ctx context.Context, bin, dir string, cred *syscall.Credentia
 listen_addr = 127.0.0.1
 listen_port = %d
 unix_socket_dir =
-auth_type = trust
+auth_type = scram-sha-256
 auth_file = %s
 pool_mode = transaction
 max_client_conn = %d
@@ -165,6 +168,10 @@ log_disconnections = 0
 ignore_startup_parameters = extra_float_digits
 `, w.srv.Host, w.srv.Port, port, filepath.Join(dir, "userlist.txt"), maxClients, budget,
 		filepath.Join(dir, "pgbouncer.log"), filepath.Join(dir, "pgbouncer.pid"))
+	if w.srv.CertFile != "" {
+		ini += fmt.Sprintf("client_tls_sslmode = require\nclient_tls_cert_file = %s\nclient_tls_key_file = %s\n"+
+			"server_tls_sslmode = verify-full\nserver_tls_ca_file = %s\n", w.srv.CertFile, w.srv.KeyFile, w.srv.CertFile)
+	}
 	// Later lines win in PgBouncer's ini parser: -pgbouncer-set overrides.
 	for _, kv := range extra {
 		name, value, _ := strings.Cut(kv, "=")

@@ -46,7 +46,7 @@ type world struct {
 // limit is checked).
 const databaseOverhead = 30
 
-func startWorld(ctx context.Context, budget, workers, rows int, settings []string, log io.Writer) (*world, error) {
+func startWorld(ctx context.Context, budget, workers, rows int, settings []string, tls bool, log io.Writer) (*world, error) {
 	external := false
 	if u := os.Getenv("DATABASE_URL"); u != "" {
 		// As examples/internal/demo does: a superuser URL; everything is created
@@ -61,7 +61,7 @@ func startWorld(ctx context.Context, budget, workers, rows int, settings []strin
 		k, v, _ := strings.Cut(kv, "=") // checked by the options
 		set[strings.TrimSpace(k)] = v
 	}
-	srv, err := pgtest.Start(pgtest.Options{MaxConnections: budget + workers + databaseOverhead, Settings: set})
+	srv, err := pgtest.Start(pgtest.Options{MaxConnections: budget + workers + databaseOverhead, Settings: set, TLS: tls})
 	if err != nil {
 		return nil, err
 	}

@@ -25,12 +25,18 @@ package pgtest
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"database/sql"
 	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
+	"math/big"
 	"net"
 	"net/url"
 	"os"
@@ -75,6 +81,10 @@ type Options struct {
 	MaxConnections int
 	// Settings are extra "-c name=value" server settings.
 	Settings map[string]string
+	// TLS starts the server with ssl=on and a self-signed certificate for
+	// 127.0.0.1 and localhost; URL then asks for sslmode=verify-full with
+	// that certificate as the root, as a production client would.
+	TLS bool
 }
 
 // Server is a running PostgreSQL server, either started by Start or given by
@@ -82,6 +92,9 @@ type Options struct {
 type Server struct {
 	Host string
 	Port int
+	// CertFile is the server's certificate (its own root) and KeyFile its
+	// private key when it runs with TLS; empty otherwise.
+	CertFile, KeyFile string
 	// Prefix is prepended to every role and database the helpers create, so
 	// that runs against a shared server do not collide.
 	Prefix string
@@ -140,6 +153,12 @@ func Start(opts Options) (*Server, error) {
 	if err := s.initdb(); err != nil {
 		s.cleanup()
 		return nil, err
+	}
+	if opts.TLS {
+		if err := s.writeCertificate(); err != nil {
+			s.cleanup()
+			return nil, err
+		}
 	}
 	// A free port can be taken by someone else between probing and binding;
 	// postgres then fails fast and we try another.
@@ -284,6 +303,9 @@ func (s *Server) start() error {
 		"-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
 		"-c", "shared_buffers=64MB", "-c", "log_min_messages=warning", "-c", "password_encryption=scram-sha-256",
 		"-c", "log_connections=off", "-c", "log_disconnections=off"}
+	if s.CertFile != "" {
+		args = append(args, "-c", "ssl=on", "-c", "ssl_cert_file="+s.CertFile, "-c", "ssl_key_file="+s.KeyFile)
+	}
 	keys := make([]string, 0, len(s.opts.Settings))
 	for k := range s.opts.Settings {
 		keys = append(keys, k)
@@ -474,7 +496,60 @@ func (s *Server) URL(user, password, database string) string {
 		u.User = url.User(user)
 	}
 	u.RawQuery = "sslmode=disable"
+	if s.CertFile != "" {
+		u.RawQuery = url.Values{"sslmode": {"verify-full"}, "sslrootcert": {s.CertFile}}.Encode()
+	}
 	return u.String()
+}
+
+// writeCertificate makes a self-signed ECDSA certificate for the server's
+// addresses, readable by the server's OS user, its key by that user alone
+// (PostgreSQL refuses a key others can read).
+func (s *Server) writeCertificate() error {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 62))
+	if err != nil {
+		return err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: "localhost"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(30 * 24 * time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		DNSNames:              []string{"localhost"},
+		IPAddresses:           []net.IP{net.ParseIP(s.Host)},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return err
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		return err
+	}
+	certFile, keyFile := filepath.Join(s.dir, "server.crt"), filepath.Join(s.dir, "server.key")
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+		return err
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		return err
+	}
+	if s.runAs != nil {
+		for _, f := range []string{certFile, keyFile} {
+			if err := os.Chown(f, int(s.runAs.Uid), int(s.runAs.Gid)); err != nil {
+				return err
+			}
+		}
+	}
+	s.CertFile, s.KeyFile = certFile, keyFile
+	return nil
 }
 
 // CreateRole creates a login role (named Prefix+name) with a password and a
