@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -271,4 +272,42 @@ func TestIsolationResetSession(t *testing.T) {
 		require.Equal(t, "4242ms", timeout, "without the option a session keeps its state, as with pgx's stdlib")
 	})
 	e.requireQuiescent()
+}
+
+// TestIsolationTLSPerPool runs a server with TLS and two pools of one
+// database on it, one with sslmode=verify-full and one with
+// sslmode=disable, alternately: each backend carries its own pool's TLS
+// setting, as the server reports it (pg_stat_ssl).
+func TestIsolationTLSPerPool(t *testing.T) {
+	pgtest.Require(t)
+	srv, err := pgtest.Start(pgtest.Options{MaxConnections: 10, TLS: true})
+	require.NoError(t, err)
+	t.Cleanup(func() { srv.Stop() })
+	if srv.CertFile == "" {
+		t.Skip("the server named by the environment was not started with TLS")
+	}
+	ctx := context.Background()
+	role, err := srv.CreateRole(ctx, "tls_app", testPassword, 4)
+	require.NoError(t, err)
+	dbs, err := srv.CreateDatabases(ctx, role, "", "tls_ws")
+	require.NoError(t, err)
+	drv, err := NewDriver(Config{MaxConnections: 4})
+	require.NoError(t, err)
+	t.Cleanup(func() { drv.Close() })
+	verified := srv.URL(role, testPassword, dbs[0])
+	require.Contains(t, verified, "sslmode=verify-full")
+	plain := strings.Replace(verified, "sslmode=verify-full", "sslmode=disable", 1)
+	a, err := drv.OpenDB(verified)
+	require.NoError(t, err)
+	defer a.Close()
+	b, err := drv.OpenDB(plain)
+	require.NoError(t, err)
+	defer b.Close()
+	const q = "SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+	fromA, fromB := alternate(t, a, b, q)
+	require.Equal(t, "true", fromA)
+	require.Equal(t, "false", fromB)
+	fromA, fromB = alternate(t, b, a, q)
+	require.Equal(t, "false", fromA)
+	require.Equal(t, "true", fromB, "a verify-full pool never runs on a plaintext backend")
 }
