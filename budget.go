@@ -475,6 +475,8 @@ func (b *budget) register(p *dsnParams) (*database, error) {
 			b.forgetLocked(d)
 			return nil, &DSNError{Workspace: p.workspace,
 				Reason: fmt.Sprintf("the fleet budget on %s is role %q's; this DSN connects as another role (one role per server with a fleet budget)", s.label, s.fleetRole)}
+		} else {
+			s.fleet.offer(p.cfg) // its password may work where the first DSN's does not
 		}
 	}
 	// Move this database's share of the shared pool to the new reservation.

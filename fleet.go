@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // The fleet: several processes (replicas of a service) that use tenantpg
@@ -77,6 +78,12 @@ import (
 // a squatter of another role does not use, still caps the server, and a
 // refused dial is retried as without a fleet. Each squatter is reported
 // once in the log, and in FleetStats while it holds slots.
+//
+// Logins. The coordination session logs in with the first DSN registered
+// for the server; every later DSN of the role with another password is kept
+// as a candidate (offer), and a login the server refuses (SQLSTATE class
+// 28) moves to the next candidate at once, so that one DSN with a wrong
+// password does not keep the fleet away.
 //
 // Loss: if the session fails, every lease went with it. The host is told
 // (fleetLost) and falls back to the last fair share; the coordinator
@@ -230,7 +237,6 @@ FROM pg_stat_activity WHERE pid = $1::int4`
 // fleetCoordinator coordinates one server's slots with the other members of
 // the fleet, for one host.
 type fleetCoordinator struct {
-	cfg     *pgx.ConnConfig // coordination database, no tracer
 	max     int
 	batch   int
 	refresh time.Duration
@@ -239,7 +245,8 @@ type fleetCoordinator struct {
 	host    fleetHost
 	clk     clock
 	log     *slog.Logger
-	dbName  string // the coordination database, for the log
+	name    string // the fleet's, for the session's application_name
+	dbName  string // the coordination database
 	label   string // host:port, for the log
 
 	runCtx    context.Context // cancelled when close gives up waiting
@@ -253,6 +260,9 @@ type fleetCoordinator struct {
 	waitCancel context.CancelFunc // guarded by mu; the current wait's, while it waits
 	st         FleetStats         // guarded by mu
 	sessionPID uint32             // guarded by mu; the session's backend, 0 while down
+	// cfgs are the session's configs (coordination database, no tracer),
+	// one per password the role's DSNs registered, in order. Guarded by mu.
+	cfgs []*pgx.ConnConfig
 
 	// The rest belongs to the run goroutine.
 	conn         *pgx.Conn
@@ -271,6 +281,8 @@ type fleetCoordinator struct {
 	retryAt      time.Time            // no attempt before, while short
 	lastNeed     int
 	connFailures int
+	cfgIdx       int                         // the candidate config the session logs in with
+	refusedRun   int                         // logins refused in a row, candidates tried since the last success
 	squatted     bool                        // sessions of other roles hold slots, as last counted
 	floor        int                         // what fleetFloor last told the host
 	fleetPIDs    map[uint32]bool             // senders of notifications looked up since the last count: of the role or not
@@ -303,15 +315,34 @@ func startFleet(connCfg *pgx.ConnConfig, s fleetSettings, host fleetHost, clk cl
 	if clk == nil {
 		clk = realClock{}
 	}
+	k1 := fleetKey(s.name, connCfg.User)
+	c := &fleetCoordinator{
+		max: s.max, batch: fleetBatch(s.max), refresh: s.refresh,
+		label: net.JoinHostPort(connCfg.Host, strconv.Itoa(int(connCfg.Port))), dbName: s.database, name: s.name,
+		k1: k1, channel: fleetChannel(k1), host: host, clk: clk, log: log,
+		stop: make(chan struct{}), done: make(chan struct{}),
+		granted: -1, fair: 1, retry: fleetRetryMin,
+		holders: map[uint32]bool{}, heard: map[uint32]time.Time{},
+		fleetPIDs: map[uint32]bool{}, squatters: map[fleetSquatter]time.Time{},
+	}
+	c.cfgs = []*pgx.ConnConfig{c.sessionConfig(connCfg)}
+	c.st.Members, c.st.FairShare = 1, 1
+	c.runCtx, c.runCancel = context.WithCancel(context.Background())
+	go c.run()
+	return c
+}
+
+// sessionConfig derives the coordination session's config from a DSN's.
+func (c *fleetCoordinator) sessionConfig(connCfg *pgx.ConnConfig) *pgx.ConnConfig {
 	cfg := connCfg.Copy()
-	cfg.Database = s.database
+	cfg.Database = c.dbName
 	cfg.Tracer = nil
 	if cfg.RuntimeParams == nil {
 		cfg.RuntimeParams = map[string]string{}
 	}
 	// Named for the operator reading pg_stat_activity: the application's
 	// own name first, when its DSN sets one, so its sessions group together.
-	app := "tenantpg fleet " + s.name
+	app := "tenantpg fleet " + c.name
 	if own := cfg.RuntimeParams["application_name"]; own != "" {
 		app = own + " (" + app + ")"
 	}
@@ -319,20 +350,26 @@ func startFleet(connCfg *pgx.ConnConfig, s fleetSettings, host fleetHost, clk cl
 	if cfg.ConnectTimeout <= 0 || cfg.ConnectTimeout > fleetDialMax {
 		cfg.ConnectTimeout = fleetDialMax
 	}
-	k1 := fleetKey(s.name, cfg.User)
-	c := &fleetCoordinator{
-		cfg: cfg, max: s.max, batch: fleetBatch(s.max), refresh: s.refresh,
-		dbName: s.database, label: net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port))),
-		k1: k1, channel: fleetChannel(k1), host: host, clk: clk, log: log,
-		stop: make(chan struct{}), done: make(chan struct{}),
-		granted: -1, fair: 1, retry: fleetRetryMin,
-		holders: map[uint32]bool{}, heard: map[uint32]time.Time{},
-		fleetPIDs: map[uint32]bool{}, squatters: map[fleetSquatter]time.Time{},
+	return cfg
+}
+
+// offer adds the config of another DSN of the fleet's role as a candidate
+// for the session's login, unless one with its password is there already:
+// the DSNs of one role and server differ mostly in their databases, and a
+// refused login is most often a wrong password, so one candidate per
+// password keeps the list short however many databases register (two DSNs
+// that differ only in TLS settings or a client certificate are one
+// candidate). The host calls it as it registers the DSN, before anything
+// else may touch connCfg.
+func (c *fleetCoordinator) offer(connCfg *pgx.ConnConfig) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, have := range c.cfgs {
+		if have.Password == connCfg.Password {
+			return
+		}
 	}
-	c.st.Members, c.st.FairShare = 1, 1
-	c.runCtx, c.runCancel = context.WithCancel(context.Background())
-	go c.run()
-	return c
+	c.cfgs = append(c.cfgs, c.sessionConfig(connCfg))
 }
 
 // poke says the host's need may have changed. It never blocks: it only
@@ -421,6 +458,9 @@ func (c *fleetCoordinator) run() {
 			if !c.everUp && c.connFailures == 1 {
 				c.lost() // the host learns it has no lease yet
 			}
+			if isLoginRefused(err) && c.nextConfig() {
+				continue // another DSN's login is untried: no reason to wait
+			}
 			if !c.sleep(probeBackoff(c.connFailures - 1)) {
 				break
 			}
@@ -441,14 +481,41 @@ func (c *fleetCoordinator) run() {
 	c.drain()
 }
 
+// isLoginRefused reports whether the server refused the login itself
+// (SQLSTATE class 28: a wrong password, no pg_hba.conf entry, a role that
+// may not log in), which another DSN's credentials may pass.
+func isLoginRefused(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && strings.HasPrefix(pe.Code, "28")
+}
+
+// nextConfig moves the login to the next candidate config after a refusal,
+// and reports whether that one is still untried since the last session.
+func (c *fleetCoordinator) nextConfig() bool {
+	c.mu.Lock()
+	n := len(c.cfgs)
+	c.mu.Unlock()
+	c.cfgIdx = (c.cfgIdx + 1) % n
+	c.refusedRun++
+	if c.refusedRun < n {
+		return true
+	}
+	c.refusedRun = 0 // every one refused: back off, then go round again
+	return false
+}
+
 // connect opens the coordination session and LISTENs.
 func (c *fleetCoordinator) connect() error {
 	ctx, cancel := context.WithTimeout(c.runCtx, fleetDialMax)
 	defer cancel()
-	conn, err := pgx.ConnectConfig(ctx, c.cfg)
+	c.mu.Lock()
+	cfg := c.cfgs[c.cfgIdx]
+	c.mu.Unlock()
+	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return err
 	}
+	c.refusedRun = 0
 	c.conn, c.pid = conn, conn.PgConn().PID()
 	if err := c.exec("LISTEN " + c.channel); err != nil {
 		c.drop()

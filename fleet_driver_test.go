@@ -366,3 +366,39 @@ func TestFleetSquatterUnderLoad(t *testing.T) {
 	_, f := fleetOf(e.drv)
 	require.GreaterOrEqual(t, f.Share, 2, "leases beyond the floor again")
 }
+
+// TestFleetLoginFallsBackToAnotherDSN: the first DSN registered for the
+// fleet's server has a wrong password; the coordination session logs in
+// with the next DSN of the role, and the fleet works. Neither password
+// reaches the stats or the log.
+func TestFleetLoginFallsBackToAnotherDSN(t *testing.T) {
+	const fleet = 6
+	logs := &syncBuffer{}
+	cfg := Config{MaxConnections: fleet, FleetMaxConnections: fleet, FleetName: t.Name(), AcquireTimeout: 10 * time.Second,
+		Logger: slog.New(slog.NewTextHandler(logs, nil))}
+	e := newEnv(t, 2, cfg)
+	e.setRoleLimit(fleet)
+	const wrong = "not-the-Pa55w0rd-plugh"
+	bad, err := e.drv.OpenDB(e.srv.URL(e.role, wrong, e.dbs[0]) + "&workspace=ws0")
+	require.NoError(t, err)
+	t.Cleanup(func() { bad.Close() })
+	good := e.open(1)
+
+	fleetStats := func() FleetStats {
+		s := e.drv.Stats()
+		require.Len(t, s.Servers, 1)
+		require.NotNil(t, s.Servers[0].Fleet)
+		return *s.Servers[0].Fleet
+	}
+	require.Eventually(t, func() bool { return fleetStats().Connected }, e2eWait, pollEvery, "the session logged in with the good DSN")
+	queryOne(t, good)
+	require.Eventually(t, func() bool { return fleetStats().Share >= 1 }, e2eWait, pollEvery, "the caller's backend is leased")
+	f := fleetStats()
+	require.Positive(t, f.Failures)
+	require.Contains(t, f.LastError, "28P01", "the wrong password's refusal is recorded")
+	for _, text := range []string{fmt.Sprintf("%+v", f), logs.String()} {
+		require.NotContains(t, text, wrong)
+		require.NotContains(t, text, testPassword)
+		require.NotContains(t, text, "postgres://")
+	}
+}

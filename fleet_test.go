@@ -408,7 +408,7 @@ func TestFleetBatchOneRoundTrip(t *testing.T) {
 // password or DSN; a refused session is retried until it gets in.
 func TestFleetNoPasswordInErrors(t *testing.T) {
 	e := newFleetEnv(t, 10)
-	e.setLimit(0) // the throwaway server trusts any password: refuse by the limit
+	e.setLimit(0) // a refusal that is no login failure: the coordinator backs off and retries the same DSN
 	c, h := e.start(1, 0)
 	e.eventually("refusals recorded", func() bool { return c.stats().Failures >= 2 })
 	st := c.stats()
