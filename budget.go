@@ -140,6 +140,7 @@ type tokens struct {
 	granted    bool // the coordinator has set held at least once: held is a share, not a fallback
 	fleetCap   int
 	capUntil   time.Time
+	fleetFloor int // what it may hold whatever its leases (fleetFloor)
 
 	reserved    int // Σ database.reserved
 	sharedInUse int // tokens held beyond reservations
@@ -476,6 +477,8 @@ func (b *budget) register(p *dsnParams) (*database, error) {
 			b.forgetLocked(d)
 			return nil, &DSNError{Workspace: p.workspace,
 				Reason: fmt.Sprintf("the fleet budget on %s is role %q's; this DSN connects as another role (one role per server with a fleet budget)", s.label, s.fleetRole)}
+		} else {
+			s.fleet.offer(p.cfg) // its password may work where the first DSN's does not
 		}
 	}
 	s.reserved += p.reserved
@@ -1848,7 +1851,8 @@ func (b *budget) logServerUp(srv string, downFor time.Duration) {
 // limitNowLocked returns what s may hold now: its configured budget, or
 // with a fleet budget the slots its coordinator leased for backends, within
 // that budget less the coordination session, and within the cap it yields
-// to while other processes need slots.
+// to while other processes need slots; never below its floor, which only
+// sessions of another role holding the fleet's slots raise.
 func (b *budget) limitNowLocked(s *server) int {
 	if s.fleet == nil {
 		return s.max
@@ -1857,7 +1861,7 @@ func (b *budget) limitNowLocked(s *server) int {
 	if b.clock.Now().Before(s.capUntil) {
 		l = min(l, s.fleetCap)
 	}
-	return max(l, 0)
+	return max(l, min(s.fleetFloor, s.max-1), 0)
 }
 
 // refreshLimitLocked applies a change of what s may hold: a higher limit
@@ -1964,6 +1968,17 @@ func (f fleetSide) fleetLost(n int) {
 		n = min(s.held, n)
 	}
 	s.held = n
+	b.refreshLimitLocked(s, reasonFleet)
+}
+
+// fleetFloor keeps s at n backends at least, leases or not: sessions of
+// another role hold the fleet's slots, and without a floor s could be left
+// with none. The role's CONNECTION LIMIT still caps the server.
+func (f fleetSide) fleetFloor(n int) {
+	b, s := f.b, f.s
+	b.mu.Lock()
+	defer b.unlock()
+	s.fleetFloor = n
 	b.refreshLimitLocked(s, reasonFleet)
 }
 

@@ -119,6 +119,10 @@
 // slots. A process that dies frees its slots when its session ends;
 // [Driver.Close] unlocks them at once. The coordination session counts in
 // the budget, and one slot is kept free for a joining process's session.
+// Only sessions of the fleet's role count as members and are heard; while a
+// session of another role holds slots, a process serves at a floor of one
+// connection per server and reports it (see the README on a dedicated
+// fleet database).
 //
 // Idle backends older than [Config.ConnMaxIdleTime] and backends older
 // than [Config.ConnMaxLifetime] are closed by the driver itself. A database

@@ -485,5 +485,8 @@ func TestStatsJSONFieldNames(t *testing.T) {
 		keys = append(keys, k)
 	}
 	slices.Sort(keys)
-	require.Equal(t, []string{"connected", "failures", "fairShare", "lastError", "leased", "members", "released", "roundTrips", "share"}, keys)
+	require.Equal(t, []string{"connected", "failures", "fairShare", "lastError", "leased", "members", "released", "roundTrips", "share", "squatters"}, keys)
+	js, err = json.Marshal(FleetSquatter{})
+	require.NoError(t, err)
+	require.JSONEq(t, `{"role": "", "pid": 0, "slots": 0}`, string(js))
 }

@@ -1,12 +1,15 @@
 package tenantpg
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"hash/fnv"
 	"log/slog"
 	"math/rand/v2"
+	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -57,10 +60,30 @@ import (
 // (fleetYield), down to the fair share, and gives back what its host no
 // longer needs in its next round.
 //
-// Members and fair share: the distinct sessions holding this fleet's locks
-// (pg_locks), plus sessions heard asking for slots recently (a joiner in
-// the door holds none), plus this one. fair = (F-1)/members - 1 backends,
-// at least 1: each member's session takes one slot of its share.
+// Members and fair share: the distinct sessions of the fleet's role holding
+// this fleet's locks (pg_locks joined with pg_stat_activity), plus sessions
+// of the role heard asking for slots recently (a joiner in the door holds
+// none), plus this one. fair = (F-1)/members - 1 backends, at least 1: each
+// member's session takes one slot of its share.
+//
+// Neighbours. Advisory locks and NOTIFY are open to every session that can
+// connect to the coordination database, whatever its role. A session of
+// another role may therefore hold the fleet's slots (a squatter) or send
+// "need" notifications. Neither counts: members are the role's sessions,
+// and a notification is heard only from a session of the role (the
+// sender's role is looked up once per member count). Slots a squatter holds
+// are lost to the fleet, and a process could be left with no share at all;
+// so while another role holds any, the host is given a floor of one
+// backend beyond its leases (fleetFloor). The role's CONNECTION LIMIT, which
+// a squatter of another role does not use, still caps the server, and a
+// refused dial is retried as without a fleet. Each squatter is reported
+// once in the log, and in FleetStats while it holds slots.
+//
+// Logins. The coordination session logs in with the first DSN registered
+// for the server; every later DSN of the role with another password is kept
+// as a candidate (offer), and a login the server refuses (SQLSTATE class
+// 28) moves to the next candidate at once, so that one DSN with a wrong
+// password does not keep the fleet away.
 //
 // Loss: if the session fails, every lease went with it. The host is told
 // (fleetLost) and falls back to the last fair share; the coordinator
@@ -94,6 +117,9 @@ type fleetHost interface {
 	// fleetLost says the coordination session (and every lease with it) is gone:
 	// the host falls back to n backends, a safe local share, until fleetSetHeld is called again.
 	fleetLost(n int)
+	// fleetFloor sets how many backends the host may hold whatever its
+	// leases: 1 while sessions of another role hold the fleet's slots, else 0.
+	fleetFloor(n int)
 }
 
 // fleetSettings configure one server's fleet coordination.
@@ -123,6 +149,17 @@ type FleetStats struct {
 	RoundTrips uint64 `json:"roundTrips"` // statements run on the coordination session
 	Failures   uint64 `json:"failures"`   // failed connections and sessions
 	LastError  string `json:"lastError"`  // what the last failure was, without DSN details
+	// Squatters are the sessions of other roles holding the fleet's slots,
+	// as last counted. While there are any, the process may hold one
+	// connection beyond its share; see the README on the fleet database.
+	Squatters []FleetSquatter `json:"squatters"`
+}
+
+// FleetSquatter is a session of another role holding slots of the fleet.
+type FleetSquatter struct {
+	Role  string `json:"role"`  // "" for a prepared transaction
+	PID   uint32 `json:"pid"`   // its backend; 0 for a prepared transaction (see pg_prepared_xacts)
+	Slots int    `json:"slots"` // slots it holds
 }
 
 const (
@@ -135,6 +172,11 @@ const (
 	fleetHeard    = 2 * time.Second // a need heard from another member counts this long
 	fleetQueryMax = 5 * time.Second // bound on one statement of the session
 	fleetDialMax  = 10 * time.Second
+
+	// fleetSquatterForget is how long a squatter must be gone before it is
+	// logged again if it comes back: long enough that one that lets go of
+	// its slots now and then is one line, short enough to bound the memory.
+	fleetSquatterForget = 10 * time.Minute
 )
 
 // fleetKey is the first advisory-lock key of the fleet's slots: FNV-1a of
@@ -170,17 +212,31 @@ LIMIT $5::int4`
 // releaseSQL unlocks the slots $2 and counts those that were held.
 const releaseSQL = `SELECT (count(*) FILTER (WHERE pg_advisory_unlock($1::int4, s)))::int4 FROM unnest($2::int4[]) AS s`
 
-// membersSQL lists the sessions holding slots of the fleet $1 (classid is
-// the key's unsigned value; objsubid 2 marks the two-int4 form) in this
-// database (advisory locks are per database).
-const membersSQL = `SELECT coalesce(array_agg(DISTINCT pid), '{}')::int4[] FROM pg_locks
-WHERE locktype = 'advisory' AND classid = $1::int8::oid AND objsubid = 2 AND granted
-AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`
+// membersSQL lists the holders of slots of the fleet $1 (classid is the
+// key's unsigned value; objsubid 2 marks the two-int4 form) in this
+// database (advisory locks are per database): pid, whether it is a session
+// of this session's role, its role, and how many slots it holds. A lock of
+// a prepared transaction has no pid and is never the role's (the fleet
+// takes none at transaction level). A pid missing from pg_stat_activity is
+// a session that ended between the two views' snapshots: it is left out,
+// rather than reported as a squatter of no role.
+const membersSQL = `SELECT coalesce(l.pid, 0)::int4,
+coalesce(a.usesysid = (SELECT oid FROM pg_roles WHERE rolname = session_user), false),
+coalesce(a.usename::text, ''), count(*)::int4
+FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.classid = $1::int8::oid AND l.objsubid = 2 AND l.granted
+AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+AND (l.pid IS NULL OR a.pid IS NOT NULL)
+GROUP BY 1, 2, 3`
+
+// roleSQL says whether the session $1 is one of this session's role: a
+// notification is heard only from those.
+const roleSQL = `SELECT coalesce(bool_or(usesysid = (SELECT oid FROM pg_roles WHERE rolname = session_user)), false)
+FROM pg_stat_activity WHERE pid = $1::int4`
 
 // fleetCoordinator coordinates one server's slots with the other members of
 // the fleet, for one host.
 type fleetCoordinator struct {
-	cfg     *pgx.ConnConfig // coordination database, no tracer
 	max     int
 	batch   int
 	refresh time.Duration
@@ -189,6 +245,9 @@ type fleetCoordinator struct {
 	host    fleetHost
 	clk     clock
 	log     *slog.Logger
+	name    string // the fleet's, for the session's application_name
+	dbName  string // the coordination database
+	label   string // host:port, for the log
 
 	runCtx    context.Context // cancelled when close gives up waiting
 	runCancel context.CancelFunc
@@ -201,6 +260,9 @@ type fleetCoordinator struct {
 	waitCancel context.CancelFunc // guarded by mu; the current wait's, while it waits
 	st         FleetStats         // guarded by mu
 	sessionPID uint32             // guarded by mu; the session's backend, 0 while down
+	// cfgs are the session's configs (coordination database, no tracer),
+	// one per password the role's DSNs registered, in order. Guarded by mu.
+	cfgs []*pgx.ConnConfig
 
 	// The rest belongs to the run goroutine.
 	conn         *pgx.Conn
@@ -219,6 +281,19 @@ type fleetCoordinator struct {
 	retryAt      time.Time            // no attempt before, while short
 	lastNeed     int
 	connFailures int
+	cfgIdx       int                         // the candidate config the session logs in with
+	refusedRun   int                         // logins refused in a row, candidates tried since the last success
+	squatted     bool                        // sessions of other roles hold slots, as last counted
+	floor        int                         // what fleetFloor last told the host
+	fleetPIDs    map[uint32]bool             // senders of notifications looked up since the last count: of the role or not
+	squatters    map[fleetSquatter]time.Time // logged squatters, when last seen
+}
+
+// fleetSquatter identifies a squatter for the log: a pid reused by another
+// role is another squatter.
+type fleetSquatter struct {
+	pid  uint32
+	role string
 }
 
 // startFleet starts coordinating for host, through a coordination session
@@ -240,15 +315,34 @@ func startFleet(connCfg *pgx.ConnConfig, s fleetSettings, host fleetHost, clk cl
 	if clk == nil {
 		clk = realClock{}
 	}
+	k1 := fleetKey(s.name, connCfg.User)
+	c := &fleetCoordinator{
+		max: s.max, batch: fleetBatch(s.max), refresh: s.refresh,
+		label: net.JoinHostPort(connCfg.Host, strconv.Itoa(int(connCfg.Port))), dbName: s.database, name: s.name,
+		k1: k1, channel: fleetChannel(k1), host: host, clk: clk, log: log,
+		stop: make(chan struct{}), done: make(chan struct{}),
+		granted: -1, fair: 1, retry: fleetRetryMin,
+		holders: map[uint32]bool{}, heard: map[uint32]time.Time{},
+		fleetPIDs: map[uint32]bool{}, squatters: map[fleetSquatter]time.Time{},
+	}
+	c.cfgs = []*pgx.ConnConfig{c.sessionConfig(connCfg)}
+	c.st.Members, c.st.FairShare = 1, 1
+	c.runCtx, c.runCancel = context.WithCancel(context.Background())
+	go c.run()
+	return c
+}
+
+// sessionConfig derives the coordination session's config from a DSN's.
+func (c *fleetCoordinator) sessionConfig(connCfg *pgx.ConnConfig) *pgx.ConnConfig {
 	cfg := connCfg.Copy()
-	cfg.Database = s.database
+	cfg.Database = c.dbName
 	cfg.Tracer = nil
 	if cfg.RuntimeParams == nil {
 		cfg.RuntimeParams = map[string]string{}
 	}
 	// Named for the operator reading pg_stat_activity: the application's
 	// own name first, when its DSN sets one, so its sessions group together.
-	app := "tenantpg fleet " + s.name
+	app := "tenantpg fleet " + c.name
 	if own := cfg.RuntimeParams["application_name"]; own != "" {
 		app = own + " (" + app + ")"
 	}
@@ -256,18 +350,26 @@ func startFleet(connCfg *pgx.ConnConfig, s fleetSettings, host fleetHost, clk cl
 	if cfg.ConnectTimeout <= 0 || cfg.ConnectTimeout > fleetDialMax {
 		cfg.ConnectTimeout = fleetDialMax
 	}
-	k1 := fleetKey(s.name, cfg.User)
-	c := &fleetCoordinator{
-		cfg: cfg, max: s.max, batch: fleetBatch(s.max), refresh: s.refresh,
-		k1: k1, channel: fleetChannel(k1), host: host, clk: clk, log: log,
-		stop: make(chan struct{}), done: make(chan struct{}),
-		granted: -1, fair: 1, retry: fleetRetryMin,
-		holders: map[uint32]bool{}, heard: map[uint32]time.Time{},
+	return cfg
+}
+
+// offer adds the config of another DSN of the fleet's role as a candidate
+// for the session's login, unless one with its password is there already:
+// the DSNs of one role and server differ mostly in their databases, and a
+// refused login is most often a wrong password, so one candidate per
+// password keeps the list short however many databases register (two DSNs
+// that differ only in TLS settings or a client certificate are one
+// candidate). The host calls it as it registers the DSN, before anything
+// else may touch connCfg.
+func (c *fleetCoordinator) offer(connCfg *pgx.ConnConfig) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, have := range c.cfgs {
+		if have.Password == connCfg.Password {
+			return
+		}
 	}
-	c.st.Members, c.st.FairShare = 1, 1
-	c.runCtx, c.runCancel = context.WithCancel(context.Background())
-	go c.run()
-	return c
+	c.cfgs = append(c.cfgs, c.sessionConfig(connCfg))
 }
 
 // poke says the host's need may have changed. It never blocks: it only
@@ -303,7 +405,9 @@ func (c *fleetCoordinator) close(ctx context.Context) error {
 func (c *fleetCoordinator) stats() FleetStats {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.st
+	st := c.st
+	st.Squatters = slices.Clone(st.Squatters)
+	return st
 }
 
 // backendPID is the coordination session's backend process id, 0 while
@@ -354,6 +458,9 @@ func (c *fleetCoordinator) run() {
 			if !c.everUp && c.connFailures == 1 {
 				c.lost() // the host learns it has no lease yet
 			}
+			if isLoginRefused(err) && c.nextConfig() {
+				continue // another DSN's login is untried: no reason to wait
+			}
 			if !c.sleep(probeBackoff(c.connFailures - 1)) {
 				break
 			}
@@ -374,14 +481,41 @@ func (c *fleetCoordinator) run() {
 	c.drain()
 }
 
+// isLoginRefused reports whether the server refused the login itself
+// (SQLSTATE class 28: a wrong password, no pg_hba.conf entry, a role that
+// may not log in), which another DSN's credentials may pass.
+func isLoginRefused(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && strings.HasPrefix(pe.Code, "28")
+}
+
+// nextConfig moves the login to the next candidate config after a refusal,
+// and reports whether that one is still untried since the last session.
+func (c *fleetCoordinator) nextConfig() bool {
+	c.mu.Lock()
+	n := len(c.cfgs)
+	c.mu.Unlock()
+	c.cfgIdx = (c.cfgIdx + 1) % n
+	c.refusedRun++
+	if c.refusedRun < n {
+		return true
+	}
+	c.refusedRun = 0 // every one refused: back off, then go round again
+	return false
+}
+
 // connect opens the coordination session and LISTENs.
 func (c *fleetCoordinator) connect() error {
 	ctx, cancel := context.WithTimeout(c.runCtx, fleetDialMax)
 	defer cancel()
-	conn, err := pgx.ConnectConfig(ctx, c.cfg)
+	c.mu.Lock()
+	cfg := c.cfgs[c.cfgIdx]
+	c.mu.Unlock()
+	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return err
 	}
+	c.refusedRun = 0
 	c.conn, c.pid = conn, conn.PgConn().PID()
 	if err := c.exec("LISTEN " + c.channel); err != nil {
 		c.drop()
@@ -505,10 +639,12 @@ func (c *fleetCoordinator) round() (time.Duration, error) {
 		c.lastNeed, c.retry, c.retryAt = need, fleetRetryMin, time.Time{}
 	}
 
+	counted := false
 	if !now.Before(c.refreshAt) {
 		if err := c.countMembers(now); err != nil {
 			return 0, err
 		}
+		counted = true
 	}
 
 	// Lease: the session's own slot, then the host's need, a batch at least.
@@ -527,6 +663,14 @@ func (c *fleetCoordinator) round() (time.Duration, error) {
 				return 0, err
 			}
 			short = got < want
+			if short && !counted && !c.squatted {
+				// Who holds the rest decides whether the host needs its
+				// floor: without a recount a squatter that took the slots
+				// since the last one would hold the host at 0 until the next.
+				if err := c.countMembers(now); err != nil {
+					return 0, err
+				}
+			}
 		}
 	}
 	share := max(0, len(c.slots)-1)
@@ -569,6 +713,13 @@ func (c *fleetCoordinator) round() (time.Duration, error) {
 				pending = true
 			}
 		}
+	}
+	// The floor is lowered only once the host has been told its share (it
+	// is raised as soon as a squatter is counted), so that a share and a
+	// floor changing in the same round never close a backend in between.
+	if !c.squatted && c.floor > 0 {
+		c.floor = 0
+		c.host.fleetFloor(0)
 	}
 	c.mu.Lock()
 	c.st.Share = max(0, len(c.slots)-1)
@@ -648,22 +799,69 @@ func (c *fleetCoordinator) release(n int) error {
 	return nil
 }
 
-// countMembers refreshes the member count and the fair share.
+// countMembers refreshes the member count and the fair share, and the
+// squatters.
 func (c *fleetCoordinator) countMembers(now time.Time) error {
 	ctx, cancel := context.WithTimeout(c.runCtx, fleetQueryMax)
 	defer cancel()
 	c.tick()
-	var pids []int32
-	if err := c.conn.QueryRow(ctx, membersSQL, int64(uint32(c.k1))).Scan(&pids); err != nil {
+	rows, err := c.conn.Query(ctx, membersSQL, int64(uint32(c.k1)))
+	if err != nil {
 		return err
 	}
 	clear(c.holders)
-	for _, p := range pids {
-		c.holders[uint32(p)] = true
+	var squatters []FleetSquatter
+	var pid, n int32
+	var own bool
+	var role string
+	_, err = pgx.ForEachRow(rows, []any{&pid, &own, &role, &n}, func() error {
+		if own {
+			c.holders[uint32(pid)] = true
+		} else {
+			squatters = append(squatters, FleetSquatter{Role: role, PID: uint32(pid), Slots: int(n)})
+		}
+		return nil
+	})
+	if err != nil {
+		return err
 	}
+	// A sender's role is looked up again after each count: a pid ends and
+	// may come back as a session of another role.
+	clear(c.fleetPIDs)
 	c.refreshAt = now.Add(c.refresh)
 	c.setFair(now)
+	c.setSquatters(now, squatters)
 	return nil
+}
+
+// setSquatters records the squatters counted, raises the host's floor if
+// there are any, and logs each new one once. The floor comes first: a
+// squatter in the stats means the floor holds.
+func (c *fleetCoordinator) setSquatters(now time.Time, squatters []FleetSquatter) {
+	slices.SortFunc(squatters, func(a, b FleetSquatter) int { return cmp.Compare(a.PID, b.PID) })
+	c.squatted = len(squatters) > 0
+	if c.squatted && c.floor == 0 {
+		c.floor = 1
+		c.host.fleetFloor(1)
+	}
+	c.mu.Lock()
+	c.st.Squatters = squatters
+	c.mu.Unlock()
+	for _, q := range squatters {
+		id := fleetSquatter{pid: q.PID, role: q.Role}
+		if _, seen := c.squatters[id]; !seen {
+			c.logf(slog.LevelWarn, "tenantpg: a session of another role holds slots of the fleet budget; "+
+				"this process serves at a floor of one connection until they are free (revoke CONNECT on the fleet database from other roles)",
+				slog.String("role", q.Role), slog.Int("pid", int(q.PID)), slog.Int("slots", q.Slots),
+				slog.String("server", c.label), slog.String("database", c.dbName))
+		}
+		c.squatters[id] = now
+	}
+	for id, at := range c.squatters {
+		if now.Sub(at) > fleetSquatterForget {
+			delete(c.squatters, id)
+		}
+	}
 }
 
 // setFair recomputes the fair share from the holders, the members heard
@@ -715,27 +913,63 @@ func (c *fleetCoordinator) wait(d time.Duration) error {
 		}
 		// This session's own notifications come back to it: they change
 		// nothing, and a round for each would repeat the need before the
-		// other members could act on it.
-		if n.PID != c.pid {
-			c.heardNeed(n)
+		// other members could act on it. Those of other roles' sessions
+		// are not the fleet's, and must not wake it either.
+		want, ok := parseNeed(n.Payload)
+		if !ok || n.PID == c.pid {
+			continue
+		}
+		ours, err := c.ofFleet(n.PID)
+		if err != nil {
+			return err
+		}
+		if ours {
+			c.heardNeed(n.PID, want)
 			return nil
 		}
 	}
 }
 
-// heardNeed handles another member's need: the host is asked to yield, and
-// the next rounds give back what it no longer needs.
-func (c *fleetCoordinator) heardNeed(n *pgconn.Notification) {
-	f := strings.Fields(n.Payload)
+// parseNeed reads a "need <pid> <n>" payload; the pid in it is the
+// sender's word, and the notification's own PID is used instead.
+func parseNeed(payload string) (int, bool) {
+	f := strings.Fields(payload)
 	if len(f) != 3 || f[0] != "need" {
-		return
+		return 0, false
 	}
 	want, err := strconv.Atoi(f[2])
 	if err != nil || want <= 0 {
-		return
+		return 0, false
 	}
+	return want, true
+}
+
+// ofFleet reports whether pid is a session of the fleet's role: one
+// holding slots as last counted, or one looked up since. The lookup costs a
+// round trip per sender and count, however many notifications it sends.
+func (c *fleetCoordinator) ofFleet(pid uint32) (bool, error) {
+	if c.holders[pid] {
+		return true, nil
+	}
+	if ours, ok := c.fleetPIDs[pid]; ok {
+		return ours, nil
+	}
+	ctx, cancel := context.WithTimeout(c.runCtx, fleetQueryMax)
+	defer cancel()
+	c.tick()
+	var ours bool
+	if err := c.conn.QueryRow(ctx, roleSQL, int32(pid)).Scan(&ours); err != nil {
+		return false, err
+	}
+	c.fleetPIDs[pid] = ours
+	return ours, nil
+}
+
+// heardNeed handles another member's need: the host is asked to yield, and
+// the next rounds give back what it no longer needs.
+func (c *fleetCoordinator) heardNeed(pid uint32, want int) {
 	now := c.clk.Now()
-	c.heard[n.PID] = now
+	c.heard[pid] = now
 	c.othersWant = now.Add(fleetHeard)
 	c.setFair(now)
 	c.host.fleetYield(want, c.fair)

@@ -3,7 +3,12 @@ package tenantpg
 import (
 	"context"
 	"database/sql"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -182,4 +187,218 @@ func TestFleetLeasesUnusedReservations(t *testing.T) {
 	s := e.drv.Stats()
 	require.GreaterOrEqual(t, s.Servers[0].Fleet.Share, 3+1, "the unused reservation and the caller's backend")
 	queryOne(t, reserved)
+}
+
+// TestFleetSquatterUnderLoad runs three drivers on one fleet budget while a
+// session of another role takes every slot they let go of and another
+// session of that role spoofs "need" on the fleet's channel, as a hostile
+// neighbour with CONNECT on the fleet database would. The load moves from
+// driver to driver: no caller sees an error, no driver's limit is 0 while
+// it reports the squatter, each reports it (stats, metric, one Warn line),
+// and the members are the three drivers. Once the squatter leaves, the
+// drivers lease beyond the floor again.
+func TestFleetSquatterUnderLoad(t *testing.T) {
+	const fleet, workspaces, replicas = 8, 3, 3
+	logs := make([]*syncBuffer, replicas)
+	newCfg := func(i int) Config {
+		logs[i] = &syncBuffer{}
+		return Config{MaxConnections: fleet, MaxConnectionsPerDB: 3, FleetMaxConnections: fleet, FleetName: t.Name(),
+			AcquireTimeout: 10 * time.Second, Logger: slog.New(slog.NewTextHandler(logs[i], nil))}
+	}
+	cfg := newCfg(0)
+	reader := sdkmetric.NewManualReader()
+	cfg.MeterProvider = sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+	e := newEnv(t, workspaces, cfg)
+	e.setRoleLimit(fleet)
+	drivers := []*Driver{e.drv}
+	for i := 1; i < replicas; i++ {
+		drv, err := NewDriver(newCfg(i))
+		require.NoError(t, err)
+		t.Cleanup(func() { drv.Close() })
+		drivers = append(drivers, drv)
+	}
+	dbs := make([][]*sql.DB, replicas)
+	for r, drv := range drivers {
+		for i := range workspaces {
+			db, err := drv.OpenDB(e.dsn(i))
+			require.NoError(t, err)
+			t.Cleanup(func() { db.Close() })
+			dbs[r] = append(dbs[r], db)
+		}
+	}
+	fleetOf := func(drv *Driver) (ServerStats, FleetStats) {
+		s := drv.Stats()
+		require.Len(t, s.Servers, 1)
+		require.NotNil(t, s.Servers[0].Fleet)
+		return s.Servers[0], *s.Servers[0].Fleet
+	}
+	for _, drv := range drivers {
+		require.Eventually(t, func() bool { _, f := fleetOf(drv); return f.Connected && f.Members == replicas },
+			e2eWait, pollEvery, "the drivers' sessions hold their own slots")
+	}
+
+	// The neighbour: one session takes every free slot, at its own pace
+	// (the adversary polls; nothing here waits on it), another spoofs
+	// needs, which would make the drivers yield their slots to it.
+	role := squatRole(t, e.srv)
+	squat := squatConn(t, e.srv, role)
+	spoof := squatConn(t, e.srv, role)
+	k1 := fleetKey(t.Name(), e.role)
+	neighbour, stopNeighbour := context.WithCancel(context.Background())
+	var neighbours sync.WaitGroup
+	var grabbed atomic.Int64
+	neighbours.Add(2)
+	go func() {
+		defer neighbours.Done()
+		for neighbour.Err() == nil {
+			var n int64
+			err := squat.QueryRow(neighbour, `SELECT count(*) FILTER (WHERE pg_try_advisory_lock($1::int4, s)) FROM generate_series(1, $2::int4) AS s
+				WHERE s NOT IN (SELECT objid::int4 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()
+				AND classid = $3::int8::oid AND objsubid = 2)`, k1, fleet-1, int64(uint32(k1))).Scan(&n)
+			if err == nil {
+				grabbed.Add(n)
+			}
+			select {
+			case <-neighbour.Done():
+			case <-time.After(2 * time.Millisecond):
+			}
+		}
+	}()
+	go func() {
+		defer neighbours.Done()
+		for neighbour.Err() == nil {
+			_, _ = spoof.Exec(neighbour, "SELECT pg_notify($1, $2)", fleetChannel(k1), "need 1 100")
+			select {
+			case <-neighbour.Done():
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}()
+	t.Cleanup(func() { stopNeighbour(); neighbours.Wait() })
+
+	// The floor, measured: whenever a driver's stats name a squatter, its
+	// limit is at least 1 (the floor is set before the squatter is
+	// published). Sampled, since no event marks the moments in between.
+	var floorBroken, squattedSamples atomic.Int64
+	sampling, stopSampling := context.WithCancel(context.Background())
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		for sampling.Err() == nil {
+			for _, drv := range drivers {
+				for _, srv := range drv.Stats().Servers {
+					if srv.Fleet != nil && len(srv.Fleet.Squatters) > 0 {
+						squattedSamples.Add(1)
+						if srv.Limit < 1 {
+							floorBroken.Add(1)
+						}
+					}
+				}
+			}
+			select {
+			case <-sampling.Done():
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}()
+	t.Cleanup(func() { stopSampling(); <-sampled })
+
+	// load runs workers on driver r's databases in turn, and fails the
+	// test if any call failed.
+	load := func(r, workers, rounds int) {
+		var errs errCollector
+		var wg sync.WaitGroup
+		for w := range workers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range rounds {
+					_, err := dbs[r][(w+i)%workspaces].ExecContext(context.Background(), "SELECT pg_sleep(0.002)")
+					errs.add(err)
+				}
+			}()
+		}
+		wg.Wait()
+		if failed := errs.list(); len(failed) > 0 {
+			t.Fatalf("driver %d: %d of %d calls failed, the first: %v", r, len(failed), workers*rounds, failed[0])
+		}
+	}
+	// The load moves from driver to driver: each one's need makes the
+	// others yield, and the squatter takes what they release. At the floor
+	// every switch of database is a dial (a login): short phases.
+	start := time.Now()
+	for _, r := range []int{0, 1, 2, 0} {
+		load(r, 8, 8)
+		st := drivers[r].Stats()
+		t.Logf("load on driver %d done at %v: dials %d, evictions %v, refused dials %d",
+			r, time.Since(start).Round(time.Millisecond), st.Dials, st.Evictions, st.DialErrors["rejected"])
+	}
+	require.Positive(t, grabbed.Load(), "the neighbour took slots")
+
+	for r, drv := range drivers {
+		require.Eventually(t, func() bool {
+			_, f := fleetOf(drv)
+			return slices.ContainsFunc(f.Squatters, func(q FleetSquatter) bool { return q.PID == squat.PgConn().PID() && q.Role == role })
+		}, e2eWait, pollEvery, "driver %d reports the squatter", r)
+		_, f := fleetOf(drv)
+		require.Equal(t, replicas, f.Members, "driver %d: neither the squatter nor the spoofer is a member", r)
+		require.Equal(t, 1, strings.Count(logs[r].String(), "another role holds slots"), "driver %d: one Warn line:\n%s", r, logs[r])
+		require.Contains(t, logs[r].String(), fmt.Sprintf("pid=%d", squat.PgConn().PID()))
+		require.NotContains(t, logs[r].String(), testPassword)
+	}
+	stopSampling()
+	<-sampled
+	require.Positive(t, squattedSamples.Load())
+	require.Zero(t, floorBroken.Load(), "a driver was held at 0 while squatted")
+	got := collect(t, reader)
+	squatted, ok := got.value("tenantpg.fleet.squatted", semconv.ServerAddress(e.srv.Host))
+	require.True(t, ok)
+	require.Positive(t, squatted)
+
+	// The neighbour leaves: the slots are the fleet's again.
+	stopNeighbour()
+	neighbours.Wait()
+	require.NoError(t, squat.Close(context.Background()))
+	for _, drv := range drivers {
+		require.Eventually(t, func() bool { _, f := fleetOf(drv); return len(f.Squatters) == 0 }, e2eWait, pollEvery)
+	}
+	load(0, 8, 8)
+	_, f := fleetOf(e.drv)
+	require.GreaterOrEqual(t, f.Share, 2, "leases beyond the floor again")
+}
+
+// TestFleetLoginFallsBackToAnotherDSN: the first DSN registered for the
+// fleet's server has a wrong password; the coordination session logs in
+// with the next DSN of the role, and the fleet works. Neither password
+// reaches the stats or the log.
+func TestFleetLoginFallsBackToAnotherDSN(t *testing.T) {
+	const fleet = 6
+	logs := &syncBuffer{}
+	cfg := Config{MaxConnections: fleet, FleetMaxConnections: fleet, FleetName: t.Name(), AcquireTimeout: 10 * time.Second,
+		Logger: slog.New(slog.NewTextHandler(logs, nil))}
+	e := newEnv(t, 2, cfg)
+	e.setRoleLimit(fleet)
+	const wrong = "not-the-Pa55w0rd-plugh"
+	bad, err := e.drv.OpenDB(e.srv.URL(e.role, wrong, e.dbs[0]) + "&workspace=ws0")
+	require.NoError(t, err)
+	t.Cleanup(func() { bad.Close() })
+	good := e.open(1)
+
+	fleetStats := func() FleetStats {
+		s := e.drv.Stats()
+		require.Len(t, s.Servers, 1)
+		require.NotNil(t, s.Servers[0].Fleet)
+		return *s.Servers[0].Fleet
+	}
+	require.Eventually(t, func() bool { return fleetStats().Connected }, e2eWait, pollEvery, "the session logged in with the good DSN")
+	queryOne(t, good)
+	require.Eventually(t, func() bool { return fleetStats().Share >= 1 }, e2eWait, pollEvery, "the caller's backend is leased")
+	f := fleetStats()
+	require.Positive(t, f.Failures)
+	require.Contains(t, f.LastError, "28P01", "the wrong password's refusal is recorded")
+	for _, text := range []string{fmt.Sprintf("%+v", f), logs.String()} {
+		require.NotContains(t, text, wrong)
+		require.NotContains(t, text, testPassword)
+		require.NotContains(t, text, "postgres://")
+	}
 }

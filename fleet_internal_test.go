@@ -78,10 +78,16 @@ func TestFleetLeaseQueryStopsAtLimit(t *testing.T) {
 	require.Equal(t, int32(5), unlocked)
 	require.Equal(t, map[uint32]int{other.PgConn().PID(): 3}, e.locks())
 
-	// The member count sees the other session, by the unsigned classid.
-	var pids []int32
-	require.NoError(t, conn.QueryRow(ctx, membersSQL, int64(uint32(k1))).Scan(&pids))
-	require.Equal(t, []int32{int32(other.PgConn().PID())}, pids)
+	// The member count sees the other session, by the unsigned classid, as
+	// one of the role's.
+	var pid, n int32
+	var own bool
+	var role string
+	require.NoError(t, conn.QueryRow(ctx, membersSQL, int64(uint32(k1))).Scan(&pid, &own, &role, &n))
+	require.Equal(t, int32(other.PgConn().PID()), pid)
+	require.True(t, own)
+	require.Equal(t, e.role, role)
+	require.Equal(t, int32(3), n)
 }
 
 // TestFleetWaitCancelKeepsSession is the experiment behind the one-session

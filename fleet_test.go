@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -177,18 +178,20 @@ type fakeFleetHost struct {
 	refused int // fleetSetHeld calls refused
 	overSet int // fleetSetHeld calls with more than the slots locked
 	yields  int
-	asked   int // what fleetNeed last answered
+	asked   int   // what fleetNeed last answered
+	floor   int   // what fleetFloor last set
+	floors  []int // every fleetFloor call
 }
 
 func (h *fakeFleetHost) String() string {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return fmt.Sprintf("{demand %d yield %d open %d held %d lost %v %v refused %d yields %d}",
-		h.demand, h.yield, h.open, h.held, h.lost, h.lostN, h.refused, h.yields)
+	return fmt.Sprintf("{demand %d yield %d open %d held %d floor %d lost %v %v refused %d yields %d}",
+		h.demand, h.yield, h.open, h.held, h.floor, h.lost, h.lostN, h.refused, h.yields)
 }
 
 func (h *fakeFleetHost) settleLocked() {
-	h.open = max(h.pinned, min(h.demand-h.yield, h.held))
+	h.open = max(h.pinned, min(h.demand-h.yield, max(h.held, h.floor)))
 }
 
 func (h *fakeFleetHost) fleetNeed() int {
@@ -239,6 +242,21 @@ func (h *fakeFleetHost) fleetLost(n int) {
 	h.lostN = append(h.lostN, n)
 	h.held = n
 	h.settleLocked()
+}
+
+func (h *fakeFleetHost) fleetFloor(n int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.floor = n
+	h.floors = append(h.floors, n)
+	h.settleLocked()
+}
+
+// floorCalls returns every floor the coordinator set, in order.
+func (h *fakeFleetHost) floorCalls() []int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]int(nil), h.floors...)
 }
 
 // setDemand changes the demand (and ends any yield) and pokes, under the
@@ -390,7 +408,7 @@ func TestFleetBatchOneRoundTrip(t *testing.T) {
 // password or DSN; a refused session is retried until it gets in.
 func TestFleetNoPasswordInErrors(t *testing.T) {
 	e := newFleetEnv(t, 10)
-	e.setLimit(0) // the throwaway server trusts any password: refuse by the limit
+	e.setLimit(0) // a refusal that is no login failure: the coordinator backs off and retries the same DSN
 	c, h := e.start(1, 0)
 	e.eventually("refusals recorded", func() bool { return c.stats().Failures >= 2 })
 	st := c.stats()
@@ -468,4 +486,88 @@ func TestFleetBothShortStayQuiet(t *testing.T) {
 	e.checkFleet(true, a, b)
 	require.Equal(t, 4, ha.heldNow())
 	require.Equal(t, 3, hb.heldNow())
+}
+
+// squatRole creates a role of the neighbour's, with no CONNECTION LIMIT:
+// it can connect to the coordination database as any role can by default.
+func squatRole(t *testing.T, srv *pgtest.Server) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	role, err := srv.CreateRole(ctx, fmt.Sprintf("squat%d", fleetSeq.Add(1)), testPassword, -1)
+	require.NoError(t, err)
+	return role
+}
+
+// squatConn opens a session as role to the coordination database.
+func squatConn(t *testing.T, srv *pgtest.Server, role string) *pgx.Conn {
+	t.Helper()
+	conn, err := pgx.Connect(context.Background(), srv.URL(role, testPassword, fleetDefaultDatabase))
+	require.NoError(t, err)
+	t.Cleanup(func() { conn.Close(context.Background()) })
+	return conn
+}
+
+// TestFleetSquatterIgnoredAndReported: a session of another role holds
+// every slot before the member starts. The member does not count it,
+// serves at a floor of one backend, reports it once (stats and one Warn
+// line, whatever the number of counts), and ignores a "need" that another
+// role's session sends, while it still hears one from a session of its
+// own role. When the squatter lets go, the member leases and the floor
+// goes.
+func TestFleetSquatterIgnoredAndReported(t *testing.T) {
+	e := newFleetEnv(t, 6)
+	ctx := context.Background()
+	role := squatRole(t, e.srv)
+	squat := squatConn(t, e.srv, role)
+	_, err := squat.Exec(ctx, "SELECT pg_advisory_lock($1::int4, s) FROM generate_series(1, $2::int4) AS s", e.k1, e.max-1)
+	require.NoError(t, err)
+	squatPID := squat.PgConn().PID()
+
+	// A short refresh: many counts, for the once-per-squatter check.
+	a, ha := e.start(2, 50*time.Millisecond)
+	e.eventually("served at the floor", func() bool {
+		ha.mu.Lock()
+		defer ha.mu.Unlock()
+		return ha.floor == 1 && ha.open == 1
+	}, a)
+	want := []FleetSquatter{{Role: role, PID: squatPID, Slots: e.max - 1}}
+	e.eventually("reported", func() bool { return slices.Equal(a.stats().Squatters, want) }, a)
+	require.Equal(t, 1, a.stats().Members, "the squatter is no member")
+	require.Zero(t, ha.heldNow(), "no slot leased: the floor is not a lease")
+	require.Equal(t, []int{1}, ha.floorCalls())
+	trips := a.stats().RoundTrips
+	e.eventually("counted again and again", func() bool { return a.stats().RoundTrips >= trips+10 }, a)
+	logs := e.logs.String()
+	require.Equal(t, 1, strings.Count(logs, "another role holds slots"), "one Warn line per squatter:\n%s", logs)
+	require.Contains(t, logs, "level=WARN")
+	require.Contains(t, logs, "role="+role)
+	require.Contains(t, logs, fmt.Sprintf("pid=%d", squatPID))
+
+	// Another role's need, then one from a session of the fleet's role: the
+	// host yields once, to the second; the sender of the first is no member.
+	spoof := squatConn(t, e.srv, role)
+	_, err = spoof.Exec(ctx, "SELECT pg_notify($1, $2)", fleetChannel(e.k1), "need 1 4")
+	require.NoError(t, err)
+	member := e.conn()
+	_, err = member.Exec(ctx, "SELECT pg_notify($1, $2)", fleetChannel(e.k1), fmt.Sprintf("need %d 1", member.PgConn().PID()))
+	require.NoError(t, err)
+	e.eventually("the member's need heard", func() bool {
+		ha.mu.Lock()
+		defer ha.mu.Unlock()
+		return ha.yields > 0
+	}, a)
+	ha.mu.Lock()
+	yields := ha.yields
+	ha.mu.Unlock()
+	require.Equal(t, 1, yields, "the other role's need was heard too")
+	require.Equal(t, 2, a.stats().Members, "this one and the member heard, neither squatter nor spoofer")
+
+	// The squatter lets go: the slots are leased and the floor goes.
+	_, err = squat.Exec(ctx, "SELECT pg_advisory_unlock_all()")
+	require.NoError(t, err)
+	ha.setDemand(2) // the yield to the member is over
+	e.eventually("leased", func() bool { return ha.served(2) && len(a.stats().Squatters) == 0 }, a)
+	e.eventually("floor lifted", func() bool { return slices.Equal(ha.floorCalls(), []int{1, 0}) }, a)
+	e.checkFleet(true, a)
 }

@@ -61,7 +61,7 @@ type metrics struct {
 	// The server's budget.
 	serverLimit, serverConnections, serverDialSlots metric.Int64ObservableUpDownCounter
 	// The fleet budget's coordination, per server.
-	fleetShare, fleetMembers                                   metric.Int64ObservableUpDownCounter
+	fleetShare, fleetMembers, fleetSquatted                    metric.Int64ObservableUpDownCounter
 	fleetConnected                                             metric.Int64ObservableGauge
 	fleetLeased, fleetReleased, fleetRoundTrips, fleetFailures metric.Int64ObservableCounter
 
@@ -151,6 +151,9 @@ func newMetrics(mp metric.MeterProvider, name string, b *budget) (*metrics, erro
 	m.fleetMembers, e = meter.Int64ObservableUpDownCounter("tenantpg.fleet.members", metric.WithUnit("{process}"),
 		metric.WithDescription("Processes sharing the fleet budget, as last counted."))
 	keep(e)
+	m.fleetSquatted, e = meter.Int64ObservableUpDownCounter("tenantpg.fleet.squatted", metric.WithUnit("{connection}"),
+		metric.WithDescription("Slots of the fleet budget held by sessions of other roles, as last counted; while above 0 the process may hold one connection beyond its share."))
+	keep(e)
 	m.fleetConnected, e = meter.Int64ObservableGauge("tenantpg.fleet.connected", metric.WithUnit("1"),
 		metric.WithDescription("1 while the coordination session is up; 0 while the process falls back to a safe local share."))
 	keep(e)
@@ -191,7 +194,7 @@ func newMetrics(mp metric.MeterProvider, name string, b *budget) (*metrics, erro
 	}, m.count.Inst(), m.max.Inst(), m.idleMax.Inst(), m.pending.Inst(), m.budgetLimit, m.budgetConnections,
 		m.budgetWaiters, m.budgetEvictions, m.budgetDialErrors, m.budgetExhausted, m.budgetLeaks, m.serverDown, m.serverDownTime, m.serverWaiters,
 		m.serverLimit, m.serverConnections, m.serverDialSlots,
-		m.fleetShare, m.fleetMembers, m.fleetConnected, m.fleetLeased, m.fleetReleased, m.fleetRoundTrips, m.fleetFailures)
+		m.fleetShare, m.fleetMembers, m.fleetSquatted, m.fleetConnected, m.fleetLeased, m.fleetReleased, m.fleetRoundTrips, m.fleetFailures)
 	if err != nil {
 		return nil, err
 	}
@@ -314,6 +317,11 @@ func (m *metrics) observe(o metric.Observer, b *budget) {
 			}
 			o.ObserveInt64(m.fleetShare, int64(f.Share), opts.base)
 			o.ObserveInt64(m.fleetMembers, int64(f.Members), opts.base)
+			squatted := 0
+			for _, q := range f.Squatters {
+				squatted += q.Slots
+			}
+			o.ObserveInt64(m.fleetSquatted, int64(squatted), opts.base)
 			o.ObserveInt64(m.fleetConnected, connected, opts.base)
 			o.ObserveInt64(m.fleetLeased, int64(f.Leased), opts.base)
 			o.ObserveInt64(m.fleetReleased, int64(f.Released), opts.base)

@@ -10,8 +10,9 @@ import (
 // Stats is a snapshot of a driver's budget. Unlike (*sql.DB).Stats, it counts
 // what the server sees: a connection the driver evicted is gone from Open at
 // once, while database/sql counts it until it next touches it. It holds no
-// DSN, user or password (servers are named by host and port), and marshals
-// to JSON with camelCase names.
+// DSN, user or password (servers are named by host and port; only a fleet's
+// squatters, sessions of another role, are named by role and pid), and
+// marshals to JSON with camelCase names.
 type Stats struct {
 	// Limit is the sum of the budgets of the servers in use (each gets
 	// MaxConnections unless ServerMaxConnections names it), MaxConnections
