@@ -26,6 +26,9 @@ type Driver struct {
 	// resolve is Config.ResolveWorkspace, read on a router's first
 	// checkout of each workspace.
 	resolve atomic.Pointer[func(context.Context, string) (string, error)]
+
+	// scram holds the SCRAM keys of its pools' roles (scram.go).
+	scram *scramCache
 }
 
 var (
@@ -37,7 +40,7 @@ var defaultDriver = newDefaultDriver()
 
 func newDefaultDriver() *Driver {
 	cfg, _ := Config{}.normalize()
-	d := &Driver{b: newBudget(cfg, realClock{}, pgxIO{}), envPending: true}
+	d := &Driver{b: newBudget(cfg, realClock{}, pgxIO{}), envPending: true, scram: newScramCache()}
 	// The global MeterProvider delegates to whatever provider the
 	// application installs later, so instruments made now report then.
 	_ = d.setupMetrics(nil, cfg.Name)
@@ -58,8 +61,9 @@ func NewDriver(cfg Config) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &Driver{b: newBudget(cfg, realClock{}, pgxIO{})}
+	d := &Driver{b: newBudget(cfg, realClock{}, pgxIO{}), scram: newScramCache()}
 	d.setResolver(cfg.ResolveWorkspace)
+	d.scram.setOff(cfg.DisableScramKeyCache)
 	if err := d.setupMetrics(cfg.MeterProvider, cfg.Name); err != nil {
 		return nil, err
 	}
@@ -87,6 +91,7 @@ func (d *Driver) Configure(cfg Config) error {
 	}
 	d.envPending = false
 	d.setResolver(cfg.ResolveWorkspace)
+	d.scram.setOff(cfg.DisableScramKeyCache)
 	d.b.tracing.Store(newTracing(cfg.TracerProvider, cfg.TraceQueryText))
 	return d.setupMetrics(cfg.MeterProvider, cfg.Name)
 }
@@ -155,6 +160,7 @@ func (d *Driver) newConnector(p *dsnParams) (*connector, error) {
 	}
 	cfg := p.cfg
 	cfg.DialFunc = trackedDial(cfg.DialFunc)
+	cfg.AfterNetConnect = d.scram.hook(cfg.AfterNetConnect)
 	return &connector{drv: d, db: db, workspace: p.workspace, inner: stdlib.GetConnector(*cfg), password: cfg.Password}, nil
 }
 
