@@ -80,6 +80,7 @@ var allContenders = []contender{
 	{"naive", openNaive},
 	{"single-db", openSingle},
 	{"dial-each", openDialEach},
+	{"tenantpg-nokeycache", openTenantpgNoKeyCache},
 }
 
 func contenderNames() []string {
@@ -91,9 +92,11 @@ func contenderNames() []string {
 }
 
 // defaultContenders are the ones a run without -contenders compares:
-// dial-each is a reference point for experiments, not a contender.
+// dial-each is a reference point for experiments, not a contender, and
+// tenantpg-nokeycache is tenantpg without its SCRAM key cache, to measure
+// the cache side by side.
 func defaultContenders() []string {
-	return slices.DeleteFunc(contenderNames(), func(n string) bool { return n == "dial-each" })
+	return slices.DeleteFunc(contenderNames(), func(n string) bool { return n == "dial-each" || n == "tenantpg-nokeycache" })
 }
 
 // poolsTarget serves every operation from the *sql.DB of its workspace.
@@ -133,8 +136,19 @@ func (t *tenantpgTarget) close() error {
 	return errors.Join(err, t.drv.Close())
 }
 
-func openTenantpg(_ context.Context, e *env, workspaces int) (target, error) {
-	drv, err := tenantpg.NewDriver(tenantpg.Config{MaxConnections: e.budget, MaxConnectionsPerDB: e.tenantpgPerDB, AcquireTimeout: e.acquireTimeout})
+func openTenantpg(ctx context.Context, e *env, workspaces int) (target, error) {
+	return openTenantpgWith(ctx, e, workspaces, tenantpg.Config{})
+}
+
+// openTenantpgNoKeyCache is tenantpg deriving SCRAM keys (PBKDF2) at every
+// dial, as pgx does.
+func openTenantpgNoKeyCache(ctx context.Context, e *env, workspaces int) (target, error) {
+	return openTenantpgWith(ctx, e, workspaces, tenantpg.Config{DisableScramKeyCache: true})
+}
+
+func openTenantpgWith(_ context.Context, e *env, workspaces int, cfg tenantpg.Config) (target, error) {
+	cfg.MaxConnections, cfg.MaxConnectionsPerDB, cfg.AcquireTimeout = e.budget, e.tenantpgPerDB, e.acquireTimeout
+	drv, err := tenantpg.NewDriver(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("tenantpg: new driver: %w", err)
 	}

@@ -422,12 +422,14 @@ func runContender(ctx context.Context, e *env, c contender, tr *trace, o options
 	if s, ok := tgt.(statser); ok {
 		tokens = sampleTokens(s, 50*time.Millisecond)
 	}
+	cpu0 := processCPU()
 	var m *measurement
 	if rate > 0 {
 		m = driveOpen(ctx, tgt, tr, rate, o.warmup, o.duration, o.opTimeout, &lv, o.seed)
 	} else {
 		m = drive(ctx, tgt, tr, o.warmup, o.duration, o.opTimeout, &lv)
 	}
+	cpu := processCPU() - cpu0
 	close(progressDone)
 	<-progressStopped
 
@@ -439,12 +441,18 @@ func runContender(ctx context.Context, e *env, c contender, tr *trace, o options
 		if m.totalOps > 0 {
 			res.hitRate = 1 - float64(st.Dials)/float64(m.totalOps)
 		}
-		res.note = fmt.Sprintf("driver peak %d, dials refused %d, evictions %v; budget on average: %s",
-			st.PeakOpen, st.DialErrors["rejected"], nonZero(st.Evictions), avg)
+		res.note = fmt.Sprintf("driver peak %d, dials refused %d, evictions %v, %.0f dials/s; budget on average: %s",
+			st.PeakOpen, st.DialErrors["rejected"], nonZero(st.Evictions), float64(st.Dials)/(o.warmup+m.window).Seconds(), avg)
 	}
 	var notes []string
 	if res.note != "" {
 		notes = append(notes, res.note)
+	}
+	if m.totalOps > 0 {
+		// The harness's own CPU, its workers' included, over warm-up and
+		// window: compare contenders side by side, not as absolutes.
+		notes = append(notes, fmt.Sprintf("harness CPU %.1f µs/op (%.2f cores)",
+			float64(cpu.Microseconds())/float64(m.totalOps), cpu.Seconds()/(o.warmup+m.window).Seconds()))
 	}
 	if m.stuck > 0 {
 		notes = append(notes, fmt.Sprintf("%d workers stuck in an operation past its deadline, abandoned", m.stuck))
@@ -611,4 +619,13 @@ func (l *floatList) Set(v string) error {
 		*l = append(*l, x)
 	}
 	return nil
+}
+
+// processCPU is the user and system CPU time this process has used.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
