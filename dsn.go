@@ -98,6 +98,16 @@ func parseDSN(dsn string) (*dsnParams, error) {
 	if !p.routed && placeholderIn(dsn) {
 		return nil, fail("the " + WorkspacePlaceholder + " placeholder is replaced only in the database name")
 	}
+	// The server truncates a longer name to its first 63 bytes without a
+	// word, onto another workspace's database when the two share them: refused
+	// here, so that every path (OpenDB, the resolver's DSN, the registry)
+	// refuses it, not only the router's substitution.
+	if n := len(cfg.Database) - strings.Count(cfg.Database, WorkspacePlaceholder)*(len(WorkspacePlaceholder)-1); n > maxIdentifierLen {
+		if p.routed {
+			return nil, fail(fmt.Sprintf("the database name is over %d bytes (PostgreSQL's limit) for any workspace", maxIdentifierLen))
+		}
+		return nil, fail(nameTooLong(len(cfg.Database)))
+	}
 	if p.routed {
 		if _, ok := cfg.RuntimeParams[paramWorkspace]; ok || p.workspace != cfg.Database {
 			return nil, fail("the workspace parameter cannot be used with " + WorkspacePlaceholder + ": the workspace comes from the caller's context")
@@ -114,6 +124,12 @@ func parseDSN(dsn string) (*dsnParams, error) {
 // or not.
 func placeholderIn(dsn string) bool {
 	return strings.Contains(dsn, WorkspacePlaceholder) || strings.Contains(strings.ToLower(dsn), "%7bworkspace%7d")
+}
+
+// nameTooLong is the reason a database name of n bytes is refused.
+func nameTooLong(n int) string {
+	return fmt.Sprintf("the database name is %d bytes; PostgreSQL truncates names beyond %d, onto any database that shares the first %d",
+		n, maxIdentifierLen, maxIdentifierLen)
 }
 
 func validWorkspace(ws string) string {

@@ -3,6 +3,7 @@ package tenantpg
 import (
 	"context"
 	"database/sql/driver"
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -166,6 +167,10 @@ func (r *router) params(ctx context.Context, ws string) (*dsnParams, error) {
 		if dsn != "" {
 			p, err := parseDSN(dsn)
 			if err != nil {
+				var de *DSNError
+				if errors.As(err, &de) {
+					de.Workspace = ws // the caller knows the id, not the label the DSN may give
+				}
 				return nil, err
 			}
 			if p.routed {
@@ -175,14 +180,23 @@ func (r *router) params(ctx context.Context, ws string) (*dsnParams, error) {
 			return p, nil
 		}
 	}
-	name := strings.ReplaceAll(r.tmpl.cfg.Database, WorkspacePlaceholder, ws)
+	return substitute(r.tmpl, ws)
+}
+
+// substitute returns the parameters of workspace ws under tmpl, a parsed
+// {workspace} DSN: a copy whose database name has the placeholder replaced.
+// The replacement happens after parsing, so that whatever ws holds ends up
+// in the database name and nowhere else: no id can name another host, user,
+// password or setting, as one spliced into the DSN's text could. ws must
+// have passed validWorkspace.
+func substitute(tmpl *dsnParams, ws string) (*dsnParams, error) {
+	name := strings.ReplaceAll(tmpl.cfg.Database, WorkspacePlaceholder, ws)
 	if len(name) > maxIdentifierLen {
-		return nil, &DSNError{Workspace: ws, Reason: fmt.Sprintf(
-			"database name for this workspace is %d bytes; PostgreSQL truncates names beyond %d", len(name), maxIdentifierLen)}
+		return nil, &DSNError{Workspace: ws, Reason: nameTooLong(len(name))}
 	}
-	cfg := r.tmpl.cfg.Copy()
+	cfg := tmpl.cfg.Copy()
 	cfg.Database = name
-	p := *r.tmpl
+	p := *tmpl
 	p.cfg = cfg
 	p.workspace = ws
 	p.routed = false

@@ -116,6 +116,11 @@ func (w *Workspaces) openWorkspace(ctx context.Context, id string) (*sql.DB, err
 		open = w.cfg.Driver.OpenDB
 	}
 	db, err := open(dsn)
+	var de *DSNError
+	if err != nil && w.cfg.Open == nil && errors.As(err, &de) {
+		de.Workspace = id // the label the DSN gives, if any, is not what the caller asked for
+		return nil, de
+	}
 	if err != nil {
 		return nil, fmt.Errorf("tenantpg: workspace %q: open: %w", id, err)
 	}
