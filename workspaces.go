@@ -109,72 +109,121 @@ func (w *Workspaces) checkID(id string) string {
 // CreateIfMissing set, the first use also connects, to find out whether the
 // database exists; otherwise no connection is made until the first query.
 // A failed opening is not remembered: the next call tries again.
+//
+// A hook (DSN, Open, CreateIfMissing) that panics panics in the DB call
+// that ran it, as the hook's own bug; the callers waiting for that opening
+// get an error instead, and the next call opens anew. An opening that
+// CloseWorkspace overtook is closed, and its callers open the workspace
+// again, as a DB call after CloseWorkspace would: no caller gets a *sql.DB
+// that CloseWorkspace closed while it was being opened.
 func (w *Workspaces) DB(ctx context.Context, id string) (*sql.DB, error) {
 	if reason := w.checkID(id); reason != "" {
 		return nil, workspaceIDError(id, reason)
 	}
-	w.mu.Lock()
-	if w.closed {
+	for {
+		w.mu.Lock()
+		if w.closed {
+			w.mu.Unlock()
+			return nil, ErrWorkspacesClosed
+		}
+		e, ok := w.open[id]
+		if !ok {
+			e = &workspaceEntry{ready: make(chan struct{})}
+			w.open[id] = e
+		}
 		w.mu.Unlock()
-		return nil, ErrWorkspacesClosed
-	}
-	e, ok := w.open[id]
-	if !ok {
-		e = &workspaceEntry{ready: make(chan struct{})}
-		w.open[id] = e
-	}
-	w.mu.Unlock()
-	if ok {
-		select {
-		case <-e.ready:
-			return e.db, e.err
-		case <-ctx.Done():
-			return nil, ctx.Err()
+		if !ok {
+			w.opening(ctx, id, e)
+		} else {
+			select {
+			case <-e.ready:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
 		}
-	}
-
-	e.db, e.err = w.openWorkspace(ctx, id)
-	w.mu.Lock()
-	if e.err != nil || w.closed {
-		if w.open[id] == e { // CloseWorkspace may have replaced it meanwhile
-			delete(w.open, id)
+		if e.err != nil {
+			return nil, e.err
 		}
-		if e.err == nil { // Close ran while this workspace was opening
-			e.db.Close()
-			e.db, e.err = nil, ErrWorkspacesClosed
+		w.mu.Lock()
+		current, closed := w.open[id] == e, w.closed
+		w.mu.Unlock()
+		switch {
+		case current:
+			return e.db, nil
+		case closed:
+			return nil, ErrWorkspacesClosed
 		}
+		// CloseWorkspace took the entry while it was opening, and closes
+		// its database: open the workspace anew.
 	}
-	w.mu.Unlock()
-	close(e.ready)
-	return e.db, e.err
 }
 
-func (w *Workspaces) openWorkspace(ctx context.Context, id string) (*sql.DB, error) {
-	db, err := w.openDB(id)
-	if err != nil {
-		return nil, err
+// opening runs the opening of e, the entry of workspace id, and makes its
+// outcome known to the callers waiting for it. Whoever removes an entry
+// from the map (CloseWorkspace, Close) closes its database once ready is
+// closed; a failed opening removes its own.
+func (w *Workspaces) opening(ctx context.Context, id string, e *workspaceEntry) {
+	stage := "" // the hook running, if any
+	done := false
+	defer func() {
+		if !done {
+			// A hook panicked, or called runtime.Goexit. There is no
+			// recover: the panic goes on up this caller's stack with its
+			// own trace. The callers waiting on e must not wait for good,
+			// nor its entry stay in the map for every later call to wait
+			// on.
+			what := "opening it"
+			if stage != "" {
+				what = "the WorkspacesConfig." + stage + " hook"
+			}
+			e.db, e.err = nil, fmt.Errorf("tenantpg: workspace %q: %s panicked (the panic went to the DB call that ran it)", id, what)
+		}
+		if e.err != nil {
+			w.mu.Lock()
+			if w.open[id] == e {
+				delete(w.open, id)
+			}
+			w.mu.Unlock()
+		}
+		close(e.ready)
+	}()
+	e.db, e.err = w.openWorkspace(ctx, id, &stage)
+	done = true
+}
+
+// openWorkspace opens workspace id's database and, with CreateIfMissing,
+// creates it if need be. stage names the hook running, for the error of a
+// hook that panics.
+func (w *Workspaces) openWorkspace(ctx context.Context, id string, stage *string) (*sql.DB, error) {
+	db, err := w.openDB(id, stage)
+	if err != nil || w.cfg.CreateIfMissing == nil {
+		return db, err
 	}
-	if w.cfg.CreateIfMissing == nil {
-		return db, nil
-	}
+	kept := false
+	defer func() {
+		if !kept {
+			db.Close() // on an error, and when CreateIfMissing panics
+		}
+	}()
 	err = db.PingContext(ctx)
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) && pgErr.Code == "3D000" { // invalid_catalog_name: no such database
+		*stage = "CreateIfMissing"
 		if err = w.cfg.CreateIfMissing(ctx, id); err != nil {
-			db.Close()
 			return nil, fmt.Errorf("tenantpg: workspace %q: create database: %w", id, err)
 		}
+		*stage = ""
 		err = db.PingContext(ctx)
 	}
 	if err != nil {
-		db.Close()
 		return nil, err
 	}
+	kept = true
 	return db, nil
 }
 
 // openDB opens workspace id's database, connecting to nothing yet.
-func (w *Workspaces) openDB(id string) (*sql.DB, error) {
+func (w *Workspaces) openDB(id string, stage *string) (*sql.DB, error) {
 	var dsn string
 	var p *dsnParams
 	var err error
@@ -190,11 +239,17 @@ func (w *Workspaces) openDB(id string) (*sql.DB, error) {
 		if dsn, err = spliceDSN(w.cfg.Pattern, w.tmpl, p); err != nil {
 			return nil, err
 		}
-	} else if dsn, err = w.cfg.DSN(id); err != nil {
-		return nil, fmt.Errorf("tenantpg: workspace %q: DSN: %w", id, err)
+	} else {
+		*stage = "DSN"
+		if dsn, err = w.cfg.DSN(id); err != nil {
+			return nil, fmt.Errorf("tenantpg: workspace %q: DSN: %w", id, err)
+		}
+		*stage = ""
 	}
 	if w.cfg.Open != nil {
+		*stage = "Open"
 		db, err := w.cfg.Open(dsn)
+		*stage = ""
 		if err != nil {
 			return nil, fmt.Errorf("tenantpg: workspace %q: open: %w", id, err)
 		}
@@ -213,7 +268,9 @@ func (w *Workspaces) openDB(id string) (*sql.DB, error) {
 }
 
 // CloseWorkspace closes one workspace's *sql.DB, if it is open, so that its
-// connections give their tokens back; the next DB call opens it again.
+// connections give their tokens back; the next DB call opens it again. One
+// being opened is closed once opened, and the callers waiting for it open
+// the workspace anew.
 func (w *Workspaces) CloseWorkspace(id string) error {
 	if reason := w.checkID(id); reason != "" {
 		return workspaceIDError(id, reason) // never opened: a caller's bug worth seeing
