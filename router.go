@@ -6,8 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"strconv"
 	"strings"
 	"sync"
+
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Context routing: one *sql.DB (or Pool) for every workspace. Its DSN names
@@ -202,6 +206,59 @@ func substitute(tmpl *dsnParams, ws string) (*dsnParams, error) {
 	p.routed = false
 	p.key.database = name
 	return &p, nil
+}
+
+// ping is the health check of a {workspace} *sql.DB, for a ping that names
+// no workspace: whether its server is reachable. It logs in nowhere: the
+// DSN names no database without a workspace, and a login to another one
+// (postgres, say) would need a privilege the role may lack and a backend
+// outside the budget. Instead it answers from the budget's circuit when
+// that knows the server is down (the driver's own dials found it
+// unreachable, refusing connections, starting up or not answering), and
+// otherwise opens a TCP (or Unix socket) connection to the DSN's hosts and
+// closes it without a byte: PostgreSQL does not complain of a connection
+// that sends nothing (log_connections, when on, records that it came), and
+// max_connections does not count it. It cannot tell a server that accepts
+// connections but refuses logins (one starting up, say) until the driver's
+// own dials have found it so. It changes no state of the circuit. Down, it
+// returns a *ServerDownError.
+func (r *router) ping(ctx context.Context) error {
+	b := r.drv.b
+	cfg := r.tmpl.cfg
+	start := b.clock.Now()
+	timeout := b.timeout()
+	if cfg.ConnectTimeout > 0 {
+		timeout = min(timeout, cfg.ConnectTimeout)
+	}
+	b.mu.Lock()
+	if s := b.servers[serverKey{host: cfg.Host, port: cfg.Port}]; s != nil && s.down {
+		err := &ServerDownError{Database: cfg.Database, Server: s.label, Down: start.Sub(s.since), Waiting: s.waiting, Err: s.lastErr}
+		b.mu.Unlock()
+		return err
+	}
+	b.mu.Unlock()
+
+	dctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var first error
+	tried := make(map[string]bool, 1+len(cfg.Fallbacks))
+	for _, h := range append([]*pgconn.FallbackConfig{{Host: cfg.Host, Port: cfg.Port}}, cfg.Fallbacks...) {
+		network, addr := pgconn.NetworkAddress(h.Host, h.Port)
+		if tried[addr] {
+			continue // sslmode=prefer lists each host twice
+		}
+		tried[addr] = true
+		nc, err := cfg.DialFunc(dctx, network, addr)
+		if err == nil {
+			_ = nc.Close()
+			return nil
+		}
+		if first == nil {
+			first = err
+		}
+	}
+	return &ServerDownError{Database: cfg.Database, Server: net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port))),
+		Waited: b.clock.Now().Sub(start), Err: first, ctxErr: ctx.Err()}
 }
 
 // Close closes every workspace's connector: database/sql calls it from
