@@ -136,6 +136,14 @@ func nameTooLong(n int) string {
 		n, maxIdentifierLen, maxIdentifierLen)
 }
 
+// validWorkspace is the one rule for a workspace id, wherever it enters
+// (the registry's DB and CloseWorkspace, a routed DB's WithWorkspace ids,
+// which the resolver then gets), and for a DSN's workspace label: not
+// empty, at most maxWorkspaceLen bytes, UTF-8, no control character (a NUL
+// would end the name in PostgreSQL's start-up packet). Nothing more is
+// needed where the id is substituted after parsing, since there it can
+// only be a database name, and PostgreSQL takes any other character in
+// one; a DSN callback's ids also pass spliceSafe.
 func validWorkspace(ws string) string {
 	switch {
 	case ws == "":
