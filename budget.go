@@ -1426,7 +1426,7 @@ func (b *budget) abandon(be *backend) {
 			attrs = append(attrs, slog.String("stack", formatStack(stack)))
 		}
 		l.LogAttrs(bg, slog.LevelWarn,
-			"tenantpg: closed a connection whose *sql.Rows, *sql.Conn or *sql.Tx was dropped without being closed", attrs...)
+			"tenantpg: closed a connection whose *sql.Rows, *sql.Conn, *sql.Tx or tenantpg.PoolConn was dropped without being closed or released", attrs...)
 	}
 }
 

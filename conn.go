@@ -216,6 +216,13 @@ func (c *conn) Ping(ctx context.Context) (err error) {
 	ctx, span := c.startStatement(ctx, "ping", "")
 	var be *backend
 	defer func() { c.endStatement(span, be, err) }()
+	if c.router != nil && c.be == nil && c.ws == "" {
+		if _, named := WorkspaceFromContext(ctx); !named {
+			// gorm.Open's ping and readiness probes name no workspace:
+			// they ask whether the server is there, not a database.
+			return c.router.ping(ctx)
+		}
+	}
 	if be, err = c.backend(ctx); err != nil {
 		return err
 	}

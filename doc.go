@@ -42,7 +42,9 @@
 //	db, err := tenantpg.OpenDB("postgres://app:secret@db:5432/ws_{workspace}")
 //	db.QueryContext(tenantpg.WithWorkspace(ctx, "abc"), "SELECT ...")
 //
-// A call whose context names no workspace fails with [ErrNoWorkspace].
+// A call whose context names no workspace fails with [ErrNoWorkspace],
+// except a ping (gorm.Open's, a readiness probe's), which answers whether
+// the server is reachable, with a [ServerDownError] when it is not.
 // Transactions, a *sql.Conn and Raw stay on the workspace they started on
 // ([WorkspaceMismatchError]). [Config.ResolveWorkspace] maps ids the
 // pattern does not.

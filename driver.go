@@ -197,9 +197,26 @@ func (d *Driver) OpenDB(dsn string) (*sql.DB, error) {
 	if err != nil {
 		return nil, err
 	}
+	return d.sqlDB(c), nil
+}
+
+// openParams is OpenDB of a parsed DSN: the registry's Pattern with an id
+// in its database name, which never goes back through a DSN's text.
+func (d *Driver) openParams(p *dsnParams) (*sql.DB, error) {
+	if err := d.ready(); err != nil {
+		return nil, err
+	}
+	c, err := d.newConnector(p)
+	if err != nil {
+		return nil, err
+	}
+	return d.sqlDB(c), nil
+}
+
+func (d *Driver) sqlDB(c driver.Connector) *sql.DB {
 	db := sql.OpenDB(c)
 	db.SetMaxIdleConns(d.b.settingsLimit())
-	return db, nil
+	return db
 }
 
 // Close closes every idle backend, fails every waiting caller and makes

@@ -1,10 +1,14 @@
 package tenantpg
 
 import (
+	"bytes"
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"maps"
 	"net/url"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"unicode"
@@ -101,6 +105,16 @@ func parseDSN(dsn string) (*dsnParams, error) {
 	if !p.routed && placeholderIn(dsn) {
 		return nil, fail("the " + WorkspacePlaceholder + " placeholder is replaced only in the database name")
 	}
+	// The server truncates a longer name to its first 63 bytes without a
+	// word, onto another workspace's database when the two share them: refused
+	// here, so that every path (OpenDB, the resolver's DSN, the registry)
+	// refuses it, not only the router's substitution.
+	if n := len(cfg.Database) - strings.Count(cfg.Database, WorkspacePlaceholder)*(len(WorkspacePlaceholder)-1); n > maxIdentifierLen {
+		if p.routed {
+			return nil, fail(fmt.Sprintf("the database name is over %d bytes (PostgreSQL's limit) for any workspace", maxIdentifierLen))
+		}
+		return nil, fail(nameTooLong(len(cfg.Database)))
+	}
 	if p.routed {
 		if _, ok := cfg.RuntimeParams[paramWorkspace]; ok || p.workspace != cfg.Database {
 			return nil, fail("the workspace parameter cannot be used with " + WorkspacePlaceholder + ": the workspace comes from the caller's context")
@@ -128,6 +142,20 @@ func placeholderIn(dsn string) bool {
 	return strings.Contains(dsn, WorkspacePlaceholder) || strings.Contains(strings.ToLower(dsn), "%7bworkspace%7d")
 }
 
+// nameTooLong is the reason a database name of n bytes is refused.
+func nameTooLong(n int) string {
+	return fmt.Sprintf("the database name is %d bytes; PostgreSQL truncates names beyond %d, onto any database that shares the first %d",
+		n, maxIdentifierLen, maxIdentifierLen)
+}
+
+// validWorkspace is the one rule for a workspace id, wherever it enters
+// (the registry's DB and CloseWorkspace, a routed DB's WithWorkspace ids,
+// which the resolver then gets), and for a DSN's workspace label: not
+// empty, at most maxWorkspaceLen bytes, UTF-8, no control character (a NUL
+// would end the name in PostgreSQL's start-up packet). Nothing more is
+// needed where the id is substituted after parsing, since there it can
+// only be a database name, and PostgreSQL takes any other character in
+// one; a DSN callback's ids also pass spliceSafe.
 func validWorkspace(ws string) string {
 	switch {
 	case ws == "":
@@ -232,4 +260,121 @@ func scrub(s, dsn string, secrets []string) string {
 		}
 	}
 	return s
+}
+
+// spliceSafe reports why id cannot be handed to a WorkspacesConfig.DSN
+// callback, "" if it can. Such a callback typically splices the id into
+// the DSN's text, where a character of the DSN's syntax would end the
+// database name and start another setting (x?host=evil&sslmode=disable#).
+// So ids given to it hold only URL-unreserved ASCII (letters, digits, - . _
+// ~) and non-ASCII characters other than spaces: nothing that ends a URL's
+// path or a keyword/value's value, in any position. It adds to
+// validWorkspace, which every id passes.
+func spliceSafe(id string) string {
+	for _, r := range id {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9',
+			r == '-', r == '.', r == '_', r == '~':
+		case r >= utf8.RuneSelf && !unicode.IsSpace(r) && !unicode.IsControl(r):
+		default:
+			return fmt.Sprintf("workspace contains %q, which a DSN callback could splice into the DSN's syntax; use WorkspacesConfig.Pattern for such ids", r)
+		}
+	}
+	return ""
+}
+
+// workspaceIDError is the error for an id that validWorkspace or spliceSafe
+// refused. It names the id, clipped, since the id is what the caller must
+// fix.
+func workspaceIDError(id, reason string) error {
+	if len(id) > 64 {
+		id = strings.ToValidUTF8(id[:64], "") + "…"
+	}
+	return &DSNError{Workspace: id, Reason: reason}
+}
+
+// spliceDSN writes p's database name (tmpl's with the placeholder replaced)
+// into pattern, the text tmpl was parsed from: for a WorkspacesConfig.Open
+// hook, which takes a DSN string. The id is escaped for the DSN's syntax,
+// and the result is parsed again and must differ from tmpl in the database
+// name alone: an id the escaping does not cover (a space in an unquoted
+// keyword/value) is refused rather than allowed to change anything else.
+func spliceDSN(pattern string, tmpl, p *dsnParams) (string, error) {
+	id := p.workspace
+	var dsn string
+	if strings.HasPrefix(pattern, "postgres://") || strings.HasPrefix(pattern, "postgresql://") {
+		esc := escapeAll(id)
+		dsn = strings.ReplaceAll(pattern, WorkspacePlaceholder, esc)
+		dsn = escapedPlaceholder.ReplaceAllLiteralString(dsn, esc)
+	} else {
+		dsn = strings.ReplaceAll(pattern, WorkspacePlaceholder, strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(id))
+	}
+	got, err := parseDSN(dsn)
+	if err != nil || got.cfg.Database != p.cfg.Database || !sameButDatabase(got.cfg, tmpl.cfg) ||
+		got.maxConns != tmpl.maxConns || got.reserved != tmpl.reserved {
+		return "", &DSNError{Workspace: id, Reason: "the id cannot be written into WorkspacesConfig.Pattern for the Open hook without changing more than the database name"}
+	}
+	return dsn, nil
+}
+
+var escapedPlaceholder = regexp.MustCompile(`(?i)%7bworkspace%7d`)
+
+// escapeAll percent-encodes every byte of s but URL-unreserved ASCII, so
+// that s means itself in a URL's path and in its query alike.
+func escapeAll(s string) string {
+	const hex = "0123456789ABCDEF"
+	var sb strings.Builder
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_' || c == '~' {
+			sb.WriteByte(c)
+			continue
+		}
+		sb.WriteByte('%')
+		sb.WriteByte(hex[c>>4])
+		sb.WriteByte(hex[c&15])
+	}
+	return sb.String()
+}
+
+// sameButDatabase reports whether a and b connect alike but for the
+// database name: the same servers, credentials, TLS, run-time parameters
+// and pgx settings, as far as a DSN can set them.
+func sameButDatabase(a, b *pgx.ConnConfig) bool {
+	if a.Host != b.Host || a.Port != b.Port || a.User != b.User || a.Password != b.Password ||
+		a.ConnectTimeout != b.ConnectTimeout || a.KerberosSrvName != b.KerberosSrvName || a.KerberosSpn != b.KerberosSpn ||
+		a.SSLNegotiation != b.SSLNegotiation || a.SSLCertMode != b.SSLCertMode || a.ChannelBinding != b.ChannelBinding ||
+		a.RequireAuth != b.RequireAuth || a.MinProtocolVersion != b.MinProtocolVersion || a.MaxProtocolVersion != b.MaxProtocolVersion ||
+		a.StatementCacheCapacity != b.StatementCacheCapacity || a.DescriptionCacheCapacity != b.DescriptionCacheCapacity ||
+		a.DefaultQueryExecMode != b.DefaultQueryExecMode ||
+		(a.ValidateConnect == nil) != (b.ValidateConnect == nil) || (a.AfterConnect == nil) != (b.AfterConnect == nil) ||
+		!maps.Equal(a.RuntimeParams, b.RuntimeParams) || !sameTLS(a.TLSConfig, b.TLSConfig) || len(a.Fallbacks) != len(b.Fallbacks) {
+		return false
+	}
+	for i, fa := range a.Fallbacks {
+		fb := b.Fallbacks[i]
+		if fa.Host != fb.Host || fa.Port != fb.Port || !sameTLS(fa.TLSConfig, fb.TLSConfig) {
+			return false
+		}
+	}
+	return true
+}
+
+func sameTLS(a, b *tls.Config) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	if a.ServerName != b.ServerName || a.InsecureSkipVerify != b.InsecureSkipVerify ||
+		a.MinVersion != b.MinVersion || a.MaxVersion != b.MaxVersion || !a.RootCAs.Equal(b.RootCAs) ||
+		(a.VerifyPeerCertificate == nil) != (b.VerifyPeerCertificate == nil) ||
+		(a.VerifyConnection == nil) != (b.VerifyConnection == nil) ||
+		(a.KeyLogWriter == nil) != (b.KeyLogWriter == nil) || len(a.Certificates) != len(b.Certificates) {
+		return false
+	}
+	for i, ca := range a.Certificates {
+		if !slices.EqualFunc(ca.Certificate, b.Certificates[i].Certificate, bytes.Equal) {
+			return false
+		}
+	}
+	return true
 }

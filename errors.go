@@ -214,7 +214,8 @@ func (e *DSNError) Error() string {
 
 // ErrNoWorkspace is returned by a call on a *sql.DB or Pool opened with a
 // {workspace} DSN when the call's context names no workspace: such a
-// database has no default. Name one with WithWorkspace.
+// database has no default. Name one with WithWorkspace. A ping that names
+// none is a health check of the server instead.
 var ErrNoWorkspace = errors.New("tenantpg: the context names no workspace; this database serves every workspace of its " +
 	WorkspacePlaceholder + " DSN: pass tenantpg.WithWorkspace(ctx, id)")
 

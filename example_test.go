@@ -133,12 +133,12 @@ func ExampleNewDriver() {
 }
 
 // NewWorkspaces replaces an application's map of pools: each workspace's
-// *sql.DB is opened once, on first use, through the budget.
+// *sql.DB is opened once, on first use, through the budget. The id replaces
+// {workspace} in the parsed DSN's database name, so no id can change the
+// host, the user or any other setting.
 func ExampleNewWorkspaces() {
 	workspaces, err := tenantpg.NewWorkspaces(tenantpg.WorkspacesConfig{
-		DSN: func(id string) (string, error) {
-			return "postgres://app:secret@localhost:5432/notifuse_ws_" + id + "?workspace=" + id, nil
-		},
+		Pattern: "postgres://app:secret@localhost:5432/notifuse_ws_{workspace}",
 	})
 	if err != nil {
 		log.Fatal(err)
@@ -155,7 +155,8 @@ func ExampleNewWorkspaces() {
 
 // WorkspacesConfig.Open lets a unit test run the code on top of the registry
 // without a server: it hands out go-sqlmock databases, one per workspace
-// DSN, instead of opening them through the driver.
+// DSN (the pattern with the id written in), instead of opening them
+// through the driver.
 func ExampleWorkspacesConfig_Open() {
 	// The test's setup: a mock for workspace "abc", with its expectations.
 	mockDB, mock, err := sqlmock.New(sqlmock.QueryMatcherOption(sqlmock.QueryMatcherEqual))
@@ -168,9 +169,7 @@ func ExampleWorkspacesConfig_Open() {
 	mocks := map[string]*sql.DB{"postgres://app@localhost:5432/notifuse_ws_abc": mockDB}
 
 	workspaces, err := tenantpg.NewWorkspaces(tenantpg.WorkspacesConfig{
-		DSN: func(id string) (string, error) {
-			return "postgres://app@localhost:5432/notifuse_ws_" + id, nil
-		},
+		Pattern: "postgres://app@localhost:5432/notifuse_ws_{workspace}",
 		Open: func(dsn string) (*sql.DB, error) {
 			if db, ok := mocks[dsn]; ok {
 				return db, nil

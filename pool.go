@@ -3,6 +3,7 @@ package tenantpg
 import (
 	"context"
 	"errors"
+	"runtime"
 	"sync/atomic"
 
 	"github.com/jackc/pgx/v5"
@@ -24,10 +25,18 @@ type Pool struct {
 }
 
 // PoolConn is a backend checked out of a Pool. It is not safe for
-// concurrent use, as a *pgx.Conn is not.
+// concurrent use, as a *pgx.Conn is not. One that becomes garbage without
+// Release has its backend closed and its token given back, as a handle of
+// database/sql dropped without Close does (reclaim.go), at the garbage
+// collector's next cycle after it was dropped: keep the PoolConn, not only
+// its *pgx.Conn, until Release.
 type PoolConn struct {
 	b  *budget
 	be *backend
+	// hold mirrors be for the cleanup that reclaims it if the PoolConn is
+	// dropped without Release; the cleanup must not reach the PoolConn.
+	hold    *hold
+	cleanup runtime.Cleanup
 }
 
 var errPoolClosed = errors.New("tenantpg: pool closed")
@@ -81,7 +90,11 @@ func (p *Pool) Acquire(ctx context.Context) (*PoolConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &PoolConn{b: p.b, be: be}, nil
+	h := &hold{b: p.b}
+	h.be.Store(be)
+	c := &PoolConn{b: p.b, be: be, hold: h}
+	c.cleanup = runtime.AddCleanup(c, reclaim, h)
+	return c, nil
 }
 
 // Close closes the pool's idle backends. Backends checked out keep working
@@ -108,6 +121,8 @@ func (c *PoolConn) Conn() *pgx.Conn { return c.be.pc.Conn() }
 func (c *PoolConn) Release() {
 	if be := c.be; be != nil {
 		c.be = nil
+		c.cleanup.Stop()
+		c.hold.be.Store(nil)
 		c.b.giveBack(be)
 	}
 }

@@ -3,6 +3,8 @@ package tenantpg
 import (
 	"context"
 	"errors"
+	"log/slog"
+	"runtime"
 	"testing"
 	"time"
 
@@ -87,4 +89,70 @@ func TestPoolHandsOverAndClosesWhenUnused(t *testing.T) {
 	e.drv.b.mu.Lock()
 	require.Empty(t, e.drv.b.dbs)
 	e.drv.b.mu.Unlock()
+}
+
+// leakPoolConn acquires a backend from p, uses it and drops the PoolConn
+// without Release. It is not inlined, so that nothing of it stays on the
+// caller's stack.
+//
+//go:noinline
+func leakPoolConn(t *testing.T, ctx context.Context, p *Pool) {
+	c, err := p.Acquire(ctx)
+	require.NoError(t, err)
+	var one int
+	require.NoError(t, c.Conn().QueryRow(ctx, "SELECT 1").Scan(&one))
+}
+
+// TestAbandonedPoolConnIsReclaimed: a PoolConn dropped without Release held
+// the budget's only token for good; once it is garbage its backend is
+// closed (eviction reason abandoned, one Warn line naming the workspace)
+// and a caller waiting on the budget proceeds, within its timeout.
+func TestAbandonedPoolConnIsReclaimed(t *testing.T) {
+	logs := newRecordingHandler()
+	e := newEnv(t, 1, Config{MaxConnections: 1, MaxConnectionsPerDB: 1, AcquireTimeout: 5 * time.Second, Logger: slog.New(logs)})
+	ctx := context.Background()
+	pool, err := e.drv.OpenPool(e.dsn(0, "workspace=ws0"))
+	require.NoError(t, err)
+	defer pool.Close()
+
+	leakPoolConn(t, ctx, pool)
+	require.Equal(t, 1, e.drv.Stats().InUse, "the dropped PoolConn holds the only token")
+	runtime.GC() // finds it; its cleanup runs on the runtime's goroutine
+
+	c, err := pool.Acquire(ctx)
+	require.NoError(t, err, "the dropped PoolConn's token came back")
+	var one int
+	require.NoError(t, c.Conn().QueryRow(ctx, "SELECT 1").Scan(&one))
+	c.Release()
+	require.Equal(t, uint64(1), e.drv.Stats().Evictions["abandoned"])
+	warns := logs.waitFor(t, slog.LevelWarn, abandonedMsg, 1)
+	require.Equal(t, "ws0", warns[0].attrs["workspace"])
+	require.Contains(t, warns[0].msg, "PoolConn")
+	e.requireQuiescent()
+}
+
+// BenchmarkPoolAcquireRelease is a PoolConn's checkout and check-in of an
+// idle backend, with what it costs to be reclaimable if dropped (the hold
+// and the runtime cleanup).
+func BenchmarkPoolAcquireRelease(b *testing.B) {
+	e := newEnv(b, 1, Config{MaxConnections: 2})
+	ctx := context.Background()
+	pool, err := e.drv.OpenPool(e.dsn(0))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer pool.Close()
+	c, err := pool.Acquire(ctx) // the one dial
+	if err != nil {
+		b.Fatal(err)
+	}
+	c.Release()
+	b.ReportAllocs()
+	for b.Loop() {
+		c, err := pool.Acquire(ctx)
+		if err != nil {
+			b.Fatal(err)
+		}
+		c.Release()
+	}
 }

@@ -21,6 +21,12 @@ import (
 // a small cell the handle owns: the budget's state it retained and the
 // backend it has checked out. The budget holds backends, never handles.
 //
+// A PoolConn dropped without Release is reclaimed the same way, with a hold
+// of its own. Nothing else keeps a PoolConn reachable, so it is reclaimed
+// whether or not its Pool is still open; it is no stray, and a waiting
+// caller does not trigger a collection for it: the next cycle the
+// application's own allocation brings finds it.
+//
 // The collector finds such a handle at its next cycle. A caller that waits
 // while handles of closed *sql.DBs are still open (budget.strays) triggers
 // a cycle, at most once a second, so that reclaiming does not depend on
@@ -30,8 +36,8 @@ import (
 // cleanup of a handle that became garbage can return it.
 type hold struct {
 	b   *budget
-	db  *database // whose state the handle keeps alive; nil for a router's handle
-	own *owner    // the connector or router that made the handle; nil for Driver.Open's
+	db  *database // whose state the handle keeps alive; nil for a router's handle and a PoolConn
+	own *owner    // the connector or router that made the handle; nil for Driver.Open's and a PoolConn
 	// be is the backend the handle has checked out, nil between checkouts.
 	// The handle sets it at checkout and takes it back at check-in; the
 	// cleanup takes it only if the handle never did. Atomic because the

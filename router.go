@@ -3,10 +3,15 @@ package tenantpg
 import (
 	"context"
 	"database/sql/driver"
+	"errors"
 	"fmt"
 	"io"
+	"net"
+	"strconv"
 	"strings"
 	"sync"
+
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Context routing: one *sql.DB (or Pool) for every workspace. Its DSN names
@@ -166,6 +171,10 @@ func (r *router) params(ctx context.Context, ws string) (*dsnParams, error) {
 		if dsn != "" {
 			p, err := parseDSN(dsn)
 			if err != nil {
+				var de *DSNError
+				if errors.As(err, &de) {
+					de.Workspace = ws // the caller knows the id, not the label the DSN may give
+				}
 				return nil, err
 			}
 			if p.routed {
@@ -175,18 +184,80 @@ func (r *router) params(ctx context.Context, ws string) (*dsnParams, error) {
 			return p, nil
 		}
 	}
-	name := strings.ReplaceAll(r.tmpl.cfg.Database, WorkspacePlaceholder, ws)
+	return substitute(r.tmpl, ws)
+}
+
+// substitute returns the parameters of workspace ws under tmpl, a parsed
+// {workspace} DSN: a copy whose database name has the placeholder replaced.
+// The replacement happens after parsing, so that whatever ws holds ends up
+// in the database name and nowhere else: no id can name another host, user,
+// password or setting, as one spliced into the DSN's text could. ws must
+// have passed validWorkspace.
+func substitute(tmpl *dsnParams, ws string) (*dsnParams, error) {
+	name := strings.ReplaceAll(tmpl.cfg.Database, WorkspacePlaceholder, ws)
 	if len(name) > maxIdentifierLen {
-		return nil, &DSNError{Workspace: ws, Reason: fmt.Sprintf(
-			"database name for this workspace is %d bytes; PostgreSQL truncates names beyond %d", len(name), maxIdentifierLen)}
+		return nil, &DSNError{Workspace: ws, Reason: nameTooLong(len(name))}
 	}
-	cfg := r.tmpl.cfg.Copy()
+	cfg := tmpl.cfg.Copy()
 	cfg.Database = name
-	p := *r.tmpl
+	p := *tmpl
 	p.cfg = cfg
 	p.workspace = ws
 	p.routed = false
 	return &p, nil
+}
+
+// ping is the health check of a {workspace} *sql.DB, for a ping that names
+// no workspace: whether its server is reachable. It logs in nowhere: the
+// DSN names no database without a workspace, and a login to another one
+// (postgres, say) would need a privilege the role may lack and a backend
+// outside the budget. Instead it answers from the budget's circuit when
+// that knows the server is down (the driver's own dials found it
+// unreachable, refusing connections, starting up or not answering), and
+// otherwise opens a TCP (or Unix socket) connection to the DSN's hosts and
+// closes it without a byte: PostgreSQL does not complain of a connection
+// that sends nothing (log_connections, when on, records that it came), and
+// max_connections does not count it. It cannot tell a server that accepts
+// connections but refuses logins (one starting up, say) until the driver's
+// own dials have found it so. It changes no state of the circuit. Down, it
+// returns a *ServerDownError.
+func (r *router) ping(ctx context.Context) error {
+	b := r.drv.b
+	cfg := r.tmpl.cfg
+	start := b.clock.Now()
+	timeout := b.timeout()
+	if cfg.ConnectTimeout > 0 {
+		timeout = min(timeout, cfg.ConnectTimeout)
+	}
+	b.mu.Lock()
+	if s := b.servers[serverKey{host: cfg.Host, port: cfg.Port}]; s != nil && s.down {
+		err := &ServerDownError{Database: cfg.Database, Server: s.label, Down: start.Sub(s.since), Waiting: s.waiting, Err: s.lastErr}
+		b.mu.Unlock()
+		return err
+	}
+	b.mu.Unlock()
+
+	dctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var first error
+	tried := make(map[string]bool, 1+len(cfg.Fallbacks))
+	for _, h := range append([]*pgconn.FallbackConfig{{Host: cfg.Host, Port: cfg.Port}}, cfg.Fallbacks...) {
+		network, addr := pgconn.NetworkAddress(h.Host, h.Port)
+		if tried[addr] {
+			continue // sslmode=prefer lists each host twice
+		}
+		tried[addr] = true
+		nc, err := cfg.DialFunc(dctx, network, addr)
+		if err == nil {
+			_ = nc.Close()
+			return nil
+		}
+		if first == nil {
+			first = err
+		}
+	}
+	return &ServerDownError{Database: cfg.Database, Server: net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port))),
+		Waited: b.clock.Now().Sub(start), Err: first, ctxErr: ctx.Err()}
 }
 
 // Close closes every workspace's connector: database/sql calls it from

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/tenantpg/tenantpg/internal/pgtest"
 )
 
 // routedDSN is a {workspace} DSN for the env's databases: workspace "wsI"
@@ -408,4 +410,48 @@ func TestRoutedCheckoutAfterTheRouteWasSwept(t *testing.T) {
 	require.NoError(t, db.Close())
 	require.Eventually(t, func() bool { return e.drv.Stats().Open == 0 }, e2eWait, pollEvery)
 	require.Empty(t, e.drv.Stats().Databases)
+}
+
+// TestRoutedPingIsAHealthCheck: a ping that names no workspace, as
+// gorm.Open's and a readiness probe's, answers whether the server is
+// reachable, without a login or a backend; it failed with ErrNoWorkspace.
+// A server nothing listens on is a *ServerDownError naming it, and one the
+// circuit already knows is down is reported from the circuit.
+func TestRoutedPingIsAHealthCheck(t *testing.T) {
+	e := newEnv(t, 1, Config{MaxConnections: 2, AcquireTimeout: 500 * time.Millisecond})
+	bg := context.Background()
+	db := e.openRouted()
+	require.NoError(t, db.PingContext(bg))
+	require.Zero(t, e.drv.Stats().Open, "a health check takes no backend")
+	require.Empty(t, e.drv.Stats().Databases)
+	require.Zero(t, e.backends())
+	require.Equal(t, e.dbs[0], currentDB(t, WithWorkspace(bg, ws(0)), db), "workspaces still route")
+	c, err := db.Conn(WithWorkspace(bg, ws(0)))
+	require.NoError(t, err)
+	require.NoError(t, c.PingContext(bg), "a *sql.Conn on a workspace pings its backend")
+	require.NoError(t, c.Close())
+
+	port, err := pgtest.FreePort()
+	require.NoError(t, err)
+	down, err := e.drv.OpenDB(fmt.Sprintf("postgres://%s:%s@127.0.0.1:%d/ws_%s?sslmode=disable", e.role, testPassword, port, WorkspacePlaceholder))
+	require.NoError(t, err)
+	defer down.Close()
+	err = down.PingContext(bg)
+	require.ErrorIs(t, err, ErrServerDown)
+	var sde *ServerDownError
+	require.ErrorAs(t, err, &sde)
+	require.Equal(t, fmt.Sprintf("127.0.0.1:%d", port), sde.Server)
+	require.Zero(t, sde.Down, "found by its own dial: the circuit knew nothing")
+	require.NotContains(t, err.Error(), testPassword)
+
+	// A workspace's call finds the server down and opens its circuit; the
+	// health check reports what the circuit knows.
+	var one int
+	err = down.QueryRowContext(WithWorkspace(bg, "w1"), "SELECT 1").Scan(&one)
+	require.ErrorIs(t, err, ErrServerDown)
+	err = down.PingContext(bg)
+	require.ErrorAs(t, err, &sde)
+	require.Positive(t, sde.Down, "reported from the circuit, down since the workspace's dial")
+	require.NotContains(t, err.Error(), testPassword)
+	e.requireQuiescent()
 }

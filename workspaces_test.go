@@ -450,3 +450,182 @@ func TestWorkspacesMockCloseReportsErrors(t *testing.T) {
 	err = ws.Close()
 	require.ErrorContains(t, err, "Close was not expected")
 }
+
+// reachProbe is a context that reports when a caller first asks for its
+// Done channel: a DB call does so only once it has found the workspace's
+// entry and waits for it.
+type reachProbe struct {
+	context.Context
+	reached chan struct{}
+}
+
+func newReachProbe(ctx context.Context) *reachProbe {
+	return &reachProbe{Context: ctx, reached: make(chan struct{}, 1)}
+}
+
+func (p *reachProbe) Done() <-chan struct{} {
+	select {
+	case p.reached <- struct{}{}:
+	default:
+	}
+	return p.Context.Done()
+}
+
+// closeWithin closes ws, failing the test if Close does not return: it
+// waits for every opening, and one stuck for good would hang the test.
+func closeWithin(t *testing.T, ws *Workspaces) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- ws.Close() }()
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(e2eWait):
+		t.Fatal("Workspaces.Close did not return: an opening is stuck")
+	}
+}
+
+// TestWorkspacesHookPanic: a hook that panics panics in the DB call that
+// ran it; the callers waiting for that opening fail with an error naming
+// the workspace and the hook instead of waiting for good, and the next
+// call opens the workspace. A database opened before CreateIfMissing
+// panicked is closed.
+func TestWorkspacesHookPanic(t *testing.T) {
+	for _, hook := range []string{"DSN", "Open", "CreateIfMissing"} {
+		t.Run(hook, func(t *testing.T) {
+			var opened atomic.Int64
+			o := newMockOpener(t, func(dsn string, m sqlmock.Sqlmock) {
+				if hook == "CreateIfMissing" && opened.Add(1) == 1 {
+					// Missing; then CreateIfMissing panics and the
+					// registry closes it.
+					m.ExpectPing().WillReturnError(errNoDatabase("app_ws_w1"))
+					m.ExpectClose()
+					return
+				}
+				m.ExpectPing() // the registry's, for CreateIfMissing
+				m.ExpectPing() // the test's
+				m.ExpectClose()
+			})
+			o.ping = true
+			var calls atomic.Int64
+			entered, release := make(chan struct{}), make(chan struct{})
+			maybePanic := func(name string) {
+				if name == hook && calls.Add(1) == 1 {
+					close(entered)
+					<-release
+					panic("boom in " + name)
+				}
+			}
+			ws, err := NewWorkspaces(WorkspacesConfig{
+				DSN: func(id string) (string, error) {
+					maybePanic("DSN")
+					return mockDSN(id)
+				},
+				Open: func(dsn string) (*sql.DB, error) {
+					maybePanic("Open")
+					return o.Open(dsn)
+				},
+				CreateIfMissing: func(ctx context.Context, id string) error {
+					maybePanic("CreateIfMissing")
+					return nil
+				},
+			})
+			require.NoError(t, err)
+			t.Cleanup(func() { closeWithin(t, ws) })
+
+			panicked := make(chan any, 1)
+			go func() {
+				defer func() { panicked <- recover() }()
+				_, _ = ws.DB(context.Background(), "w1")
+			}()
+			<-entered
+			const waiters = 3
+			errs := make(chan error, waiters)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			for range waiters {
+				probe := newReachProbe(ctx)
+				go func() {
+					_, err := ws.DB(probe, "w1")
+					errs <- err
+				}()
+				<-probe.reached
+			}
+			close(release)
+			require.Equal(t, "boom in "+hook, <-panicked, "the panic reaches the caller that ran the hook")
+			for range waiters {
+				err := <-errs
+				require.ErrorContains(t, err, `workspace "w1": the WorkspacesConfig.`+hook+" hook panicked")
+				require.NotErrorIs(t, err, context.DeadlineExceeded, "a waiter waited for good")
+			}
+			db, err := ws.DB(ctx, "w1")
+			require.NoError(t, err, "the next call opens the workspace")
+			require.NoError(t, db.PingContext(ctx))
+			closeWithin(t, ws)
+			o.met() // the database opened before CreateIfMissing panicked was closed
+		})
+	}
+}
+
+// TestWorkspacesCloseWorkspaceDuringOpen: CloseWorkspace while the
+// workspace is being opened closes what that opening opens, and the
+// callers of the opening, the one that ran it and one waiting for it, get
+// a database opened afterwards, which works: never the closed one.
+func TestWorkspacesCloseWorkspaceDuringOpen(t *testing.T) {
+	var openings atomic.Int64
+	o := newMockOpener(t, func(dsn string, m sqlmock.Sqlmock) {
+		if openings.Add(1) > 1 {
+			m.ExpectQuery("SELECT 1").WillReturnRows(sqlmock.NewRows([]string{"?column?"}).AddRow(1))
+			m.ExpectQuery("SELECT 1").WillReturnRows(sqlmock.NewRows([]string{"?column?"}).AddRow(1))
+		}
+		m.ExpectClose()
+	})
+	o.enter = make(chan string, 2)
+	o.release = make(chan struct{})
+	ws, err := NewWorkspaces(WorkspacesConfig{Open: o.Open, DSN: mockDSN})
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	type result struct {
+		db  *sql.DB
+		err error
+	}
+	results := make(chan result, 2)
+	go func() {
+		db, err := ws.DB(ctx, "w1")
+		results <- result{db, err}
+	}()
+	dsn := <-o.enter
+	probe := newReachProbe(ctx)
+	go func() {
+		db, err := ws.DB(probe, "w1")
+		results <- result{db, err}
+	}()
+	<-probe.reached
+
+	closed := make(chan error, 1)
+	go func() { closed <- ws.CloseWorkspace("w1") }()
+	require.Eventually(t, func() bool { // CloseWorkspace has taken the entry, and waits for the opening
+		ws.mu.Lock()
+		defer ws.mu.Unlock()
+		return ws.open["w1"] == nil
+	}, 5*time.Second, time.Millisecond)
+	close(o.release)
+	require.NoError(t, <-closed)
+	first := o.opened(dsn)[0]
+	require.NoError(t, first.ExpectationsWereMet(), "CloseWorkspace closed what the opening opened")
+
+	var dbs []*sql.DB
+	for range 2 {
+		r := <-results
+		require.NoError(t, r.err)
+		var one int
+		require.NoError(t, r.db.QueryRowContext(ctx, "SELECT 1").Scan(&one), "a caller got the database CloseWorkspace closed")
+		dbs = append(dbs, r.db)
+	}
+	require.Same(t, dbs[0], dbs[1], "both callers get the one database opened afterwards")
+	require.Len(t, o.opened(dsn), 2)
+	require.NoError(t, ws.Close())
+	o.met()
+}

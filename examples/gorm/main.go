@@ -8,8 +8,8 @@
 // transaction in its own database, while all of them share one connection
 // budget far below what per-workspace pools would need.
 //
-// gorm.Open pings the database unless told not to, and a {workspace}
-// *sql.DB has no default workspace to ping: set DisableAutomaticPing.
+// gorm.Open pings the database, naming no workspace: for a {workspace}
+// *sql.DB that is a health check of the server.
 //
 //	go run ./examples/gorm
 package main
@@ -70,7 +70,7 @@ func run(ctx context.Context, workspaces, budget int, out io.Writer) error {
 	}
 	defer sqlDB.Close()
 	db, err := gorm.Open(postgres.New(postgres.Config{Conn: sqlDB}),
-		&gorm.Config{Logger: logger.Discard, DisableAutomaticPing: true})
+		&gorm.Config{Logger: logger.Discard})
 	if err != nil {
 		return err
 	}

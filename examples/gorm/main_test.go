@@ -48,7 +48,7 @@ func TestGormInterleavedWorkspaces(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer sqlDB.Close()
-	db, err := gorm.Open(postgres.New(postgres.Config{Conn: sqlDB}), &gorm.Config{Logger: logger.Discard, DisableAutomaticPing: true})
+	db, err := gorm.Open(postgres.New(postgres.Config{Conn: sqlDB}), &gorm.Config{Logger: logger.Discard})
 	if err != nil {
 		t.Fatal(err)
 	}
