@@ -262,13 +262,20 @@ func BenchmarkCaptureStack(b *testing.B) {
 
 // BenchmarkResetSession is the cost of pool_reset_session: a SELECT 1 on a
 // pooled connection without and with the reset at check-in (DISCARD ALL and
-// pgx's DeallocateAll), on two pools of one database side by side.
+// pgx's DeallocateAll), on pools of one database side by side.
 //
 //	go test -run '^$' -bench ResetSession -count 10 . | tee reset.txt
 func BenchmarkResetSession(b *testing.B) {
 	e := newEnv(b, 1, Config{MaxConnections: 4, MaxConnectionsPerDB: 1})
-	for _, c := range []struct{ name, param string }{{"off", "pool_reset_session=false"}, {"on", "pool_reset_session=true"}} {
-		db, err := e.drv.OpenDB(e.dsn(0, "workspace=reset-"+c.name, c.param))
+	for _, c := range []struct{ name, params string }{
+		{"off", "pool_reset_session=false"},
+		{"on", "pool_reset_session=true"},
+		// pgx's DeallocateAll makes new statement and description caches
+		// of their configured capacity: without caches (exec mode) it
+		// allocates none.
+		{"on-exec-no-caches", "pool_reset_session=true&default_query_exec_mode=exec&statement_cache_capacity=0&description_cache_capacity=0"},
+	} {
+		db, err := e.drv.OpenDB(e.dsn(0, "workspace=reset-"+c.name, c.params))
 		if err != nil {
 			b.Fatal(err)
 		}
