@@ -86,6 +86,9 @@ type line struct {
 	Share   int `json:"share"`
 	// Yielded counts the backends it closed for other replicas so far.
 	Yielded uint64 `json:"yielded"`
+	// RoundTrips counts the statements of its coordination sessions so far
+	// (FleetStats.RoundTrips).
+	RoundTrips uint64 `json:"roundTrips,omitempty"`
 
 	// Moves are the share moves that ended in this second (fleet mode,
 	// ShareEvery > 0): each from the first sample with a caller queued at
@@ -195,6 +198,7 @@ func (r *recorder) flush(spec childSpec, upTo int, enc *json.Encoder, driver boo
 			for _, sv := range st.Servers {
 				if sv.Fleet != nil {
 					l.Share += sv.Fleet.Share
+					l.RoundTrips += sv.Fleet.RoundTrips
 				}
 			}
 		}
@@ -307,6 +311,11 @@ func childMain(arg string, stdout, stderr io.Writer) int {
 		l := line{Replica: vs.Replica, Final: true}
 		if i == 0 {
 			l.Dials, l.Rejected = st.Dials, st.DialErrors["rejected"]
+			for _, sv := range st.Servers {
+				if sv.Fleet != nil {
+					l.RoundTrips += sv.Fleet.RoundTrips
+				}
+			}
 		}
 		_ = enc.Encode(l)
 	}

@@ -223,6 +223,9 @@ func (rep *report) write(w io.Writer) {
 		if m.yielded > 0 {
 			fmt.Fprintf(w, ", %d backends closed for another replica", m.yielded)
 		}
+		if m.roundTrips > 0 {
+			fmt.Fprintf(w, ", %.1f coordination statements/s", float64(m.roundTrips)/o.duration.Seconds())
+		}
 		if m.loadBefore != "" {
 			fmt.Fprintf(w, "; load average %s before, %s after", m.loadBefore, m.loadAfter)
 		}

@@ -36,6 +36,7 @@ type modeResult struct {
 	rejected     uint64 // the drivers' dials refused with 53300, summed over replicas
 	dials        uint64 // the drivers' dials, summed over replicas
 	yielded      uint64 // backends closed for another replica, summed over replicas
+	roundTrips   uint64 // statements on the coordination sessions, summed over replicas
 
 	peak, coordPeak, samples int
 	refused                  int  // 53300 lines in the server log
@@ -304,6 +305,7 @@ func (r *modeResult) aggregate(o options, lines []line) {
 	rejected := make([]uint64, o.replicas) // cumulative in each line: keep the last
 	dials := make([]uint64, o.replicas)
 	yielded := make([]uint64, o.replicas)
+	roundTrips := make([]uint64, o.replicas)
 	for _, l := range lines {
 		if l.Replica < 0 || l.Replica >= o.replicas {
 			r.badLines++
@@ -315,6 +317,7 @@ func (r *modeResult) aggregate(o options, lines []line) {
 		rejected[l.Replica] = max(rejected[l.Replica], l.Rejected)
 		dials[l.Replica] = max(dials[l.Replica], l.Dials)
 		yielded[l.Replica] = max(yielded[l.Replica], l.Yielded)
+		roundTrips[l.Replica] = max(roundTrips[l.Replica], l.RoundTrips)
 		if l.Final {
 			r.finals++
 			continue
@@ -346,6 +349,7 @@ func (r *modeResult) aggregate(o options, lines []line) {
 		r.rejected += n
 		r.dials += dials[i]
 		r.yielded += yielded[i]
+		r.roundTrips += roundTrips[i]
 	}
 }
 
