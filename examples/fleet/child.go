@@ -40,6 +40,17 @@ type childSpec struct {
 	Rows                 int
 	Seed                 int64
 	ZipfS                float64
+	// Virtual, when > 0, makes this one process run the workers of
+	// replicas 0..Virtual-1 (mode single): the same workers, seeds and
+	// schedule as that many replica processes, through one driver. Its
+	// lines carry the virtual replica's index; the driver's counters and
+	// state are in replica 0's lines only.
+	Virtual int
+	// ShareEvery is how often a fleet replica samples its driver's Stats to
+	// time share moves (0: never); ShareTarget is the share (backends) the
+	// hot replica is timed to reach from the start of its phase.
+	ShareEvery  time.Duration
+	ShareTarget int
 }
 
 // hot reports whether the replica is the hot one at t.
@@ -75,8 +86,27 @@ type line struct {
 	Share   int `json:"share"`
 	// Yielded counts the backends it closed for other replicas so far.
 	Yielded uint64 `json:"yielded"`
+	// RoundTrips counts the statements of its coordination sessions so far
+	// (FleetStats.RoundTrips).
+	RoundTrips uint64 `json:"roundTrips,omitempty"`
+
+	// Moves are the share moves that ended in this second (fleet mode,
+	// ShareEvery > 0): each from the first sample with a caller queued at
+	// the limit (Waiting > 0 and Open ≥ Limit) to the first with more slots
+	// leased (FleetStats.Leased grew). Cleared counts the queues that
+	// emptied without a lease. Reached is, in the second it happened, when
+	// the share first reached ShareTarget in a hot phase.
+	Moves   []move `json:"moves,omitempty"`
+	Cleared int    `json:"cleared,omitempty"`
+	Reached []int  `json:"reached,omitempty"` // ms since the common start
 
 	Final bool `json:"final,omitempty"`
+}
+
+// move is one share move, in milliseconds since the common start.
+type move struct {
+	Q int `json:"q"` // first sample with a caller queued at the limit
+	L int `json:"l"` // first sample with a newly leased slot
 }
 
 // histBucket maps a latency to a bucket, 20 per decade of microseconds
@@ -95,6 +125,9 @@ type second struct {
 	errs     map[string]int64
 	lat      []time.Duration
 	firstErr string
+	moves    []move
+	cleared  int
+	reached  []int
 }
 
 // recorder collects outcomes by the second in which they ended.
@@ -104,15 +137,28 @@ type recorder struct {
 	secs  map[int]*second
 }
 
-func (r *recorder) add(end time.Time, d time.Duration, err error) {
-	sec := int(end.Sub(r.start) / time.Second)
-	r.mu.Lock()
-	defer r.mu.Unlock()
+// secLocked returns the second at t, created if need be.
+func (r *recorder) secLocked(t time.Time) *second {
+	sec := int(t.Sub(r.start) / time.Second)
 	s := r.secs[sec]
 	if s == nil {
 		s = &second{errs: map[string]int64{}}
 		r.secs[sec] = s
 	}
+	return s
+}
+
+// event records the sampler's findings at t (see line.Moves).
+func (r *recorder) event(t time.Time, f func(s *second)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	f(r.secLocked(t))
+}
+
+func (r *recorder) add(end time.Time, d time.Duration, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s := r.secLocked(end)
 	if err != nil {
 		s.errs[errKind(err)]++
 		if s.firstErr == "" {
@@ -124,8 +170,9 @@ func (r *recorder) add(end time.Time, d time.Duration, err error) {
 	s.lat = append(s.lat, d)
 }
 
-// flush writes the lines of every second before upTo.
-func (r *recorder) flush(spec childSpec, upTo int, enc *json.Encoder) {
+// flush writes the lines of every second before upTo. Only the process's
+// own replica (not a virtual one of mode single) reports the driver's state.
+func (r *recorder) flush(spec childSpec, upTo int, enc *json.Encoder, driver bool) {
 	r.mu.Lock()
 	var secs []int
 	for k := range r.secs {
@@ -142,13 +189,17 @@ func (r *recorder) flush(spec childSpec, upTo int, enc *json.Encoder) {
 	r.mu.Unlock()
 	for i, k := range secs {
 		s := taken[i]
-		st := tenantpg.Default().Stats()
 		l := line{Replica: spec.Replica, Sec: k, Ops: s.ops, FirstErr: s.firstErr,
-			Hot: spec.hot(r.start.Add(time.Duration(k) * time.Second)), Dials: st.Dials, Rejected: st.DialErrors["rejected"],
-			Open: st.Open, Waiting: st.Waiting, Yielded: st.Evictions["fleet"]}
-		for _, sv := range st.Servers {
-			if sv.Fleet != nil {
-				l.Share += sv.Fleet.Share
+			Hot:   spec.hot(r.start.Add(time.Duration(k) * time.Second)),
+			Moves: s.moves, Cleared: s.cleared, Reached: s.reached}
+		if driver {
+			st := tenantpg.Default().Stats()
+			l.Dials, l.Rejected, l.Open, l.Waiting, l.Yielded = st.Dials, st.DialErrors["rejected"], st.Open, st.Waiting, st.Evictions["fleet"]
+			for _, sv := range st.Servers {
+				if sv.Fleet != nil {
+					l.Share += sv.Fleet.Share
+					l.RoundTrips += sv.Fleet.RoundTrips
+				}
 			}
 		}
 		if len(s.errs) > 0 {
@@ -204,31 +255,128 @@ func childMain(arg string, stdout, stderr io.Writer) int {
 
 	start := time.Unix(0, spec.Start)
 	end := start.Add(spec.Duration)
-	rec := &recorder{start: start, secs: map[int]*second{}}
 	enc := json.NewEncoder(stdout)
 
+	// One replica, or in mode single every replica's workers in this one
+	// process, each with its own recorder.
+	specs := []childSpec{spec}
+	if spec.Virtual > 0 {
+		specs = specs[:0]
+		for v := 0; v < spec.Virtual; v++ {
+			vs := spec
+			vs.Replica = v
+			specs = append(specs, vs)
+		}
+	}
+	recs := make([]*recorder, len(specs))
 	var wg sync.WaitGroup
-	for j := 0; j < spec.Workers; j++ {
-		wg.Add(1)
-		go func(j int) {
-			defer wg.Done()
-			worker(db, spec, j, start, end, rec)
-		}(j)
+	for i, vs := range specs {
+		recs[i] = &recorder{start: start, secs: map[int]*second{}}
+		for j := 0; j < vs.Workers; j++ {
+			wg.Add(1)
+			go func(rec *recorder, vs childSpec, j int) {
+				defer wg.Done()
+				worker(db, vs, j, start, end, rec)
+			}(recs[i], vs, j)
+		}
+	}
+	samplerDone := make(chan struct{})
+	if spec.ShareEvery > 0 && spec.Virtual == 0 {
+		go func() {
+			defer close(samplerDone)
+			sampleShare(spec, start, end, recs[0])
+		}()
+	} else {
+		close(samplerDone)
 	}
 	flushDone := make(chan struct{})
+	flushAll := func(upTo int) {
+		for i, vs := range specs {
+			recs[i].flush(vs, upTo, enc, i == 0)
+		}
+	}
 	go func() {
 		defer close(flushDone)
 		for sec := 1; !start.Add(time.Duration(sec-1) * time.Second).After(end); sec++ {
 			time.Sleep(time.Until(start.Add(time.Duration(sec) * time.Second)))
-			rec.flush(spec, sec, enc)
+			flushAll(sec)
 		}
 	}()
 	wg.Wait()
+	<-samplerDone
 	<-flushDone
-	rec.flush(spec, math.MaxInt, enc) // operations that ended after the run (their deadline)
+	flushAll(math.MaxInt) // operations that ended after the run (their deadline)
 	st := tenantpg.Default().Stats()
-	_ = enc.Encode(line{Replica: spec.Replica, Final: true, Dials: st.Dials, Rejected: st.DialErrors["rejected"]})
+	for i, vs := range specs {
+		l := line{Replica: vs.Replica, Final: true}
+		if i == 0 {
+			l.Dials, l.Rejected = st.Dials, st.DialErrors["rejected"]
+			for _, sv := range st.Servers {
+				if sv.Fleet != nil {
+					l.RoundTrips += sv.Fleet.RoundTrips
+				}
+			}
+		}
+		_ = enc.Encode(l)
+	}
 	return 0
+}
+
+// sampleShare times share moves in a fleet replica: every ShareEvery it
+// reads the driver's Stats of the fleet's server. A move starts at the
+// first sample with a caller queued at the limit (Waiting > 0, Open ≥
+// Limit) after one without, and ends at the first sample whose
+// FleetStats.Leased is higher than at its start; a queue that empties
+// first counts as cleared. It also notes, once per hot phase, when the
+// share first reaches ShareTarget. Sampling costs one Stats call (the
+// budget's lock, a copy of its numbers) per interval.
+func sampleShare(spec childSpec, start, end time.Time, rec *recorder) {
+	t := time.NewTicker(spec.ShareEvery)
+	defer t.Stop()
+	var (
+		queuedBefore bool
+		inMove       bool
+		q            time.Time
+		leased0      uint64
+		reachedPhase = -1
+	)
+	msOf := func(at time.Time) int { return int(at.Sub(start) / time.Millisecond) }
+	for now := range t.C {
+		if now.After(end) {
+			return
+		}
+		if now.Before(start) {
+			continue
+		}
+		var fs *tenantpg.FleetStats
+		var sv tenantpg.ServerStats
+		for _, x := range tenantpg.Default().Stats().Servers {
+			if x.Fleet != nil {
+				sv, fs = x, x.Fleet
+			}
+		}
+		if fs == nil {
+			continue
+		}
+		queued := sv.Waiting > 0 && sv.Open >= sv.Limit
+		switch {
+		case inMove && fs.Leased > leased0:
+			m := move{Q: msOf(q), L: msOf(now)}
+			rec.event(now, func(s *second) { s.moves = append(s.moves, m) })
+			inMove = false
+		case inMove && !queued:
+			rec.event(now, func(s *second) { s.cleared++ })
+			inMove = false
+		case !inMove && queued && !queuedBefore:
+			inMove, q, leased0 = true, now, fs.Leased
+		}
+		queuedBefore = queued
+		if p := spec.phaseAt(now); spec.hot(now) && p != reachedPhase && spec.ShareTarget > 0 && fs.Share >= spec.ShareTarget {
+			reachedPhase = p
+			ms := msOf(now)
+			rec.event(now, func(s *second) { s.reached = append(s.reached, ms) })
+		}
+	}
 }
 
 // worker is one closed-loop caller. Its random streams depend only on the

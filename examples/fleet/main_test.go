@@ -29,7 +29,7 @@ func TestFleetShort(t *testing.T) {
 	o.phase, o.duration = 2*time.Second, 4*time.Second
 	o.lead = 1500 * time.Millisecond // replicas under -race start slower
 	o.opTimeout = 5 * time.Second
-	o.modes = []string{"static", "fleet"}
+	o.modes = []string{"static", "fleet", "single"}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -89,6 +89,20 @@ func TestFleetShort(t *testing.T) {
 	// machine without anything being wrong.
 	if k := fleet.kill; k != nil {
 		t.Logf("fleet: the killed replica's slots served the others after %v", k.reuseAfter)
+	}
+
+	// Mode single is one process running every replica's workers on the
+	// whole budget, with no coordination session.
+	single := rep.mode("single")
+	if single.peak > o.fleetBudget || single.coordPeak != 0 || single.errorCount() != 0 {
+		t.Errorf("single: server peak %d (budget %d), %d coordination sessions, caller errors %s",
+			single.peak, o.fleetBudget, single.coordPeak, single.errorText())
+	}
+	if !strings.Contains(out.String(), "- fleet/single ") {
+		t.Error("no fleet/single ratio in the summary")
+	}
+	if fleet.kill == nil || !strings.Contains(out.String(), "Share moves (fleet;") {
+		t.Error("no share moves reported for fleet mode")
 	}
 
 	for name, text := range map[string]string{"output": out.String(), "status": status.String()} {

@@ -18,8 +18,11 @@ import (
 
 // modeResult is what one mode produced.
 type modeResult struct {
-	mode       string
-	perReplica int // TENANTPG_MAX_CONNECTIONS of each replica
+	mode       string // fleet, single, static or uncoordinated
+	label      string // as given in -modes: mode or mode@B
+	budget     int    // B: F, or the budget of mode@B
+	connLimit  int    // the role's CONNECTION LIMIT during the mode
+	perReplica int    // TENANTPG_MAX_CONNECTIONS of each replica
 
 	ops          int64 // successful reads that ended within the run
 	opsByPhase   []int64
@@ -33,6 +36,7 @@ type modeResult struct {
 	rejected     uint64 // the drivers' dials refused with 53300, summed over replicas
 	dials        uint64 // the drivers' dials, summed over replicas
 	yielded      uint64 // backends closed for another replica, summed over replicas
+	roundTrips   uint64 // statements on the coordination sessions, summed over replicas
 
 	peak, coordPeak, samples int
 	refused                  int  // 53300 lines in the server log
@@ -42,6 +46,16 @@ type modeResult struct {
 	// timeline holds every replica's per-second lines by second, for
 	// -timeline.
 	timeline map[int][]line
+
+	// loadBefore and loadAfter are /proc/loadavg's first three fields
+	// when the mode's replicas start and after they end ("" elsewhere).
+	loadBefore, loadAfter string
+
+	// Share moves (fleet mode, see line.Moves), by replica, in ms since
+	// the common start.
+	moves   [][]move
+	cleared int
+	reached [][]int
 }
 
 // killResult is the kill -9 measurement of fleet mode.
@@ -69,6 +83,8 @@ func modeEnv(mode string, o options) (env []string, perReplica int) {
 			}
 		}
 		return env, o.fleetBudget
+	case "single":
+		return []string{"TENANTPG_MAX_CONNECTIONS=" + f}, o.fleetBudget
 	case "static":
 		perReplica = o.fleetBudget / o.replicas
 		return []string{"TENANTPG_MAX_CONNECTIONS=" + strconv.Itoa(perReplica)}, perReplica
@@ -100,18 +116,27 @@ func runMode(ctx context.Context, o options, w *world, mode string, smp *sampler
 	r := &modeResult{mode: mode, perReplica: perReplica, errs: map[string]int64{}, hist: map[int]int64{},
 		opsByReplica: make([]int64, o.replicas)}
 
+	r.loadBefore = loadAvg()
 	spawned := time.Now()
 	start := spawned.Add(o.lead)
 	spec := childSpec{Replicas: o.replicas, Start: start.UnixNano(), Phase: o.phase, Duration: o.duration,
 		OpTimeout: o.opTimeout, Workers: o.workers, ColdWorkers: o.coldWorkers, Workspaces: o.workspaces,
 		Rows: o.rows, Seed: o.seed, ZipfS: o.zipfS}
+	procs := o.replicas
+	if mode == "single" {
+		// One process runs every replica's workers: the same offered load.
+		procs, spec.Virtual = 1, o.replicas
+	}
+	if mode == "fleet" {
+		spec.ShareEvery, spec.ShareTarget = o.shareEvery, o.shareTarget()
+	}
 	// A replica that ignores its deadlines is killed: the run must end.
 	mctx, cancel := context.WithDeadline(ctx, start.Add(o.duration+o.opTimeout+30*time.Second))
 	defer cancel()
 
 	var mu sync.Mutex // guards r's fields the readers fill and the kill
 	var lines []line
-	cmds := make([]*exec.Cmd, o.replicas)
+	cmds := make([]*exec.Cmd, procs)
 	var wg sync.WaitGroup
 	for i := range cmds {
 		spec.Replica = i
@@ -180,6 +205,7 @@ func runMode(ctx context.Context, o options, w *world, mode string, smp *sampler
 	time.Sleep(2 * o.sampleEvery) // the log poller's last look
 	end := time.Now()
 
+	r.loadAfter = loadAvg()
 	r.aggregate(o, lines)
 	snaps := smp.between(spawned, end)
 	r.samples = len(snaps)
@@ -273,18 +299,25 @@ func appName(i int) string { return "replica-" + strconv.Itoa(i) }
 func (r *modeResult) aggregate(o options, lines []line) {
 	phases := int((o.duration + o.phase - 1) / o.phase)
 	r.opsByPhase = make([]int64, phases)
+	r.moves = make([][]move, o.replicas)
+	r.reached = make([][]int, o.replicas)
 	runSecs := int(o.duration / time.Second)
 	rejected := make([]uint64, o.replicas) // cumulative in each line: keep the last
 	dials := make([]uint64, o.replicas)
 	yielded := make([]uint64, o.replicas)
+	roundTrips := make([]uint64, o.replicas)
 	for _, l := range lines {
 		if l.Replica < 0 || l.Replica >= o.replicas {
 			r.badLines++
 			continue
 		}
+		r.moves[l.Replica] = append(r.moves[l.Replica], l.Moves...)
+		r.reached[l.Replica] = append(r.reached[l.Replica], l.Reached...)
+		r.cleared += l.Cleared
 		rejected[l.Replica] = max(rejected[l.Replica], l.Rejected)
 		dials[l.Replica] = max(dials[l.Replica], l.Dials)
 		yielded[l.Replica] = max(yielded[l.Replica], l.Yielded)
+		roundTrips[l.Replica] = max(roundTrips[l.Replica], l.RoundTrips)
 		if l.Final {
 			r.finals++
 			continue
@@ -316,6 +349,7 @@ func (r *modeResult) aggregate(o options, lines []line) {
 		r.rejected += n
 		r.dials += dials[i]
 		r.yielded += yielded[i]
+		r.roundTrips += roundTrips[i]
 	}
 }
 
@@ -340,4 +374,19 @@ func (p *prefixWriter) Write(b []byte) (int, error) {
 		fmt.Fprintln(p.w, p.prefix+strings.ReplaceAll(string(p.buf[:i]), password, "****"))
 		p.buf = p.buf[i+1:]
 	}
+}
+
+// loadAvg returns the 1, 5 and 15-minute load averages ("" where
+// /proc/loadavg does not exist): the machine is shared, and every
+// measurement carries them.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return ""
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return ""
+	}
+	return strings.Join(f[:3], " ")
 }

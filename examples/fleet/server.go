@@ -32,6 +32,17 @@ type world struct {
 	labels    []string
 	routedDSN string // database name prefix + {workspace}; holds the password: never printed
 	external  bool   // not our server: no log to count refusals from
+	connLimit int    // the role's CONNECTION LIMIT now
+}
+
+// setConnLimit changes the role's CONNECTION LIMIT, for a mode run with
+// another budget (mode@B).
+func (w *world) setConnLimit(ctx context.Context, n int) error {
+	if _, err := w.srv.Admin().ExecContext(ctx, fmt.Sprintf("ALTER ROLE %s CONNECTION LIMIT %d", pgtest.QuoteIdent(w.role), n)); err != nil {
+		return fmt.Errorf("role's connection limit: %w", err)
+	}
+	w.connLimit = n
+	return nil
 }
 
 func startWorld(ctx context.Context, o options, log io.Writer) (*world, error) {
@@ -43,7 +54,7 @@ func startWorld(ctx context.Context, o options, log io.Writer) (*world, error) {
 	// max_connections well above F: the role's limit is the cap under
 	// test, and refused dials briefly hold a server slot each.
 	w.srv, err = pgtest.Start(pgtest.Options{
-		MaxConnections: 2*o.fleetBudget + 30,
+		MaxConnections: 2*o.maxBudget() + 30,
 		// -c takes the value verbatim: no quotes.
 		Settings: map[string]string{"log_line_prefix": logLinePrefix},
 	})
@@ -54,6 +65,7 @@ func startWorld(ctx context.Context, o options, log io.Writer) (*world, error) {
 		w.stop()
 		return nil, err
 	}
+	w.connLimit = o.fleetBudget
 	start := time.Now()
 	tmpl, err := w.srv.CreateDatabases(ctx, w.role, "", "fleet_template")
 	if err == nil {
