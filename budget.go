@@ -590,7 +590,7 @@ func (b *budget) unregisterLocked(d *database) {
 // take and looks it up again.
 func (b *budget) releaseIfIdle(d *database) bool {
 	b.mu.Lock()
-	defer b.mu.Unlock()
+	defer b.unlock() // forgetting d serves its server's queue, which may close a backend
 	if d.refs != 1 || d.open != 0 {
 		return false
 	}

@@ -256,3 +256,50 @@ func TestCancelledCallerDoesNotDiscardIdleBackends(t *testing.T) {
 	require.Equal(t, uint64(1), e.drv.Stats().Dials)
 	e.requireQuiescent()
 }
+
+// TestReleaseIfIdleRunsTheClosesItQueues: a router forgetting a quiet
+// workspace serves its server's queue, which may choose a backend to close
+// for a caller that waits; that close must run before releaseIfIdle
+// returns. It released the lock without running it, leaving the backend
+// closing and the caller waiting for its token until some other call
+// unlocked (found by the architecture split, #21).
+func TestReleaseIfIdleRunsTheClosesItQueues(t *testing.T) {
+	cfg, err := Config{MaxConnections: 3, MaxConnectionsPerDB: 2, AcquireTimeout: time.Hour,
+		ConnMaxIdleTime: time.Hour, ConnMaxLifetime: time.Hour}.normalize()
+	require.NoError(t, err)
+	clk := &smClock{now: smEpoch}
+	io := &smIO{broke: map[*backend]bool{}, sockOpen: map[*backend]bool{}}
+	b := newBudget(cfg, clk, io)
+	io.b = b
+	t.Cleanup(b.close)
+	b.mu.Lock()
+	spare := addDatabaseLocked(b, serverKey{}, "spare", "spare", 2, smEpoch) // two idle: one is spare
+	grower := addDatabaseLocked(b, serverKey{}, "grower", "grower", 1, smEpoch)
+	quiet := addDatabaseLocked(b, serverKey{}, "quiet", "quiet", 0, smEpoch) // a router's, with nothing
+	b.mu.Unlock()
+	takeIdle(t, b, grower) // the budget is full
+
+	// A second caller of grower waits; its patience (nothing measured: at
+	// once) makes it seek a token, but the spare backend has not been idle
+	// for spareIdleAfter yet: nothing is evicted for growth.
+	_, w, err := b.take(grower, clk.Now(), nil)
+	require.NoError(t, err)
+	require.NotNil(t, w)
+	b.mu.Lock()
+	pt, _ := w.patience.(*smTimer)
+	b.mu.Unlock()
+	require.NotNil(t, pt)
+	clk.expire(pt)
+	pt.f()
+	require.True(t, locked(b, w.seekingLocked))
+	require.Empty(t, io.takeClosed())
+
+	// Later the spare backend is old enough; the next event on the server
+	// is the router letting the quiet workspace go.
+	clk.set(smEpoch.Add(2 * spareIdleAfter))
+	require.True(t, b.releaseIfIdle(quiet))
+	closed := io.takeClosed()
+	require.Len(t, closed, 1, "the backend evicted for the waiter is closed before releaseIfIdle returns")
+	require.Same(t, spare, closed[0].db)
+	require.NoError(t, locked(b, b.checkInvariantsLocked))
+}
