@@ -230,7 +230,7 @@ func (r *router) ping(ctx context.Context) error {
 		timeout = min(timeout, cfg.ConnectTimeout)
 	}
 	b.mu.Lock()
-	if s := b.servers[serverKey{host: cfg.Host, port: cfg.Port}]; s != nil && s.down {
+	if s := b.servers[b.serverKeyLocked(serverKey{host: cfg.Host, port: cfg.Port})]; s != nil && s.down {
 		err := &ServerDownError{Database: cfg.Database, Server: s.label, Down: start.Sub(s.since), Waiting: s.waiting, Err: s.lastErr}
 		b.mu.Unlock()
 		return err
