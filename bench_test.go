@@ -130,15 +130,15 @@ func (nopIO) broken(*backend) bool { return false }
 
 // newBenchBudget is a budget with n databases, each holding one idle
 // backend, as if each had been used once long ago.
-func newBenchBudget(n, limit, perDB int) (*budget, []*database) {
+func newBenchBudget(n, limit, perDB int) (*budget, []*backendPool) {
 	bg := newBudget(Config{MaxConnections: limit, MaxConnectionsPerDB: perDB, AcquireTimeout: time.Minute,
 		ConnMaxIdleTime: time.Hour, ConnMaxLifetime: time.Hour}, realClock{}, nopIO{})
 	past := time.Now().Add(-time.Minute)
-	dbs := make([]*database, n)
+	dbs := make([]*backendPool, n)
 	bg.mu.Lock()
 	defer bg.mu.Unlock()
 	for i := range dbs {
-		dbs[i] = addDatabaseLocked(bg, serverKey{}, fmt.Sprint(i), fmt.Sprint(i), 1, past)
+		dbs[i] = addPoolLocked(bg, serverKey{}, fmt.Sprint(i), fmt.Sprint(i), 1, past)
 	}
 	return bg, dbs
 }

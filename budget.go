@@ -66,14 +66,14 @@ type budget struct {
 	open     int
 	peakOpen int
 
-	dbs     map[*database]struct{} // every pool; guarded by mu
-	poolIDs uint64                 // the last pool id given; guarded by mu
-	servers map[serverKey]*server  // the servers of dbs, each with its budget and circuit; guarded by mu
-	waiting int                    // callers waiting for a backend or a token; guarded by mu
-	closed  bool                   // guarded by mu
-	shut    atomic.Bool            // closed, for a check-in that holds no backend
-	toClose []closeJob             // chosen for closing under mu, closed by unlock; guarded by mu
-	reaper  wakeup                 // closes idle backends past their idle time or lifetime; guarded by mu
+	dbs     map[*backendPool]struct{} // every pool; guarded by mu
+	poolIDs uint64                    // the last pool id given; guarded by mu
+	servers map[serverKey]*server     // the servers of dbs, each with its budget and circuit; guarded by mu
+	waiting int                       // callers waiting for a backend or a token; guarded by mu
+	closed  bool                      // guarded by mu
+	shut    atomic.Bool               // closed, for a check-in that holds no backend
+	toClose []closeJob                // chosen for closing under mu, closed by unlock; guarded by mu
+	reaper  wakeup                    // closes idle backends past their idle time or lifetime; guarded by mu
 
 	// dialTime is the driver's EWMA of a dial's duration, what a caller
 	// pays for a new backend; guarded by mu.
@@ -173,7 +173,7 @@ type closeJob struct {
 // waiter is a caller queued for a backend of its database and, when it is
 // to dial one, for a token.
 type waiter struct {
-	db    *database
+	db    *backendPool
 	since time.Time
 	ready chan struct{} // closed once served (be or tok set) or failed (err set)
 	stack []uintptr     // the caller's stack, for the backend it gets (leak detection); nil when off
@@ -213,7 +213,7 @@ func (waiterInBudgetQueue) links(w *waiter) *links[waiter] { return &w.inBudget 
 // until the server has closed every socket dialed for it. Guarded by
 // budget.mu.
 type token struct {
-	db        *database
+	db        *backendPool
 	sock      *trackedConn // the last socket dialed for it: the backend's own
 	sockets   int          // sockets dialed for this token and not yet drained
 	ended     bool         // the owner is done: the dial failed or the backend closed
@@ -274,7 +274,7 @@ const defaultHandoffAfter = 100 * time.Millisecond
 const defaultLivenessAfter = 50 * time.Millisecond
 
 func newBudget(cfg Config, clk clock, io backendIO) *budget {
-	b := &budget{clock: clk, io: io, dbs: make(map[*database]struct{}), servers: make(map[serverKey]*server),
+	b := &budget{clock: clk, io: io, dbs: make(map[*backendPool]struct{}), servers: make(map[serverKey]*server),
 		handoffAfter: defaultHandoffAfter, livenessAfter: defaultLivenessAfter, hungDialAfter: defaultHungDialAfter}
 	b.drained = sync.NewCond(&b.mu)
 	b.reaper.fn = b.reap
@@ -358,7 +358,7 @@ func serverLimit(def int, perServer map[string]int, label string) int {
 }
 
 // capLocked returns d's cap; guarded by mu.
-func (b *budget) capLocked(d *database) int {
+func (b *budget) capLocked(d *backendPool) int {
 	c := b.perDB
 	if d.capOverride > 0 {
 		c = d.capOverride
@@ -380,7 +380,7 @@ func (b *budget) settingsLimit() int {
 }
 
 // names returns d's workspace label and database name.
-func (b *budget) names(d *database) (workspace, name string) {
+func (b *budget) names(d *backendPool) (workspace, name string) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return d.workspace, d.name
@@ -388,15 +388,15 @@ func (b *budget) names(d *database) (workspace, name string) {
 
 // roomLocked reports whether d may take a token of its server now without
 // evicting.
-func (b *budget) roomLocked(d *database) bool {
+func (b *budget) roomLocked(d *backendPool) bool {
 	s := d.srv
 	return s.open < s.limit && (d.open < d.reserved || s.sharedInUse < s.limit-s.reserved)
 }
 
 // liveShared is d's part of sharedLive.
-func liveShared(d *database) int { return max(0, d.open-d.closing-d.reserved) }
+func liveShared(d *backendPool) int { return max(0, d.open-d.closing-d.reserved) }
 
-func (b *budget) takeLocked(d *database) {
+func (b *budget) takeLocked(d *backendPool) {
 	s := d.srv
 	old := liveShared(d)
 	if d.protected {
@@ -413,7 +413,7 @@ func (b *budget) takeLocked(d *database) {
 	b.peakOpen = max(b.peakOpen, b.open)
 }
 
-func (b *budget) giveLocked(d *database) {
+func (b *budget) giveLocked(d *backendPool) {
 	s := d.srv
 	if d.open > d.reserved {
 		s.sharedInUse--
@@ -441,7 +441,7 @@ func (b *budget) giveLocked(d *database) {
 }
 
 // register makes the pool of a parsed DSN, on its server's budget.
-func (b *budget) register(p *dsnParams) (*database, error) {
+func (b *budget) register(p *dsnParams) (*backendPool, error) {
 	b.mu.Lock()
 	defer b.unlock()
 	if b.closed {
@@ -459,7 +459,7 @@ func (b *budget) register(p *dsnParams) (*database, error) {
 			Reason: fmt.Sprintf("pool_max_conns %d exceeds the budget of %d connections", p.maxConns, limit)}
 	}
 	b.poolIDs++
-	d := &database{id: b.poolIDs, name: p.cfg.Database}
+	d := &backendPool{id: b.poolIDs, name: p.cfg.Database}
 	d.srv = b.serverLocked(srvKey)
 	b.dbs[d] = struct{}{}
 	s := d.srv
@@ -508,7 +508,7 @@ type owner struct {
 // (nil for a router's handle, which keeps none), made by o (nil for one
 // that Driver.Open returns, which outlives its connector by design). It
 // fails once the driver is closed. release undoes it.
-func (b *budget) retain(d *database, o *owner) error {
+func (b *budget) retain(d *backendPool, o *owner) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.closed {
@@ -528,7 +528,7 @@ func (b *budget) retain(d *database, o *owner) error {
 
 // release undoes retain, when a handle is closed or found to be garbage
 // (reclaim.go).
-func (b *budget) release(d *database, o *owner) {
+func (b *budget) release(d *backendPool, o *owner) {
 	b.mu.Lock()
 	if o != nil {
 		o.handles--
@@ -546,7 +546,7 @@ func (b *budget) release(d *database, o *owner) {
 // open are strays from now on. d, if not nil, is o's pool: its idle
 // backends are closed now, its busy ones as they are checked in, whatever
 // handles are still open.
-func (b *budget) closeOwner(d *database, o *owner) {
+func (b *budget) closeOwner(d *backendPool, o *owner) {
 	b.mu.Lock()
 	if !o.closed {
 		o.closed = true
@@ -562,19 +562,19 @@ func (b *budget) closeOwner(d *database, o *owner) {
 
 // closeIdleLocked closes d's idle backends: nothing of a closed pool's
 // sessions may be reused.
-func (b *budget) closeIdleLocked(d *database) {
+func (b *budget) closeIdleLocked(d *backendPool) {
 	for d.idleBackends.back != nil {
 		b.evictLocked(d.idleBackends.back, reasonUnused, nil)
 	}
 }
 
-func (b *budget) unregister(d *database) {
+func (b *budget) unregister(d *backendPool) {
 	b.mu.Lock()
 	b.unregisterLocked(d)
 	b.unlock()
 }
 
-func (b *budget) unregisterLocked(d *database) {
+func (b *budget) unregisterLocked(d *backendPool) {
 	d.refs--
 	if d.refs == 0 {
 		// Nothing can check these out any more.
@@ -588,7 +588,7 @@ func (b *budget) unregisterLocked(d *database) {
 // has gone quiet, so that serving many workspaces over time does not grow
 // memory. A checkout that looked d up before then gets errDBClosed from
 // take and looks it up again.
-func (b *budget) releaseIfIdle(d *database) bool {
+func (b *budget) releaseIfIdle(d *backendPool) bool {
 	b.mu.Lock()
 	defer b.unlock() // forgetting d serves its server's queue, which may close a backend
 	if d.refs != 1 || d.open != 0 {
@@ -601,7 +601,7 @@ func (b *budget) releaseIfIdle(d *database) bool {
 
 // forgetLocked drops the state of a database nothing uses and that holds no
 // backend, so that opening many databases over time does not grow memory.
-func (b *budget) forgetLocked(d *database) {
+func (b *budget) forgetLocked(d *backendPool) {
 	if _, listed := b.dbs[d]; listed && d.refs == 0 && d.open == 0 {
 		s := d.srv
 		s.reserved -= d.reserved
@@ -617,7 +617,7 @@ func (b *budget) forgetLocked(d *database) {
 // wait), or else a waiter queued on d, which may already hold a token; the
 // caller then calls await. now is the checkout time; stack is the
 // caller's (captureStack), nil unless leak detection is on.
-func (b *budget) take(d *database, now time.Time, stack []uintptr) (*backend, *waiter, error) {
+func (b *budget) take(d *backendPool, now time.Time, stack []uintptr) (*backend, *waiter, error) {
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -823,7 +823,7 @@ func (b *budget) handOverLocked(w *waiter, be *backend, now time.Time) {
 	b.serveLocked(w, now)
 }
 
-func (b *budget) dialingLocked(d *database) {
+func (b *budget) dialingLocked(d *backendPool) {
 	d.dialing++
 	d.srv.dialing++
 	b.dials++
@@ -847,7 +847,7 @@ func (b *budget) seekLocked(w *waiter) {
 
 // growLocked lets waiters of d dial while its pool should grow (see
 // shouldDialLocked in connector.go).
-func (b *budget) growLocked(d *database) {
+func (b *budget) growLocked(d *backendPool) {
 	if d.seeking > 0 && d.open-d.closing == 0 {
 		// Its last backend closed: its seekers, which grew and found
 		// no spare backend to take, are misses now and may evict.
@@ -1054,7 +1054,7 @@ func (b *budget) checkinReasonLocked(be *backend, now time.Time) evictReason {
 // for at least handoffAfter, that the token of d's backend being checked in
 // would serve. Below that wait, hot databases keep passing their backends
 // between their own callers; above it, a cold workspace would starve.
-func (b *budget) starvingLocked(d *database, now time.Time) *waiter {
+func (b *budget) starvingLocked(d *backendPool, now time.Time) *waiter {
 	if d.open-d.closing <= d.reserved {
 		return nil // closing this backend frees no shared token
 	}
@@ -1079,7 +1079,7 @@ func (b *budget) starvingLocked(d *database, now time.Time) *waiter {
 // overLimitLocked reports whether d holds more live backends than its cap,
 // or holds shared ones while the shared pool is over the budget: both after
 // a limit was lowered.
-func (b *budget) overLimitLocked(d *database) bool {
+func (b *budget) overLimitLocked(d *backendPool) bool {
 	live := d.open - d.closing
 	s := d.srv
 	return live > b.capLocked(d) || live > d.reserved && s.sharedLive > s.limit-s.reserved
@@ -1121,7 +1121,7 @@ func (b *budget) closeLocked(be *backend, reason evictReason, w *waiter) {
 	b.toClose = append(b.toClose, closeJob{be: be, reason: reason, workspace: be.db.workspace})
 }
 
-func (b *budget) countEvictionLocked(d *database, reason evictReason) {
+func (b *budget) countEvictionLocked(d *backendPool, reason evictReason) {
 	if reason != reasonNone {
 		b.evictions[reason]++
 		d.evictions++
@@ -1343,7 +1343,7 @@ func (b *budget) countRejection() {
 // limit is below the budget (other clients, a role or database CONNECTION
 // LIMIT). It returns a channel closed once that backend is gone, or nil
 // when nothing idle can be closed.
-func (b *budget) relieveServer(d *database) <-chan struct{} {
+func (b *budget) relieveServer(d *backendPool) <-chan struct{} {
 	b.mu.Lock()
 	v := d.srv.recency.victimLocked()
 	if v == nil {
@@ -1384,7 +1384,7 @@ func (b *budget) reap() {
 	b.reaper.fired()
 	var next time.Time
 	for _, s := range b.servers {
-		s.recency.eachLocked(func(x *database) {
+		s.recency.eachLocked(func(x *backendPool) {
 			for be := x.idleBackends.back; be != nil; {
 				prev := x.idleBackends.prev(be)
 				if at := b.expiryLocked(be); !at.After(now) {
@@ -1577,7 +1577,7 @@ func (b *budget) shrinkLocked(s *server) { b.shrinkOverLocked(s, reasonBudgetShr
 
 // shrinkOverLocked is shrinkLocked, closing backends for reason.
 func (b *budget) shrinkOverLocked(s *server, reason evictReason) {
-	s.recency.eachLocked(func(x *database) {
+	s.recency.eachLocked(func(x *backendPool) {
 		for x.open-x.closing > b.capLocked(x) && x.idleBackends.back != nil {
 			b.evictLocked(x.idleBackends.back, reason, nil)
 		}
@@ -1612,7 +1612,7 @@ func (b *budget) close() {
 		}
 	}
 	for _, s := range b.servers {
-		s.recency.eachLocked(func(x *database) {
+		s.recency.eachLocked(func(x *backendPool) {
 			for x.idleBackends.back != nil {
 				b.evictLocked(x.idleBackends.back, reasonDriverClosed, nil)
 			}
@@ -1706,7 +1706,7 @@ type serverSnapshot struct {
 }
 
 type dbSnapshot struct {
-	db                                                 *database // for its metric attributes, which are not guarded by mu
+	db                                                 *backendPool // for its metric attributes, which are not guarded by mu
 	workspace, name                                    string
 	open, inUse, idle, dialing, closing, cap, reserved int
 	waiting                                            int
@@ -1814,7 +1814,7 @@ func (b *budget) dialHung(t *token) {
 
 // serverDownErrorLocked is the error of a caller of d whose wait ends while
 // d's server is down.
-func (b *budget) serverDownErrorLocked(d *database, now time.Time, waited time.Duration, cause, callerErr error) *ServerDownError {
+func (b *budget) serverDownErrorLocked(d *backendPool, now time.Time, waited time.Duration, cause, callerErr error) *ServerDownError {
 	s := d.srv
 	s.failed++
 	return &ServerDownError{Workspace: d.workspace, Database: d.name, Server: s.label,
@@ -1823,7 +1823,7 @@ func (b *budget) serverDownErrorLocked(d *database, now time.Time, waited time.D
 
 // serverDownError is serverDownErrorLocked for a caller whose own dial found
 // the server down as its context ended; nil if the server is up again.
-func (b *budget) serverDownError(d *database, waited time.Duration, cause, callerErr error) error {
+func (b *budget) serverDownError(d *backendPool, waited time.Duration, cause, callerErr error) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if s := d.srv; s == nil || !s.down {

@@ -144,7 +144,7 @@ func (b *budget) serverLocked(key serverKey) *server {
 
 // releaseServerLocked drops d's reference to its server, and the server's
 // state once no database uses it.
-func (b *budget) releaseServerLocked(d *database) {
+func (b *budget) releaseServerLocked(d *backendPool) {
 	s := d.srv
 	if s == nil {
 		return
@@ -161,7 +161,7 @@ func (b *budget) releaseServerLocked(d *database) {
 
 // down reports whether d's server is down: its callers wait for the probe
 // instead of dialing.
-func (d *database) serverDown() bool { return d.srv != nil && d.srv.down }
+func (d *backendPool) serverDown() bool { return d.srv != nil && d.srv.down }
 
 // markDownLocked records that a dial found s down. The callers that were to
 // dial go back to waiting in their database's queue, and the first probe is

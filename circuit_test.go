@@ -259,16 +259,16 @@ func newCircuitRig(t *testing.T) *circuitRig {
 	return r
 }
 
-func (r *circuitRig) db(name string) *database {
+func (r *circuitRig) db(name string) *backendPool {
 	b := r.b
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return addDatabaseLocked(b, serverKey{host: "db.example", port: 5432}, name, name, 0, time.Time{})
+	return addPoolLocked(b, serverKey{host: "db.example", port: 5432}, name, name, 0, time.Time{})
 }
 
 // queue takes a checkout of d that finds no idle backend, and runs its
 // await in a goroutine.
-func (r *circuitRig) queue(d *database, ctx context.Context) (*waiter, chan awaited) {
+func (r *circuitRig) queue(d *backendPool, ctx context.Context) (*waiter, chan awaited) {
 	be, w, err := r.b.take(d, r.clk.Now(), nil)
 	require.NoError(r.t, err)
 	require.Nil(r.t, be)
@@ -330,7 +330,7 @@ type circuitState struct {
 	outages, failed uint64
 }
 
-func (r *circuitRig) server(d *database) circuitState {
+func (r *circuitRig) server(d *backendPool) circuitState {
 	r.b.mu.Lock()
 	defer r.b.mu.Unlock()
 	s := d.srv

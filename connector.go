@@ -23,7 +23,7 @@ import (
 // same DSN are two pools, as with pgx's stdlib driver; pools share their
 // server's budget, recency order, queue, dial pacing, circuit and fleet
 // lease, never a session.
-type database struct {
+type backendPool struct {
 	id   uint64 // distinct per pool of the driver, for Stats
 	name string
 	// resetSession: its backends' sessions are reset at every check-in
@@ -69,10 +69,10 @@ type database struct {
 	waitDebt float64
 	debtAt   time.Time
 
-	lru links[database] // in the budget's recency lists while it has idle backends
+	lru links[backendPool] // in the budget's recency lists while it has idle backends
 	// spare: in the recency's spare lists, while listed and holding two
 	// live backends or more (lru.go).
-	spare links[database]
+	spare links[backendPool]
 	// protected: one of its backends was reused since it last had none.
 	// Cleared when it holds no backend or is demoted.
 	protected bool
@@ -97,7 +97,7 @@ type backend struct {
 	resetFailed bool
 
 	// Set by budget.dialed, then constant.
-	db      *database
+	db      *backendPool
 	tok     *token
 	created time.Time
 
@@ -161,12 +161,12 @@ const (
 const waitDebtDecay = time.Second
 
 // owe adds a caller's wait to d's wait debt; guarded by budget.mu.
-func (d *database) owe(waited time.Duration, now time.Time) {
+func (d *backendPool) owe(waited time.Duration, now time.Time) {
 	d.decayDebt(now)
 	d.waitDebt += float64(waited)
 }
 
-func (d *database) decayDebt(now time.Time) {
+func (d *backendPool) decayDebt(now time.Time) {
 	if dt := now.Sub(d.debtAt); dt > 0 {
 		if d.waitDebt != 0 {
 			d.waitDebt *= math.Exp(-float64(dt) / float64(waitDebtDecay))
@@ -192,7 +192,7 @@ func (d *database) decayDebt(now time.Time) {
 // A hot database's second backend serving the rare overlaps of short
 // queries costs more than it saves under churn, where dials are slow; a
 // database with many callers queued on one backend grows to its cap at once.
-func (b *budget) shouldDialLocked(d *database, now time.Time) bool {
+func (b *budget) shouldDialLocked(d *backendPool, now time.Time) bool {
 	n := d.open - d.closing + d.seeking
 	if n == 0 {
 		return true
@@ -213,7 +213,7 @@ func (b *budget) shouldDialLocked(d *database, now time.Time) bool {
 // twice that when the budget is full and the dial evicts another database's
 // backend, which that database is likely to dial again (for growth only a
 // spare one, of a database that keeps another: lru.go).
-func (b *budget) dialCostLocked(d *database) time.Duration {
+func (b *budget) dialCostLocked(d *backendPool) time.Duration {
 	if !b.roomLocked(d) {
 		return 2 * b.dialTime.duration()
 	}
@@ -226,7 +226,7 @@ func (b *budget) dialCostLocked(d *database) time.Duration {
 // connector.
 type connector struct {
 	drv       *Driver
-	db        *database
+	db        *backendPool
 	workspace string           // the label its DSN gave, for traces
 	inner     driver.Connector // pgx stdlib, dialing through trackedDial
 	password  string           // its DSN's, kept out of the dial errors it returns

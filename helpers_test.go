@@ -180,11 +180,11 @@ const (
 	pollEvery = 2 * time.Millisecond
 )
 
-// addDatabaseLocked registers a database in b as register would, without a
+// addPoolLocked registers a database in b as register would, without a
 // DSN, holding idle backends last checked in at at (a server-free budget's
 // world, for the manual-clock tests and the benchmarks).
-func addDatabaseLocked(b *budget, srv serverKey, name, workspace string, idle int, at time.Time) *database {
-	d := &database{name: name, workspace: workspace, refs: 1, srv: b.serverLocked(srv)}
+func addPoolLocked(b *budget, srv serverKey, name, workspace string, idle int, at time.Time) *backendPool {
+	d := &backendPool{name: name, workspace: workspace, refs: 1, srv: b.serverLocked(srv)}
 	b.dbs[d] = struct{}{}
 	for range idle {
 		b.takeLocked(d)

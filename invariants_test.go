@@ -195,8 +195,8 @@ func (s *server) checkInvariantsLocked(b *budget, x *serverSums) error {
 	// The spare lists are the segments' databases that hold two live
 	// backends or more, in the segments' order.
 	for _, seg := range [2]struct {
-		l     *list[database, dbInRecency]
-		spare *list[database, dbSpare]
+		l     *list[backendPool, dbInRecency]
+		spare *list[backendPool, dbSpare]
 	}{{&s.recency.probation, &s.recency.spareProbation}, {&s.recency.protected, &s.recency.spareProtected}} {
 		y, n := seg.spare.front, 0
 		for x := seg.l.front; x != nil; x = seg.l.next(x) {

@@ -31,12 +31,12 @@ import "time"
 // victim is found without a scan.
 type slru struct {
 	// Most recently used first; probation is evicted before protected.
-	probation list[database, dbInRecency]
-	protected list[database, dbInRecency]
+	probation list[backendPool, dbInRecency]
+	protected list[backendPool, dbInRecency]
 	// The databases of probation and protected, in the same order, whose
 	// idle backends are not their last live one (open - closing >= 2).
-	spareProbation list[database, dbSpare]
-	spareProtected list[database, dbSpare]
+	spareProbation list[backendPool, dbSpare]
+	spareProtected list[backendPool, dbSpare]
 	// protectedOpen is Σ db.open over protected databases; above
 	// protectedLimit the least recently used protected database is demoted.
 	protectedOpen int
@@ -44,14 +44,14 @@ type slru struct {
 
 type dbInRecency struct{}
 
-func (dbInRecency) links(d *database) *links[database] { return &d.lru }
+func (dbInRecency) links(d *backendPool) *links[backendPool] { return &d.lru }
 
 type dbSpare struct{}
 
-func (dbSpare) links(d *database) *links[database] { return &d.spare }
+func (dbSpare) links(d *backendPool) *links[backendPool] { return &d.spare }
 
 // segmentOf returns the list d belongs in.
-func (s *slru) segmentOf(d *database) *list[database, dbInRecency] {
+func (s *slru) segmentOf(d *backendPool) *list[backendPool, dbInRecency] {
 	if d.protected {
 		return &s.protected
 	}
@@ -59,7 +59,7 @@ func (s *slru) segmentOf(d *database) *list[database, dbInRecency] {
 }
 
 // spareOf returns the spare list d belongs in.
-func (s *slru) spareOf(d *database) *list[database, dbSpare] {
+func (s *slru) spareOf(d *backendPool) *list[backendPool, dbSpare] {
 	if d.protected {
 		return &s.spareProtected
 	}
@@ -67,10 +67,10 @@ func (s *slru) spareOf(d *database) *list[database, dbSpare] {
 }
 
 // hasSpare reports whether an idle backend of d would not be its last.
-func hasSpare(d *database) bool { return d.open-d.closing >= 2 }
+func hasSpare(d *backendPool) bool { return d.open-d.closing >= 2 }
 
 // touchLocked moves d, which has idle backends, to the front of its segment.
-func (s *slru) touchLocked(d *database) {
+func (s *slru) touchLocked(d *backendPool) {
 	l := s.segmentOf(d)
 	if d.lru.listed {
 		l.moveToFront(d)
@@ -94,7 +94,7 @@ func (s *slru) touchLocked(d *database) {
 }
 
 // removeLocked takes d, which has no idle backend left, out of the lists.
-func (s *slru) removeLocked(d *database) {
+func (s *slru) removeLocked(d *backendPool) {
 	s.segmentOf(d).remove(d)
 	if d.spare.listed {
 		s.spareOf(d).remove(d)
@@ -106,7 +106,7 @@ func (s *slru) removeLocked(d *database) {
 // backends only grow while d has no idle one (a dial is for a waiter, and a
 // database with waiters has no idle backend), so d never joins the list
 // other than at the front, when touched.
-func (s *slru) liveDroppedLocked(d *database) {
+func (s *slru) liveDroppedLocked(d *backendPool) {
 	if d.spare.listed && !hasSpare(d) {
 		s.spareOf(d).remove(d)
 	}
@@ -116,7 +116,7 @@ func (s *slru) liveDroppedLocked(d *database) {
 // probation is promoted; when that makes the protected segment hold more
 // than its share of the budget, the least recently used protected database
 // with idle backends goes back on probation.
-func (s *slru) reusedLocked(d *database) {
+func (s *slru) reusedLocked(d *backendPool) {
 	if !d.protected {
 		if d.lru.listed {
 			s.probation.remove(d)
@@ -155,7 +155,7 @@ func protectedLimit(limit int) int { return max(1, limit*4/5) }
 // first. It skips databases whose backends all sit within their
 // reservation, as closing one would free no shared token.
 func (s *slru) victimLocked() *backend {
-	for _, l := range [2]*list[database, dbInRecency]{&s.probation, &s.protected} {
+	for _, l := range [2]*list[backendPool, dbInRecency]{&s.probation, &s.protected} {
 		for x := l.back; x != nil; x = l.prev(x) {
 			if x.open-x.closing > x.reserved {
 				return x.idleBackends.back
@@ -186,9 +186,9 @@ func (s *slru) victimLocked() *backend {
 // run's throughput and the idle age removed them); it was not isolated.
 // Only the least recently used spare database's is looked at, so the
 // choice stays O(1).
-func (s *slru) victimForLocked(d *database, now time.Time) *backend {
+func (s *slru) victimForLocked(d *backendPool, now time.Time) *backend {
 	miss := d.open-d.closing == 0
-	for _, l := range [2]*list[database, dbSpare]{&s.spareProbation, &s.spareProtected} {
+	for _, l := range [2]*list[backendPool, dbSpare]{&s.spareProbation, &s.spareProtected} {
 		for x := l.back; x != nil; x = l.prev(x) {
 			if x.open-x.closing > x.reserved {
 				if v := x.idleBackends.back; miss || now.Sub(v.idleSince) >= spareIdleAfter {
@@ -213,8 +213,8 @@ const spareIdleAfter = waitDebtDecay
 
 // eachLocked calls fn for every database with idle backends in eviction
 // order. fn may evict them.
-func (s *slru) eachLocked(fn func(*database)) {
-	for _, l := range [2]*list[database, dbInRecency]{&s.probation, &s.protected} {
+func (s *slru) eachLocked(fn func(*backendPool)) {
+	for _, l := range [2]*list[backendPool, dbInRecency]{&s.probation, &s.protected} {
 		for x := l.back; x != nil; {
 			prev := l.prev(x)
 			fn(x)

@@ -36,8 +36,8 @@ import (
 // cleanup of a handle that became garbage can return it.
 type hold struct {
 	b   *budget
-	db  *database // whose state the handle keeps alive; nil for a router's handle and a PoolConn
-	own *owner    // the connector or router that made the handle; nil for Driver.Open's and a PoolConn
+	db  *backendPool // whose state the handle keeps alive; nil for a router's handle and a PoolConn
+	own *owner       // the connector or router that made the handle; nil for Driver.Open's and a PoolConn
 	// be is the backend the handle has checked out, nil between checkouts.
 	// The handle sets it at checkout and takes it back at check-in; the
 	// cleanup takes it only if the handle never did. Atomic because the

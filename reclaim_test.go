@@ -277,7 +277,7 @@ func TestLeakThresholdOffCapturesNothing(t *testing.T) {
 
 // newManualBudget is a budget without a server on the state machine's
 // manual clock, with one database holding n idle backends.
-func newManualBudget(t *testing.T, cfg Config, n int) (*budget, *smClock, *database) {
+func newManualBudget(t *testing.T, cfg Config, n int) (*budget, *smClock, *backendPool) {
 	t.Helper()
 	cfg, err := cfg.normalize()
 	require.NoError(t, err)
@@ -285,13 +285,13 @@ func newManualBudget(t *testing.T, cfg Config, n int) (*budget, *smClock, *datab
 	b := newBudget(cfg, clk, nopIO{})
 	t.Cleanup(b.close)
 	b.mu.Lock()
-	d := addDatabaseLocked(b, serverKey{}, "db", "ws", n, smEpoch)
+	d := addPoolLocked(b, serverKey{}, "db", "ws", n, smEpoch)
 	b.mu.Unlock()
 	return b, clk, d
 }
 
 // takeIdle checks out an idle backend of d at the clock's time.
-func takeIdle(t *testing.T, b *budget, d *database) *backend {
+func takeIdle(t *testing.T, b *budget, d *backendPool) *backend {
 	t.Helper()
 	be, w, err := b.take(d, b.clock.Now(), nil)
 	require.NoError(t, err)

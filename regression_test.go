@@ -180,7 +180,7 @@ func TestLoweredIdleTimeoutRearmsTheReaper(t *testing.T) {
 	b := newBudget(cfg, realClock{}, nopIO{})
 	defer b.close()
 	b.mu.Lock()
-	d := addDatabaseLocked(b, serverKey{}, "db", "ws", 0, time.Now())
+	d := addPoolLocked(b, serverKey{}, "db", "ws", 0, time.Now())
 	b.mu.Unlock()
 	be1, be2 := mustCheckout(t, b, d), mustCheckout(t, b, d) // both busy
 	b.checkin(be1)                                           // the reaper is armed for +30m
@@ -199,7 +199,7 @@ func TestLoweredIdleTimeoutRearmsTheReaper(t *testing.T) {
 
 // mustCheckout checks out a backend of d from a budget that runs without a
 // server: an idle one, or a new one when it is granted a token.
-func mustCheckout(t testing.TB, b *budget, d *database) *backend {
+func mustCheckout(t testing.TB, b *budget, d *backendPool) *backend {
 	t.Helper()
 	be, w, err := b.take(d, b.clock.Now(), nil)
 	require.NoError(t, err)
@@ -273,9 +273,9 @@ func TestReleaseIfIdleRunsTheClosesItQueues(t *testing.T) {
 	io.b = b
 	t.Cleanup(b.close)
 	b.mu.Lock()
-	spare := addDatabaseLocked(b, serverKey{}, "spare", "spare", 2, smEpoch) // two idle: one is spare
-	grower := addDatabaseLocked(b, serverKey{}, "grower", "grower", 1, smEpoch)
-	quiet := addDatabaseLocked(b, serverKey{}, "quiet", "quiet", 0, smEpoch) // a router's, with nothing
+	spare := addPoolLocked(b, serverKey{}, "spare", "spare", 2, smEpoch) // two idle: one is spare
+	grower := addPoolLocked(b, serverKey{}, "grower", "grower", 1, smEpoch)
+	quiet := addPoolLocked(b, serverKey{}, "quiet", "quiet", 0, smEpoch) // a router's, with nothing
 	b.mu.Unlock()
 	takeIdle(t, b, grower) // the budget is full
 

@@ -144,7 +144,7 @@ func TestRoutedPingSeesTheAliasedCircuit(t *testing.T) {
 	}
 	b := drv.b
 	b.mu.Lock()
-	d := addDatabaseLocked(b, serverKey{host: "db.example", port: 5432}, "db", "ws", 0, time.Time{})
+	d := addPoolLocked(b, serverKey{host: "db.example", port: 5432}, "db", "ws", 0, time.Time{})
 	b.markDownLocked(d.srv, b.clock.Now().Add(-time.Second), errNotAnswering)
 	b.mu.Unlock()
 

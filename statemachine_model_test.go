@@ -13,11 +13,11 @@ import (
 type smDB struct {
 	i        int
 	ws       string
-	d        *database // its pool; nil while the budget has forgotten it
-	regs     int       // its connector, while open (0 or 1)
-	closed   bool      // its connector was closed: check-ins close backends
-	handles  int       // checkouts under way: waiting, dialing or holding a backend
-	awaiting int       // waiters whose await has not returned: each holds a ref
+	d        *backendPool // its pool; nil while the budget has forgotten it
+	regs     int          // its connector, while open (0 or 1)
+	closed   bool         // its connector was closed: check-ins close backends
+	handles  int          // checkouts under way: waiting, dialing or holding a backend
+	awaiting int          // waiters whose await has not returned: each holds a ref
 	reserved int
 	maxConns int
 	useTime  float64 // the model's EWMA of use times
