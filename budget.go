@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"maps"
 	"net"
-	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -122,47 +121,6 @@ type budget struct {
 	log     atomic.Pointer[slog.Logger] // nil: no logging
 }
 
-// tokens is the budget of one server (host and port, as the DSN resolves
-// them): each server has its own max_connections, so a token of one cannot
-// pay for a backend of another, and eviction, the queue of callers that are
-// to dial, reservations and dial pacing all work per server. Guarded by
-// budget.mu.
-type tokens struct {
-	// max is its budget as configured: Config.MaxConnections or its
-	// ServerMaxConnections figure. limit is what it may hold now: max, or
-	// with a fleet budget the slots its coordinator leased (held), within
-	// max less the coordination session, and lowered while it yields
-	// slots to other processes (fleetCap until fleetCapUntil).
-	max, limit int
-	fleet      *fleetCoordinator // nil without a fleet budget
-	fleetRole  string            // the role whose fleet it is part of
-	held       int
-	granted    bool // the coordinator has set held at least once: held is a share, not a fallback
-	fleetCap   int
-	capUntil   time.Time
-	fleetFloor int // what it may hold whatever its leases (fleetFloor)
-
-	reserved    int // Σ database.reserved
-	sharedInUse int // tokens held beyond reservations
-	sharedLive  int // Σ max(0, db.open - db.closing - db.reserved)
-	open        int // tokens held: dialing, in use, idle or closing
-	dialing     int
-	inUse       int
-	idle        int
-	closing     int // tokens whose backend is being torn down
-	peakOpen    int
-
-	queue   list[waiter, waiterInBudgetQueue] // callers that need a token, oldest first
-	waiting int                               // callers queued on its databases (Σ database.waiters.len)
-	recency slru                              // databases with idle backends
-
-	// Dial pacing (pace.go). claims counts the waiters promised the token
-	// of a backend being closed for them: each is about to dial and holds
-	// a dial slot.
-	claims int
-	pace   pacer
-}
-
 // closeJob is a backend chosen for closing under mu and closed by unlock.
 type closeJob struct {
 	be        *backend
@@ -170,108 +128,8 @@ type closeJob struct {
 	workspace string
 }
 
-// waiter is a caller queued for a backend of its database and, when it is
-// to dial one, for a token.
-type waiter struct {
-	db    *backendPool
-	since time.Time
-	ready chan struct{} // closed once served (be or tok set) or failed (err set)
-	stack []uintptr     // the caller's stack, for the backend it gets (leak detection); nil when off
-
-	// Guarded by budget.mu.
-	done  bool     // out of the queues: served, failed or given up
-	be    *backend // served with a backend another caller checked in
-	tok   *token   // served with a token: dial
-	err   error
-	claim *token // a closing backend's token promised to this waiter
-	// patience fires when the waiter has waited as long as a dial takes:
-	// waiting has then cost more than dialing would have.
-	patience timer
-
-	inDB, inBudget links[waiter]
-
-	// For its trace, read by its owner once served. Guarded by mu.
-	sought  time.Time // when it first joined the budget's queue
-	evicted string    // workspace of the backend closed for its token
-	slotted time.Time // when it got a dial slot, with a free token or a victim closing for it
-}
-
-// seekingLocked reports whether w is in the budget's queue: it is to dial
-// as soon as it gets a token, unless a backend of its database is checked
-// in first.
-func (w *waiter) seekingLocked() bool { return w.inBudget.listed }
-
-type waiterInDBQueue struct{}
-
-func (waiterInDBQueue) links(w *waiter) *links[waiter] { return &w.inDB }
-
-type waiterInBudgetQueue struct{}
-
-func (waiterInBudgetQueue) links(w *waiter) *links[waiter] { return &w.inBudget }
-
-// token tracks one backend's claim on the budget from the start of its dial
-// until the server has closed every socket dialed for it. Guarded by
-// budget.mu.
-type token struct {
-	db        *backendPool
-	sock      *trackedConn // the last socket dialed for it: the backend's own
-	sockets   int          // sockets dialed for this token and not yet drained
-	ended     bool         // the owner is done: the dial failed or the backend closed
-	released  bool
-	claim     *waiter       // the waiter that gets this token when it is released
-	gone      chan struct{} // made on demand; closed when the token is released
-	probe     bool          // its dial is its server's probe
-	dialDone  bool          // its dial has ended, or was never started
-	dialStart time.Time     // when its dial started
-	paceEpoch uint64        // the pacer's epoch when it was granted
-}
-
-type evictReason uint8
-
-// Reasons the driver closes a backend.
-const (
-	reasonNone         evictReason = iota
-	reasonLRU                      // idle, closed to give its token to another database
-	reasonHandoff                  // closed at check-in for a caller of another database that waited too long
-	reasonIdleTimeout              // idle for longer than ConnMaxIdleTime
-	reasonLifetime                 // older than ConnMaxLifetime
-	reasonBudgetShrink             // the budget or a per-database cap was lowered
-	reasonBroken                   // found closed or broken, or returned mid-transaction
-	reasonDriverClosed             // Driver.Close
-	reasonServerFull               // idle, closed because the server refused a dial for lack of slots
-	reasonUnused                   // idle, closed because the last *sql.DB and handle of its database were closed
-	reasonAbandoned                // busy, closed because its handle became garbage without being returned
-	reasonFleet                    // closed to give its slot to another process of its fleet budget, or after the fleet's share shrank
-	numReasons
-)
-
-var reasonNames = [numReasons]string{"", "lru", "handoff", "idle_timeout", "lifetime", "budget_shrink", "broken", "driver_closed", "server_full", "unused", "abandoned", "fleet"}
-
-type dialErrorKind uint8
-
-const (
-	dialRejected dialErrorKind = iota // the server refused: too many connections (SQLSTATE 53300)
-	dialOther
-	dialDown // the server unreachable, not accepting connections or not answering: its circuit opens
-	numDialErrorKinds
-)
-
 // errDriverClosed is returned to callers waiting when the driver closes.
 var errDriverClosed = errors.New("tenantpg: driver closed")
-
-// defaultHandoffAfter bounds how long a caller that needs a token waits
-// before it takes the token of the next backend any other database checks
-// in. Below it, hot databases pass their backends from caller to caller,
-// which costs no dial; above it, a cold workspace is not starved by hot
-// ones whose backends never go idle.
-const defaultHandoffAfter = 100 * time.Millisecond
-
-// defaultLivenessAfter is how long a backend must have been idle before its
-// checkout peeks at the socket for a server that closed it (a terminated
-// backend, a restart). The peek is a non-blocking system call (about a
-// microsecond); backends reused sooner skip it, and pgx's own ping covers
-// those idle for more than a second.
-const defaultLivenessAfter = 50 * time.Millisecond
 
 func newBudget(cfg Config, clk clock, io backendIO) *budget {
 	b := &budget{clock: clk, io: io, dbs: make(map[*backendPool]struct{}), servers: make(map[serverKey]*server),
@@ -283,24 +141,6 @@ func newBudget(cfg Config, clk clock, io backendIO) *budget {
 	b.collector.fn = b.collectAgain
 	b.applyLocked(cfg)
 	return b
-}
-
-// applyLocked takes cfg's settings; reconfigure calls it under mu.
-func (b *budget) applyLocked(cfg Config) {
-	b.limit = cfg.MaxConnections
-	b.serverLimits = cfg.ServerMaxConnections
-	b.aliases = cfg.ServerAliases
-	b.fleet = fleetSettingsOf(cfg)
-	for _, s := range b.servers {
-		s.max = b.serverLimitLocked(s.label)
-		s.limit = b.limitNowLocked(s)
-	}
-	b.perDB = cfg.MaxConnectionsPerDB
-	b.lifetime = cfg.ConnMaxLifetime
-	b.idleTimeout = cfg.ConnMaxIdleTime
-	b.acquireTimeout = cfg.AcquireTimeout
-	b.leakThreshold.Store(int64(cfg.LeakThreshold))
-	b.log.Store(cfg.Logger)
 }
 
 // unlock releases mu and then closes the backends chosen for closing while
@@ -342,36 +182,6 @@ func (b *budget) timeout() time.Duration {
 	return b.acquireTimeout
 }
 
-// serverLimitLocked returns the budget of the server named label
-// (host:port).
-func (b *budget) serverLimitLocked(label string) int {
-	return serverLimit(b.limit, b.serverLimits, label)
-}
-
-// serverLimit returns the budget of the server named label: its own figure
-// if it has one, else the default.
-func serverLimit(def int, perServer map[string]int, label string) int {
-	if n, ok := perServer[label]; ok {
-		return n
-	}
-	return def
-}
-
-// capLocked returns d's cap; guarded by mu.
-func (b *budget) capLocked(d *backendPool) int {
-	c := b.perDB
-	if d.capOverride > 0 {
-		c = d.capOverride
-	}
-	if c > d.srv.max {
-		c = d.srv.max // not the fleet's share: a caller at it waits for a lease, not for a backend of its own
-	}
-	if c < d.reserved {
-		c = d.reserved
-	}
-	return c
-}
-
 // settingsLimit returns the budget.
 func (b *budget) settingsLimit() int {
 	b.mu.Lock()
@@ -384,60 +194,6 @@ func (b *budget) names(d *backendPool) (workspace, name string) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return d.workspace, d.name
-}
-
-// roomLocked reports whether d may take a token of its server now without
-// evicting.
-func (b *budget) roomLocked(d *backendPool) bool {
-	s := d.srv
-	return s.open < s.limit && (d.open < d.reserved || s.sharedInUse < s.limit-s.reserved)
-}
-
-// liveShared is d's part of sharedLive.
-func liveShared(d *backendPool) int { return max(0, d.open-d.closing-d.reserved) }
-
-func (b *budget) takeLocked(d *backendPool) {
-	s := d.srv
-	old := liveShared(d)
-	if d.protected {
-		s.recency.protectedOpen++
-	}
-	d.open++
-	s.sharedLive += liveShared(d) - old
-	s.open++
-	if d.open > d.reserved {
-		s.sharedInUse++
-	}
-	s.peakOpen = max(s.peakOpen, s.open)
-	b.open++
-	b.peakOpen = max(b.peakOpen, b.open)
-}
-
-func (b *budget) giveLocked(d *backendPool) {
-	s := d.srv
-	if d.open > d.reserved {
-		s.sharedInUse--
-	}
-	old := liveShared(d)
-	if d.protected {
-		s.recency.protectedOpen--
-		if d.open == 1 {
-			d.protected = false // out of the cache: a new arrival starts on probation
-		}
-	}
-	d.open--
-	s.sharedLive += liveShared(d) - old
-	s.open--
-	b.open--
-	s.recency.liveDroppedLocked(d)
-	if s.fleet != nil {
-		if s.open < s.held {
-			s.fleet.poke() // a leased slot is spare: another process may need it
-		}
-		if b.closed && s.open == 0 {
-			b.drained.Broadcast() // close waits for this before it unlocks the slots
-		}
-	}
 }
 
 // register makes the pool of a parsed DSN, on its server's budget.
@@ -496,14 +252,6 @@ func (b *budget) register(p *dsnParams) (*backendPool, error) {
 	return d, nil
 }
 
-// owner is what a connector or router (the *sql.DB or Pool behind it)
-// knows of its handles: how many are open, and whether it was closed, after
-// which they are strays. Guarded by budget.mu.
-type owner struct {
-	handles int
-	closed  bool
-}
-
 // retain counts a new handle: of database d, whose state it keeps alive
 // (nil for a router's handle, which keeps none), made by o (nil for one
 // that Driver.Open returns, which outlives its connector by design). It
@@ -560,27 +308,10 @@ func (b *budget) closeOwner(d *backendPool, o *owner) {
 	b.unlock()
 }
 
-// closeIdleLocked closes d's idle backends: nothing of a closed pool's
-// sessions may be reused.
-func (b *budget) closeIdleLocked(d *backendPool) {
-	for d.idleBackends.back != nil {
-		b.evictLocked(d.idleBackends.back, reasonUnused, nil)
-	}
-}
-
 func (b *budget) unregister(d *backendPool) {
 	b.mu.Lock()
 	b.unregisterLocked(d)
 	b.unlock()
-}
-
-func (b *budget) unregisterLocked(d *backendPool) {
-	d.refs--
-	if d.refs == 0 {
-		// Nothing can check these out any more.
-		b.closeIdleLocked(d)
-	}
-	b.forgetLocked(d)
 }
 
 // releaseIfIdle drops the last reference to d, its router's, when d holds
@@ -597,19 +328,6 @@ func (b *budget) releaseIfIdle(d *backendPool) bool {
 	d.refs = 0
 	b.forgetLocked(d)
 	return true
-}
-
-// forgetLocked drops the state of a database nothing uses and that holds no
-// backend, so that opening many databases over time does not grow memory.
-func (b *budget) forgetLocked(d *backendPool) {
-	if _, listed := b.dbs[d]; listed && d.refs == 0 && d.open == 0 {
-		s := d.srv
-		s.reserved -= d.reserved
-		d.reserved = 0
-		delete(b.dbs, d)
-		b.releaseServerLocked(d)
-		b.serveQueueLocked(s)
-	}
 }
 
 // take is the start of a checkout for d. It returns the most recently used
@@ -758,215 +476,6 @@ func (b *budget) impatient(w *waiter) {
 	b.unlock()
 }
 
-// dequeueLocked takes a waiter that was not served out of both queues.
-func (b *budget) dequeueLocked(w *waiter) {
-	d := w.db
-	if w.patience != nil {
-		w.patience.Stop()
-	}
-	d.waiters.remove(w)
-	b.waiting--
-	d.srv.waiting--
-	if w.seekingLocked() {
-		b.unseekLocked(w)
-	}
-}
-
-// unseekLocked takes w out of the budget's queue, dropping any claim; it
-// stays queued on its database.
-func (b *budget) unseekLocked(w *waiter) {
-	w.db.seeking--
-	w.db.srv.queue.remove(w)
-	b.dropClaimLocked(w)
-	if s := w.db.srv; s != nil && s.prober == w {
-		// The probe's caller left before it could dial: another caller
-		// probes in its place.
-		s.prober = nil
-		b.probeEndedLocked(s, b.clock.Now(), false)
-	}
-}
-
-// serveLocked ends w's wait, served with a backend or a token.
-func (b *budget) serveLocked(w *waiter, now time.Time) {
-	b.dequeueLocked(w)
-	b.waitDuration += now.Sub(w.since)
-	w.done = true
-	close(w.ready)
-}
-
-// grantLocked gives w a token to dial a backend of its database.
-func (b *budget) grantLocked(w *waiter, now time.Time) {
-	d := w.db
-	b.takeLocked(d)
-	b.dialingLocked(d)
-	w.tok = &token{db: d, paceEpoch: d.srv.pace.epoch}
-	if w.slotted.IsZero() {
-		w.slotted = now
-	}
-	if s := d.srv; s != nil && s.prober == w {
-		s.prober = nil // its dial is the probe now
-		w.tok.probe = true
-	}
-	b.serveLocked(w, now)
-}
-
-// handOverLocked gives w the backend be, which another caller of the same
-// database is checking in: no dial, no eviction.
-func (b *budget) handOverLocked(w *waiter, be *backend, now time.Time) {
-	// Only waits for a backend of the database count as its debt: a wait for
-	// a token measures the budget, not whether the database needs another
-	// backend.
-	w.db.owe(now.Sub(w.since), now)
-	b.handoffs++
-	b.checkoutLocked(be, now, w.stack)
-	w.be = be
-	b.serveLocked(w, now)
-}
-
-func (b *budget) dialingLocked(d *backendPool) {
-	d.dialing++
-	d.srv.dialing++
-	b.dials++
-}
-
-// seekLocked puts w, queued on its database, in the budget's queue too: it
-// is to dial a backend as soon as it gets a token, unless a backend of its
-// database is checked in first.
-func (b *budget) seekLocked(w *waiter) {
-	if w.sought.IsZero() {
-		w.sought = b.clock.Now()
-	}
-	s := w.db.srv
-	w.db.seeking++
-	s.queue.pushBack(w)
-	if s.fleet != nil && !b.roomLocked(w.db) {
-		s.fleet.poke() // more slots may be leased from the fleet
-	}
-	b.serveQueueLocked(s)
-}
-
-// growLocked lets waiters of d dial while its pool should grow (see
-// shouldDialLocked in connector.go).
-func (b *budget) growLocked(d *backendPool) {
-	if d.seeking > 0 && d.open-d.closing == 0 {
-		// Its last backend closed: its seekers, which grew and found
-		// no spare backend to take, are misses now and may evict.
-		b.serveQueueLocked(d.srv)
-	}
-	if d.waiters.len == d.seeking {
-		return
-	}
-	now := b.clock.Now()
-	if d.serverDown() {
-		b.startProbeLocked(d.srv, now) // its callers wait for the probe instead
-		return
-	}
-	for d.waiters.len > d.seeking && b.shouldDialLocked(d, now) {
-		w := d.waiters.front
-		for w.seekingLocked() {
-			w = d.waiters.next(w)
-		}
-		d.waitDebt = 0 // the new backend pays for the waits so far
-		b.seekLocked(w)
-	}
-}
-
-// serveQueueLocked gives free tokens to the callers that are to dial, in
-// arrival order, and for those that no free token can serve, starts
-// evicting the least recently used idle backends, each promised to one
-// caller. It runs after every event that can make room: a token released, a
-// caller queued, a reservation or the budget changed, a backend gone idle.
-func (b *budget) serveQueueLocked(s *server) {
-	if s.queue.len == 0 {
-		return
-	}
-	now := b.clock.Now()
-	// paced: a caller was skipped for want of a dial slot; freed: a claim
-	// was dropped after it, which frees one; short: a caller found no
-	// free token.
-	paced, freed, short := false, false, false
-	for w := s.queue.front; w != nil; {
-		next := s.queue.next(w)
-		d := w.db
-		switch {
-		case d.open-d.closing >= b.capLocked(d):
-			// A lowered cap: it can only wait for a backend of its own.
-			freed = freed || paced && w.claim != nil
-			b.unseekLocked(w)
-		case w.claim == nil && !s.dialSlotFreeLocked():
-			// Paced: it waits for a dial slot holding no token and
-			// evicting nothing; its victim is chosen when its dial can
-			// start. A caller behind it with a claim holds a slot already.
-			paced = true
-		case b.roomLocked(d):
-			// A token freed before the claimed one, if any: take it, and
-			// let the claimed one go to whoever is first when released.
-			b.dropClaimLocked(w)
-			b.grantLocked(w, now)
-		case w.claim != nil:
-		default:
-			short = true
-			switch v := s.recency.victimForLocked(d, now); {
-			case v != nil:
-				b.evictLocked(v, reasonLRU, w)
-			case d.open-d.closing > 0:
-				// Growth, and no spare backend to take: it waits for its
-				// own backends (lru.go); a later miss may still evict.
-			case s.reserved == 0:
-				b.shortLocked(s)
-				return // no later caller can be served either
-			}
-		}
-		w = next
-	}
-	if short {
-		b.shortLocked(s)
-	}
-	if freed {
-		b.serveQueueLocked(s) // a caller skipped for a slot may have one now
-	}
-}
-
-// shortLocked records that a caller that is to dial found no free token of
-// s: with a fleet budget, more slots may be leased.
-func (b *budget) shortLocked(s *server) {
-	if s.fleet != nil {
-		s.fleet.poke()
-	}
-}
-
-// checkoutLocked marks be checked out by a caller, whose stack it keeps
-// for leak detection.
-func (b *budget) checkoutLocked(be *backend, now time.Time, stack []uintptr) {
-	d := be.db
-	if be.state == backendBusy {
-		d.busy.remove(be) // handed over: a new use starts now
-		b.unwatchLocked(be)
-	} else {
-		d.inUse++
-		d.srv.inUse++
-	}
-	be.state = backendBusy
-	be.checkedOut = now
-	be.stack = stack
-	d.busy.pushBack(be)
-	if th := b.leakThreshold.Load(); th > 0 {
-		b.watched.pushBack(be)
-		if !b.leakCheck.armed {
-			b.armLeakCheckLocked(now.Add(time.Duration(th)), now)
-		}
-	}
-}
-
-// unwatchLocked ends leak detection for be, which is no longer checked out
-// by the caller it was watched for.
-func (b *budget) unwatchLocked(be *backend) {
-	if be.watch.listed {
-		b.watched.remove(be)
-	}
-	be.leaked = false
-}
-
 // checkin takes back a backend its handle is done with. used is false for
 // a backend a caller got and never used (its wait ended meanwhile).
 func (b *budget) checkin(be *backend) {
@@ -983,168 +492,6 @@ func (b *budget) checkin(be *backend) {
 			l.LogAttrs(bg, slog.LevelInfo, "tenantpg: a connection reported as a suspected leak was returned",
 				slog.String("workspace", ws), slog.Duration("held", used))
 		}
-	}
-}
-
-func (b *budget) checkinLocked(be *backend, now time.Time, used bool) {
-	d := be.db
-	if used {
-		d.useTime.add(now.Sub(be.checkedOut), useTimeAlpha)
-		d.lastUsed = now
-	}
-	if reason := b.checkinReasonLocked(be, now); reason != reasonNone {
-		b.closeBusyLocked(be, reason, nil)
-		b.growLocked(d)
-		return
-	}
-	if w := b.starvingLocked(d, now); w != nil {
-		b.closeBusyLocked(be, reasonHandoff, w)
-		b.growLocked(d)
-		return
-	}
-	if w := d.waiters.front; w != nil {
-		d.srv.recency.reusedLocked(d)
-		b.handOverLocked(w, be, now)
-		b.growLocked(d)
-		b.serveQueueLocked(d.srv) // w may have held a dial slot
-		return
-	}
-	s := d.srv
-	d.busy.remove(be)
-	b.unwatchLocked(be)
-	d.inUse--
-	s.inUse--
-	be.state = backendIdle
-	be.idleSince = now
-	d.idleBackends.pushFront(be)
-	d.idle++
-	s.idle++
-	s.recency.touchLocked(d)
-	// An armed reaper runs no later than this backend's idle expiry (it is
-	// armed for the earliest expiry, and every earlier check-in expires
-	// first), so only an earlier end of life needs arming. Skipping the
-	// time arithmetic otherwise is a measurable part of a check-in.
-	if !b.reaper.armed || b.lifetime > 0 && b.reaper.at.Sub(be.created) > b.lifetime {
-		b.armReaperLocked(b.expiryLocked(be), now)
-	}
-	b.serveQueueLocked(s)
-}
-
-func (b *budget) checkinReasonLocked(be *backend, now time.Time) evictReason {
-	switch {
-	case b.io.broken(be) || be.resetFailed:
-		return reasonBroken
-	case b.closed:
-		return reasonDriverClosed
-	case b.lifetime > 0 && now.Sub(be.created) >= b.lifetime:
-		return reasonLifetime
-	case be.db.closed || be.db.refs == 0:
-		// Its pool was closed meanwhile: none of its sessions is reused.
-		return reasonUnused
-	case b.overLimitLocked(be.db):
-		if be.db.srv.fleet != nil {
-			return reasonFleet
-		}
-		return reasonBudgetShrink
-	}
-	return reasonNone
-}
-
-// starvingLocked returns a caller of another database, waiting for a token
-// for at least handoffAfter, that the token of d's backend being checked in
-// would serve. Below that wait, hot databases keep passing their backends
-// between their own callers; above it, a cold workspace would starve.
-func (b *budget) starvingLocked(d *backendPool, now time.Time) *waiter {
-	if d.open-d.closing <= d.reserved {
-		return nil // closing this backend frees no shared token
-	}
-	s := d.srv
-	for w := s.queue.front; w != nil; w = s.queue.next(w) {
-		if now.Sub(w.since) < b.handoffAfter {
-			return nil // later ones are younger still
-		}
-		// Only a caller of a database with no backend starves: one that
-		// grows is served by its own meanwhile, and d, which uses this
-		// backend now, would likely dial it back (lru.go; inferred).
-		if w.claim == nil && w.db != d && w.db.open-w.db.closing == 0 {
-			if !s.dialSlotFreeLocked() {
-				return nil // its token would wait for a dial slot anyway
-			}
-			return w
-		}
-	}
-	return nil
-}
-
-// overLimitLocked reports whether d holds more live backends than its cap,
-// or holds shared ones while the shared pool is over the budget: both after
-// a limit was lowered.
-func (b *budget) overLimitLocked(d *backendPool) bool {
-	live := d.open - d.closing
-	s := d.srv
-	return live > b.capLocked(d) || live > d.reserved && s.sharedLive > s.limit-s.reserved
-}
-
-// closeBusyLocked closes a backend being checked in. If w is not nil, its
-// token goes to w once the server has closed the backend.
-func (b *budget) closeBusyLocked(be *backend, reason evictReason, w *waiter) {
-	d := be.db
-	d.busy.remove(be)
-	b.unwatchLocked(be)
-	d.inUse--
-	d.srv.inUse--
-	b.closeLocked(be, reason, w)
-}
-
-// evictLocked closes idle backend v. If w is not nil, v's token goes to w
-// once the server has closed v.
-func (b *budget) evictLocked(v *backend, reason evictReason, w *waiter) {
-	b.unlinkIdleLocked(v)
-	b.closeLocked(v, reason, w)
-}
-
-func (b *budget) closeLocked(be *backend, reason evictReason, w *waiter) {
-	be.state = backendClosing
-	t := be.tok
-	if w != nil {
-		t.claim = w
-		w.claim = t
-		be.db.srv.claims++
-		w.evicted = be.db.workspace
-		if w.slotted.IsZero() {
-			w.slotted = b.clock.Now()
-		}
-	}
-	b.countEvictionLocked(be.db, reason)
-	b.markClosingLocked(t)
-	b.jobs++
-	b.toClose = append(b.toClose, closeJob{be: be, reason: reason, workspace: be.db.workspace})
-}
-
-func (b *budget) countEvictionLocked(d *backendPool, reason evictReason) {
-	if reason != reasonNone {
-		b.evictions[reason]++
-		d.evictions++
-	}
-}
-
-func (b *budget) markClosingLocked(t *token) {
-	old := liveShared(t.db)
-	t.db.closing++
-	t.db.srv.sharedLive += liveShared(t.db) - old
-	t.db.srv.closing++
-	t.db.srv.recency.liveDroppedLocked(t.db)
-}
-
-// unlinkIdleLocked takes idle backend be out of the idle lists without
-// touching its database's recency.
-func (b *budget) unlinkIdleLocked(be *backend) {
-	d := be.db
-	d.idleBackends.remove(be)
-	d.idle--
-	d.srv.idle--
-	if d.idleBackends.len == 0 {
-		d.srv.recency.removeLocked(d)
 	}
 }
 
@@ -1265,43 +612,6 @@ func (b *budget) dialFailed(t *token, kind dialErrorKind, cause error) {
 	}
 }
 
-// endLocked records that the owner of t is done with it; the token returns
-// once every socket dialed for it has been drained.
-func (b *budget) endLocked(t *token) {
-	t.ended = true
-	if t.sockets == 0 {
-		b.releaseLocked(t)
-	}
-}
-
-// releaseLocked returns t to the budget: to the waiter it was promised to
-// when that waiter can use it, otherwise to whoever is first in line.
-func (b *budget) releaseLocked(t *token) {
-	if t.released {
-		return
-	}
-	t.released = true
-	if t.gone != nil {
-		close(t.gone)
-	}
-	d := t.db
-	s := d.srv
-	old := liveShared(d)
-	d.closing--
-	s.sharedLive += liveShared(d) - old
-	s.closing--
-	b.giveLocked(d)
-	if w := t.claim; w != nil {
-		b.dropClaimLocked(w)
-		if !w.done && w.db.open-w.db.closing < b.capLocked(w.db) && b.roomLocked(w.db) {
-			b.grantLocked(w, b.clock.Now())
-		}
-	}
-	b.serveQueueLocked(s)
-	b.growLocked(d)
-	b.forgetLocked(d)
-}
-
 // socketOpened and socketDrained count the sockets dialed under t.
 func (b *budget) socketOpened(t *token, s *trackedConn) {
 	b.mu.Lock()
@@ -1359,22 +669,6 @@ func (b *budget) relieveServer(d *backendPool) <-chan struct{} {
 	return t.gone
 }
 
-func (b *budget) expiryLocked(be *backend) time.Time {
-	at := be.idleSince.Add(b.idleTimeout)
-	if b.lifetime > 0 {
-		if l := be.created.Add(b.lifetime); l.Before(at) {
-			at = l
-		}
-	}
-	return at
-}
-
-func (b *budget) armReaperLocked(at, now time.Time) {
-	if !b.closed {
-		b.reaper.arm(b.clock, at, now)
-	}
-}
-
 // reap closes idle backends past their idle timeout or lifetime. It runs on
 // a timer armed for the earliest expiry, so an idle driver costs no
 // goroutine.
@@ -1430,35 +724,6 @@ func (b *budget) abandon(be *backend) {
 	}
 }
 
-// collectEvery bounds how often waiting callers trigger a garbage
-// collection while stray handles exist.
-const collectEvery = time.Second
-
-// collectLocked triggers a garbage collection, off the lock, unless one was
-// triggered less than collectEvery ago: a caller waits while handles of
-// closed *sql.DBs are open, and those the application dropped give their
-// backends back only once the collector finds them (reclaim.go). It
-// repeats every collectEvery while callers wait and strays are left: a
-// handle may become garbage only after a collection (the application drops
-// it later, or database/sql's goroutine of the closed *sql.DB had not
-// ended yet).
-func (b *budget) collectLocked(now time.Time) {
-	if next := b.lastCollect.Add(collectEvery); !b.lastCollect.IsZero() && now.Before(next) {
-		b.armCollectorLocked(next, now)
-		return
-	}
-	b.lastCollect = now
-	b.collections++
-	go runtime.GC()
-	b.armCollectorLocked(now.Add(collectEvery), now)
-}
-
-func (b *budget) armCollectorLocked(at, now time.Time) {
-	if !b.closed {
-		b.collector.arm(b.clock, at, now)
-	}
-}
-
 // collectAgain runs on the collector's timer.
 func (b *budget) collectAgain() {
 	b.mu.Lock()
@@ -1467,12 +732,6 @@ func (b *budget) collectAgain() {
 		b.collectLocked(b.clock.Now())
 	}
 	b.mu.Unlock()
-}
-
-func (b *budget) armLeakCheckLocked(at, now time.Time) {
-	if !b.closed {
-		b.leakCheck.arm(b.clock, at, now)
-	}
 }
 
 // checkLeaks reports the backends checked out for longer than the leak
@@ -1570,27 +829,6 @@ func (b *budget) reconfigure(cfg Config) error {
 	return nil
 }
 
-// shrinkLocked evicts idle backends of s until every database is within
-// its cap and the shared pool within s's budget, counting backends already
-// closing as gone.
-func (b *budget) shrinkLocked(s *server) { b.shrinkOverLocked(s, reasonBudgetShrink) }
-
-// shrinkOverLocked is shrinkLocked, closing backends for reason.
-func (b *budget) shrinkOverLocked(s *server, reason evictReason) {
-	s.recency.eachLocked(func(x *backendPool) {
-		for x.open-x.closing > b.capLocked(x) && x.idleBackends.back != nil {
-			b.evictLocked(x.idleBackends.back, reason, nil)
-		}
-	})
-	for s.sharedLive > s.limit-s.reserved {
-		v := s.recency.victimLocked()
-		if v == nil {
-			return
-		}
-		b.evictLocked(v, reason, nil)
-	}
-}
-
 // close fails every waiter, closes every idle backend and stops the timer.
 // Busy backends are closed when they are checked in.
 func (b *budget) close() {
@@ -1677,42 +915,6 @@ func (b *budget) waitDrainsLocked() {
 	for b.draining > 0 || b.jobs > 0 {
 		b.drained.Wait()
 	}
-}
-
-// snapshot is the budget's state copied under the lock, for Stats and the
-// metrics, which never take the lock themselves.
-type snapshot struct {
-	limit, reserved, open, inUse, idle, dialing, closing, waiting, peakOpen int
-	longestUse                                                              time.Duration
-	dials, waitCount, timeouts, exhausted, handoffs, leaks, collections     uint64
-	waitDuration, dialTime                                                  time.Duration
-	evictions                                                               [numReasons]uint64
-	dialErrors                                                              [numDialErrorKinds]uint64
-	dbs                                                                     []dbSnapshot
-	servers                                                                 []serverSnapshot
-}
-
-type serverSnapshot struct {
-	srv                                                                       *server // for its metric attributes, which are not guarded by mu
-	label                                                                     string
-	limit, reserved, open, inUse, idle, dialing, closing, peakOpen, dialSlots int
-	down                                                                      bool
-	since                                                                     time.Time
-	downFor                                                                   time.Duration
-	waiting                                                                   int
-	outages, failed                                                           uint64
-	lastErr                                                                   string
-	fleet                                                                     *FleetStats
-}
-
-type dbSnapshot struct {
-	db                                                 *backendPool // for its metric attributes, which are not guarded by mu
-	workspace, name                                    string
-	open, inUse, idle, dialing, closing, cap, reserved int
-	waiting                                            int
-	lastUsed                                           time.Time
-	evictions                                          uint64
-	longestUse, useTime                                time.Duration
 }
 
 // snapshot copies the budget's numbers and those of every database that
@@ -1812,15 +1014,6 @@ func (b *budget) dialHung(t *token) {
 	b.logServerDown(srv, ws, errNotAnswering)
 }
 
-// serverDownErrorLocked is the error of a caller of d whose wait ends while
-// d's server is down.
-func (b *budget) serverDownErrorLocked(d *backendPool, now time.Time, waited time.Duration, cause, callerErr error) *ServerDownError {
-	s := d.srv
-	s.failed++
-	return &ServerDownError{Workspace: d.workspace, Database: d.name, Server: s.label,
-		Down: now.Sub(s.since), Waited: waited, Waiting: s.waiting, Err: cause, ctxErr: callerErr}
-}
-
 // serverDownError is serverDownErrorLocked for a caller whose own dial found
 // the server down as its context ended; nil if the server is up again.
 func (b *budget) serverDownError(d *backendPool, waited time.Duration, cause, callerErr error) error {
@@ -1830,57 +1023,6 @@ func (b *budget) serverDownError(d *backendPool, waited time.Duration, cause, ca
 		return nil
 	}
 	return b.serverDownErrorLocked(d, b.clock.Now(), waited, cause, callerErr)
-}
-
-func (b *budget) logServerDown(srv, workspace string, cause error) {
-	if l := b.log.Load(); l != nil {
-		attrs := []slog.Attr{slog.String("server", srv), slog.String("workspace", workspace)}
-		if cause != nil {
-			attrs = append(attrs, slog.String("error", cause.Error()))
-		}
-		l.LogAttrs(bg, slog.LevelWarn, "tenantpg: server down: callers wait while one probe at a time dials it", attrs...)
-	}
-}
-
-func (b *budget) logServerUp(srv string, downFor time.Duration) {
-	if l := b.log.Load(); l != nil {
-		l.LogAttrs(bg, slog.LevelInfo, "tenantpg: server up", slog.String("server", srv), slog.Duration("downFor", downFor))
-	}
-}
-
-// limitNowLocked returns what s may hold now: its configured budget, or
-// with a fleet budget the slots its coordinator leased for backends, within
-// that budget less the coordination session, and within the cap it yields
-// to while other processes need slots; never below its floor, which only
-// sessions of another role holding the fleet's slots raise.
-func (b *budget) limitNowLocked(s *server) int {
-	if s.fleet == nil {
-		return s.max
-	}
-	l := min(s.max-1, s.held)
-	if b.clock.Now().Before(s.capUntil) {
-		l = min(l, s.fleetCap)
-	}
-	return max(l, min(s.fleetFloor, s.max-1), 0)
-}
-
-// refreshLimitLocked applies a change of what s may hold: a higher limit
-// serves its callers, a lower one closes idle backends down to it (busy
-// ones close as they are checked in).
-func (b *budget) refreshLimitLocked(s *server, reason evictReason) {
-	old := s.limit
-	s.limit = b.limitNowLocked(s)
-	switch {
-	case s.limit > old:
-		b.serveQueueLocked(s)
-		for d := range b.dbs {
-			if d.srv == s && d.waiters.len > d.seeking {
-				b.growLocked(d)
-			}
-		}
-	case s.limit < old:
-		b.shrinkOverLocked(s, reason)
-	}
 }
 
 // fleetSide is a server's budget as its fleet coordinator (fleet.go) sees
@@ -1980,26 +1122,4 @@ func (f fleetSide) fleetFloor(n int) {
 	defer b.unlock()
 	s.fleetFloor = n
 	b.refreshLimitLocked(s, reasonFleet)
-}
-
-// fleetCloseTimeout bounds how long Driver.Close waits for the backends on
-// a fleet's server to close (busy ones are closed when they are checked
-// in), and then for the coordination session to unlock its slots; past it
-// the session is cut, which frees them on the server too.
-const fleetCloseTimeout = 5 * time.Second
-
-// fleetYieldFor is how long a process holds to the cap it lowered itself
-// to for other processes, as long as a need heard from another counts
-// (fleetHeard).
-const fleetYieldFor = fleetHeard
-
-// fleetOpenLocked reports whether a server with a fleet budget still has
-// backends open: its slots must not be unlocked yet.
-func (b *budget) fleetOpenLocked() bool {
-	for _, s := range b.servers {
-		if s.fleet != nil && s.open > 0 {
-			return true
-		}
-	}
-	return false
 }

@@ -80,18 +80,3 @@ func (p *pacer) dialedLocked(t *token, took time.Duration, limit int, now time.T
 		}
 	}
 }
-
-// dialSlotFreeLocked reports whether another caller may start a dial to s,
-// or an eviction for one.
-func (s *tokens) dialSlotFreeLocked() bool {
-	return s.dialing+s.claims < min(s.pace.slots, s.limit)
-}
-
-// dropClaimLocked takes back the token w was promised, if any.
-func (b *budget) dropClaimLocked(w *waiter) {
-	if w.claim != nil {
-		w.claim.claim = nil
-		w.claim = nil
-		w.db.srv.claims--
-	}
-}

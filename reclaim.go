@@ -5,6 +5,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"time"
 )
 
 // Reclaiming what a closed *sql.DB abandoned, and finding leaks.
@@ -106,4 +107,64 @@ func formatStack(pcs []uintptr) string {
 		}
 	}
 	return sb.String()
+}
+
+// unwatchLocked ends leak detection for be, which is no longer checked out
+// by the caller it was watched for.
+func (b *budget) unwatchLocked(be *backend) {
+	if be.watch.listed {
+		b.watched.remove(be)
+	}
+	be.leaked = false
+}
+
+func (b *budget) expiryLocked(be *backend) time.Time {
+	at := be.idleSince.Add(b.idleTimeout)
+	if b.lifetime > 0 {
+		if l := be.created.Add(b.lifetime); l.Before(at) {
+			at = l
+		}
+	}
+	return at
+}
+
+func (b *budget) armReaperLocked(at, now time.Time) {
+	if !b.closed {
+		b.reaper.arm(b.clock, at, now)
+	}
+}
+
+// collectEvery bounds how often waiting callers trigger a garbage
+// collection while stray handles exist.
+const collectEvery = time.Second
+
+// collectLocked triggers a garbage collection, off the lock, unless one was
+// triggered less than collectEvery ago: a caller waits while handles of
+// closed *sql.DBs are open, and those the application dropped give their
+// backends back only once the collector finds them (reclaim.go). It
+// repeats every collectEvery while callers wait and strays are left: a
+// handle may become garbage only after a collection (the application drops
+// it later, or database/sql's goroutine of the closed *sql.DB had not
+// ended yet).
+func (b *budget) collectLocked(now time.Time) {
+	if next := b.lastCollect.Add(collectEvery); !b.lastCollect.IsZero() && now.Before(next) {
+		b.armCollectorLocked(next, now)
+		return
+	}
+	b.lastCollect = now
+	b.collections++
+	go runtime.GC()
+	b.armCollectorLocked(now.Add(collectEvery), now)
+}
+
+func (b *budget) armCollectorLocked(at, now time.Time) {
+	if !b.closed {
+		b.collector.arm(b.clock, at, now)
+	}
+}
+
+func (b *budget) armLeakCheckLocked(at, now time.Time) {
+	if !b.closed {
+		b.leakCheck.arm(b.clock, at, now)
+	}
 }
