@@ -545,8 +545,11 @@ func (b *budget) dialed(tok *token, be *backend, took time.Duration) *backend {
 func (b *budget) dialFailed(t *token, kind dialErrorKind, cause error) {
 	b.mu.Lock()
 	d := t.db
+	// Its server, read now: a token ended here may be the last thing that
+	// kept d's state (a Pool closed during the dial), which forgets it.
+	s := d.srv
 	d.dialing--
-	d.srv.dialing--
+	s.dialing--
 	t.dialDone = true
 	if kind != dialRejected { // rejections are counted as they happen, retries included
 		b.dialErrors[kind]++
@@ -556,38 +559,35 @@ func (b *budget) dialFailed(t *token, kind dialErrorKind, cause error) {
 	now := b.clock.Now()
 	var wentDown bool
 	var downFor time.Duration
-	var srv string
-	if s := d.srv; s != nil {
-		srv = s.label
-		switch {
-		case kind == dialDown && isContextError(cause) && s.answered.After(t.dialStart):
-			// Cut short by its deadline while the server answered other
-			// dials: slow, not down.
-			if t.probe {
-				b.probeEndedLocked(s, now, false)
-			}
-		case kind == dialDown:
-			wentDown = !s.down
-			b.markDownLocked(s, now, downCause(cause))
-			if t.probe {
-				b.probeEndedLocked(s, now, true)
-			}
-		case isContextError(cause):
-			// The caller gave up before the server said anything.
-			if t.probe {
-				b.probeEndedLocked(s, now, false)
-			}
-		default:
-			// The server answered, if only to refuse this dial.
-			s.answered = now
-			if t.probe {
-				s.probing = false
-			}
-			downFor = b.markUpLocked(s, now)
+	srv := s.label
+	switch {
+	case kind == dialDown && isContextError(cause) && s.answered.After(t.dialStart):
+		// Cut short by its deadline while the server answered other
+		// dials: slow, not down.
+		if t.probe {
+			b.probeEndedLocked(s, now, false)
 		}
+	case kind == dialDown:
+		wentDown = !s.down
+		b.markDownLocked(s, now, downCause(cause))
+		if t.probe {
+			b.probeEndedLocked(s, now, true)
+		}
+	case isContextError(cause):
+		// The caller gave up before the server said anything.
+		if t.probe {
+			b.probeEndedLocked(s, now, false)
+		}
+	default:
+		// The server answered, if only to refuse this dial.
+		s.answered = now
+		if t.probe {
+			s.probing = false
+		}
+		downFor = b.markUpLocked(s, now)
 	}
 	// A dial slot freed, once the circuit has seen what this dial found.
-	b.serveQueueLocked(d.srv)
+	b.serveQueueLocked(s)
 	// Callers queued behind this dial may have no backend coming now; the
 	// token itself returns only once its socket has drained.
 	b.growLocked(d)

@@ -7,6 +7,7 @@ import (
 	"net"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -302,4 +303,31 @@ func TestReleaseIfIdleRunsTheClosesItQueues(t *testing.T) {
 	require.Len(t, closed, 1, "the backend evicted for the waiter is closed before releaseIfIdle returns")
 	require.Same(t, spare, closed[0].db)
 	require.NoError(t, locked(b, b.checkInvariantsLocked))
+}
+
+// TestDialFailedAfterItsPoolClosed: a Pool closed while one of its Acquires
+// dials leaves the dial's token as all that keeps the pool's state; a dial
+// that then fails without having opened a socket gives the token back at
+// once, the pool is forgotten, and the failure's bookkeeping must not reach
+// for the pool's server through it. It did, and panicked on a nil server
+// (found by the architecture split, #21).
+func TestDialFailedAfterItsPoolClosed(t *testing.T) {
+	cfg, err := Config{MaxConnections: 2, AcquireTimeout: time.Hour}.normalize()
+	require.NoError(t, err)
+	b := newBudget(cfg, &smClock{now: smEpoch}, nopIO{})
+	b.mu.Lock()
+	d := addPoolLocked(b, serverKey{}, "db", "ws", 0, smEpoch) // the connector's reference
+	b.mu.Unlock()
+	_, w, err := b.take(d, b.clock.Now(), nil)
+	require.NoError(t, err)
+	ctx := context.Background()
+	_, tok, err := b.await(ctx, ctx, w)
+	require.NoError(t, err)
+	require.NotNil(t, tok, "it dials")
+	b.closeOwner(d, &owner{}) // Pool.Close: no handle of a Pool holds the pool
+	b.dialFailed(tok, dialDown, &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED})
+	require.Zero(t, b.snapshot().open)
+	require.Empty(t, locked(b, func() int { return len(b.dbs) }), "forgotten")
+	require.NoError(t, locked(b, b.checkInvariantsLocked))
+	b.close() // not deferred: a panic under the lock would hang it
 }
