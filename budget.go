@@ -555,7 +555,6 @@ func (b *budget) dialFailed(t *token, kind dialErrorKind, cause error) {
 		b.dialErrors[kind]++
 	}
 	b.markClosingLocked(t)
-	b.endLocked(t)
 	now := b.clock.Now()
 	var wentDown bool
 	var downFor time.Duration
@@ -586,10 +585,14 @@ func (b *budget) dialFailed(t *token, kind dialErrorKind, cause error) {
 		}
 		downFor = b.markUpLocked(s, now)
 	}
-	// A dial slot freed, once the circuit has seen what this dial found.
+	// The token returns once every socket dialed for it has drained: now,
+	// if none was opened (a refused dial), and then only after the circuit
+	// has seen what this dial found, or the next caller in line would dial
+	// a server found down.
+	b.endLocked(t)
+	// A dial slot freed.
 	b.serveQueueLocked(s)
-	// Callers queued behind this dial may have no backend coming now; the
-	// token itself returns only once its socket has drained.
+	// Callers queued behind this dial may have no backend coming now.
 	b.growLocked(d)
 	ws := d.workspace
 	b.unlock()

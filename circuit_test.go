@@ -458,3 +458,37 @@ func TestCircuitDeadlineWhileDown(t *testing.T) {
 	r.b.dialFailed(probe.tok, dialOther, context.DeadlineExceeded)
 	r.check()
 }
+
+// TestCircuitOpensBeforeTheTokenReturns: a dial refused before it opened a
+// socket gives its token back at once. The circuit must see the refusal
+// first: the token went to the next caller in line, of another database,
+// which dialed the server just found down instead of waiting for the probe
+// (found by the architecture split, #21).
+func TestCircuitOpensBeforeTheTokenReturns(t *testing.T) {
+	r := newCircuitRig(t)
+	ctx := context.Background()
+	var held []*backend
+	for _, name := range []string{"c1", "c2", "c3"} { // 3 of the 4 tokens, busy
+		_, ch := r.queue(r.db(name), ctx)
+		got := <-ch
+		require.NotNil(t, got.tok)
+		held = append(held, r.b.dialed(got.tok, &backend{}, time.Millisecond))
+	}
+	_, a := r.queue(r.db("a"), ctx)
+	got := <-a
+	require.NotNil(t, got.tok, "the last token")
+	wb, _ := r.queue(r.db("b"), ctx)
+	require.False(t, r.served(wb), "the budget is full and nothing is idle")
+	require.True(t, locked(r.b, wb.seekingLocked))
+
+	refused := &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}
+	r.b.dialFailed(got.tok, dialDown, refused)
+	require.True(t, r.server(wb.db).down)
+	require.False(t, r.served(wb), "b waits for the probe, not a token to dial a server found down")
+	require.Zero(t, r.dialing())
+	r.check()
+	for _, be := range held {
+		r.b.checkin(be)
+	}
+	r.check()
+}
