@@ -7,19 +7,17 @@ import (
 	"github.com/jackc/pgx/v5/stdlib"
 )
 
-// down reports whether d's server is down: its callers wait for the probe
-// instead of dialing.
-func (d *backendPool) serverDown() bool { return d.srv != nil && d.srv.down }
-
 // A pool's backends: the state of one connector (a *sql.DB, a Pool, or one
-// workspace of a routed DB), the backends it dialed, the callers queued for
-// one, and the decision to wait for a busy backend or dial another.
+// workspace of a routed DB), the backends it dialed and the callers queued
+// for one.
 
-// database is one pool: the backends one connector dialed with its own DSN,
-// which serve only that connector's handles. Two *sql.DBs opened with the
-// same DSN are two pools, as with pgx's stdlib driver; pools share their
-// server's budget, recency order, queue, dial pacing, circuit and fleet
-// lease, never a session.
+// backendPool is one pool: the backends one connector dialed with its own
+// DSN, which serve only that connector's handles. Two *sql.DBs opened with
+// the same DSN are two pools, as with pgx's stdlib driver; pools share their
+// server's tokens, recency order, dial queue, dial pacing, circuit and
+// fleet lease, never a session. Its fields under budget.mu are changed by
+// the budget's transitions; it never locks, never blocks, and holds no
+// *budget.
 type backendPool struct {
 	id   uint64 // distinct per pool of the driver, for Stats
 	name string
@@ -31,10 +29,10 @@ type backendPool struct {
 	metricOpts atomic.Pointer[dbMetricOpts]
 
 	// Guarded by budget.mu.
-	srv         *server // its server's budget and circuit; nil once forgotten
+	srv         *server // its server; nil once forgotten
+	onServer    links[backendPool]
 	workspace   string
 	capOverride int // pool_max_conns; 0 = the driver's per-database default
-	reserved    int // pool_reserved_conns
 	refs        int // its connector, handles and waiters
 	// closed: its connector was closed. Its idle backends were closed
 	// then, and a backend checked in later is closed, so that no session
@@ -42,31 +40,21 @@ type backendPool struct {
 	// reaches later code.
 	closed bool
 
-	open      int // tokens held by this database
-	dialing   int
-	inUse     int
-	idle      int
-	closing   int
+	tokens    tokenCounts // its tokens, in its server's ledger
 	lastUsed  time.Time
 	evictions uint64
 
-	waiters list[waiter, waiterInDBQueue] // callers waiting for a backend, oldest first
-	seeking int                           // waiters in its server's queue, to dial
+	waiters poolQueue // callers waiting for a backend, oldest first
 	// idleBackends are most recently checked in first; a checkout takes
 	// the front, so backends the load no longer needs age at the back.
 	idleBackends list[backend, backendInList]
 	// busy holds the checked-out backends, oldest checkout first, so that
 	// Stats can name one held for minutes (a leaked *sql.Conn, Rows or Tx)
 	// without a scan.
-	busy list[backend, backendInList]
-	// useTime is the EWMA of how long a caller holds a backend.
-	useTime ewma
-	// waitDebt is the time its callers spent waiting for a backend,
-	// decaying with waitDebtDecay, in nanoseconds, as of debtAt.
-	waitDebt float64
-	debtAt   time.Time
+	busy   list[backend, backendInList]
+	growth growth // whether its callers should wait or dial (growth.go)
 
-	lru links[backendPool] // in the budget's recency lists while it has idle backends
+	lru links[backendPool] // in its server's recency lists while it has idle backends
 	// spare: in the recency's spare lists, while listed and holding two
 	// live backends or more (lru.go).
 	spare links[backendPool]
@@ -75,12 +63,20 @@ type backendPool struct {
 	protected bool
 }
 
+// room reports whether p may take a token of its server now, without a
+// backend closing for it.
+func (p *backendPool) room() bool { return p.srv.ledger.room(&p.tokens) }
+
+// serverDown reports whether p's server is down: its callers wait for the
+// probe instead of dialing.
+func (p *backendPool) serverDown() bool { return p.srv != nil && p.srv.circuit.down }
+
 type backendState uint8
 
 const (
 	backendDialing backendState = iota // not known to the budget yet
 	backendBusy                        // checked out by a handle
-	backendIdle                        // in its database's idle list; may be evicted
+	backendIdle                        // in its pool's idle list; may be evicted
 	backendClosing                     // closed by the driver
 )
 
@@ -109,8 +105,9 @@ type backend struct {
 	// to, at each checkout, so the slice may be read after the lock is
 	// released.
 	stack []uintptr
-	// watch links it into budget.watched while it is checked out and not
-	// yet reported as a suspected leak; leaked marks one reported.
+	// watch links it into the leak watch (reclaim.go) while it is checked
+	// out and not yet reported as a suspected leak; leaked marks one
+	// reported.
 	watch  links[backend]
 	leaked bool
 }
@@ -141,7 +138,7 @@ func (pgxIO) broken(be *backend) bool {
 	return pg.IsClosed() || pg.TxStatus() != 'I' || pg.IsBusy()
 }
 
-// Weights of the moving averages: a database's use time follows its load
+// Weights of the moving averages: a pool's use time follows its load
 // within a few dozen checkouts; a dial time, measured less often, within
 // a handful of dials.
 const (

@@ -32,6 +32,84 @@ import (
 // hung): a host that accepts TCP and never answers would otherwise collect
 // a dial, and a token, from every caller until their deadlines. That dial
 // is then the probe.
+//
+// The circuit below is the state and its backoff; what a server going down
+// or up does to its callers is in outage.go.
+
+// circuit is one server's circuit breaker. Guarded by budget.mu; never
+// locks, never blocks, holds no *budget (its timer's callback is the
+// budget's probeDue).
+type circuit struct {
+	down     bool      // a dial found it unreachable, not accepting connections or not answering
+	since    time.Time // when it went down
+	lastErr  error     // what the last failed dial found, without its DSN details
+	probing  bool      // a probe is under way: prober seeks a token, or its dial runs
+	prober   *waiter   // the waiter that is to dial the probe, while it seeks a token
+	failures int       // probes failed since it went down
+	probeAt  time.Time // no probe starts before
+	wake     wakeup    // starts the next probe
+	outages  uint64    // times it went down
+	failed   uint64    // callers whose wait ended while it was down
+}
+
+// trip records that a dial found the server down for cause. It reports
+// whether the server was up until now; the first probe is then due after
+// probeBackoff(0).
+func (c *circuit) trip(now time.Time, cause error) bool {
+	c.lastErr = cause
+	if c.down {
+		return false
+	}
+	c.down, c.since, c.failures = true, now, 0
+	c.outages++
+	c.probeAt = now.Add(probeBackoff(0))
+	return true
+}
+
+// reset records that the server answered. It reports whether it was down,
+// and for how long. A prober still seeking a token stays in the dial queue
+// as any caller that is to dial.
+func (c *circuit) reset(now time.Time) (wasDown bool, downFor time.Duration) {
+	if !c.down {
+		return false, 0
+	}
+	downFor = now.Sub(c.since)
+	c.down, c.probing, c.failures = false, false, 0
+	c.prober = nil
+	c.wake.stop()
+	return true, downFor
+}
+
+// probeEnded records the end of the probe. failed: the server did not
+// answer it, and the next one waits longer; otherwise (its caller gave up
+// first) the next one may start at once.
+func (c *circuit) probeEnded(now time.Time, failed bool) {
+	c.probing = false
+	if c.down && failed {
+		c.failures++
+		c.probeAt = now.Add(probeBackoff(c.failures))
+	}
+}
+
+// probeDue reports whether a probe may start at now: the server is down,
+// none is under way, and the backoff has passed.
+func (c *circuit) probeDue(now time.Time) bool {
+	return c.down && !c.probing && !now.Before(c.probeAt)
+}
+
+// armProbe arms the timer for the next probe, if one is to start. The
+// probe starts on the timer even when it is due now, so that it never runs
+// inside a walk of the queues that made it due.
+func (c *circuit) armProbe(clk clock, now time.Time) {
+	if !c.down || c.probing {
+		return
+	}
+	at := c.probeAt
+	if at.Before(now) {
+		at = now
+	}
+	c.wake.arm(clk, at, now)
+}
 
 // Probe backoff: the first probe follows the failure that marked the
 // server down by about probeBackoffMin, later ones double up to

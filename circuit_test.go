@@ -317,7 +317,7 @@ func (r *circuitRig) dialing() int {
 	defer r.b.mu.Unlock()
 	n := 0
 	for _, s := range r.b.servers {
-		n += s.dialing
+		n += s.ledger.dialing
 	}
 	return n
 }
@@ -334,7 +334,8 @@ func (r *circuitRig) server(d *backendPool) circuitState {
 	r.b.mu.Lock()
 	defer r.b.mu.Unlock()
 	s := d.srv
-	return circuitState{label: s.label, down: s.down, probing: s.probing, failures: s.failures, outages: s.outages, failed: s.failed}
+	c := &s.circuit
+	return circuitState{label: s.label, down: c.down, probing: c.probing, failures: c.failures, outages: c.outages, failed: c.failed}
 }
 
 // TestCircuitOneProbeAtATime checks the circuit's decisions on a manual
@@ -479,7 +480,7 @@ func TestCircuitOpensBeforeTheTokenReturns(t *testing.T) {
 	require.NotNil(t, got.tok, "the last token")
 	wb, _ := r.queue(r.db("b"), ctx)
 	require.False(t, r.served(wb), "the budget is full and nothing is idle")
-	require.True(t, locked(r.b, wb.seekingLocked))
+	require.True(t, locked(r.b, wb.seeking))
 
 	refused := &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}
 	r.b.dialFailed(got.tok, dialDown, refused)

@@ -1,16 +1,24 @@
 package tenantpg
 
-import "time"
+import (
+	"maps"
+	"time"
+)
 
-// applyLocked takes cfg's settings; reconfigure calls it under mu.
+// Limits changing: Configure, and a fleet budget's leases. Lowering a limit
+// closes idle backends down to it at once (shrinkLocked, checkin.go); busy
+// ones close as they are checked in (checkinReasonLocked). Raising it
+// serves the callers waiting.
+
+// applyLocked takes cfg's settings.
 func (b *budget) applyLocked(cfg Config) {
 	b.limit = cfg.MaxConnections
 	b.serverLimits = cfg.ServerMaxConnections
 	b.aliases = cfg.ServerAliases
 	b.fleet = fleetSettingsOf(cfg)
 	for _, s := range b.servers {
-		s.max = b.serverLimitLocked(s.label)
-		s.limit = b.limitNowLocked(s)
+		s.ledger.max = b.serverLimitLocked(s.label)
+		s.ledger.limit = s.lease.limit(s.ledger.max, b.clock.Now())
 	}
 	b.perDB = cfg.MaxConnectionsPerDB
 	b.lifetime = cfg.ConnMaxLifetime
@@ -18,6 +26,61 @@ func (b *budget) applyLocked(cfg Config) {
 	b.acquireTimeout = cfg.AcquireTimeout
 	b.leakThreshold.Store(int64(cfg.LeakThreshold))
 	b.log.Store(cfg.Logger)
+}
+
+// reconfigureLocked applies new settings, or returns why they cannot be.
+// Lowering the budget or a cap closes idle backends down to the new limits
+// at once; busy ones are closed when they are checked in. Raising it serves
+// waiters.
+func (b *budget) reconfigureLocked(cfg Config) error {
+	if !maps.Equal(cfg.ServerAliases, b.aliases) && len(b.servers) > 0 {
+		return &ConfigError{Field: "ServerAliases",
+			Reason: "aliases cannot change while pools are open: their backends count against the server they were opened on"}
+	}
+	if fleetSettingsOf(cfg) != b.fleet && len(b.servers) > 0 {
+		// A server in use would be coordinated only from its next DSN on,
+		// with backends no lease covers.
+		return &ConfigError{Field: "FleetMaxConnections",
+			Reason: "the fleet settings cannot change while databases are open; set them before the first connection"}
+	}
+	for _, s := range b.servers {
+		if limit := serverLimit(cfg.MaxConnections, cfg.ServerMaxConnections, s.label); limit < s.ledger.reserved {
+			field := "MaxConnections"
+			if _, ok := cfg.ServerMaxConnections[s.label]; ok {
+				field = "ServerMaxConnections[" + s.label + "]"
+			}
+			return &ConfigError{Field: field, Reason: errReservedExceedsBudget(limit, s.ledger.reserved)}
+		}
+	}
+	b.applyLocked(cfg)
+	now := b.clock.Now()
+	idle := 0
+	for _, s := range b.servers {
+		b.shrinkLocked(s)
+		b.serveQueueLocked(s)
+		idle += s.ledger.idle
+	}
+	for _, s := range b.servers {
+		for p := s.pools.front; p != nil; {
+			next := s.pools.next(p)
+			b.growLocked(p)
+			p = next
+		}
+	}
+	// The timeouts may have changed. Disarm even with nothing idle: a later
+	// check-in skips arming a reaper armed early enough, and the old time
+	// may be later than the new idle timeout allows.
+	b.reaper.stop()
+	if idle > 0 {
+		b.armReaperLocked(now, now) // rescan now
+	}
+	// The leak threshold may have changed too: rescan now (a threshold
+	// turned off empties the watch list).
+	b.watch.timer.stop()
+	if b.watch.watched.len > 0 {
+		b.armLeakCheckLocked(now, now)
+	}
+	return nil
 }
 
 // serverLimitLocked returns the budget of the server named label
@@ -35,93 +98,81 @@ func serverLimit(def int, perServer map[string]int, label string) int {
 	return def
 }
 
-// capLocked returns d's cap; guarded by mu.
-func (b *budget) capLocked(d *backendPool) int {
+// capLocked returns the most live backends p may hold.
+func (b *budget) capLocked(p *backendPool) int {
 	c := b.perDB
-	if d.capOverride > 0 {
-		c = d.capOverride
+	if p.capOverride > 0 {
+		c = p.capOverride
 	}
-	if c > d.srv.max {
-		c = d.srv.max // not the fleet's share: a caller at it waits for a lease, not for a backend of its own
+	if m := p.srv.ledger.max; c > m {
+		c = m // not the fleet's share: a caller at it waits for a lease, not for a backend of its own
 	}
-	if c < d.reserved {
-		c = d.reserved
+	if c < p.tokens.reserved {
+		c = p.tokens.reserved
 	}
 	return c
-}
-
-// shrinkLocked evicts idle backends of s until every database is within
-// its cap and the shared pool within s's budget, counting backends already
-// closing as gone.
-func (b *budget) shrinkLocked(s *server) { b.shrinkOverLocked(s, reasonBudgetShrink) }
-
-// shrinkOverLocked is shrinkLocked, closing backends for reason.
-func (b *budget) shrinkOverLocked(s *server, reason evictReason) {
-	s.recency.eachLocked(func(x *backendPool) {
-		for x.open-x.closing > b.capLocked(x) && x.idleBackends.back != nil {
-			b.evictLocked(x.idleBackends.back, reason, nil)
-		}
-	})
-	for s.sharedLive > s.limit-s.reserved {
-		v := s.recency.victimLocked()
-		if v == nil {
-			return
-		}
-		b.evictLocked(v, reason, nil)
-	}
-}
-
-// limitNowLocked returns what s may hold now: its configured budget, or
-// with a fleet budget the slots its coordinator leased for backends, within
-// that budget less the coordination session, and within the cap it yields
-// to while other processes need slots; never below its floor, which only
-// sessions of another role holding the fleet's slots raise.
-func (b *budget) limitNowLocked(s *server) int {
-	if s.fleet == nil {
-		return s.max
-	}
-	l := min(s.max-1, s.held)
-	if b.clock.Now().Before(s.capUntil) {
-		l = min(l, s.fleetCap)
-	}
-	return max(l, min(s.fleetFloor, s.max-1), 0)
 }
 
 // refreshLimitLocked applies a change of what s may hold: a higher limit
 // serves its callers, a lower one closes idle backends down to it (busy
 // ones close as they are checked in).
 func (b *budget) refreshLimitLocked(s *server, reason evictReason) {
-	old := s.limit
-	s.limit = b.limitNowLocked(s)
+	old := s.ledger.limit
+	s.ledger.limit = s.lease.limit(s.ledger.max, b.clock.Now())
 	switch {
-	case s.limit > old:
+	case s.ledger.limit > old:
 		b.serveQueueLocked(s)
-		for d := range b.dbs {
-			if d.srv == s && d.waiters.len > d.seeking {
-				b.growLocked(d)
+		for p := s.pools.front; p != nil; {
+			next := s.pools.next(p)
+			if p.waiters.len > p.waiters.seeking {
+				b.growLocked(p)
 			}
+			p = next
 		}
-	case s.limit < old:
+	case s.ledger.limit < old:
 		b.shrinkOverLocked(s, reason)
 	}
 }
 
-// fleetCloseTimeout bounds how long Driver.Close waits for the backends on
-// a fleet's server to close (busy ones are closed when they are checked
-// in), and then for the coordination session to unlock its slots; past it
-// the session is cut, which frees them on the server too.
-const fleetCloseTimeout = 5 * time.Second
+// The fleet coordinator's calls (fleetSide, budget.go).
 
-// fleetYieldFor is how long a process holds to the cap it lowered itself
-// to for other processes, as long as a need heard from another counts
-// (fleetHeard).
-const fleetYieldFor = fleetHeard
+// fleetNeedLocked returns how many slots s should lease at now, once a
+// yield that has ended is lifted.
+func (b *budget) fleetNeedLocked(s *server, now time.Time) int {
+	if s.lease.yieldEnded(now) {
+		b.refreshLimitLocked(s, reasonFleet)
+	}
+	return s.lease.need(&s.ledger, s.queue.len-s.queue.claims, now)
+}
+
+// fleetSetHeldLocked records that n slots are leased for s's backends; a
+// lower n is refused while s holds more.
+func (b *budget) fleetSetHeldLocked(s *server, n int) bool {
+	if !s.lease.setHeld(n, s.ledger.open) {
+		return false
+	}
+	b.refreshLimitLocked(s, reasonFleet)
+	return true
+}
+
+// fleetYieldLocked gives up to n of s's slots to other processes: idle
+// backends close at once, down to what its callers use now, and busy ones
+// beyond the fair share close as they are checked in, so that a busy
+// process keeps its fair share and no more while others need slots. The
+// cap lasts fleetYieldFor; the coordinator releases the slots once their
+// backends are gone.
+func (b *budget) fleetYieldLocked(s *server, n, fair int) {
+	l := &s.ledger
+	if s.lease.yield(n, fair, l.open-l.closing, l.inUse+l.dialing+s.queue.len, b.clock.Now()) {
+		b.refreshLimitLocked(s, reasonFleet)
+	}
+}
 
 // fleetOpenLocked reports whether a server with a fleet budget still has
 // backends open: its slots must not be unlocked yet.
 func (b *budget) fleetOpenLocked() bool {
 	for _, s := range b.servers {
-		if s.fleet != nil && s.open > 0 {
+		if s.lease.coord != nil && s.ledger.open > 0 {
 			return true
 		}
 	}

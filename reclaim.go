@@ -8,6 +8,12 @@ import (
 	"time"
 )
 
+// What the driver takes back on its own: idle backends past their idle time
+// or lifetime (the reaper), backends whose handle became garbage (reclaim,
+// and the stray collector that hastens it), and backends held for too long,
+// which it reports (the leak watch). Each has a timer (clock.go's wakeup),
+// armed only while it has something to do.
+//
 // Reclaiming what a closed *sql.DB abandoned, and finding leaks.
 //
 // A *sql.Rows or *sql.Conn that is never closed keeps its handle checked
@@ -109,15 +115,10 @@ func formatStack(pcs []uintptr) string {
 	return sb.String()
 }
 
-// unwatchLocked ends leak detection for be, which is no longer checked out
-// by the caller it was watched for.
-func (b *budget) unwatchLocked(be *backend) {
-	if be.watch.listed {
-		b.watched.remove(be)
-	}
-	be.leaked = false
-}
+// The reaper.
 
+// expiryLocked is when idle backend be is to be closed: at the end of its
+// idle time or of its lifetime, whichever comes first.
 func (b *budget) expiryLocked(be *backend) time.Time {
 	at := be.idleSince.Add(b.idleTimeout)
 	if b.lifetime > 0 {
@@ -134,37 +135,145 @@ func (b *budget) armReaperLocked(at, now time.Time) {
 	}
 }
 
+// reapLocked closes the idle backends past their idle timeout or lifetime
+// at now, and arms the reaper for the next expiry. It runs on the reaper's
+// timer, armed for the earliest expiry, so an idle driver costs no
+// goroutine.
+func (b *budget) reapLocked(now time.Time) {
+	b.reaper.fired()
+	var next time.Time
+	for _, s := range b.servers {
+		s.recency.each(func(x *backendPool) {
+			for be := x.idleBackends.back; be != nil; {
+				prev := x.idleBackends.prev(be)
+				if at := b.expiryLocked(be); !at.After(now) {
+					reason := reasonIdleTimeout
+					if b.lifetime > 0 && now.Sub(be.created) >= b.lifetime {
+						reason = reasonLifetime
+					}
+					b.evictLocked(be, reason, nil)
+				} else if next.IsZero() || at.Before(next) {
+					next = at
+				}
+				be = prev
+			}
+		})
+	}
+	if !next.IsZero() {
+		b.armReaperLocked(next, now)
+	}
+}
+
+// Handles that became garbage.
+
+// abandonLocked closes be, checked out by a handle that became garbage
+// without giving it back, at now.
+func (b *budget) abandonLocked(be *backend, now time.Time) {
+	p := be.db
+	b.eventLocked(event{kind: evAbandoned, workspace: p.workspace, held: now.Sub(be.checkedOut), stack: be.stack})
+	b.closeBusyLocked(be, reasonAbandoned, nil)
+	b.growLocked(p)
+}
+
+// strayCollector hastens reclaiming while callers wait: strays are the
+// handles still open whose connector (their *sql.DB or Pool) was closed,
+// busy ones finishing or ones the application leaked. While there are
+// some, a caller that waits triggers a garbage collection, at most once per
+// collectEvery, so that the backends of handles that became garbage are
+// reclaimed without waiting for the next natural collection; its timer
+// repeats it while callers still wait. Guarded by budget.mu; never locks,
+// never blocks, holds no *budget (its timer's callback is the budget's
+// collectAgain).
+type strayCollector struct {
+	count int
+	last  time.Time // when a collection was last triggered
+	timer wakeup
+}
+
 // collectEvery bounds how often waiting callers trigger a garbage
 // collection while stray handles exist.
 const collectEvery = time.Second
 
+// due reports whether a collection may be triggered at now, and when the
+// next may be. A collection is due when none was triggered for
+// collectEvery; one that is due counts as triggered.
+func (c *strayCollector) due(now time.Time) (bool, time.Time) {
+	if next := c.last.Add(collectEvery); !c.last.IsZero() && now.Before(next) {
+		return false, next
+	}
+	c.last = now
+	return true, now.Add(collectEvery)
+}
+
 // collectLocked triggers a garbage collection, off the lock, unless one was
 // triggered less than collectEvery ago: a caller waits while handles of
 // closed *sql.DBs are open, and those the application dropped give their
-// backends back only once the collector finds them (reclaim.go). It
-// repeats every collectEvery while callers wait and strays are left: a
-// handle may become garbage only after a collection (the application drops
-// it later, or database/sql's goroutine of the closed *sql.DB had not
-// ended yet).
+// backends back only once the collector finds them. It repeats every
+// collectEvery while callers wait and strays are left: a handle may become
+// garbage only after a collection (the application drops it later, or
+// database/sql's goroutine of the closed *sql.DB had not ended yet).
 func (b *budget) collectLocked(now time.Time) {
-	if next := b.lastCollect.Add(collectEvery); !b.lastCollect.IsZero() && now.Before(next) {
-		b.armCollectorLocked(next, now)
-		return
+	due, next := b.strays.due(now)
+	if due {
+		b.counters.collections++
+		go runtime.GC()
 	}
-	b.lastCollect = now
-	b.collections++
-	go runtime.GC()
-	b.armCollectorLocked(now.Add(collectEvery), now)
+	if !b.closed {
+		b.strays.timer.arm(b.clock, next, now)
+	}
 }
 
-func (b *budget) armCollectorLocked(at, now time.Time) {
-	if !b.closed {
-		b.collector.arm(b.clock, at, now)
+// Leaks.
+
+// leakWatch holds the backends checked out while Config.LeakThreshold was
+// set and not yet reported, oldest checkout first, so that a scan stops at
+// the first young one; its timer runs the scan (checkLeaks) when the oldest
+// passes the threshold. Guarded by budget.mu; never locks, never blocks,
+// holds no *budget (its timer's callback is the budget's checkLeaks).
+type leakWatch struct {
+	watched list[backend, backendWatched]
+	timer   wakeup
+}
+
+// add watches be, just checked out. It reports whether the timer must be
+// armed: it is not armed for an older checkout.
+func (l *leakWatch) add(be *backend) bool {
+	l.watched.pushBack(be)
+	return !l.timer.armed
+}
+
+// drop ends the watch of be, which is no longer checked out by the caller
+// it was watched for.
+func (l *leakWatch) drop(be *backend) {
+	if be.watch.listed {
+		l.watched.remove(be)
 	}
+	be.leaked = false
 }
 
 func (b *budget) armLeakCheckLocked(at, now time.Time) {
 	if !b.closed {
-		b.leakCheck.arm(b.clock, at, now)
+		b.watch.timer.arm(b.clock, at, now)
+	}
+}
+
+// checkLeaksLocked reports the backends checked out for longer than the
+// leak threshold at now, once each, with the stack of the code that
+// checked them out, and arms the check for the next; with the threshold
+// off it stops watching.
+func (b *budget) checkLeaksLocked(now time.Time) {
+	b.watch.timer.fired()
+	th := time.Duration(b.leakThreshold.Load())
+	for be := b.watch.watched.front; be != nil; be = b.watch.watched.front {
+		if th > 0 && now.Sub(be.checkedOut) < th {
+			b.armLeakCheckLocked(be.checkedOut.Add(th), now)
+			break // the rest were checked out later
+		}
+		b.watch.watched.remove(be)
+		if th > 0 {
+			be.leaked = true
+			b.counters.leaks++
+			b.eventLocked(event{kind: evLeak, workspace: be.db.workspace, held: now.Sub(be.checkedOut), threshold: th, stack: be.stack})
+		}
 	}
 }

@@ -232,7 +232,7 @@ func TestCancelledCallerDoesNotDiscardIdleBackends(t *testing.T) {
 	pc.Release()
 	b := e.drv.b
 	b.mu.Lock()
-	for d := range b.dbs {
+	for _, d := range b.poolsLocked() {
 		for be := d.idleBackends.front; be != nil; be = d.idleBackends.next(be) {
 			be.idleSince = be.idleSince.Add(-2 * pingAfter) // long idle: the checkout pings it
 		}
@@ -292,7 +292,7 @@ func TestReleaseIfIdleRunsTheClosesItQueues(t *testing.T) {
 	require.NotNil(t, pt)
 	clk.expire(pt)
 	pt.f()
-	require.True(t, locked(b, w.seekingLocked))
+	require.True(t, locked(b, w.seeking))
 	require.Empty(t, io.takeClosed())
 
 	// Later the spare backend is old enough; the next event on the server
@@ -327,7 +327,7 @@ func TestDialFailedAfterItsPoolClosed(t *testing.T) {
 	b.closeOwner(d, &owner{}) // Pool.Close: no handle of a Pool holds the pool
 	b.dialFailed(tok, dialDown, &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED})
 	require.Zero(t, b.snapshot().open)
-	require.Empty(t, locked(b, func() int { return len(b.dbs) }), "forgotten")
+	require.Empty(t, locked(b, func() int { return len(b.poolsLocked()) }), "forgotten")
 	require.NoError(t, locked(b, b.checkInvariantsLocked))
 	b.close() // not deferred: a panic under the lock would hang it
 }

@@ -145,7 +145,7 @@ func TestRoutedPingSeesTheAliasedCircuit(t *testing.T) {
 	b := drv.b
 	b.mu.Lock()
 	d := addPoolLocked(b, serverKey{host: "db.example", port: 5432}, "db", "ws", 0, time.Time{})
-	b.markDownLocked(d.srv, b.clock.Now().Add(-time.Second), errNotAnswering)
+	b.markDownLocked(d.srv, b.clock.Now().Add(-time.Second), errNotAnswering, "ws")
 	b.mu.Unlock()
 
 	err = r.ping(context.Background())

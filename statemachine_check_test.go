@@ -39,7 +39,7 @@ func (m *stateMachine) check() {
 			continue
 		}
 		if D.refs() == 0 && c.open == 0 {
-			if _, listed := b.dbs[D.d]; listed {
+			if b.keepsLocked(D.d) {
 				m.fail("%s: nothing uses it and it holds nothing, yet it is not forgotten", D.ws)
 			}
 			m.logf("%s forgotten", D.ws)
@@ -47,22 +47,22 @@ func (m *stateMachine) check() {
 			continue
 		}
 		d := D.d
-		if _, listed := b.dbs[d]; !listed {
+		if !b.keepsLocked(d) {
 			m.fail("%s: forgotten while used (refs %d) or holding %d tokens", D.ws, D.refs(), c.open)
 		}
-		if d.open != c.open || d.closing != c.closing || d.dialing != c.dialing || d.inUse != c.busy || d.idle != c.idle {
+		if d.tokens.open != c.open || d.tokens.closing != c.closing || d.tokens.dialing != c.dialing || d.tokens.inUse != c.busy || d.tokens.idle != c.idle {
 			m.fail("%s: open %d closing %d dialing %d inUse %d idle %d; the model: %d %d %d %d %d",
-				D.ws, d.open, d.closing, d.dialing, d.inUse, d.idle, c.open, c.closing, c.dialing, c.busy, c.idle)
+				D.ws, d.tokens.open, d.tokens.closing, d.tokens.dialing, d.tokens.inUse, d.tokens.idle, c.open, c.closing, c.dialing, c.busy, c.idle)
 		}
 		if d.refs != D.refs() {
 			m.fail("%s: refs %d, the model %d (regs %d handles %d awaiting %d)", D.ws, d.refs, D.refs(), D.regs, D.handles, D.awaiting)
 		}
 		anyState = true
-		if d.reserved != D.reserved || d.capOverride != D.maxConns || b.capLocked(d) != m.capOf(D) {
-			m.fail("%s: reserved %d maxConns %d cap %d; the model %d %d %d", D.ws, d.reserved, d.capOverride, b.capLocked(d), D.reserved, D.maxConns, m.capOf(D))
+		if d.tokens.reserved != D.reserved || d.capOverride != D.maxConns || b.capLocked(d) != m.capOf(D) {
+			m.fail("%s: reserved %d maxConns %d cap %d; the model %d %d %d", D.ws, d.tokens.reserved, d.capOverride, b.capLocked(d), D.reserved, D.maxConns, m.capOf(D))
 		}
-		if float64(d.useTime) != D.useTime {
-			m.fail("%s: use time %v, the model %v", D.ws, float64(d.useTime), D.useTime)
+		if float64(d.growth.useTime) != D.useTime {
+			m.fail("%s: use time %v, the model %v", D.ws, float64(d.growth.useTime), D.useTime)
 		}
 		if d.protected != D.prot {
 			if !D.protAmbiguous {
@@ -102,24 +102,24 @@ func (m *stateMachine) check() {
 	switch {
 	case b.open != totalOpen:
 		m.fail("budget holds %d tokens; the model counts %d", b.open, totalOpen)
-	case m.srv().reserved != m.reservedSum():
-		m.fail("budget reserves %d; the model %d", m.srv().reserved, m.reservedSum())
+	case m.srv().ledger.reserved != m.reservedSum():
+		m.fail("budget reserves %d; the model %d", m.srv().ledger.reserved, m.reservedSum())
 	case b.waiting != len(m.waiters):
 		m.fail("budget has %d waiting; the model %d", b.waiting, len(m.waiters))
 	case float64(b.dialTime) != m.dialTime:
 		m.fail("dial time %v, the model %v", float64(b.dialTime), m.dialTime)
-	case b.evictions != m.evictions:
-		m.fail("evictions %v, the model %v", b.evictions, m.evictions)
-	case m.waitAmbiguous && b.waitCount == m.waitCount+1:
+	case b.counters.evictions != m.evictions:
+		m.fail("evictions %v, the model %v", b.counters.evictions, m.evictions)
+	case m.waitAmbiguous && b.counters.waitCount == m.waitCount+1:
 		m.waitCount++
 	}
 	m.waitAmbiguous = false
 	switch {
-	case b.handoffs != m.handoffs || b.dials != m.dials || b.exhausted != m.exhausted || b.timeouts != m.timeouts || b.waitCount != m.waitCount:
+	case b.counters.handoffs != m.handoffs || b.counters.dials != m.dials || b.counters.exhausted != m.exhausted || b.counters.timeouts != m.timeouts || b.counters.waitCount != m.waitCount:
 		m.fail("handoffs %d dials %d exhausted %d timeouts %d waits %d; the model %d %d %d %d %d",
-			b.handoffs, b.dials, b.exhausted, b.timeouts, b.waitCount, m.handoffs, m.dials, m.exhausted, m.timeouts, m.waitCount)
-	case b.dialErrors != m.dialErrors:
-		m.fail("dial errors %v, the model %v", b.dialErrors, m.dialErrors)
+			b.counters.handoffs, b.counters.dials, b.counters.exhausted, b.counters.timeouts, b.counters.waitCount, m.handoffs, m.dials, m.exhausted, m.timeouts, m.waitCount)
+	case b.counters.dialErrors != m.dialErrors:
+		m.fail("dial errors %v, the model %v", b.counters.dialErrors, m.dialErrors)
 	}
 	for _, mb := range m.alive {
 		want := map[smBState]backendState{smBusy: backendBusy, smIdle: backendIdle}[mb.state]
@@ -159,8 +159,8 @@ func (m *stateMachine) check() {
 		m.fail("%d dials and claims under way, over the %d dial slots (was %d)", inFlight, m.slots(), m.preInFlight)
 	}
 	sv := m.srv()
-	if sv.claims != inFlight-len(m.dialingTokens()) {
-		m.fail("the budget counts %d claims; %d waiters hold one", sv.claims, inFlight-len(m.dialingTokens()))
+	if sv.queue.claims != inFlight-len(m.dialingTokens()) {
+		m.fail("the budget counts %d claims; %d waiters hold one", sv.queue.claims, inFlight-len(m.dialingTokens()))
 	}
 	for w := sv.queue.front; w != nil && inFlight < m.slots(); w = sv.queue.next(w) {
 		if D := m.byW[w].db; w.claim == nil && m.room(D) && m.live(D) < m.capOf(D) {
@@ -233,12 +233,12 @@ func (m *stateMachine) check() {
 		}
 		starts := 0
 		for _, sw := range append(m.waitersOf(D), m.grantedNow...) {
-			if sw.db == D && sw != m.exp.patience && !sw.preSeeking && (sw.granted || sw.w.seekingLocked()) {
+			if sw.db == D && sw != m.exp.patience && !sw.preSeeking && (sw.granted || sw.w.seeking()) {
 				starts++
 			}
 		}
-		n := m.live(D) + D.d.seeking
-		q := D.d.waiters.len - D.d.seeking
+		n := m.live(D) + D.d.waiters.seeking
+		q := D.d.waiters.len - D.d.waiters.seeking
 		if starts > 0 && !m.shouldDial(D, n-1, q+1, dt, D.debt) {
 			m.fail("%s: a waiter started seeking a token though %d backends serve %d queued callers (use time %s, dial %s, waits owed at most %s)",
 				D.ws, n-1, q+1, time.Duration(D.useTime), dt, time.Duration(D.debt))
@@ -246,16 +246,16 @@ func (m *stateMachine) check() {
 		if starts > 0 && m.exp.patience == nil {
 			D.debt = D.owed // paid by the dial, but for what may have been owed since
 		}
-		if D.d.waitDebt > D.debt*(1+1e-9)+1 {
-			m.fail("%s: wait debt %s, more than the %s waited since the last dial", D.ws, time.Duration(D.d.waitDebt), time.Duration(D.debt))
+		if D.d.growth.waitDebt > D.debt*(1+1e-9)+1 {
+			m.fail("%s: wait debt %s, more than the %s waited since the last dial", D.ws, time.Duration(D.d.growth.waitDebt), time.Duration(D.debt))
 		}
 	}
 	for _, D := range m.exp.grow {
 		if D.d == nil {
 			continue
 		}
-		n := m.live(D) + D.d.seeking
-		q := D.d.waiters.len - D.d.seeking
+		n := m.live(D) + D.d.waiters.seeking
+		q := D.d.waiters.len - D.d.waiters.seeking
 		if q > 0 && m.shouldDial(D, n, q, 2*dt, -1) {
 			m.fail("%s: %d callers wait on %d backends (use time %s, dial %s) and none seeks a token",
 				D.ws, q, n, time.Duration(D.useTime), dt)

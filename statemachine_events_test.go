@@ -159,7 +159,7 @@ func (m *stateMachine) queue(D *smDB, w *waiter, now time.Time) *smWaiter {
 	m.exp.grow = []*smDB{D}
 	b := m.b
 	b.mu.Lock()
-	seeking, done, pt := w.seekingLocked(), w.done, w.patience
+	seeking, done, pt := w.seeking(), w.done, w.patience
 	b.mu.Unlock()
 	m.logf("waits as w%d (seeking %v, served %v)", sw.id, seeking, done)
 	if !done {
@@ -456,12 +456,12 @@ func (m *stateMachine) runTimer(t *smTimer) {
 			m.exp.patience = sw
 			b := m.b
 			b.mu.Lock()
-			waiting := !sw.w.done && !sw.w.seekingLocked()
-			want := waiting && sw.db.d != nil && m.live(sw.db)+sw.db.d.seeking < m.capOf(sw.db)
+			waiting := !sw.w.done && !sw.w.seeking()
+			want := waiting && sw.db.d != nil && m.live(sw.db)+sw.db.d.waiters.seeking < m.capOf(sw.db)
 			b.mu.Unlock()
 			t.f()
 			b.mu.Lock()
-			seeks := waiting && (sw.w.seekingLocked() || sw.w.done)
+			seeks := waiting && (sw.w.seeking() || sw.w.done)
 			b.mu.Unlock()
 			if seeks != want {
 				m.fail("w%d: impatient made it seek %v; the model %v", sw.id, seeks, want)
@@ -604,9 +604,9 @@ func (m *stateMachine) finish() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	m.locked = true
-	if b.open != 0 || len(b.dbs) != 0 || len(b.servers) != 0 || b.waiting != 0 {
+	if b.open != 0 || len(b.poolsLocked()) != 0 || len(b.servers) != 0 || b.waiting != 0 {
 		m.fail("after everything closed: open %d, %d database states, %d servers, waiting %d",
-			b.open, len(b.dbs), len(b.servers), b.waiting)
+			b.open, len(b.poolsLocked()), len(b.servers), b.waiting)
 	}
 	for _, t := range m.clk.all() {
 		if _, active := t.state(); active {

@@ -224,7 +224,7 @@ func (m *stateMachine) dump() string {
 	var sb strings.Builder
 	sv := m.srv()
 	fmt.Fprintf(&sb, "  limit %d reserved %d shared %d/%d open %d dialing %d inUse %d idle %d closing %d waiting %d seeking %d closed %v reaper %v@%s dialTime %s\n",
-		sv.limit, sv.reserved, sv.sharedInUse, sv.sharedLive, sv.open, sv.dialing, sv.inUse, sv.idle, sv.closing, b.waiting, sv.queue.len, b.closed,
+		sv.ledger.limit, sv.ledger.reserved, sv.ledger.sharedInUse, sv.ledger.sharedLive, sv.ledger.open, sv.ledger.dialing, sv.ledger.inUse, sv.ledger.idle, sv.ledger.closing, b.waiting, sv.queue.len, b.closed,
 		b.reaper.armed, b.reaper.at.Sub(smEpoch), b.dialTime.duration())
 	for w := sv.queue.front; w != nil; w = sv.queue.next(w) {
 		id := -1
@@ -241,7 +241,7 @@ func (m *stateMachine) dump() string {
 			continue
 		}
 		fmt.Fprintf(&sb, "    budget: open %d dialing %d inUse %d idle %d closing %d waiters %d seeking %d refs %d listed %v protected %v useTime %s\n",
-			d.open, d.dialing, d.inUse, d.idle, d.closing, d.waiters.len, d.seeking, d.refs, d.lru.listed, d.protected, d.useTime.duration())
+			d.tokens.open, d.tokens.dialing, d.tokens.inUse, d.tokens.idle, d.tokens.closing, d.waiters.len, d.waiters.seeking, d.refs, d.lru.listed, d.protected, d.growth.useTime.duration())
 	}
 	for _, mb := range m.alive {
 		fmt.Fprintf(&sb, "  backend %d %s busy %v broken %v created %s", mb.id, mb.db.ws, mb.state == smBusy, mb.broken, mb.created.Sub(smEpoch))

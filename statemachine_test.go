@@ -303,9 +303,9 @@ func (m *stateMachine) observe() {
 		m.preQueue = append(m.preQueue, sw)
 	}
 	for _, sw := range m.waiters {
-		sw.preSeeking, sw.preClaim, sw.granted = sw.w.seekingLocked(), sw.w.claim != nil, false
+		sw.preSeeking, sw.preClaim, sw.granted = sw.w.seeking(), sw.w.claim != nil, false
 	}
-	m.preOpen, m.preShared, m.preReserved = b.open, sv.sharedInUse, m.reservedSum()
+	m.preOpen, m.preShared, m.preReserved = b.open, sv.ledger.sharedInUse, m.reservedSum()
 	m.preInFlight = m.inFlightLocked()
 	m.preLive = map[*smDB]int{}
 	for _, D := range m.dbs {

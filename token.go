@@ -2,6 +2,19 @@ package tenantpg
 
 import "time"
 
+// A token's life, from its grant to its return: the transitions that
+// count it in its server's ledger (ledger.go) and act on what its dial
+// found.
+//
+// A token is taken when a caller is granted one to dial (takeLocked, from
+// grantLocked in checkout.go). The dial succeeds (dialedLocked: its backend
+// goes to the caller that dialed it) or fails (dialFailedLocked, which also
+// tells the circuit what the dial found). Either way its owner is done with
+// it at some point (endLocked: the dial failed, or the backend was closed,
+// checkin.go), and the token returns (releaseLocked) once every socket
+// dialed for it has drained: to the waiter it was promised to, or to the
+// first in line.
+
 // token tracks one backend's claim on the budget from the start of its dial
 // until the server has closed every socket dialed for it. Guarded by
 // budget.mu.
@@ -28,65 +41,116 @@ const (
 	numDialErrorKinds
 )
 
-// liveShared is d's part of sharedLive.
-func liveShared(d *backendPool) int { return max(0, d.open-d.closing-d.reserved) }
-
-func (b *budget) takeLocked(d *backendPool) {
-	s := d.srv
-	old := liveShared(d)
-	if d.protected {
-		s.recency.protectedOpen++
-	}
-	d.open++
-	s.sharedLive += liveShared(d) - old
-	s.open++
-	if d.open > d.reserved {
-		s.sharedInUse++
-	}
-	s.peakOpen = max(s.peakOpen, s.open)
+// takeLocked counts a new token of p, for a dial.
+func (b *budget) takeLocked(p *backendPool) {
+	s := p.srv
+	s.ledger.take(&p.tokens)
+	s.recency.took(p)
 	b.open++
 	b.peakOpen = max(b.peakOpen, b.open)
 }
 
-func (b *budget) giveLocked(d *backendPool) {
-	s := d.srv
-	if d.open > d.reserved {
-		s.sharedInUse--
-	}
-	old := liveShared(d)
-	if d.protected {
-		s.recency.protectedOpen--
-		if d.open == 1 {
-			d.protected = false // out of the cache: a new arrival starts on probation
-		}
-	}
-	d.open--
-	s.sharedLive += liveShared(d) - old
-	s.open--
+// giveLocked counts a token of p back, from a backend that was dialing (a
+// grant never used) or closing.
+func (b *budget) giveLocked(p *backendPool, from backendState) {
+	s := p.srv
+	s.ledger.give(&p.tokens, from)
+	s.recency.gave(p)
 	b.open--
-	s.recency.liveDroppedLocked(d)
-	if s.fleet != nil {
-		if s.open < s.held {
-			s.fleet.poke() // a leased slot is spare: another process may need it
+	if s.lease.coord != nil {
+		if s.ledger.open < s.lease.held {
+			s.lease.coord.poke() // a leased slot is spare: another process may need it
 		}
-		if b.closed && s.open == 0 {
+		if b.closed && s.ledger.open == 0 {
 			b.drained.Broadcast() // close waits for this before it unlocks the slots
 		}
 	}
 }
 
-func (b *budget) dialingLocked(d *backendPool) {
-	d.dialing++
-	d.srv.dialing++
-	b.dials++
+// closingLocked counts t as closing: its backend, which was in state from,
+// is being closed, or its dial failed.
+func (b *budget) closingLocked(t *token, from backendState) {
+	p := t.db
+	p.srv.ledger.close(&p.tokens, from)
+	p.srv.recency.liveDropped(p)
 }
 
-func (b *budget) markClosingLocked(t *token) {
-	old := liveShared(t.db)
-	t.db.closing++
-	t.db.srv.sharedLive += liveShared(t.db) - old
-	t.db.srv.closing++
-	t.db.srv.recency.liveDroppedLocked(t.db)
+// dialedLocked records a successful dial of t that took took: be, its
+// backend, is checked out by the caller that dialed it. It reports false
+// when the driver was closed meanwhile, and be is closed.
+func (b *budget) dialedLocked(t *token, be *backend, took time.Duration) bool {
+	p := t.db
+	s := p.srv
+	s.ledger.dialed(&p.tokens)
+	b.dialTime.add(took, dialTimeAlpha)
+	now := b.clock.Now()
+	be.db, be.tok, be.created = p, t, now
+	s.pace.dialed(t.paceEpoch, took, s.ledger.limit, now)
+	t.dialDone = true
+	b.checkoutLocked(be, now, be.stack)
+	if b.closed {
+		b.closeBusyLocked(be, reasonDriverClosed, nil)
+		return false
+	}
+	b.serveQueueLocked(s) // a dial slot freed
+	s.dialTime.add(took, dialTimeAlpha)
+	s.answered = now
+	b.markUpLocked(s, now)
+	return true
+}
+
+// dialFailedLocked records a failed dial of t; the token returns once any
+// socket the dial opened has been drained.
+func (b *budget) dialFailedLocked(t *token, kind dialErrorKind, cause error) {
+	p := t.db
+	// Its server, read now: a token ended here may be the last thing that
+	// kept p's state (a Pool closed during the dial), which forgets it.
+	s := p.srv
+	t.dialDone = true
+	if kind != dialRejected { // rejections are counted as they happen, retries included
+		b.counters.dialErrors[kind]++
+	}
+	b.closingLocked(t, backendDialing)
+	now := b.clock.Now()
+	switch {
+	case kind == dialDown && isContextError(cause) && s.answered.After(t.dialStart):
+		// Cut short by its deadline while the server answered other
+		// dials: slow, not down.
+		if t.probe {
+			b.probeEndedLocked(s, now, false)
+		}
+	case kind == dialDown:
+		b.markDownLocked(s, now, downCause(cause), p.workspace)
+		if t.probe {
+			b.probeEndedLocked(s, now, true)
+		}
+	case isContextError(cause):
+		// The caller gave up before the server said anything.
+		if t.probe {
+			b.probeEndedLocked(s, now, false)
+		}
+	default:
+		// The server answered, if only to refuse this dial.
+		s.answered = now
+		if t.probe {
+			s.circuit.probing = false
+		}
+		b.markUpLocked(s, now)
+	}
+	// The token returns once every socket dialed for it has drained: now,
+	// if none was opened (a refused dial), and then only after the circuit
+	// has seen what this dial found, or the next caller in line would dial
+	// a server found down.
+	b.endLocked(t)
+	// A dial slot freed.
+	b.serveQueueLocked(s)
+	// Callers queued behind this dial may have no backend coming now.
+	b.growLocked(p)
+	e := event{kind: evDialFailed, workspace: p.workspace, err: cause}
+	if kind == dialRejected {
+		e.kind = evRejected
+	}
+	b.eventLocked(e)
 }
 
 // endLocked records that the owner of t is done with it; the token returns
@@ -94,6 +158,18 @@ func (b *budget) markClosingLocked(t *token) {
 func (b *budget) endLocked(t *token) {
 	t.ended = true
 	if t.sockets == 0 {
+		b.releaseLocked(t)
+	}
+}
+
+// socketDrainedLocked counts a socket dialed for t whose drain ended.
+func (b *budget) socketDrainedLocked(t *token) {
+	b.draining--
+	if b.draining == 0 && b.jobs == 0 {
+		b.drained.Broadcast()
+	}
+	t.sockets--
+	if t.ended && t.sockets == 0 {
 		b.releaseLocked(t)
 	}
 }
@@ -108,20 +184,16 @@ func (b *budget) releaseLocked(t *token) {
 	if t.gone != nil {
 		close(t.gone)
 	}
-	d := t.db
-	s := d.srv
-	old := liveShared(d)
-	d.closing--
-	s.sharedLive += liveShared(d) - old
-	s.closing--
-	b.giveLocked(d)
+	p := t.db
+	s := p.srv
+	b.giveLocked(p, backendClosing)
 	if w := t.claim; w != nil {
-		b.dropClaimLocked(w)
-		if !w.done && w.db.open-w.db.closing < b.capLocked(w.db) && b.roomLocked(w.db) {
+		s.queue.dropClaim(w)
+		if !w.done && w.db.tokens.live() < b.capLocked(w.db) && w.db.room() {
 			b.grantLocked(w, b.clock.Now())
 		}
 	}
 	b.serveQueueLocked(s)
-	b.growLocked(d)
-	b.forgetLocked(d)
+	b.growLocked(p)
+	b.forgetLocked(p)
 }

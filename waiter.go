@@ -2,8 +2,16 @@ package tenantpg
 
 import "time"
 
-// waiter is a caller queued for a backend of its database and, when it is
-// to dial one, for a token.
+// Callers that wait. A checkout that finds no idle backend of its pool
+// queues on the pool (poolQueue), for a backend another caller checks in.
+// When the pool should grow (growth.go), or the caller has waited as long as
+// a dial takes, it also joins its server's dial queue (dialQueue), for a
+// token to dial one: whichever comes first serves it. The queues and the
+// waiters' fields they touch are guarded by budget.mu; they never lock,
+// never block, and hold no *budget.
+
+// waiter is a caller queued for a backend of its pool and, when it is to
+// dial one, for a token.
 type waiter struct {
 	db    *backendPool
 	since time.Time
@@ -20,23 +28,77 @@ type waiter struct {
 	// waiting has then cost more than dialing would have.
 	patience timer
 
-	inDB, inBudget links[waiter]
+	inPool, inDial links[waiter]
 
-	// For its trace, read by its owner once served. Guarded by mu.
-	sought  time.Time // when it first joined the budget's queue
+	// For its trace, read by its owner once served. Guarded by budget.mu.
+	sought  time.Time // when it first joined the dial queue
 	evicted string    // workspace of the backend closed for its token
 	slotted time.Time // when it got a dial slot, with a free token or a victim closing for it
 }
 
-// seekingLocked reports whether w is in the budget's queue: it is to dial
-// as soon as it gets a token, unless a backend of its database is checked
-// in first.
-func (w *waiter) seekingLocked() bool { return w.inBudget.listed }
+// seeking reports whether w is in its server's dial queue: it is to dial as
+// soon as it gets a token, unless a backend of its pool is checked in first.
+func (w *waiter) seeking() bool { return w.inDial.listed }
 
-type waiterInDBQueue struct{}
+// finish ends w's wait: served (be or tok set) or failed (err set).
+func (w *waiter) finish() {
+	w.done = true
+	close(w.ready)
+}
 
-func (waiterInDBQueue) links(w *waiter) *links[waiter] { return &w.inDB }
+// poolQueue is a pool's callers waiting for a backend, oldest first.
+// seeking of them are in the server's dial queue too.
+type poolQueue struct {
+	list[waiter, waiterInPool]
+	seeking int
+}
 
-type waiterInBudgetQueue struct{}
+// forBackend is the callers that wait only for a backend of the pool.
+func (q *poolQueue) forBackend() int { return q.len - q.seeking }
 
-func (waiterInBudgetQueue) links(w *waiter) *links[waiter] { return &w.inBudget }
+// dialQueue is a server's callers that are to dial, oldest first. claims
+// counts those promised the token of a backend being closed for them: each
+// is about to dial and holds a dial slot (pace.go).
+type dialQueue struct {
+	list[waiter, waiterInDial]
+	claims int
+}
+
+// join adds w, queued on its pool, to the dial queue.
+func (q *dialQueue) join(w *waiter) {
+	w.db.waiters.seeking++
+	q.pushBack(w)
+}
+
+// leave takes w out of the dial queue, dropping its claim; it stays queued
+// on its pool.
+func (q *dialQueue) leave(w *waiter) {
+	w.db.waiters.seeking--
+	q.remove(w)
+	q.dropClaim(w)
+}
+
+// promise gives w, which is in the queue, the token t of a backend being
+// closed: w gets it when it returns.
+func (q *dialQueue) promise(w *waiter, t *token) {
+	t.claim = w
+	w.claim = t
+	q.claims++
+}
+
+// dropClaim takes back the token w was promised, if any.
+func (q *dialQueue) dropClaim(w *waiter) {
+	if w.claim != nil {
+		w.claim.claim = nil
+		w.claim = nil
+		q.claims--
+	}
+}
+
+type waiterInPool struct{}
+
+func (waiterInPool) links(w *waiter) *links[waiter] { return &w.inPool }
+
+type waiterInDial struct{}
+
+func (waiterInDial) links(w *waiter) *links[waiter] { return &w.inDial }
