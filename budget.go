@@ -35,14 +35,15 @@ import (
 //     with mu held, grouped by flow (checkout.go, checkin.go, token.go,
 //     outage.go, limits.go, register.go, reclaim.go, snapshot.go). They
 //     change several components at once and act on their decisions.
-//   - Components: plain structs, each in its own file, guarded by mu, which
-//     never lock, never block and hold no *budget; their methods count and
-//     decide, and carry no Locked suffix. Per server (server.go): its
-//     tokens (ledger.go), dial queue (waiter.go), eviction order (lru.go),
-//     dial pacing (pace.go), circuit (circuit.go) and fleet lease
-//     (fleetlease.go); per pool (backendpool.go): its tokens, queue and
-//     growth rule (growth.go); and the budget's counters (snapshot.go),
-//     leak watch and stray collector (reclaim.go).
+//   - Components: plain structs guarded by mu, which never lock, never
+//     block and hold no *budget; their methods count and decide, the
+//     transitions act, and they carry no Locked suffix. Per server
+//     (server.go): its tokens (ledger.go), dial queue (waiter.go), eviction
+//     order (lru.go), dial pacing (pace.go), circuit (circuit.go) and fleet
+//     lease (fleetlease.go); per pool (backendpool.go): its tokens, queue
+//     and growth rule (growth.go); and the budget's counters (snapshot.go),
+//     leak watch and stray collector (reclaim.go, next to the transitions
+//     that act on them).
 type budget struct {
 	// Set once by newBudget, read without the lock.
 	clock         clock
@@ -125,9 +126,13 @@ func newBudget(cfg Config, clk clock, io backendIO) *budget {
 // logging happens under the lock. Every entry point releases mu through it.
 func (b *budget) unlock() {
 	if len(b.toClose) == 0 && len(b.events) == 0 {
-		b.mu.Unlock()
+		b.mu.Unlock() // the common case, inlined into the entry points
 		return
 	}
+	b.unlockSlow()
+}
+
+func (b *budget) unlockSlow() {
 	jobs, events := b.toClose, b.events
 	b.toClose, b.events = nil, nil
 	b.mu.Unlock()

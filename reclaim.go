@@ -14,15 +14,14 @@ import (
 // which it reports (the leak watch). Each has a timer (clock.go's wakeup),
 // armed only while it has something to do.
 //
-// Reclaiming what a closed *sql.DB abandoned, and finding leaks.
-//
-// A *sql.Rows or *sql.Conn that is never closed keeps its handle checked
-// out, and the handle its backend and token. database/sql keeps every
-// connection reachable from its DB while the DB is open, so a leaked handle
-// cannot be told from a slow reader then. Once the application has closed
-// the *sql.DB and dropped it and the leaked Rows or Conn, the handle is
-// garbage: a cleanup (runtime.AddCleanup) attached to it closes its backend
-// through the budget (eviction reason abandoned) and gives the token back.
+// Reclaiming what a closed *sql.DB abandoned: a *sql.Rows or *sql.Conn that
+// is never closed keeps its handle checked out, and the handle its backend
+// and token. database/sql keeps every connection reachable from its DB
+// while the DB is open, so a leaked handle cannot be told from a slow
+// reader then. Once the application has closed the *sql.DB and dropped it
+// and the leaked Rows or Conn, the handle is garbage: a cleanup
+// (runtime.AddCleanup) attached to it closes its backend through the budget
+// (eviction reason abandoned) and gives the token back.
 //
 // The cleanup must not keep the handle alive, so it gets the handle's hold,
 // a small cell the handle owns: the budget's state it retained and the
@@ -35,7 +34,7 @@ import (
 // application's own allocation brings finds it.
 //
 // The collector finds such a handle at its next cycle. A caller that waits
-// while handles of closed *sql.DBs are still open (budget.strays) triggers
+// while handles of closed *sql.DBs are still open (strayCollector) triggers
 // a cycle, at most once a second, so that reclaiming does not depend on
 // how much the application allocates.
 
@@ -52,7 +51,7 @@ type hold struct {
 	be atomic.Pointer[backend]
 }
 
-// newHandle returns a handle of cn's database, or of r's workspaces,
+// newHandle returns a handle of cn's pool, or of r's workspaces,
 // counted for own; it fails once the driver is closed.
 func newHandle(b *budget, cn *connector, r *router, own *owner) (*conn, error) {
 	h := &hold{b: b, own: own}
