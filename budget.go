@@ -645,8 +645,7 @@ func (f fleetSide) fleetLost(n int) {
 	b := f.b
 	b.mu.Lock()
 	defer b.unlock()
-	f.s.lease.lost(n)
-	b.refreshLimitLocked(f.s, reasonFleet)
+	b.fleetLostLocked(f.s, n)
 }
 
 // fleetFloor keeps s at n backends at least, leases or not: sessions of
@@ -656,6 +655,5 @@ func (f fleetSide) fleetFloor(n int) {
 	b := f.b
 	b.mu.Lock()
 	defer b.unlock()
-	f.s.lease.floor = n
-	b.refreshLimitLocked(f.s, reasonFleet)
+	b.fleetFloorLocked(f.s, n)
 }

@@ -168,6 +168,19 @@ func (b *budget) fleetYieldLocked(s *server, n, fair int) {
 	}
 }
 
+// fleetLostLocked lowers s to n at once, whatever it holds open (a lost
+// coordination session).
+func (b *budget) fleetLostLocked(s *server, n int) {
+	s.lease.lost(n)
+	b.refreshLimitLocked(s, reasonFleet)
+}
+
+// fleetFloorLocked keeps s at n backends at least, leases or not.
+func (b *budget) fleetFloorLocked(s *server, n int) {
+	s.lease.floor = n
+	b.refreshLimitLocked(s, reasonFleet)
+}
+
 // fleetOpenLocked reports whether a server with a fleet budget still has
 // backends open: its slots must not be unlocked yet.
 func (b *budget) fleetOpenLocked() bool {
