@@ -95,6 +95,17 @@ func TestLedgerRoomAndOver(t *testing.T) {
 	require.False(t, l.over(&sys, 2), "within its reservation")
 	require.True(t, l.over(&app, 1), "over its cap")
 	require.NoError(t, l.check([]*tokenCounts{&sys, &app}))
+
+	// A token whose backend is closing still counts on the server: sys's
+	// second reserved token waits for it to return.
+	l.limit = 3
+	l.dialed(&app)
+	l.close(&app, backendBusy)
+	require.Equal(t, 3, l.open)
+	require.False(t, l.room(&sys), "3 open, one closing, on a limit of 3")
+	l.give(&app, backendClosing)
+	require.True(t, l.room(&sys))
+	require.NoError(t, l.check([]*tokenCounts{&sys, &app}))
 }
 
 // TestLedgerRandomLives runs random token lives on three pools and checks
