@@ -7,8 +7,9 @@ import (
 
 // What the budget logs. Nothing under budget.mu logs: a transition queues
 // an event (eventLocked), and unlock logs the queued events once the lock
-// is released and the queued closes have run. This file is the only one of
-// the budget's that calls slog.
+// is released and the queued closes have run. The only other log lines are
+// the fleet coordinator's (fleet.go), written from its own goroutine and
+// under no lock.
 
 type eventKind uint8
 
