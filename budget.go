@@ -126,7 +126,7 @@ func newBudget(cfg Config, clk clock, io backendIO) *budget {
 // logging happens under the lock. Every entry point releases mu through it.
 func (b *budget) unlock() {
 	if len(b.toClose) == 0 && len(b.events) == 0 {
-		b.mu.Unlock() // the common case, inlined into the entry points
+		b.mu.Unlock() // the common case: one call more than a bare Unlock (unlock is not inlined)
 		return
 	}
 	b.unlockSlow()
