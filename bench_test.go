@@ -130,15 +130,15 @@ func (nopIO) broken(*backend) bool { return false }
 
 // newBenchBudget is a budget with n databases, each holding one idle
 // backend, as if each had been used once long ago.
-func newBenchBudget(n, limit, perDB int) (*budget, []*database) {
+func newBenchBudget(n, limit, perDB int) (*budget, []*backendPool) {
 	bg := newBudget(Config{MaxConnections: limit, MaxConnectionsPerDB: perDB, AcquireTimeout: time.Minute,
 		ConnMaxIdleTime: time.Hour, ConnMaxLifetime: time.Hour}, realClock{}, nopIO{})
 	past := time.Now().Add(-time.Minute)
-	dbs := make([]*database, n)
+	dbs := make([]*backendPool, n)
 	bg.mu.Lock()
 	defer bg.mu.Unlock()
 	for i := range dbs {
-		dbs[i] = addDatabaseLocked(bg, serverKey{}, fmt.Sprint(i), fmt.Sprint(i), 1, past)
+		dbs[i] = addPoolLocked(bg, serverKey{}, fmt.Sprint(i), fmt.Sprint(i), 1, past)
 	}
 	return bg, dbs
 }
@@ -161,13 +161,8 @@ func BenchmarkBudgetCheckoutCheckin(b *testing.B) {
 	b.Run("parallel", func(b *testing.B) {
 		bg, dbs := newBenchBudget(1, 100, 100)
 		for range 7 { // one idle backend per core and more
-			d := dbs[0]
 			bg.mu.Lock()
-			bg.takeLocked(d)
-			be := &backend{db: d, tok: &token{db: d}, created: time.Now(), state: backendIdle, idleSince: time.Now()}
-			d.idleBackends.pushFront(be)
-			d.idle++
-			d.srv.idle++
+			addIdleLocked(bg, dbs[0], time.Now())
 			bg.mu.Unlock()
 		}
 		ctx := context.Background()
@@ -202,13 +197,11 @@ func BenchmarkEvictionDecision(b *testing.B) {
 			for b.Loop() {
 				bg.mu.Lock()
 				s := dbs[0].srv
-				v := s.recency.victimLocked()
+				v := s.recency.victim()
 				bg.unlinkIdleLocked(v)
 				// Used again: back at the front of the recency order.
 				v.db.idleBackends.pushFront(v)
-				v.db.idle++
-				s.idle++
-				s.recency.touchLocked(v.db)
+				s.recency.touch(v.db)
 				bg.mu.Unlock()
 			}
 		})
@@ -226,7 +219,7 @@ func BenchmarkGrowthVictim(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
 				bg.mu.Lock()
-				if v := dbs[0].srv.recency.victimForLocked(dbs[0], now); v != nil {
+				if v := dbs[0].srv.recency.victimFor(dbs[0], now); v != nil {
 					b.Fatal("a last backend taken for growth")
 				}
 				bg.mu.Unlock()

@@ -3,41 +3,47 @@ package tenantpg
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
-	"maps"
-	"net"
-	"runtime"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 )
 
 // The budget is the process-wide (per Driver) count of physical connections
-// (backends). A token stands for one backend: it is taken before a dial
-// starts and given back only after the server has closed that backend's
-// socket, so the server never sees more connections than the budget.
-//
-// Each database may set aside reserved tokens that only it can use; the rest
-// form the shared pool. A database's tokens count against its reservation
-// first, so sharedInUse == Σ max(0, db.open - db.reserved). Tokens of
-// backends being closed still count, as they still count on the server;
-// sharedLive leaves them out, to tell whether the shared pool is over a
-// lowered budget once those are gone.
+// (backends) to each server, and everything that decides who gets one. A
+// token stands for one backend: it is taken before a dial starts and given
+// back only after the server has closed that backend's socket, so the
+// server never sees more connections than its budget (ledger.go).
 //
 // The driver owns the backends; database/sql's connections are handles
 // (conn.go) that hold a backend only between checkout and check-in. A
-// caller that finds no idle backend of its database queues on the database
-// (connector.go decides whether it should also dial), and a caller that
-// dials needs a token: a free one, one freed by evicting the least recently
-// used idle backend (lru.go), or one it waits for in the budget's queue.
+// caller that finds no idle backend of its pool queues on the pool and
+// waits for one, or dials when its pool should grow (checkout.go); a backend
+// checked in goes to the next caller, idle, or closed (checkin.go); a token
+// returns once its backend is gone (token.go); a server that does not
+// answer is down until a probe gets an answer (outage.go).
 //
-// Locking: one mutex, budget.mu, guards all of it, every database's
-// counters and lists and every backend's state included. Only this file
-// takes it; helpers called under it end in Locked. It is never held during
-// network I/O: backends chosen for closing under the lock are queued in
-// toClose and closed by unlock.
+// The code is in three tiers, around one mutex, budget.mu:
+//
+//   - Entry points, in this file only: the methods the connector, the
+//     handles, the sockets, the timers and the fleet coordinator call. Only
+//     they take mu, and every one releases it through unlock, which closes
+//     the backends chosen for closing and then logs what happened
+//     (events.go), both once mu is released: no network I/O and no logging
+//     happens under the lock.
+//   - Transitions: the budget's methods whose names end in Locked, called
+//     with mu held, grouped by flow (checkout.go, checkin.go, token.go,
+//     outage.go, limits.go, register.go, reclaim.go, snapshot.go). They
+//     change several components at once and act on their decisions.
+//   - Components: plain structs guarded by mu, which never lock, never
+//     block and hold no *budget; their methods count and decide, the
+//     transitions act, and they carry no Locked suffix. Per server
+//     (server.go): its tokens (ledger.go), dial queue (waiter.go), eviction
+//     order (lru.go), dial pacing (pace.go), circuit (circuit.go) and fleet
+//     lease (fleetlease.go); per pool (backendpool.go): its tokens, queue
+//     and growth rule (growth.go); and the budget's counters (snapshot.go),
+//     leak watch and stray collector (reclaim.go, next to the transitions
+//     that act on them).
 type budget struct {
 	// Set once by newBudget, read without the lock.
 	clock         clock
@@ -62,53 +68,24 @@ type budget struct {
 	idleTimeout    time.Duration
 	acquireTimeout time.Duration
 
-	// Totals over every server, for the driver-wide peak; guarded by mu.
-	open     int
-	peakOpen int
-
-	dbs     map[*database]struct{} // every pool; guarded by mu
-	poolIDs uint64                 // the last pool id given; guarded by mu
-	servers map[serverKey]*server  // the servers of dbs, each with its budget and circuit; guarded by mu
-	waiting int                    // callers waiting for a backend or a token; guarded by mu
-	closed  bool                   // guarded by mu
-	shut    atomic.Bool            // closed, for a check-in that holds no backend
-	toClose []closeJob             // chosen for closing under mu, closed by unlock; guarded by mu
-	reaper  wakeup                 // closes idle backends past their idle time or lifetime; guarded by mu
-
+	// Guarded by mu.
+	servers  map[serverKey]*server // every server a pool is on, each with its pools
+	poolIDs  uint64                // the last pool id given
+	open     int                   // tokens held, over every server
+	peakOpen int                   // the most held at once
+	waiting  int                   // callers waiting for a backend or a token
+	closed   bool
+	counters counters
 	// dialTime is the driver's EWMA of a dial's duration, what a caller
-	// pays for a new backend; guarded by mu.
+	// pays for a new backend.
 	dialTime ewma
+	reaper   wakeup         // closes idle backends past their idle time or lifetime (reclaim.go)
+	watch    leakWatch      // backends checked out, watched for leaks (reclaim.go)
+	strays   strayCollector // handles of closed connectors, and the collections they trigger (reclaim.go)
+	toClose  []closeJob     // chosen for closing under mu, closed by unlock
+	events   []event        // to log, by unlock
 
-	// Leak detection (Config.LeakThreshold); guarded by mu. watched holds
-	// the backends checked out while the threshold was set and not yet
-	// reported, oldest checkout first, so a scan stops at the first young
-	// one; leakCheck runs the scan when the oldest passes the threshold.
-	watched   list[backend, backendWatched]
-	leakCheck wakeup
-
-	// strays counts the handles still open whose connector (their *sql.DB
-	// or Pool) has been closed: busy ones finishing, or ones the
-	// application leaked. While there are some, a caller that waits
-	// triggers a garbage collection, at most once per collectEvery
-	// (lastCollect), so that the backends of handles that became garbage
-	// are reclaimed (reclaim.go) without waiting for the next natural
-	// collection; collector repeats it while callers still wait. Guarded
-	// by mu.
-	strays      int
-	lastCollect time.Time
-	collector   wakeup
-
-	// Cumulative counters; guarded by mu.
-	waitCount    uint64
-	waitDuration time.Duration
-	timeouts     uint64
-	evictions    [numReasons]uint64
-	dials        uint64
-	handoffs     uint64 // backends passed from one caller straight to the next
-	exhausted    uint64 // BudgetErrors returned
-	leaks        uint64 // backends held longer than the leak threshold, counted once each
-	collections  uint64 // garbage collections triggered for stray handles
-	dialErrors   [numDialErrorKinds]uint64
+	shut atomic.Bool // closed, for a check-in that holds no backend
 
 	// draining counts sockets being drained after close and jobs the close
 	// jobs whose Close has not returned; drained is signalled when both
@@ -122,47 +99,6 @@ type budget struct {
 	log     atomic.Pointer[slog.Logger] // nil: no logging
 }
 
-// tokens is the budget of one server (host and port, as the DSN resolves
-// them): each server has its own max_connections, so a token of one cannot
-// pay for a backend of another, and eviction, the queue of callers that are
-// to dial, reservations and dial pacing all work per server. Guarded by
-// budget.mu.
-type tokens struct {
-	// max is its budget as configured: Config.MaxConnections or its
-	// ServerMaxConnections figure. limit is what it may hold now: max, or
-	// with a fleet budget the slots its coordinator leased (held), within
-	// max less the coordination session, and lowered while it yields
-	// slots to other processes (fleetCap until fleetCapUntil).
-	max, limit int
-	fleet      *fleetCoordinator // nil without a fleet budget
-	fleetRole  string            // the role whose fleet it is part of
-	held       int
-	granted    bool // the coordinator has set held at least once: held is a share, not a fallback
-	fleetCap   int
-	capUntil   time.Time
-	fleetFloor int // what it may hold whatever its leases (fleetFloor)
-
-	reserved    int // Σ database.reserved
-	sharedInUse int // tokens held beyond reservations
-	sharedLive  int // Σ max(0, db.open - db.closing - db.reserved)
-	open        int // tokens held: dialing, in use, idle or closing
-	dialing     int
-	inUse       int
-	idle        int
-	closing     int // tokens whose backend is being torn down
-	peakOpen    int
-
-	queue   list[waiter, waiterInBudgetQueue] // callers that need a token, oldest first
-	waiting int                               // callers queued on its databases (Σ database.waiters.len)
-	recency slru                              // databases with idle backends
-
-	// Dial pacing (pace.go). claims counts the waiters promised the token
-	// of a backend being closed for them: each is about to dial and holds
-	// a dial slot.
-	claims int
-	pace   pacer
-}
-
 // closeJob is a backend chosen for closing under mu and closed by unlock.
 type closeJob struct {
 	be        *backend
@@ -170,156 +106,39 @@ type closeJob struct {
 	workspace string
 }
 
-// waiter is a caller queued for a backend of its database and, when it is
-// to dial one, for a token.
-type waiter struct {
-	db    *database
-	since time.Time
-	ready chan struct{} // closed once served (be or tok set) or failed (err set)
-	stack []uintptr     // the caller's stack, for the backend it gets (leak detection); nil when off
-
-	// Guarded by budget.mu.
-	done  bool     // out of the queues: served, failed or given up
-	be    *backend // served with a backend another caller checked in
-	tok   *token   // served with a token: dial
-	err   error
-	claim *token // a closing backend's token promised to this waiter
-	// patience fires when the waiter has waited as long as a dial takes:
-	// waiting has then cost more than dialing would have.
-	patience timer
-
-	inDB, inBudget links[waiter]
-
-	// For its trace, read by its owner once served. Guarded by mu.
-	sought  time.Time // when it first joined the budget's queue
-	evicted string    // workspace of the backend closed for its token
-	slotted time.Time // when it got a dial slot, with a free token or a victim closing for it
-}
-
-// seekingLocked reports whether w is in the budget's queue: it is to dial
-// as soon as it gets a token, unless a backend of its database is checked
-// in first.
-func (w *waiter) seekingLocked() bool { return w.inBudget.listed }
-
-type waiterInDBQueue struct{}
-
-func (waiterInDBQueue) links(w *waiter) *links[waiter] { return &w.inDB }
-
-type waiterInBudgetQueue struct{}
-
-func (waiterInBudgetQueue) links(w *waiter) *links[waiter] { return &w.inBudget }
-
-// token tracks one backend's claim on the budget from the start of its dial
-// until the server has closed every socket dialed for it. Guarded by
-// budget.mu.
-type token struct {
-	db        *database
-	sock      *trackedConn // the last socket dialed for it: the backend's own
-	sockets   int          // sockets dialed for this token and not yet drained
-	ended     bool         // the owner is done: the dial failed or the backend closed
-	released  bool
-	claim     *waiter       // the waiter that gets this token when it is released
-	gone      chan struct{} // made on demand; closed when the token is released
-	probe     bool          // its dial is its server's probe
-	dialDone  bool          // its dial has ended, or was never started
-	dialStart time.Time     // when its dial started
-	paceEpoch uint64        // the pacer's epoch when it was granted
-}
-
-type evictReason uint8
-
-// Reasons the driver closes a backend.
-const (
-	reasonNone         evictReason = iota
-	reasonLRU                      // idle, closed to give its token to another database
-	reasonHandoff                  // closed at check-in for a caller of another database that waited too long
-	reasonIdleTimeout              // idle for longer than ConnMaxIdleTime
-	reasonLifetime                 // older than ConnMaxLifetime
-	reasonBudgetShrink             // the budget or a per-database cap was lowered
-	reasonBroken                   // found closed or broken, or returned mid-transaction
-	reasonDriverClosed             // Driver.Close
-	reasonServerFull               // idle, closed because the server refused a dial for lack of slots
-	reasonUnused                   // idle, closed because the last *sql.DB and handle of its database were closed
-	reasonAbandoned                // busy, closed because its handle became garbage without being returned
-	reasonFleet                    // closed to give its slot to another process of its fleet budget, or after the fleet's share shrank
-	numReasons
-)
-
-var reasonNames = [numReasons]string{"", "lru", "handoff", "idle_timeout", "lifetime", "budget_shrink", "broken", "driver_closed", "server_full", "unused", "abandoned", "fleet"}
-
-type dialErrorKind uint8
-
-const (
-	dialRejected dialErrorKind = iota // the server refused: too many connections (SQLSTATE 53300)
-	dialOther
-	dialDown // the server unreachable, not accepting connections or not answering: its circuit opens
-	numDialErrorKinds
-)
-
 // errDriverClosed is returned to callers waiting when the driver closes.
 var errDriverClosed = errors.New("tenantpg: driver closed")
 
-// defaultHandoffAfter bounds how long a caller that needs a token waits
-// before it takes the token of the next backend any other database checks
-// in. Below it, hot databases pass their backends from caller to caller,
-// which costs no dial; above it, a cold workspace is not starved by hot
-// ones whose backends never go idle.
-const defaultHandoffAfter = 100 * time.Millisecond
-
-// defaultLivenessAfter is how long a backend must have been idle before its
-// checkout peeks at the socket for a server that closed it (a terminated
-// backend, a restart). The peek is a non-blocking system call (about a
-// microsecond); backends reused sooner skip it, and pgx's own ping covers
-// those idle for more than a second.
-const defaultLivenessAfter = 50 * time.Millisecond
-
 func newBudget(cfg Config, clk clock, io backendIO) *budget {
-	b := &budget{clock: clk, io: io, dbs: make(map[*database]struct{}), servers: make(map[serverKey]*server),
+	b := &budget{clock: clk, io: io, servers: make(map[serverKey]*server),
 		handoffAfter: defaultHandoffAfter, livenessAfter: defaultLivenessAfter, hungDialAfter: defaultHungDialAfter}
 	b.drained = sync.NewCond(&b.mu)
 	b.reaper.fn = b.reap
 	b.tracing.Store(newTracing(cfg.TracerProvider, cfg.TraceQueryText))
-	b.leakCheck.fn = b.checkLeaks
-	b.collector.fn = b.collectAgain
+	b.watch.timer.fn = b.checkLeaks
+	b.strays.timer.fn = b.collectAgain
 	b.applyLocked(cfg)
 	return b
 }
 
-// applyLocked takes cfg's settings; reconfigure calls it under mu.
-func (b *budget) applyLocked(cfg Config) {
-	b.limit = cfg.MaxConnections
-	b.serverLimits = cfg.ServerMaxConnections
-	b.aliases = cfg.ServerAliases
-	b.fleet = fleetSettingsOf(cfg)
-	for _, s := range b.servers {
-		s.max = b.serverLimitLocked(s.label)
-		s.limit = b.limitNowLocked(s)
-	}
-	b.perDB = cfg.MaxConnectionsPerDB
-	b.lifetime = cfg.ConnMaxLifetime
-	b.idleTimeout = cfg.ConnMaxIdleTime
-	b.acquireTimeout = cfg.AcquireTimeout
-	b.leakThreshold.Store(int64(cfg.LeakThreshold))
-	b.log.Store(cfg.Logger)
-}
-
-// unlock releases mu and then closes the backends chosen for closing while
-// it was held, so that no network I/O happens under the lock.
+// unlock releases mu, then closes the backends chosen for closing while it
+// was held, then logs the events queued meanwhile: no network I/O and no
+// logging happens under the lock. Every entry point releases mu through it.
 func (b *budget) unlock() {
-	if len(b.toClose) == 0 {
-		b.mu.Unlock()
+	if len(b.toClose) == 0 && len(b.events) == 0 {
+		b.mu.Unlock() // the common case: one call more than a bare Unlock (unlock is not inlined)
 		return
 	}
-	jobs := b.toClose
-	b.toClose = nil
+	b.unlockSlow()
+}
+
+func (b *budget) unlockSlow() {
+	jobs, events := b.toClose, b.events
+	b.toClose, b.events = nil, nil
 	b.mu.Unlock()
-	if l := b.log.Load(); l != nil && l.Enabled(bg, slog.LevelDebug) {
-		workspaces := make([]string, len(jobs))
-		for i, j := range jobs {
-			workspaces[i] = j.workspace
-		}
-		l.LogAttrs(bg, slog.LevelDebug, "tenantpg: closing backends",
-			slog.String("reason", reasonNames[jobs[0].reason]), slog.Int("count", len(jobs)), slog.Any("workspaces", workspaces))
+	l := b.log.Load()
+	if len(jobs) > 0 {
+		logClosing(l, jobs)
 	}
 	for _, j := range jobs {
 		b.io.close(j.be)
@@ -333,324 +152,126 @@ func (b *budget) unlock() {
 		b.endLocked(j.be.tok)
 		b.unlock()
 	}
+	if l != nil {
+		for i := range events {
+			events[i].log(l)
+		}
+	}
 }
+
+// Settings.
 
 // timeout returns the acquire timeout.
 func (b *budget) timeout() time.Duration {
 	b.mu.Lock()
-	defer b.mu.Unlock()
+	defer b.unlock()
 	return b.acquireTimeout
-}
-
-// serverLimitLocked returns the budget of the server named label
-// (host:port).
-func (b *budget) serverLimitLocked(label string) int {
-	return serverLimit(b.limit, b.serverLimits, label)
-}
-
-// serverLimit returns the budget of the server named label: its own figure
-// if it has one, else the default.
-func serverLimit(def int, perServer map[string]int, label string) int {
-	if n, ok := perServer[label]; ok {
-		return n
-	}
-	return def
-}
-
-// capLocked returns d's cap; guarded by mu.
-func (b *budget) capLocked(d *database) int {
-	c := b.perDB
-	if d.capOverride > 0 {
-		c = d.capOverride
-	}
-	if c > d.srv.max {
-		c = d.srv.max // not the fleet's share: a caller at it waits for a lease, not for a backend of its own
-	}
-	if c < d.reserved {
-		c = d.reserved
-	}
-	return c
 }
 
 // settingsLimit returns the budget.
 func (b *budget) settingsLimit() int {
 	b.mu.Lock()
-	defer b.mu.Unlock()
+	defer b.unlock()
 	return b.limit
 }
 
-// names returns d's workspace label and database name.
-func (b *budget) names(d *database) (workspace, name string) {
+// reconfigure applies new settings (limits.go).
+func (b *budget) reconfigure(cfg Config) error {
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	return d.workspace, d.name
+	defer b.unlock()
+	return b.reconfigureLocked(cfg)
 }
 
-// roomLocked reports whether d may take a token of its server now without
-// evicting.
-func (b *budget) roomLocked(d *database) bool {
-	s := d.srv
-	return s.open < s.limit && (d.open < d.reserved || s.sharedInUse < s.limit-s.reserved)
-}
+// Pools and handles (register.go).
 
-// liveShared is d's part of sharedLive.
-func liveShared(d *database) int { return max(0, d.open-d.closing-d.reserved) }
-
-func (b *budget) takeLocked(d *database) {
-	s := d.srv
-	old := liveShared(d)
-	if d.protected {
-		s.recency.protectedOpen++
-	}
-	d.open++
-	s.sharedLive += liveShared(d) - old
-	s.open++
-	if d.open > d.reserved {
-		s.sharedInUse++
-	}
-	s.peakOpen = max(s.peakOpen, s.open)
-	b.open++
-	b.peakOpen = max(b.peakOpen, b.open)
-}
-
-func (b *budget) giveLocked(d *database) {
-	s := d.srv
-	if d.open > d.reserved {
-		s.sharedInUse--
-	}
-	old := liveShared(d)
-	if d.protected {
-		s.recency.protectedOpen--
-		if d.open == 1 {
-			d.protected = false // out of the cache: a new arrival starts on probation
-		}
-	}
-	d.open--
-	s.sharedLive += liveShared(d) - old
-	s.open--
-	b.open--
-	s.recency.liveDroppedLocked(d)
-	if s.fleet != nil {
-		if s.open < s.held {
-			s.fleet.poke() // a leased slot is spare: another process may need it
-		}
-		if b.closed && s.open == 0 {
-			b.drained.Broadcast() // close waits for this before it unlocks the slots
-		}
-	}
-}
-
-// register makes the pool of a parsed DSN, on its server's budget.
-func (b *budget) register(p *dsnParams) (*database, error) {
+// register makes the pool of a parsed DSN, on its server.
+func (b *budget) register(params *dsnParams) (*backendPool, error) {
 	b.mu.Lock()
 	defer b.unlock()
 	if b.closed {
 		return nil, errDriverClosed
 	}
-	srvKey := b.serverKeyLocked(p.server)
-	limit := b.limit
-	if s := b.servers[srvKey]; s != nil {
-		limit = s.max
-	} else if len(b.serverLimits) > 0 {
-		limit = b.serverLimitLocked(net.JoinHostPort(srvKey.host, strconv.Itoa(int(srvKey.port))))
-	}
-	if p.maxConns > limit {
-		return nil, &DSNError{Workspace: p.workspace,
-			Reason: fmt.Sprintf("pool_max_conns %d exceeds the budget of %d connections", p.maxConns, limit)}
-	}
-	b.poolIDs++
-	d := &database{id: b.poolIDs, name: p.cfg.Database}
-	d.srv = b.serverLocked(srvKey)
-	b.dbs[d] = struct{}{}
-	s := d.srv
-	if others := s.reserved; others+p.reserved > s.max {
-		b.forgetLocked(d)
-		return nil, &DSNError{Workspace: p.workspace,
-			Reason: fmt.Sprintf("pool_reserved_conns %d does not fit: the budget is %d and other pools reserve %d", p.reserved, s.max, others)}
-	}
-	if b.fleet.max > 0 {
-		if s.fleet == nil {
-			s.fleetRole = p.cfg.User
-			s.fleet = startFleet(p.cfg, b.fleet, fleetSide{b, s}, b.clock, b.log.Load())
-			s.limit = b.limitNowLocked(s)
-		} else if s.fleetRole != p.cfg.User {
-			b.forgetLocked(d)
-			return nil, &DSNError{Workspace: p.workspace,
-				Reason: fmt.Sprintf("the fleet budget on %s is role %q's; this DSN connects as another role (one role per server with a fleet budget)", s.label, s.fleetRole)}
-		} else {
-			s.fleet.offer(p.cfg) // its password may work where the first DSN's does not
-		}
-	}
-	s.reserved += p.reserved
-	d.reserved = p.reserved
-	d.capOverride = p.maxConns
-	d.workspace = p.workspace
-	d.resetSession = p.resetSession
-	d.refs++ // the connector's
-	if p.reserved > 0 {
-		// A new reservation is backed at once by closing idle shared
-		// backends; busy ones are closed as they are checked in.
-		b.shrinkLocked(s)
-		b.serveQueueLocked(s)
-	}
-	return d, nil
+	return b.registerLocked(params)
 }
 
-// owner is what a connector or router (the *sql.DB or Pool behind it)
-// knows of its handles: how many are open, and whether it was closed, after
-// which they are strays. Guarded by budget.mu.
-type owner struct {
-	handles int
-	closed  bool
-}
-
-// retain counts a new handle: of database d, whose state it keeps alive
-// (nil for a router's handle, which keeps none), made by o (nil for one
-// that Driver.Open returns, which outlives its connector by design). It
-// fails once the driver is closed. release undoes it.
-func (b *budget) retain(d *database, o *owner) error {
+// names returns p's workspace label and database name.
+func (b *budget) names(p *backendPool) (workspace, name string) {
 	b.mu.Lock()
-	defer b.mu.Unlock()
+	defer b.unlock()
+	return p.workspace, p.name
+}
+
+// retain counts a new handle of pool p (nil for a router's handle) made by
+// o (nil for one that Driver.Open returns). It fails once the driver is
+// closed. release undoes it.
+func (b *budget) retain(p *backendPool, o *owner) error {
+	b.mu.Lock()
+	defer b.unlock()
 	if b.closed {
 		return errDriverClosed
 	}
-	if d != nil {
-		d.refs++
-	}
-	if o != nil {
-		o.handles++
-		if o.closed {
-			b.strays++
-		}
-	}
+	b.retainLocked(p, o)
 	return nil
 }
 
 // release undoes retain, when a handle is closed or found to be garbage
 // (reclaim.go).
-func (b *budget) release(d *database, o *owner) {
+func (b *budget) release(p *backendPool, o *owner) {
 	b.mu.Lock()
-	if o != nil {
-		o.handles--
-		if o.closed {
-			b.strays--
-		}
-	}
-	if d != nil {
-		b.unregisterLocked(d)
-	}
-	b.unlock()
+	defer b.unlock()
+	b.releaseHandleLocked(p, o)
 }
 
-// closeOwner records that o's *sql.DB or Pool was closed: its handles still
-// open are strays from now on. d, if not nil, is o's pool: its idle
-// backends are closed now, its busy ones as they are checked in, whatever
-// handles are still open.
-func (b *budget) closeOwner(d *database, o *owner) {
+// closeOwner records that o's *sql.DB or Pool was closed; p, if not nil,
+// is o's pool, whose idle backends close now.
+func (b *budget) closeOwner(p *backendPool, o *owner) {
 	b.mu.Lock()
-	if !o.closed {
-		o.closed = true
-		b.strays += o.handles
-	}
-	if d != nil {
-		d.closed = true
-		b.closeIdleLocked(d)
-		b.unregisterLocked(d)
-	}
-	b.unlock()
+	defer b.unlock()
+	b.closeOwnerLocked(p, o)
 }
 
-// closeIdleLocked closes d's idle backends: nothing of a closed pool's
-// sessions may be reused.
-func (b *budget) closeIdleLocked(d *database) {
-	for d.idleBackends.back != nil {
-		b.evictLocked(d.idleBackends.back, reasonUnused, nil)
-	}
-}
-
-func (b *budget) unregister(d *database) {
+func (b *budget) unregister(p *backendPool) {
 	b.mu.Lock()
-	b.unregisterLocked(d)
-	b.unlock()
+	defer b.unlock()
+	b.unregisterLocked(p)
 }
 
-func (b *budget) unregisterLocked(d *database) {
-	d.refs--
-	if d.refs == 0 {
-		// Nothing can check these out any more.
-		b.closeIdleLocked(d)
-	}
-	b.forgetLocked(d)
-}
-
-// releaseIfIdle drops the last reference to d, its router's, when d holds
+// releaseIfIdle drops the last reference to p, its router's, when p holds
 // no backend and has no caller waiting: a router forgets a workspace that
 // has gone quiet, so that serving many workspaces over time does not grow
-// memory. A checkout that looked d up before then gets errDBClosed from
+// memory. A checkout that looked p up before then gets errDBClosed from
 // take and looks it up again.
-func (b *budget) releaseIfIdle(d *database) bool {
+func (b *budget) releaseIfIdle(p *backendPool) bool {
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	if d.refs != 1 || d.open != 0 {
-		return false
-	}
-	d.refs = 0
-	b.forgetLocked(d)
-	return true
+	defer b.unlock()
+	return b.releaseIfIdleLocked(p)
 }
 
-// forgetLocked drops the state of a database nothing uses and that holds no
-// backend, so that opening many databases over time does not grow memory.
-func (b *budget) forgetLocked(d *database) {
-	if _, listed := b.dbs[d]; listed && d.refs == 0 && d.open == 0 {
-		s := d.srv
-		s.reserved -= d.reserved
-		d.reserved = 0
-		delete(b.dbs, d)
-		b.releaseServerLocked(d)
-		b.serveQueueLocked(s)
-	}
-}
+// Checkout (checkout.go).
 
-// take is the start of a checkout for d. It returns the most recently used
-// idle backend of d when there is one (the fast path: no allocation, no
-// wait), or else a waiter queued on d, which may already hold a token; the
-// caller then calls await. now is the checkout time; stack is the
-// caller's (captureStack), nil unless leak detection is on.
-func (b *budget) take(d *database, now time.Time, stack []uintptr) (*backend, *waiter, error) {
+// take is the start of a checkout of p. It returns the most recently used
+// idle backend of p when there is one (the fast path: no allocation, no
+// wait), or else a waiter queued on p, which may already hold a token; the
+// caller then calls await. now is the checkout time; stack is the caller's
+// (captureStack), nil unless leak detection is on.
+func (b *budget) take(p *backendPool, now time.Time, stack []uintptr) (*backend, *waiter, error) {
 	b.mu.Lock()
 	if b.closed {
-		b.mu.Unlock()
+		b.unlock()
 		return nil, nil, errDriverClosed
 	}
-	if be := d.idleBackends.front; be != nil {
-		b.unlinkIdleLocked(be)
-		b.checkoutLocked(be, now, stack)
-		d.srv.recency.reusedLocked(d)
-		b.mu.Unlock()
+	if be := p.idleBackends.front; be != nil {
+		b.reuseLocked(be, now, stack)
+		b.unlock()
 		return be, nil, nil
 	}
-	if d.refs == 0 {
+	if p.refs == 0 {
 		// Forgotten: its router dropped it, or its Pool was closed,
 		// after the caller looked it up.
-		b.mu.Unlock()
+		b.unlock()
 		return nil, nil, errDBClosed
 	}
-	w := &waiter{db: d, since: now, ready: make(chan struct{}), stack: stack}
-	d.refs++ // a waiter keeps its database's state alive
-	d.waiters.pushBack(w)
-	b.waiting++
-	d.srv.waiting++
-	b.growLocked(d)
-	if !w.done {
-		b.waitCount++ // not served at once: it waits
-		if b.strays > 0 {
-			b.collectLocked(now)
-		}
-	}
-	if !w.seekingLocked() && !w.done {
-		w.patience = b.clock.AfterFunc(b.dialCostLocked(d), func() { b.impatient(w) })
-	}
+	w := b.queueLocked(p, now, stack)
 	b.unlock()
 	return nil, w, nil
 }
@@ -660,8 +281,7 @@ func (b *budget) take(d *database, now time.Time, stack []uintptr) (*backend, *w
 // the application passed, to tell its cancellation from the acquire
 // timeout.
 func (b *budget) await(ctx, caller context.Context, w *waiter) (*backend, *token, error) {
-	d := w.db
-	defer b.unregister(d)
+	defer b.unregister(w.db)
 	select {
 	case <-w.ready:
 		if w.err != nil {
@@ -671,524 +291,63 @@ func (b *budget) await(ctx, caller context.Context, w *waiter) (*backend, *token
 		return w.be, w.tok, nil
 	case <-ctx.Done():
 	}
-
+	deadline := errors.Is(ctx.Err(), context.DeadlineExceeded)
 	b.mu.Lock()
 	now := b.clock.Now()
-	if w.done {
-		if w.err != nil {
-			b.mu.Unlock()
-			return nil, nil, w.err
-		}
-		// The grant raced with the end of the wait: pass on what it got.
-		if w.be != nil {
-			b.checkinLocked(w.be, now, false)
-		} else {
-			d.dialing--
-			d.srv.dialing--
-			b.giveLocked(d)
-			w.tok.dialDone = true
-			if w.tok.probe {
-				b.probeEndedLocked(d.srv, now, false) // never dialed: no news of the server
-			}
-			b.serveQueueLocked(d.srv)
-			b.growLocked(d)
-		}
-	} else {
-		if !w.seekingLocked() {
-			d.owe(now.Sub(w.since), now) // it waited for a backend of d
-		}
-		b.dequeueLocked(w)
-		w.done = true // out of the queues: a patience timer that fired meanwhile must not queue it again
-		b.waitDuration += now.Sub(w.since)
-		// It may have held a dial slot, and been the one to dial for those
-		// queued behind it.
-		b.serveQueueLocked(d.srv)
-		b.growLocked(d)
-	}
-	waited := now.Sub(w.since)
-	deadline := errors.Is(ctx.Err(), context.DeadlineExceeded)
-	if deadline {
-		b.timeouts++
-	}
-	if s := d.srv; s != nil && s.down {
-		e := b.serverDownErrorLocked(d, now, waited, s.lastErr, caller.Err())
+	if w.done && w.err != nil {
 		b.unlock()
-		m := b.metrics.Load()
-		m.recordWait(waited)
-		if deadline {
-			m.recordTimeout()
-		}
-		return nil, nil, e
+		return nil, nil, w.err
 	}
-	b.exhausted++
-	e := &BudgetError{
-		Workspace: d.workspace, Database: d.name,
-		Server: d.srv.label, Open: d.srv.open, Limit: d.srv.limit,
-		DatabaseOpen: d.open, DatabaseCap: b.capLocked(d),
-		Waiting: d.srv.waiting, Waited: waited,
-	}
-	if caller.Err() != nil {
-		e.Err = caller.Err()
-	}
+	err := b.giveUpLocked(w, now, deadline, caller.Err())
 	b.unlock()
 	m := b.metrics.Load()
-	m.recordWait(waited)
+	m.recordWait(now.Sub(w.since))
 	if deadline {
 		m.recordTimeout()
 	}
-	if l := b.log.Load(); l != nil {
-		l.LogAttrs(bg, slog.LevelWarn, "tenantpg: connection budget exhausted",
-			slog.String("workspace", e.Workspace), slog.Duration("waited", waited), slog.Int("open", e.Open),
-			slog.Int("limit", e.Limit), slog.Int("databaseOpen", e.DatabaseOpen), slog.Int("waiting", e.Waiting),
-			slog.Bool("callerContextEnded", e.Err != nil))
-	}
-	return nil, nil, e
+	return nil, nil, err
 }
 
-// impatient lets w dial when it has waited as long as a dial takes, unless
-// its database is at its cap: its backends are held longer than the use
-// time measured so far (a pinned connection, a long transaction), or
-// nothing was measured yet.
+// impatient runs on w's patience timer: it has waited as long as a dial
+// takes.
 func (b *budget) impatient(w *waiter) {
 	b.mu.Lock()
-	d := w.db
-	if !w.done && !w.seekingLocked() && d.open-d.closing+d.seeking < b.capLocked(d) && !d.serverDown() {
-		b.seekLocked(w)
-	}
-	b.unlock()
-}
-
-// dequeueLocked takes a waiter that was not served out of both queues.
-func (b *budget) dequeueLocked(w *waiter) {
-	d := w.db
-	if w.patience != nil {
-		w.patience.Stop()
-	}
-	d.waiters.remove(w)
-	b.waiting--
-	d.srv.waiting--
-	if w.seekingLocked() {
-		b.unseekLocked(w)
-	}
-}
-
-// unseekLocked takes w out of the budget's queue, dropping any claim; it
-// stays queued on its database.
-func (b *budget) unseekLocked(w *waiter) {
-	w.db.seeking--
-	w.db.srv.queue.remove(w)
-	b.dropClaimLocked(w)
-	if s := w.db.srv; s != nil && s.prober == w {
-		// The probe's caller left before it could dial: another caller
-		// probes in its place.
-		s.prober = nil
-		b.probeEndedLocked(s, b.clock.Now(), false)
-	}
-}
-
-// serveLocked ends w's wait, served with a backend or a token.
-func (b *budget) serveLocked(w *waiter, now time.Time) {
-	b.dequeueLocked(w)
-	b.waitDuration += now.Sub(w.since)
-	w.done = true
-	close(w.ready)
-}
-
-// grantLocked gives w a token to dial a backend of its database.
-func (b *budget) grantLocked(w *waiter, now time.Time) {
-	d := w.db
-	b.takeLocked(d)
-	b.dialingLocked(d)
-	w.tok = &token{db: d, paceEpoch: d.srv.pace.epoch}
-	if w.slotted.IsZero() {
-		w.slotted = now
-	}
-	if s := d.srv; s != nil && s.prober == w {
-		s.prober = nil // its dial is the probe now
-		w.tok.probe = true
-	}
-	b.serveLocked(w, now)
-}
-
-// handOverLocked gives w the backend be, which another caller of the same
-// database is checking in: no dial, no eviction.
-func (b *budget) handOverLocked(w *waiter, be *backend, now time.Time) {
-	// Only waits for a backend of the database count as its debt: a wait for
-	// a token measures the budget, not whether the database needs another
-	// backend.
-	w.db.owe(now.Sub(w.since), now)
-	b.handoffs++
-	b.checkoutLocked(be, now, w.stack)
-	w.be = be
-	b.serveLocked(w, now)
-}
-
-func (b *budget) dialingLocked(d *database) {
-	d.dialing++
-	d.srv.dialing++
-	b.dials++
-}
-
-// seekLocked puts w, queued on its database, in the budget's queue too: it
-// is to dial a backend as soon as it gets a token, unless a backend of its
-// database is checked in first.
-func (b *budget) seekLocked(w *waiter) {
-	if w.sought.IsZero() {
-		w.sought = b.clock.Now()
-	}
-	s := w.db.srv
-	w.db.seeking++
-	s.queue.pushBack(w)
-	if s.fleet != nil && !b.roomLocked(w.db) {
-		s.fleet.poke() // more slots may be leased from the fleet
-	}
-	b.serveQueueLocked(s)
-}
-
-// growLocked lets waiters of d dial while its pool should grow (see
-// shouldDialLocked in connector.go).
-func (b *budget) growLocked(d *database) {
-	if d.seeking > 0 && d.open-d.closing == 0 {
-		// Its last backend closed: its seekers, which grew and found
-		// no spare backend to take, are misses now and may evict.
-		b.serveQueueLocked(d.srv)
-	}
-	if d.waiters.len == d.seeking {
-		return
-	}
-	now := b.clock.Now()
-	if d.serverDown() {
-		b.startProbeLocked(d.srv, now) // its callers wait for the probe instead
-		return
-	}
-	for d.waiters.len > d.seeking && b.shouldDialLocked(d, now) {
-		w := d.waiters.front
-		for w.seekingLocked() {
-			w = d.waiters.next(w)
-		}
-		d.waitDebt = 0 // the new backend pays for the waits so far
-		b.seekLocked(w)
-	}
-}
-
-// serveQueueLocked gives free tokens to the callers that are to dial, in
-// arrival order, and for those that no free token can serve, starts
-// evicting the least recently used idle backends, each promised to one
-// caller. It runs after every event that can make room: a token released, a
-// caller queued, a reservation or the budget changed, a backend gone idle.
-func (b *budget) serveQueueLocked(s *server) {
-	if s.queue.len == 0 {
-		return
-	}
-	now := b.clock.Now()
-	// paced: a caller was skipped for want of a dial slot; freed: a claim
-	// was dropped after it, which frees one; short: a caller found no
-	// free token.
-	paced, freed, short := false, false, false
-	for w := s.queue.front; w != nil; {
-		next := s.queue.next(w)
-		d := w.db
-		switch {
-		case d.open-d.closing >= b.capLocked(d):
-			// A lowered cap: it can only wait for a backend of its own.
-			freed = freed || paced && w.claim != nil
-			b.unseekLocked(w)
-		case w.claim == nil && !s.dialSlotFreeLocked():
-			// Paced: it waits for a dial slot holding no token and
-			// evicting nothing; its victim is chosen when its dial can
-			// start. A caller behind it with a claim holds a slot already.
-			paced = true
-		case b.roomLocked(d):
-			// A token freed before the claimed one, if any: take it, and
-			// let the claimed one go to whoever is first when released.
-			b.dropClaimLocked(w)
-			b.grantLocked(w, now)
-		case w.claim != nil:
-		default:
-			short = true
-			switch v := s.recency.victimForLocked(d, now); {
-			case v != nil:
-				b.evictLocked(v, reasonLRU, w)
-			case d.open-d.closing > 0:
-				// Growth, and no spare backend to take: it waits for its
-				// own backends (lru.go); a later miss may still evict.
-			case s.reserved == 0:
-				b.shortLocked(s)
-				return // no later caller can be served either
-			}
-		}
-		w = next
-	}
-	if short {
-		b.shortLocked(s)
-	}
-	if freed {
-		b.serveQueueLocked(s) // a caller skipped for a slot may have one now
-	}
-}
-
-// shortLocked records that a caller that is to dial found no free token of
-// s: with a fleet budget, more slots may be leased.
-func (b *budget) shortLocked(s *server) {
-	if s.fleet != nil {
-		s.fleet.poke()
-	}
-}
-
-// checkoutLocked marks be checked out by a caller, whose stack it keeps
-// for leak detection.
-func (b *budget) checkoutLocked(be *backend, now time.Time, stack []uintptr) {
-	d := be.db
-	if be.state == backendBusy {
-		d.busy.remove(be) // handed over: a new use starts now
-		b.unwatchLocked(be)
-	} else {
-		d.inUse++
-		d.srv.inUse++
-	}
-	be.state = backendBusy
-	be.checkedOut = now
-	be.stack = stack
-	d.busy.pushBack(be)
-	if th := b.leakThreshold.Load(); th > 0 {
-		b.watched.pushBack(be)
-		if !b.leakCheck.armed {
-			b.armLeakCheckLocked(now.Add(time.Duration(th)), now)
-		}
-	}
-}
-
-// unwatchLocked ends leak detection for be, which is no longer checked out
-// by the caller it was watched for.
-func (b *budget) unwatchLocked(be *backend) {
-	if be.watch.listed {
-		b.watched.remove(be)
-	}
-	be.leaked = false
-}
-
-// checkin takes back a backend its handle is done with. used is false for
-// a backend a caller got and never used (its wait ended meanwhile).
-func (b *budget) checkin(be *backend) {
-	now := b.clock.Now()
-	b.mu.Lock()
-	used := now.Sub(be.checkedOut)
-	leaked := be.leaked
-	ws := be.db.workspace
-	b.checkinLocked(be, now, true)
-	b.unlock()
-	b.metrics.Load().recordUse(used)
-	if leaked {
-		if l := b.log.Load(); l != nil {
-			l.LogAttrs(bg, slog.LevelInfo, "tenantpg: a connection reported as a suspected leak was returned",
-				slog.String("workspace", ws), slog.Duration("held", used))
-		}
-	}
-}
-
-func (b *budget) checkinLocked(be *backend, now time.Time, used bool) {
-	d := be.db
-	if used {
-		d.useTime.add(now.Sub(be.checkedOut), useTimeAlpha)
-		d.lastUsed = now
-	}
-	if reason := b.checkinReasonLocked(be, now); reason != reasonNone {
-		b.closeBusyLocked(be, reason, nil)
-		b.growLocked(d)
-		return
-	}
-	if w := b.starvingLocked(d, now); w != nil {
-		b.closeBusyLocked(be, reasonHandoff, w)
-		b.growLocked(d)
-		return
-	}
-	if w := d.waiters.front; w != nil {
-		d.srv.recency.reusedLocked(d)
-		b.handOverLocked(w, be, now)
-		b.growLocked(d)
-		b.serveQueueLocked(d.srv) // w may have held a dial slot
-		return
-	}
-	s := d.srv
-	d.busy.remove(be)
-	b.unwatchLocked(be)
-	d.inUse--
-	s.inUse--
-	be.state = backendIdle
-	be.idleSince = now
-	d.idleBackends.pushFront(be)
-	d.idle++
-	s.idle++
-	s.recency.touchLocked(d)
-	// An armed reaper runs no later than this backend's idle expiry (it is
-	// armed for the earliest expiry, and every earlier check-in expires
-	// first), so only an earlier end of life needs arming. Skipping the
-	// time arithmetic otherwise is a measurable part of a check-in.
-	if !b.reaper.armed || b.lifetime > 0 && b.reaper.at.Sub(be.created) > b.lifetime {
-		b.armReaperLocked(b.expiryLocked(be), now)
-	}
-	b.serveQueueLocked(s)
-}
-
-func (b *budget) checkinReasonLocked(be *backend, now time.Time) evictReason {
-	switch {
-	case b.io.broken(be) || be.resetFailed:
-		return reasonBroken
-	case b.closed:
-		return reasonDriverClosed
-	case b.lifetime > 0 && now.Sub(be.created) >= b.lifetime:
-		return reasonLifetime
-	case be.db.closed || be.db.refs == 0:
-		// Its pool was closed meanwhile: none of its sessions is reused.
-		return reasonUnused
-	case b.overLimitLocked(be.db):
-		if be.db.srv.fleet != nil {
-			return reasonFleet
-		}
-		return reasonBudgetShrink
-	}
-	return reasonNone
-}
-
-// starvingLocked returns a caller of another database, waiting for a token
-// for at least handoffAfter, that the token of d's backend being checked in
-// would serve. Below that wait, hot databases keep passing their backends
-// between their own callers; above it, a cold workspace would starve.
-func (b *budget) starvingLocked(d *database, now time.Time) *waiter {
-	if d.open-d.closing <= d.reserved {
-		return nil // closing this backend frees no shared token
-	}
-	s := d.srv
-	for w := s.queue.front; w != nil; w = s.queue.next(w) {
-		if now.Sub(w.since) < b.handoffAfter {
-			return nil // later ones are younger still
-		}
-		// Only a caller of a database with no backend starves: one that
-		// grows is served by its own meanwhile, and d, which uses this
-		// backend now, would likely dial it back (lru.go; inferred).
-		if w.claim == nil && w.db != d && w.db.open-w.db.closing == 0 {
-			if !s.dialSlotFreeLocked() {
-				return nil // its token would wait for a dial slot anyway
-			}
-			return w
-		}
-	}
-	return nil
-}
-
-// overLimitLocked reports whether d holds more live backends than its cap,
-// or holds shared ones while the shared pool is over the budget: both after
-// a limit was lowered.
-func (b *budget) overLimitLocked(d *database) bool {
-	live := d.open - d.closing
-	s := d.srv
-	return live > b.capLocked(d) || live > d.reserved && s.sharedLive > s.limit-s.reserved
-}
-
-// closeBusyLocked closes a backend being checked in. If w is not nil, its
-// token goes to w once the server has closed the backend.
-func (b *budget) closeBusyLocked(be *backend, reason evictReason, w *waiter) {
-	d := be.db
-	d.busy.remove(be)
-	b.unwatchLocked(be)
-	d.inUse--
-	d.srv.inUse--
-	b.closeLocked(be, reason, w)
-}
-
-// evictLocked closes idle backend v. If w is not nil, v's token goes to w
-// once the server has closed v.
-func (b *budget) evictLocked(v *backend, reason evictReason, w *waiter) {
-	b.unlinkIdleLocked(v)
-	b.closeLocked(v, reason, w)
-}
-
-func (b *budget) closeLocked(be *backend, reason evictReason, w *waiter) {
-	be.state = backendClosing
-	t := be.tok
-	if w != nil {
-		t.claim = w
-		w.claim = t
-		be.db.srv.claims++
-		w.evicted = be.db.workspace
-		if w.slotted.IsZero() {
-			w.slotted = b.clock.Now()
-		}
-	}
-	b.countEvictionLocked(be.db, reason)
-	b.markClosingLocked(t)
-	b.jobs++
-	b.toClose = append(b.toClose, closeJob{be: be, reason: reason, workspace: be.db.workspace})
-}
-
-func (b *budget) countEvictionLocked(d *database, reason evictReason) {
-	if reason != reasonNone {
-		b.evictions[reason]++
-		d.evictions++
-	}
-}
-
-func (b *budget) markClosingLocked(t *token) {
-	old := liveShared(t.db)
-	t.db.closing++
-	t.db.srv.sharedLive += liveShared(t.db) - old
-	t.db.srv.closing++
-	t.db.srv.recency.liveDroppedLocked(t.db)
-}
-
-// unlinkIdleLocked takes idle backend be out of the idle lists without
-// touching its database's recency.
-func (b *budget) unlinkIdleLocked(be *backend) {
-	d := be.db
-	d.idleBackends.remove(be)
-	d.idle--
-	d.srv.idle--
-	if d.idleBackends.len == 0 {
-		d.srv.recency.removeLocked(d)
-	}
+	defer b.unlock()
+	b.impatientLocked(w)
 }
 
 // discard closes a backend a checkout found dead before using it.
 func (b *budget) discard(be *backend) {
 	b.mu.Lock()
-	d := be.db
-	b.closeBusyLocked(be, reasonBroken, nil)
-	b.growLocked(d)
-	b.unlock()
+	defer b.unlock()
+	b.discardLocked(be)
 }
+
+// Check-in (checkin.go).
+
+// checkin takes back a backend its handle is done with.
+func (b *budget) checkin(be *backend) {
+	now := b.clock.Now()
+	b.mu.Lock()
+	used := now.Sub(be.checkedOut)
+	if be.leaked {
+		b.eventLocked(event{kind: evLeakReturned, workspace: be.db.workspace, held: used})
+	}
+	b.checkinLocked(be, now, true)
+	b.unlock()
+	b.metrics.Load().recordUse(used)
+}
+
+// Dials (token.go).
 
 // dialed records a successful dial: the new backend is checked out by the
 // caller that dialed it. It returns nil when the driver was closed
 // meanwhile, after closing the backend.
-func (b *budget) dialed(tok *token, be *backend, took time.Duration) *backend {
+func (b *budget) dialed(t *token, be *backend, took time.Duration) *backend {
 	b.mu.Lock()
-	d := tok.db
-	d.dialing--
-	d.srv.dialing--
-	b.dialTime.add(took, dialTimeAlpha)
-	be.db, be.tok = d, tok
-	be.created = b.clock.Now()
-	d.srv.pace.dialedLocked(tok, took, d.srv.limit, be.created)
-	tok.dialDone = true
-	b.checkoutLocked(be, be.created, be.stack)
-	if b.closed {
-		b.closeBusyLocked(be, reasonDriverClosed, nil)
-		b.unlock()
+	defer b.unlock()
+	if !b.dialedLocked(t, be, took) {
 		return nil
-	}
-	b.serveQueueLocked(d.srv) // a dial slot freed
-	var downFor time.Duration
-	var srv string
-	if s := d.srv; s != nil {
-		s.dialTime.add(took, dialTimeAlpha)
-		s.answered = be.created
-		if s.down {
-			downFor, srv = b.markUpLocked(s, be.created), s.label
-		}
-	}
-	b.unlock()
-	if downFor > 0 {
-		b.logServerUp(srv, downFor)
 	}
 	return be
 }
@@ -1197,431 +356,194 @@ func (b *budget) dialed(tok *token, be *backend, took time.Duration) *backend {
 // dial opened has been drained.
 func (b *budget) dialFailed(t *token, kind dialErrorKind, cause error) {
 	b.mu.Lock()
-	d := t.db
-	d.dialing--
-	d.srv.dialing--
-	t.dialDone = true
-	if kind != dialRejected { // rejections are counted as they happen, retries included
-		b.dialErrors[kind]++
-	}
-	b.markClosingLocked(t)
-	b.endLocked(t)
-	now := b.clock.Now()
-	var wentDown bool
-	var downFor time.Duration
-	var srv string
-	if s := d.srv; s != nil {
-		srv = s.label
-		switch {
-		case kind == dialDown && isContextError(cause) && s.answered.After(t.dialStart):
-			// Cut short by its deadline while the server answered other
-			// dials: slow, not down.
-			if t.probe {
-				b.probeEndedLocked(s, now, false)
-			}
-		case kind == dialDown:
-			wentDown = !s.down
-			b.markDownLocked(s, now, downCause(cause))
-			if t.probe {
-				b.probeEndedLocked(s, now, true)
-			}
-		case isContextError(cause):
-			// The caller gave up before the server said anything.
-			if t.probe {
-				b.probeEndedLocked(s, now, false)
-			}
-		default:
-			// The server answered, if only to refuse this dial.
-			s.answered = now
-			if t.probe {
-				s.probing = false
-			}
-			downFor = b.markUpLocked(s, now)
-		}
-	}
-	// A dial slot freed, once the circuit has seen what this dial found.
-	b.serveQueueLocked(d.srv)
-	// Callers queued behind this dial may have no backend coming now; the
-	// token itself returns only once its socket has drained.
-	b.growLocked(d)
-	ws := d.workspace
+	defer b.unlock()
+	b.dialFailedLocked(t, kind, cause)
+}
+
+// countRejection records a dial the server refused for lack of slots.
+func (b *budget) countRejection() {
+	b.mu.Lock()
+	defer b.unlock()
+	b.counters.dialErrors[dialRejected]++
+}
+
+// relieveServer closes the least recently used idle backend on p's server,
+// because the server refused a dial of p for lack of connection slots: its
+// limit is below the budget (other clients, a role or database CONNECTION
+// LIMIT). It returns a channel closed once that backend is gone, or nil
+// when nothing idle can be closed.
+func (b *budget) relieveServer(p *backendPool) <-chan struct{} {
+	b.mu.Lock()
+	defer b.unlock()
+	return b.relieveServerLocked(p)
+}
+
+// watchDial arms a timer that marks t's server down if t's dial is still
+// running after a healthy server would have answered; the caller stops it
+// when the dial ends. It also returns that time, by which the connector
+// judges a dial its caller's deadline cut short.
+func (b *budget) watchDial(t *token) (timer, time.Duration) {
+	b.mu.Lock()
+	after := b.hungDialAfterLocked(t.db.srv)
+	t.dialStart = b.clock.Now()
 	b.unlock()
-	if wentDown {
-		b.logServerDown(srv, ws, downCause(cause))
-	}
-	if downFor > 0 {
-		b.logServerUp(srv, downFor)
-	}
-	if l := b.log.Load(); l != nil {
-		msg := "tenantpg: dial failed"
-		if kind == dialRejected {
-			msg = "tenantpg: server rejected a connection: no connection slot left (SQLSTATE 53300)"
-		}
-		attrs := []slog.Attr{slog.String("workspace", ws)}
-		if cause != nil {
-			attrs = append(attrs, slog.String("error", cause.Error()))
-		}
-		l.LogAttrs(bg, slog.LevelWarn, msg, attrs...)
-	}
+	return b.clock.AfterFunc(after, func() { b.dialHung(t) }), after
 }
 
-// endLocked records that the owner of t is done with it; the token returns
-// once every socket dialed for it has been drained.
-func (b *budget) endLocked(t *token) {
-	t.ended = true
-	if t.sockets == 0 {
-		b.releaseLocked(t)
-	}
+// dialHung runs on watchDial's timer (outage.go).
+func (b *budget) dialHung(t *token) {
+	b.mu.Lock()
+	defer b.unlock()
+	b.dialHungLocked(t)
 }
 
-// releaseLocked returns t to the budget: to the waiter it was promised to
-// when that waiter can use it, otherwise to whoever is first in line.
-func (b *budget) releaseLocked(t *token) {
-	if t.released {
-		return
-	}
-	t.released = true
-	if t.gone != nil {
-		close(t.gone)
-	}
-	d := t.db
-	s := d.srv
-	old := liveShared(d)
-	d.closing--
-	s.sharedLive += liveShared(d) - old
-	s.closing--
-	b.giveLocked(d)
-	if w := t.claim; w != nil {
-		b.dropClaimLocked(w)
-		if !w.done && w.db.open-w.db.closing < b.capLocked(w.db) && b.roomLocked(w.db) {
-			b.grantLocked(w, b.clock.Now())
-		}
-	}
-	b.serveQueueLocked(s)
-	b.growLocked(d)
-	b.forgetLocked(d)
-}
+// Sockets (socket.go).
 
-// socketOpened and socketDrained count the sockets dialed under t.
+// socketOpened counts a socket dialed for t.
 func (b *budget) socketOpened(t *token, s *trackedConn) {
 	b.mu.Lock()
+	defer b.unlock()
 	t.sockets++
 	t.sock = s
-	b.mu.Unlock()
 }
 
 // drainStarted counts a socket whose drain began, so that close can wait
 // for it.
 func (b *budget) drainStarted() {
 	b.mu.Lock()
+	defer b.unlock()
 	b.draining++
-	b.mu.Unlock()
 }
 
+// socketDrained counts a socket dialed for t whose drain ended; t returns
+// once its owner is done and its last socket drained.
 func (b *budget) socketDrained(t *token) {
 	b.mu.Lock()
-	b.draining--
-	if b.draining == 0 && b.jobs == 0 {
-		b.drained.Broadcast()
-	}
-	t.sockets--
-	if t.ended && t.sockets == 0 {
-		b.releaseLocked(t)
-	}
-	b.unlock()
+	defer b.unlock()
+	b.socketDrainedLocked(t)
 }
 
-// countRejection records a dial the server refused for lack of slots.
-func (b *budget) countRejection() {
+// Servers (outage.go).
+
+// probeDue runs on a server's timer: the next probe may start.
+func (b *budget) probeDue(s *server) {
 	b.mu.Lock()
-	b.dialErrors[dialRejected]++
-	b.mu.Unlock()
+	defer b.unlock()
+	s.circuit.wake.fired()
+	if b.servers[s.key] == s {
+		b.startProbeLocked(s, b.clock.Now())
+	}
 }
 
-// relieveServer closes the least recently used idle backend on d's server,
-// because the server refused a dial of d for lack of connection slots: its
-// limit is below the budget (other clients, a role or database CONNECTION
-// LIMIT). It returns a channel closed once that backend is gone, or nil
-// when nothing idle can be closed.
-func (b *budget) relieveServer(d *database) <-chan struct{} {
+// serverDownError is serverDownErrorLocked for a caller whose own dial found
+// the server down as its context ended; nil if the server is up again.
+func (b *budget) serverDownError(p *backendPool, waited time.Duration, cause, callerErr error) error {
 	b.mu.Lock()
-	v := d.srv.recency.victimLocked()
-	if v == nil {
-		b.mu.Unlock()
+	defer b.unlock()
+	if s := p.srv; s == nil || !s.circuit.down {
 		return nil
 	}
-	t := v.tok
-	if t.gone == nil {
-		t.gone = make(chan struct{})
-	}
-	b.evictLocked(v, reasonServerFull, nil)
-	b.unlock()
-	return t.gone
+	return b.serverDownErrorLocked(p, b.clock.Now(), waited, cause, callerErr)
 }
 
-func (b *budget) expiryLocked(be *backend) time.Time {
-	at := be.idleSince.Add(b.idleTimeout)
-	if b.lifetime > 0 {
-		if l := be.created.Add(b.lifetime); l.Before(at) {
-			at = l
-		}
+// knownDown returns the error of a routed DB's health check while the
+// circuit of the server its DSN's host and port count against knows it is
+// down, as of now; nil otherwise (router.ping).
+func (b *budget) knownDown(host string, port uint16, database string, now time.Time) *ServerDownError {
+	b.mu.Lock()
+	defer b.unlock()
+	s := b.servers[b.serverKeyLocked(serverKey{host: host, port: port})]
+	if s == nil || !s.circuit.down {
+		return nil
 	}
-	return at
+	c := &s.circuit
+	return &ServerDownError{Database: database, Server: s.label, Down: now.Sub(c.since), Waiting: s.waiting, Err: c.lastErr}
 }
 
-func (b *budget) armReaperLocked(at, now time.Time) {
-	if !b.closed {
-		b.reaper.arm(b.clock, at, now)
-	}
-}
+// Timers of reclaim.go.
 
-// reap closes idle backends past their idle timeout or lifetime. It runs on
-// a timer armed for the earliest expiry, so an idle driver costs no
-// goroutine.
+// reap runs on the reaper's timer.
 func (b *budget) reap() {
 	b.mu.Lock()
-	now := b.clock.Now()
-	b.reaper.fired()
-	var next time.Time
-	for _, s := range b.servers {
-		s.recency.eachLocked(func(x *database) {
-			for be := x.idleBackends.back; be != nil; {
-				prev := x.idleBackends.prev(be)
-				if at := b.expiryLocked(be); !at.After(now) {
-					reason := reasonIdleTimeout
-					if b.lifetime > 0 && now.Sub(be.created) >= b.lifetime {
-						reason = reasonLifetime
-					}
-					b.evictLocked(be, reason, nil)
-				} else if next.IsZero() || at.Before(next) {
-					next = at
-				}
-				be = prev
-			}
-		})
-	}
-	if !next.IsZero() {
-		b.armReaperLocked(next, now)
-	}
-	b.unlock()
+	defer b.unlock()
+	b.reapLocked(b.clock.Now())
 }
 
 // abandon closes be, checked out by a handle that became garbage without
 // giving it back (reclaim.go), and returns its token.
 func (b *budget) abandon(be *backend) {
 	b.mu.Lock()
-	if be.state != backendBusy {
-		b.mu.Unlock() // cannot happen: the handle's hold is taken once
-		return
-	}
-	d := be.db
-	held := b.clock.Now().Sub(be.checkedOut)
-	ws, stack := d.workspace, be.stack
-	b.closeBusyLocked(be, reasonAbandoned, nil)
-	b.growLocked(d)
-	b.unlock()
-	if l := b.log.Load(); l != nil {
-		attrs := []slog.Attr{slog.String("workspace", ws), slog.Duration("held", held)}
-		if len(stack) > 0 {
-			attrs = append(attrs, slog.String("stack", formatStack(stack)))
-		}
-		l.LogAttrs(bg, slog.LevelWarn,
-			"tenantpg: closed a connection whose *sql.Rows, *sql.Conn, *sql.Tx or tenantpg.PoolConn was dropped without being closed or released", attrs...)
+	defer b.unlock()
+	if be.state == backendBusy { // always: the handle's hold is taken once
+		b.abandonLocked(be, b.clock.Now())
 	}
 }
 
-// collectEvery bounds how often waiting callers trigger a garbage
-// collection while stray handles exist.
-const collectEvery = time.Second
-
-// collectLocked triggers a garbage collection, off the lock, unless one was
-// triggered less than collectEvery ago: a caller waits while handles of
-// closed *sql.DBs are open, and those the application dropped give their
-// backends back only once the collector finds them (reclaim.go). It
-// repeats every collectEvery while callers wait and strays are left: a
-// handle may become garbage only after a collection (the application drops
-// it later, or database/sql's goroutine of the closed *sql.DB had not
-// ended yet).
-func (b *budget) collectLocked(now time.Time) {
-	if next := b.lastCollect.Add(collectEvery); !b.lastCollect.IsZero() && now.Before(next) {
-		b.armCollectorLocked(next, now)
-		return
-	}
-	b.lastCollect = now
-	b.collections++
-	go runtime.GC()
-	b.armCollectorLocked(now.Add(collectEvery), now)
-}
-
-func (b *budget) armCollectorLocked(at, now time.Time) {
-	if !b.closed {
-		b.collector.arm(b.clock, at, now)
-	}
-}
-
-// collectAgain runs on the collector's timer.
+// collectAgain runs on the stray collector's timer.
 func (b *budget) collectAgain() {
 	b.mu.Lock()
-	b.collector.fired()
-	if b.strays > 0 && b.waiting > 0 {
+	defer b.unlock()
+	b.strays.timer.fired()
+	if b.strays.count > 0 && b.waiting > 0 {
 		b.collectLocked(b.clock.Now())
 	}
-	b.mu.Unlock()
 }
 
-func (b *budget) armLeakCheckLocked(at, now time.Time) {
-	if !b.closed {
-		b.leakCheck.arm(b.clock, at, now)
-	}
-}
-
-// checkLeaks reports the backends checked out for longer than the leak
-// threshold, once each, with the stack of the code that checked them out.
-// It runs on a timer armed for the oldest watched checkout.
+// checkLeaks runs on the leak watch's timer, armed for the oldest watched
+// checkout.
 func (b *budget) checkLeaks() {
-	type report struct {
-		workspace string
-		held      time.Duration
-		stack     []uintptr
-	}
-	var reports []report
 	b.mu.Lock()
-	now := b.clock.Now()
-	b.leakCheck.fired()
-	th := time.Duration(b.leakThreshold.Load())
-	for be := b.watched.front; be != nil; be = b.watched.front {
-		if th > 0 && now.Sub(be.checkedOut) < th {
-			b.armLeakCheckLocked(be.checkedOut.Add(th), now)
-			break // the rest were checked out later
-		}
-		b.watched.remove(be)
-		if th > 0 {
-			be.leaked = true
-			b.leaks++
-			reports = append(reports, report{be.db.workspace, now.Sub(be.checkedOut), be.stack})
-		}
-	}
-	b.unlock()
-	l := b.log.Load()
-	if l == nil {
-		return
-	}
-	for _, r := range reports {
-		attrs := []slog.Attr{slog.String("workspace", r.workspace), slog.Duration("held", r.held), slog.Duration("threshold", th)}
-		if len(r.stack) > 0 {
-			attrs = append(attrs, slog.String("stack", formatStack(r.stack)))
-		}
-		l.LogAttrs(bg, slog.LevelWarn, "tenantpg: connection held longer than the leak threshold (a *sql.Rows, *sql.Conn or *sql.Tx not closed?)", attrs...)
-	}
+	defer b.unlock()
+	b.checkLeaksLocked(b.clock.Now())
 }
 
-// reconfigure applies new settings. Lowering the budget or a cap closes
-// idle backends down to the new limits at once; busy ones are closed when
-// they are checked in. Raising it serves waiters.
-func (b *budget) reconfigure(cfg Config) error {
+// Stats and metrics (snapshot.go).
+
+// snapshot copies the budget's numbers and those of every pool that holds
+// backends, reserves them or has callers waiting.
+func (b *budget) snapshot() snapshot {
 	b.mu.Lock()
-	if !maps.Equal(cfg.ServerAliases, b.aliases) && len(b.servers) > 0 {
-		b.mu.Unlock()
-		return &ConfigError{Field: "ServerAliases",
-			Reason: "aliases cannot change while pools are open: their backends count against the server they were opened on"}
-	}
-	if fleetSettingsOf(cfg) != b.fleet && len(b.servers) > 0 {
-		// A server in use would be coordinated only from its next DSN on,
-		// with backends no lease covers.
-		b.mu.Unlock()
-		return &ConfigError{Field: "FleetMaxConnections",
-			Reason: "the fleet settings cannot change while databases are open; set them before the first connection"}
-	}
-	for _, s := range b.servers {
-		if limit := serverLimit(cfg.MaxConnections, cfg.ServerMaxConnections, s.label); limit < s.reserved {
-			b.mu.Unlock()
-			field := "MaxConnections"
-			if _, ok := cfg.ServerMaxConnections[s.label]; ok {
-				field = "ServerMaxConnections[" + s.label + "]"
-			}
-			return &ConfigError{Field: field, Reason: errReservedExceedsBudget(limit, s.reserved)}
-		}
-	}
-	b.applyLocked(cfg)
-	now := b.clock.Now()
-	idle := 0
-	for _, s := range b.servers {
-		b.shrinkLocked(s)
-		b.serveQueueLocked(s)
-		idle += s.idle
-	}
-	for d := range b.dbs {
-		b.growLocked(d)
-	}
-	// The timeouts may have changed. Disarm even with nothing idle: a later
-	// check-in skips arming a reaper armed early enough, and the old time
-	// may be later than the new idle timeout allows.
-	b.reaper.stop()
-	if idle > 0 {
-		b.armReaperLocked(now, now) // rescan now
-	}
-	// The leak threshold may have changed too: rescan now (a threshold
-	// turned off empties the watch list).
-	b.leakCheck.stop()
-	if b.watched.len > 0 {
-		b.armLeakCheckLocked(now, now)
-	}
-	b.unlock()
-	return nil
+	defer b.unlock()
+	return b.snapshotLocked()
 }
 
-// shrinkLocked evicts idle backends of s until every database is within
-// its cap and the shared pool within s's budget, counting backends already
-// closing as gone.
-func (b *budget) shrinkLocked(s *server) { b.shrinkOverLocked(s, reasonBudgetShrink) }
+// Driver.Close.
 
-// shrinkOverLocked is shrinkLocked, closing backends for reason.
-func (b *budget) shrinkOverLocked(s *server, reason evictReason) {
-	s.recency.eachLocked(func(x *database) {
-		for x.open-x.closing > b.capLocked(x) && x.idleBackends.back != nil {
-			b.evictLocked(x.idleBackends.back, reason, nil)
-		}
-	})
-	for s.sharedLive > s.limit-s.reserved {
-		v := s.recency.victimLocked()
-		if v == nil {
-			return
-		}
-		b.evictLocked(v, reason, nil)
-	}
-}
-
-// close fails every waiter, closes every idle backend and stops the timer.
-// Busy backends are closed when they are checked in.
+// close fails every waiter, closes every idle backend and stops the timers.
+// Busy backends are closed when they are checked in. It returns once the
+// server has closed the backends it closed, and a fleet's coordination has
+// given its slots back.
 func (b *budget) close() {
 	b.mu.Lock()
 	if b.closed {
 		b.waitDrainsLocked()
-		b.mu.Unlock()
+		b.unlock()
 		return
 	}
 	b.closed = true
 	b.shut.Store(true)
-	for d := range b.dbs {
-		for w := d.waiters.front; w != nil; {
-			next := d.waiters.next(w)
-			b.dequeueLocked(w)
-			w.done, w.err = true, errDriverClosed
-			close(w.ready)
-			w = next
+	for _, s := range b.servers {
+		for p := s.pools.front; p != nil; p = s.pools.next(p) {
+			for w := p.waiters.front; w != nil; {
+				next := p.waiters.next(w)
+				b.dequeueLocked(w)
+				w.err = errDriverClosed
+				w.finish()
+				w = next
+			}
 		}
 	}
 	for _, s := range b.servers {
-		s.recency.eachLocked(func(x *database) {
+		s.recency.each(func(x *backendPool) {
 			for x.idleBackends.back != nil {
 				b.evictLocked(x.idleBackends.back, reasonDriverClosed, nil)
 			}
 		})
-		s.wake.stop()
+		s.circuit.wake.stop()
 	}
 	b.reaper.stop()
-	b.leakCheck.stop()
-	b.collector.stop()
+	b.watch.timer.stop()
+	b.strays.timer.stop()
 	b.unlock()
 	// Never under mu: a collection holds the SDK's pipeline lock while its
 	// callback takes mu, and Unregister takes that pipeline lock.
@@ -1633,8 +555,8 @@ func (b *budget) close() {
 	// ones close as they are checked in), or after fleetCloseTimeout.
 	var fleets []*fleetCoordinator
 	for _, s := range b.servers {
-		if s.fleet != nil {
-			fleets = append(fleets, s.fleet)
+		if s.lease.coord != nil {
+			fleets = append(fleets, s.lease.coord)
 		}
 	}
 	if len(fleets) > 0 {
@@ -1643,14 +565,14 @@ func (b *budget) close() {
 			b.mu.Lock()
 			timedOut = true
 			b.drained.Broadcast()
-			b.mu.Unlock()
+			b.unlock()
 		})
 		for !timedOut && b.fleetOpenLocked() {
 			b.drained.Wait()
 		}
 		t.Stop()
 	}
-	b.mu.Unlock()
+	b.unlock()
 	var wg sync.WaitGroup
 	for _, f := range fleets {
 		wg.Add(1)
@@ -1667,7 +589,7 @@ func (b *budget) close() {
 // isClosed reports whether close was called.
 func (b *budget) isClosed() bool {
 	b.mu.Lock()
-	defer b.mu.Unlock()
+	defer b.unlock()
 	return b.closed
 }
 
@@ -1679,327 +601,59 @@ func (b *budget) waitDrainsLocked() {
 	}
 }
 
-// snapshot is the budget's state copied under the lock, for Stats and the
-// metrics, which never take the lock themselves.
-type snapshot struct {
-	limit, reserved, open, inUse, idle, dialing, closing, waiting, peakOpen int
-	longestUse                                                              time.Duration
-	dials, waitCount, timeouts, exhausted, handoffs, leaks, collections     uint64
-	waitDuration, dialTime                                                  time.Duration
-	evictions                                                               [numReasons]uint64
-	dialErrors                                                              [numDialErrorKinds]uint64
-	dbs                                                                     []dbSnapshot
-	servers                                                                 []serverSnapshot
-}
+// The fleet coordinator's calls (fleet.go, limits.go).
 
-type serverSnapshot struct {
-	srv                                                                       *server // for its metric attributes, which are not guarded by mu
-	label                                                                     string
-	limit, reserved, open, inUse, idle, dialing, closing, peakOpen, dialSlots int
-	down                                                                      bool
-	since                                                                     time.Time
-	downFor                                                                   time.Duration
-	waiting                                                                   int
-	outages, failed                                                           uint64
-	lastErr                                                                   string
-	fleet                                                                     *FleetStats
-}
-
-type dbSnapshot struct {
-	db                                                 *database // for its metric attributes, which are not guarded by mu
-	workspace, name                                    string
-	open, inUse, idle, dialing, closing, cap, reserved int
-	waiting                                            int
-	lastUsed                                           time.Time
-	evictions                                          uint64
-	longestUse, useTime                                time.Duration
-}
-
-// snapshot copies the budget's numbers and those of every database that
-// holds backends, reserves them or has callers waiting.
-func (b *budget) snapshot() snapshot {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	now := b.clock.Now()
-	s := snapshot{
-		waiting: b.waiting, peakOpen: b.peakOpen, dials: b.dials, waitCount: b.waitCount,
-		timeouts: b.timeouts, exhausted: b.exhausted, handoffs: b.handoffs, waitDuration: b.waitDuration,
-		leaks: b.leaks, collections: b.collections,
-		dialTime: b.dialTime.duration(), evictions: b.evictions, dialErrors: b.dialErrors,
-	}
-	for d := range b.dbs {
-		if d.open == 0 && d.reserved == 0 && d.waiters.len == 0 {
-			continue
-		}
-		ds := dbSnapshot{db: d, workspace: d.workspace, name: d.name, open: d.open, inUse: d.inUse, idle: d.idle,
-			dialing: d.dialing, closing: d.closing, cap: b.capLocked(d), reserved: d.reserved, waiting: d.waiters.len,
-			lastUsed: d.lastUsed, evictions: d.evictions, useTime: d.useTime.duration()}
-		if be := d.busy.front; be != nil {
-			ds.longestUse = now.Sub(be.checkedOut)
-			s.longestUse = max(s.longestUse, ds.longestUse)
-		}
-		s.dbs = append(s.dbs, ds)
-	}
-	for _, x := range b.servers {
-		ss := serverSnapshot{srv: x, label: x.label, limit: x.limit, reserved: x.reserved, open: x.open, inUse: x.inUse,
-			idle: x.idle, dialing: x.dialing, closing: x.closing, peakOpen: x.peakOpen, dialSlots: min(x.pace.slots, x.limit),
-			waiting: x.waiting, down: x.down, outages: x.outages, failed: x.failed}
-		if x.down {
-			ss.since, ss.downFor = x.since, now.Sub(x.since)
-			if x.lastErr != nil {
-				ss.lastErr = x.lastErr.Error()
-			}
-		}
-		if x.fleet != nil {
-			fs := x.fleet.stats() // lock order: budget.mu, then the coordinator's
-			ss.fleet = &fs
-		}
-		s.servers = append(s.servers, ss)
-		s.limit += x.limit
-		s.reserved += x.reserved
-		s.open += x.open
-		s.inUse += x.inUse
-		s.idle += x.idle
-		s.dialing += x.dialing
-		s.closing += x.closing
-	}
-	if len(b.servers) == 0 {
-		s.limit = b.limit
-	}
-	return s
-}
-
-// probeDue runs on a server's timer: the next probe may start.
-func (b *budget) probeDue(s *server) {
-	b.mu.Lock()
-	s.wake.fired()
-	if b.servers[s.key] == s {
-		b.startProbeLocked(s, b.clock.Now())
-	}
-	b.unlock()
-}
-
-// watchDial arms a timer that marks t's server down if t's dial is still
-// running after a healthy server would have answered; the caller stops it
-// when the dial ends. It also returns that time, by which the connector
-// judges a dial its caller's deadline cut short.
-func (b *budget) watchDial(t *token) (timer, time.Duration) {
-	b.mu.Lock()
-	after := b.hungDialAfterLocked(t.db.srv)
-	t.dialStart = b.clock.Now()
-	b.mu.Unlock()
-	return b.clock.AfterFunc(after, func() { b.dialHung(t) }), after
-}
-
-// dialHung marks t's server down because t's dial has run too long: the
-// host accepted the connection (or the SYN is unanswered) and the server
-// does not answer. The dial becomes the probe: no other caller dials until
-// it ends.
-func (b *budget) dialHung(t *token) {
-	b.mu.Lock()
-	s := t.db.srv
-	if t.dialDone || s == nil || s.down || b.closed || s.answered.After(t.dialStart) {
-		// Done, already known down, or the server answered another dial
-		// since this one started: it is slow, not hung.
-		b.mu.Unlock()
-		return
-	}
-	b.markDownLocked(s, b.clock.Now(), errNotAnswering)
-	s.wake.stop()
-	s.probing, t.probe = true, true
-	srv, ws := s.label, t.db.workspace
-	b.unlock()
-	b.logServerDown(srv, ws, errNotAnswering)
-}
-
-// serverDownErrorLocked is the error of a caller of d whose wait ends while
-// d's server is down.
-func (b *budget) serverDownErrorLocked(d *database, now time.Time, waited time.Duration, cause, callerErr error) *ServerDownError {
-	s := d.srv
-	s.failed++
-	return &ServerDownError{Workspace: d.workspace, Database: d.name, Server: s.label,
-		Down: now.Sub(s.since), Waited: waited, Waiting: s.waiting, Err: cause, ctxErr: callerErr}
-}
-
-// serverDownError is serverDownErrorLocked for a caller whose own dial found
-// the server down as its context ended; nil if the server is up again.
-func (b *budget) serverDownError(d *database, waited time.Duration, cause, callerErr error) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if s := d.srv; s == nil || !s.down {
-		return nil
-	}
-	return b.serverDownErrorLocked(d, b.clock.Now(), waited, cause, callerErr)
-}
-
-func (b *budget) logServerDown(srv, workspace string, cause error) {
-	if l := b.log.Load(); l != nil {
-		attrs := []slog.Attr{slog.String("server", srv), slog.String("workspace", workspace)}
-		if cause != nil {
-			attrs = append(attrs, slog.String("error", cause.Error()))
-		}
-		l.LogAttrs(bg, slog.LevelWarn, "tenantpg: server down: callers wait while one probe at a time dials it", attrs...)
-	}
-}
-
-func (b *budget) logServerUp(srv string, downFor time.Duration) {
-	if l := b.log.Load(); l != nil {
-		l.LogAttrs(bg, slog.LevelInfo, "tenantpg: server up", slog.String("server", srv), slog.Duration("downFor", downFor))
-	}
-}
-
-// limitNowLocked returns what s may hold now: its configured budget, or
-// with a fleet budget the slots its coordinator leased for backends, within
-// that budget less the coordination session, and within the cap it yields
-// to while other processes need slots; never below its floor, which only
-// sessions of another role holding the fleet's slots raise.
-func (b *budget) limitNowLocked(s *server) int {
-	if s.fleet == nil {
-		return s.max
-	}
-	l := min(s.max-1, s.held)
-	if b.clock.Now().Before(s.capUntil) {
-		l = min(l, s.fleetCap)
-	}
-	return max(l, min(s.fleetFloor, s.max-1), 0)
-}
-
-// refreshLimitLocked applies a change of what s may hold: a higher limit
-// serves its callers, a lower one closes idle backends down to it (busy
-// ones close as they are checked in).
-func (b *budget) refreshLimitLocked(s *server, reason evictReason) {
-	old := s.limit
-	s.limit = b.limitNowLocked(s)
-	switch {
-	case s.limit > old:
-		b.serveQueueLocked(s)
-		for d := range b.dbs {
-			if d.srv == s && d.waiters.len > d.seeking {
-				b.growLocked(d)
-			}
-		}
-	case s.limit < old:
-		b.shrinkOverLocked(s, reason)
-	}
-}
-
-// fleetSide is a server's budget as its fleet coordinator (fleet.go) sees
-// it.
+// fleetSide is a server's budget as its fleet coordinator sees it.
 type fleetSide struct {
 	b *budget
 	s *server
 }
 
-// fleetNeed is what s holds (closing backends included, as the server
-// still counts them) and what its callers that are to dial want, within
-// its budget less the coordination session and the cap it yields to.
+// fleetNeed is how many slots s should lease now: what it holds (closing
+// backends included, as the server still counts them) and what its callers
+// that are to dial want, within its budget less the coordination session
+// and the cap it yields to.
 func (f fleetSide) fleetNeed() int {
-	b, s := f.b, f.s
+	b := f.b
 	b.mu.Lock()
 	defer b.unlock()
 	if b.closed {
 		return 0
 	}
-	now := b.clock.Now()
-	if !s.capUntil.IsZero() && !now.Before(s.capUntil) {
-		// The yield is over: s may grow back to the slots it holds. The
-		// coordinator asks at least once a second, so the cap lasts at
-		// most that much longer than fleetYieldFor.
-		s.capUntil = time.Time{}
-		b.refreshLimitLocked(s, reasonFleet)
-	}
-	// Reserved tokens a database does not use are held back from the
-	// others (roomLocked), so they must be leased too, or the share could
-	// sit at or below the reservations and no other database could dial.
-	unusedReserved := s.reserved - (s.open - s.sharedInUse)
-	need := s.open + s.queue.len - s.claims + unusedReserved
-	if now.Before(s.capUntil) {
-		need = min(need, max(s.fleetCap, s.open))
-	}
-	return max(0, min(need, s.max-1))
+	return b.fleetNeedLocked(f.s, b.clock.Now())
 }
 
 func (f fleetSide) fleetSetHeld(n int) bool {
-	b, s := f.b, f.s
+	b := f.b
 	b.mu.Lock()
 	defer b.unlock()
-	if n < s.open {
-		return false
-	}
-	s.held, s.granted = n, true
-	b.refreshLimitLocked(s, reasonFleet)
-	return true
+	return b.fleetSetHeldLocked(f.s, n)
 }
 
-// fleetYield gives up to n of s's slots to other processes: idle backends
-// close at once, down to what its callers use now, and busy ones beyond
-// the fair share close as they are checked in, so that a busy process
-// keeps its fair share and no more while others need slots. The cap lasts
-// fleetYieldFor; the coordinator releases the slots once their backends
-// are gone.
+// fleetYield gives up to n of s's slots to other processes, keeping the
+// fair share while its callers use it.
 func (f fleetSide) fleetYield(n, fair int) {
-	b, s := f.b, f.s
+	b := f.b
 	b.mu.Lock()
 	defer b.unlock()
-	live := s.open - s.closing
-	busy := s.inUse + s.dialing + s.queue.len
-	keep := min(busy, max(fair, 1))
-	give := min(n, live-keep)
-	if give <= 0 {
-		return
-	}
-	s.fleetCap = live - give
-	s.capUntil = b.clock.Now().Add(fleetYieldFor)
-	b.refreshLimitLocked(s, reasonFleet)
+	b.fleetYieldLocked(f.s, n, fair)
 }
 
 // fleetLost lowers s to n at once, whatever it holds open: the
 // coordination session was lost, or is back with fewer slots than s holds.
-// A lost session's slots are free for other processes until it is back, so
-// only the role's CONNECTION LIMIT holds the cap meanwhile: s falls back to
-// the smaller of its share and n (a fair share), the less to overshoot. A
-// process that was never given a share (its coordination session has not
-// connected yet) gets n, so that a coordination failure is not an outage.
 func (f fleetSide) fleetLost(n int) {
-	b, s := f.b, f.s
+	b := f.b
 	b.mu.Lock()
 	defer b.unlock()
-	if s.granted {
-		n = min(s.held, n)
-	}
-	s.held = n
-	b.refreshLimitLocked(s, reasonFleet)
+	b.fleetLostLocked(f.s, n)
 }
 
 // fleetFloor keeps s at n backends at least, leases or not: sessions of
 // another role hold the fleet's slots, and without a floor s could be left
 // with none. The role's CONNECTION LIMIT still caps the server.
 func (f fleetSide) fleetFloor(n int) {
-	b, s := f.b, f.s
+	b := f.b
 	b.mu.Lock()
 	defer b.unlock()
-	s.fleetFloor = n
-	b.refreshLimitLocked(s, reasonFleet)
-}
-
-// fleetCloseTimeout bounds how long Driver.Close waits for the backends on
-// a fleet's server to close (busy ones are closed when they are checked
-// in), and then for the coordination session to unlock its slots; past it
-// the session is cut, which frees them on the server too.
-const fleetCloseTimeout = 5 * time.Second
-
-// fleetYieldFor is how long a process holds to the cap it lowered itself
-// to for other processes, as long as a need heard from another counts
-// (fleetHeard).
-const fleetYieldFor = fleetHeard
-
-// fleetOpenLocked reports whether a server with a fleet budget still has
-// backends open: its slots must not be unlocked yet.
-func (b *budget) fleetOpenLocked() bool {
-	for _, s := range b.servers {
-		if s.fleet != nil && s.open > 0 {
-			return true
-		}
-	}
-	return false
+	b.fleetFloorLocked(f.s, n)
 }

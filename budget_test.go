@@ -405,7 +405,7 @@ func TestDriverCloseAndForget(t *testing.T) {
 	require.NoError(t, dc.Close())
 	require.Eventually(t, func() bool { return e.drv.Stats().Open == 0 }, 5*time.Second, time.Millisecond)
 	e.drv.b.mu.Lock()
-	require.Empty(t, e.drv.b.dbs, "a database with no connector and no connection must be forgotten")
+	require.Empty(t, e.drv.b.poolsLocked(), "a database with no connector and no connection must be forgotten")
 	e.drv.b.mu.Unlock()
 
 	holder, waiterDB := e.open(0), e.open(1)
@@ -432,7 +432,7 @@ func TestDriverCloseAndForget(t *testing.T) {
 	require.NoError(t, holder.Close())
 	require.NoError(t, waiterDB.Close())
 	e.drv.b.mu.Lock()
-	require.Empty(t, e.drv.b.dbs)
+	require.Empty(t, e.drv.b.poolsLocked())
 	e.drv.b.mu.Unlock()
 }
 

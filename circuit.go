@@ -6,8 +6,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
-	"strconv"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -34,26 +32,14 @@ import (
 // hung): a host that accepts TCP and never answers would otherwise collect
 // a dial, and a token, from every caller until their deadlines. That dial
 // is then the probe.
+//
+// The circuit below is the state and its backoff; what a server going down
+// or up does to its callers is in outage.go.
 
-// serverKey names a server as the DSN resolves it.
-type serverKey struct {
-	host string
-	port uint16
-}
-
-// server is one server's budget (tokens) and circuit.
-type server struct {
-	key   serverKey
-	label string // host:port, for stats, metrics and errors
-
-	tokens // guarded by budget.mu
-
-	// metricOpts are its metric attribute sets, built by the first
-	// collection that sees it; not guarded by budget.mu.
-	metricOpts atomic.Pointer[serverMetricOpts]
-
-	// Guarded by budget.mu.
-	refs     int       // databases on this server
+// circuit is one server's circuit breaker. Guarded by budget.mu; never
+// locks, never blocks, holds no *budget (its timer's callback is the
+// budget's probeDue).
+type circuit struct {
 	down     bool      // a dial found it unreachable, not accepting connections or not answering
 	since    time.Time // when it went down
 	lastErr  error     // what the last failed dial found, without its DSN details
@@ -64,10 +50,65 @@ type server struct {
 	wake     wakeup    // starts the next probe
 	outages  uint64    // times it went down
 	failed   uint64    // callers whose wait ended while it was down
-	// dialTime is the EWMA of its successful dials' duration: how long it
-	// takes to answer when it is up.
-	dialTime ewma
-	answered time.Time // when a dial last got an answer from it
+}
+
+// trip records that a dial found the server down for cause. It reports
+// whether the server was up until now; the first probe is then due after
+// probeBackoff(0).
+func (c *circuit) trip(now time.Time, cause error) bool {
+	c.lastErr = cause
+	if c.down {
+		return false
+	}
+	c.down, c.since, c.failures = true, now, 0
+	c.outages++
+	c.probeAt = now.Add(probeBackoff(0))
+	return true
+}
+
+// reset records that the server answered. It reports whether it was down,
+// and for how long. A prober still seeking a token stays in the dial queue
+// as any caller that is to dial.
+func (c *circuit) reset(now time.Time) (wasDown bool, downFor time.Duration) {
+	if !c.down {
+		return false, 0
+	}
+	downFor = now.Sub(c.since)
+	c.down, c.probing, c.failures = false, false, 0
+	c.prober = nil
+	c.wake.stop()
+	return true, downFor
+}
+
+// probeEnded records the end of the probe. failed: the server did not
+// answer it, and the next one waits longer; otherwise (its caller gave up
+// first) the next one may start at once.
+func (c *circuit) probeEnded(now time.Time, failed bool) {
+	c.probing = false
+	if c.down && failed {
+		c.failures++
+		c.probeAt = now.Add(probeBackoff(c.failures))
+	}
+}
+
+// probeDue reports whether a probe may start at now: the server is down,
+// none is under way, and the backoff has passed.
+func (c *circuit) probeDue(now time.Time) bool {
+	return c.down && !c.probing && !now.Before(c.probeAt)
+}
+
+// armProbe arms the timer for the next probe, if one is to start. The
+// probe starts on the timer even when it is due now, so that it never runs
+// inside a walk of the queues that made it due.
+func (c *circuit) armProbe(clk clock, now time.Time) {
+	if !c.down || c.probing {
+		return
+	}
+	at := c.probeAt
+	if at.Before(now) {
+		at = now
+	}
+	c.wake.arm(clk, at, now)
 }
 
 // Probe backoff: the first probe follows the failure that marked the
@@ -98,172 +139,9 @@ func probeBackoff(failures int) time.Duration {
 // gets ten times its average (hungDialAfterLocked).
 const defaultHungDialAfter = 250 * time.Millisecond
 
-// hungDialAfterLocked is how long a dial to s may run before s counts as
-// not answering.
-func (b *budget) hungDialAfterLocked(s *server) time.Duration {
-	d := b.hungDialAfter
-	if s != nil {
-		d = max(d, 10*s.dialTime.duration())
-	}
-	return d
-}
-
 // errNotAnswering is what a server that accepted a connection and did not
 // answer is down for.
 var errNotAnswering = errors.New("the server accepted the connection and did not answer")
-
-// serverLocked returns the circuit of key, made on first use.
-// serverKeyLocked returns the server a DSN's host and port count against:
-// the one Config.ServerAliases names for it, or itself.
-func (b *budget) serverKeyLocked(k serverKey) serverKey {
-	if len(b.aliases) == 0 {
-		return k
-	}
-	to, ok := b.aliases[net.JoinHostPort(k.host, strconv.Itoa(int(k.port)))]
-	if !ok {
-		return k
-	}
-	host, port, _ := net.SplitHostPort(to) // checked by Config.normalize
-	p, _ := strconv.ParseUint(port, 10, 16)
-	return serverKey{host: host, port: uint16(p)}
-}
-
-func (b *budget) serverLocked(key serverKey) *server {
-	s := b.servers[key]
-	if s == nil {
-		s = &server{key: key, label: net.JoinHostPort(key.host, strconv.Itoa(int(key.port)))}
-		s.max = b.serverLimitLocked(s.label)
-		s.limit = s.max
-		s.pace.slots = initialDialSlots
-		s.wake.fn = func() { b.probeDue(s) }
-		b.servers[key] = s
-	}
-	s.refs++
-	return s
-}
-
-// releaseServerLocked drops d's reference to its server, and the server's
-// state once no database uses it.
-func (b *budget) releaseServerLocked(d *database) {
-	s := d.srv
-	if s == nil {
-		return
-	}
-	d.srv = nil
-	s.refs--
-	// A server with a fleet budget is kept: its coordination session and
-	// leases outlive its databases until the driver closes.
-	if s.refs == 0 && b.servers[s.key] == s && s.fleet == nil {
-		s.wake.stop()
-		delete(b.servers, s.key)
-	}
-}
-
-// down reports whether d's server is down: its callers wait for the probe
-// instead of dialing.
-func (d *database) serverDown() bool { return d.srv != nil && d.srv.down }
-
-// markDownLocked records that a dial found s down. The callers that were to
-// dial go back to waiting in their database's queue, and the first probe is
-// scheduled.
-func (b *budget) markDownLocked(s *server, now time.Time, cause error) {
-	s.lastErr = cause
-	if s.down {
-		return
-	}
-	s.down, s.since, s.failures = true, now, 0
-	s.outages++
-	for w := s.queue.front; w != nil; {
-		next := s.queue.next(w)
-		b.unseekLocked(w)
-		w = next
-	}
-	s.probeAt = now.Add(probeBackoff(0))
-	b.armProbeLocked(s, now)
-}
-
-// markUpLocked records that s answered: every database of s with callers
-// waiting goes back to the wait-or-dial decision.
-func (b *budget) markUpLocked(s *server, now time.Time) (downFor time.Duration) {
-	if !s.down {
-		return 0
-	}
-	downFor = now.Sub(s.since)
-	s.down, s.probing, s.failures = false, false, 0
-	if s.prober != nil {
-		// Still seeking a token: it stays in the budget's queue as any
-		// caller that is to dial.
-		s.prober = nil
-	}
-	s.wake.stop()
-	for d := range b.dbs {
-		if d.srv == s && d.waiters.len > 0 {
-			b.growLocked(d)
-		}
-	}
-	return downFor
-}
-
-// probeEndedLocked records the end of s's probe. failed: the server did not
-// answer it, and the next one waits longer; otherwise (its caller gave up
-// first) the next one may start at once.
-func (b *budget) probeEndedLocked(s *server, now time.Time, failed bool) {
-	s.probing = false
-	if !s.down {
-		return
-	}
-	if failed {
-		s.failures++
-		s.probeAt = now.Add(probeBackoff(s.failures))
-	}
-	b.armProbeLocked(s, now)
-}
-
-// armProbeLocked arms s's timer for its next probe. The probe itself starts
-// on the timer even when it is due now, so that it never runs inside a walk
-// of the queues that made it due.
-func (b *budget) armProbeLocked(s *server, now time.Time) {
-	if b.closed || !s.down || s.probing {
-		return
-	}
-	at := s.probeAt
-	if at.Before(now) {
-		at = now
-	}
-	s.wake.arm(b.clock, at, now)
-}
-
-// startProbeLocked lets the oldest caller waiting on down server s dial, if
-// no probe is under way and its backoff has passed. It returns whether one
-// started.
-func (b *budget) startProbeLocked(s *server, now time.Time) bool {
-	if !s.down || s.probing || b.closed {
-		return false
-	}
-	if now.Before(s.probeAt) {
-		b.armProbeLocked(s, now)
-		return false
-	}
-	var oldest *waiter
-	for d := range b.dbs {
-		if d.srv != s || d.waiters.len == 0 {
-			continue
-		}
-		w := d.waiters.front
-		if d.open-d.closing+d.seeking >= b.capLocked(d) {
-			continue // at its cap: it waits for a backend of its own
-		}
-		if oldest == nil || w.since.Before(oldest.since) {
-			oldest = w
-		}
-	}
-	if oldest == nil {
-		return false // the next caller to queue starts it
-	}
-	s.probing, s.prober = true, oldest
-	b.seekLocked(oldest)
-	return true
-}
 
 // classifyDialError sorts a failed dial: refused for lack of slots (the
 // driver retries), the server unreachable or not accepting connections

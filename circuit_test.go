@@ -259,16 +259,16 @@ func newCircuitRig(t *testing.T) *circuitRig {
 	return r
 }
 
-func (r *circuitRig) db(name string) *database {
+func (r *circuitRig) db(name string) *backendPool {
 	b := r.b
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return addDatabaseLocked(b, serverKey{host: "db.example", port: 5432}, name, name, 0, time.Time{})
+	return addPoolLocked(b, serverKey{host: "db.example", port: 5432}, name, name, 0, time.Time{})
 }
 
 // queue takes a checkout of d that finds no idle backend, and runs its
 // await in a goroutine.
-func (r *circuitRig) queue(d *database, ctx context.Context) (*waiter, chan awaited) {
+func (r *circuitRig) queue(d *backendPool, ctx context.Context) (*waiter, chan awaited) {
 	be, w, err := r.b.take(d, r.clk.Now(), nil)
 	require.NoError(r.t, err)
 	require.Nil(r.t, be)
@@ -317,7 +317,7 @@ func (r *circuitRig) dialing() int {
 	defer r.b.mu.Unlock()
 	n := 0
 	for _, s := range r.b.servers {
-		n += s.dialing
+		n += s.ledger.dialing
 	}
 	return n
 }
@@ -330,11 +330,12 @@ type circuitState struct {
 	outages, failed uint64
 }
 
-func (r *circuitRig) server(d *database) circuitState {
+func (r *circuitRig) server(d *backendPool) circuitState {
 	r.b.mu.Lock()
 	defer r.b.mu.Unlock()
 	s := d.srv
-	return circuitState{label: s.label, down: s.down, probing: s.probing, failures: s.failures, outages: s.outages, failed: s.failed}
+	c := &s.circuit
+	return circuitState{label: s.label, down: c.down, probing: c.probing, failures: c.failures, outages: c.outages, failed: c.failed}
 }
 
 // TestCircuitOneProbeAtATime checks the circuit's decisions on a manual
@@ -456,5 +457,39 @@ func TestCircuitDeadlineWhileDown(t *testing.T) {
 	require.Equal(t, uint64(1), r.server(d1).failed)
 	r.check()
 	r.b.dialFailed(probe.tok, dialOther, context.DeadlineExceeded)
+	r.check()
+}
+
+// TestCircuitOpensBeforeTheTokenReturns: a dial refused before it opened a
+// socket gives its token back at once. The circuit must see the refusal
+// first: the token went to the next caller in line, of another database,
+// which dialed the server just found down instead of waiting for the probe
+// (found by the architecture split, #21).
+func TestCircuitOpensBeforeTheTokenReturns(t *testing.T) {
+	r := newCircuitRig(t)
+	ctx := context.Background()
+	var held []*backend
+	for _, name := range []string{"c1", "c2", "c3"} { // 3 of the 4 tokens, busy
+		_, ch := r.queue(r.db(name), ctx)
+		got := <-ch
+		require.NotNil(t, got.tok)
+		held = append(held, r.b.dialed(got.tok, &backend{}, time.Millisecond))
+	}
+	_, a := r.queue(r.db("a"), ctx)
+	got := <-a
+	require.NotNil(t, got.tok, "the last token")
+	wb, _ := r.queue(r.db("b"), ctx)
+	require.False(t, r.served(wb), "the budget is full and nothing is idle")
+	require.True(t, locked(r.b, wb.seeking))
+
+	refused := &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}
+	r.b.dialFailed(got.tok, dialDown, refused)
+	require.True(t, r.server(wb.db).down)
+	require.False(t, r.served(wb), "b waits for the probe, not a token to dial a server found down")
+	require.Zero(t, r.dialing())
+	r.check()
+	for _, be := range held {
+		r.b.checkin(be)
+	}
 	r.check()
 }

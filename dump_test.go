@@ -15,15 +15,17 @@ func (d *Driver) dumpState() string {
 	now := time.Now()
 	fmt.Fprintf(&sb, "open %d waiting %d reapArmed %v dialTime %s\n", b.open, b.waiting, b.reaper.armed, b.dialTime.duration())
 	for _, s := range b.servers {
+		l := &s.ledger
 		fmt.Fprintf(&sb, " server %s limit %d reserved %d shared %d open %d dialing %d inUse %d idle %d closing %d seeking %d\n",
-			s.label, s.limit, s.reserved, s.sharedInUse, s.open, s.dialing, s.inUse, s.idle, s.closing, s.queue.len)
+			s.label, l.limit, l.reserved, l.sharedInUse, l.open, l.dialing, l.inUse, l.idle, l.closing, s.queue.len)
 		for w := s.queue.front; w != nil; w = s.queue.next(w) {
 			fmt.Fprintf(&sb, "  seeker %s age %s claim %v\n", w.db.workspace, now.Sub(w.since), w.claim != nil)
 		}
-	}
-	for x := range b.dbs {
-		fmt.Fprintf(&sb, "  db %s open %d dialing %d inUse %d idle %d closing %d waiters %d seeking %d refs %d listed %v protected %v useTime %s\n",
-			x.workspace, x.open, x.dialing, x.inUse, x.idle, x.closing, x.waiters.len, x.seeking, x.refs, x.lru.listed, x.protected, x.useTime.duration())
+		for x := s.pools.front; x != nil; x = s.pools.next(x) {
+			t := &x.tokens
+			fmt.Fprintf(&sb, "  pool %s open %d dialing %d inUse %d idle %d closing %d waiters %d seeking %d refs %d listed %v protected %v useTime %s\n",
+				x.workspace, t.open, t.dialing, t.inUse, t.idle, t.closing, x.waiters.len, x.waiters.seeking, x.refs, x.lru.listed, x.protected, x.growth.useTime.duration())
+		}
 	}
 	return sb.String()
 }

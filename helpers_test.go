@@ -180,23 +180,28 @@ const (
 	pollEvery = 2 * time.Millisecond
 )
 
-// addDatabaseLocked registers a database in b as register would, without a
-// DSN, holding idle backends last checked in at at (a server-free budget's
+// addPoolLocked registers a pool in b as register would, without a DSN,
+// holding idle backends last checked in at at (a server-free budget's
 // world, for the manual-clock tests and the benchmarks).
-func addDatabaseLocked(b *budget, srv serverKey, name, workspace string, idle int, at time.Time) *database {
-	d := &database{name: name, workspace: workspace, refs: 1, srv: b.serverLocked(srv)}
-	b.dbs[d] = struct{}{}
+func addPoolLocked(b *budget, srv serverKey, name, workspace string, idle int, at time.Time) *backendPool {
+	p := &backendPool{name: name, workspace: workspace, refs: 1, srv: b.serverLocked(srv)}
+	p.srv.pools.pushBack(p)
 	for range idle {
-		b.takeLocked(d)
-		be := &backend{db: d, tok: &token{db: d}, created: at, state: backendIdle, idleSince: at}
-		d.idleBackends.pushFront(be)
-		d.idle++
-		d.srv.idle++
+		addIdleLocked(b, p, at)
 	}
-	if idle > 0 {
-		d.srv.recency.touchLocked(d)
-	}
-	return d
+	return p
+}
+
+// addIdleLocked gives p an idle backend, as if dialed and checked in at at.
+func addIdleLocked(b *budget, p *backendPool, at time.Time) *backend {
+	s := p.srv
+	b.takeLocked(p)
+	s.ledger.dialed(&p.tokens)
+	s.ledger.park(&p.tokens)
+	be := &backend{db: p, tok: &token{db: p}, created: at, state: backendIdle, idleSince: at}
+	p.idleBackends.pushFront(be)
+	s.recency.touch(p)
+	return be
 }
 
 // readLoad starts workers that read a row from dbs in turn, each read with

@@ -2,56 +2,60 @@ package tenantpg
 
 import "time"
 
-// The eviction policy: segmented recency (SLRU) over databases with idle
-// backends. A database one of whose backends was reused (checked out from
+// The eviction policy: segmented recency (SLRU) over pools with idle
+// backends. A pool one of whose backends was reused (checked out from
 // idle, or passed from one caller straight to the next) is protected, and
-// databases on probation, which got backends and have not reused one, are
+// pools on probation, which got backends and have not reused one, are
 // evicted first. A long tail of workspaces each seen once then cycles
 // through probation instead of evicting the backends hot workspaces reuse;
 // the protected segment is bounded, so a workspace that cooled off is
 // demoted and evicted in turn.
 //
-// Only databases with idle backends are in the lists, so choosing a victim
-// is bounded by the budget, not by the number of databases, and usually
-// stops at the first. Every method is called with budget.mu held.
+// Only pools with idle backends are in the lists, so choosing a victim is
+// bounded by the budget, not by the number of pools, and usually stops at
+// the first. The policy decides which backend to close; the budget closes
+// it (checkout.go, checkin.go).
 //
-// A database that grows (it holds a backend and wants another) takes only
-// a spare backend when the budget is full: an idle one of a database that
-// holds at least one more, idle for spareIdleAfter (victimForLocked).
-// Evicting a database's last backend costs it a dial when it is next
+// A pool that grows (it holds a backend and wants another) takes only
+// a spare backend when the budget is full: an idle one of a pool that
+// holds at least one more, idle for spareIdleAfter (victimFor).
+// Evicting a pool's last backend costs it a dial when it is next
 // used, and in a budget that holds every active workspace's backend that
 // is soon: hot workspaces growing to their cap by evicting the only
 // backend of colder ones made those dial again and again (BENCHMARKS.md,
 // "Fits in the budget": 2,800 evictions in 10 s, a fifth of the ceiling).
 // The grower's callers are served by its own backends meanwhile. A
-// database with no backend (a miss) takes a spare backend too if there is
+// pool with no backend (a miss) takes a spare backend too if there is
 // one, and otherwise the least recently used idle one: it cannot be served
 // otherwise. The spare lists hold, in the same order as the segment lists,
-// the listed databases with two or more live backends, so that a spare
+// the listed pools with two or more live backends, so that a spare
 // victim is found without a scan.
+//
+// slru is one server's eviction order. Guarded by budget.mu; never locks,
+// never blocks, holds no *budget.
 type slru struct {
 	// Most recently used first; probation is evicted before protected.
-	probation list[database, dbInRecency]
-	protected list[database, dbInRecency]
-	// The databases of probation and protected, in the same order, whose
+	probation list[backendPool, poolInRecency]
+	protected list[backendPool, poolInRecency]
+	// The pools of probation and protected, in the same order, whose
 	// idle backends are not their last live one (open - closing >= 2).
-	spareProbation list[database, dbSpare]
-	spareProtected list[database, dbSpare]
-	// protectedOpen is Σ db.open over protected databases; above
-	// protectedLimit the least recently used protected database is demoted.
+	spareProbation list[backendPool, poolSpare]
+	spareProtected list[backendPool, poolSpare]
+	// protectedOpen is Σ open over protected pools; above
+	// protectedLimit the least recently used protected pool is demoted.
 	protectedOpen int
 }
 
-type dbInRecency struct{}
+type poolInRecency struct{}
 
-func (dbInRecency) links(d *database) *links[database] { return &d.lru }
+func (poolInRecency) links(d *backendPool) *links[backendPool] { return &d.lru }
 
-type dbSpare struct{}
+type poolSpare struct{}
 
-func (dbSpare) links(d *database) *links[database] { return &d.spare }
+func (poolSpare) links(d *backendPool) *links[backendPool] { return &d.spare }
 
 // segmentOf returns the list d belongs in.
-func (s *slru) segmentOf(d *database) *list[database, dbInRecency] {
+func (s *slru) segmentOf(d *backendPool) *list[backendPool, poolInRecency] {
 	if d.protected {
 		return &s.protected
 	}
@@ -59,7 +63,7 @@ func (s *slru) segmentOf(d *database) *list[database, dbInRecency] {
 }
 
 // spareOf returns the spare list d belongs in.
-func (s *slru) spareOf(d *database) *list[database, dbSpare] {
+func (s *slru) spareOf(d *backendPool) *list[backendPool, poolSpare] {
 	if d.protected {
 		return &s.spareProtected
 	}
@@ -67,10 +71,10 @@ func (s *slru) spareOf(d *database) *list[database, dbSpare] {
 }
 
 // hasSpare reports whether an idle backend of d would not be its last.
-func hasSpare(d *database) bool { return d.open-d.closing >= 2 }
+func hasSpare(d *backendPool) bool { return d.tokens.live() >= 2 }
 
-// touchLocked moves d, which has idle backends, to the front of its segment.
-func (s *slru) touchLocked(d *database) {
+// touch moves d, which has idle backends, to the front of its segment.
+func (s *slru) touch(d *backendPool) {
 	l := s.segmentOf(d)
 	if d.lru.listed {
 		l.moveToFront(d)
@@ -78,10 +82,10 @@ func (s *slru) touchLocked(d *database) {
 		l.pushFront(d)
 	}
 	// The front of both lists, so the spare list keeps the segment's order.
-	// The listed checks spare the common case, a database with one backend,
+	// The listed checks spare the common case, a pool with one backend,
 	// a call into the list: list methods are not inlined, and each of
 	// their links lookups is an indirect call through the generic
-	// dictionary (BenchmarkEvictionDecision at 10 databases: 32.1 ns
+	// dictionary (BenchmarkEvictionDecision at 10 pools: 32.1 ns
 	// without these checks, 27.0 with them, 24.4 before the spare lists).
 	switch {
 	case hasSpare(d) && d.spare.listed:
@@ -93,46 +97,65 @@ func (s *slru) touchLocked(d *database) {
 	}
 }
 
-// removeLocked takes d, which has no idle backend left, out of the lists.
-func (s *slru) removeLocked(d *database) {
+// remove takes d, which has no idle backend left, out of the lists.
+func (s *slru) remove(d *backendPool) {
 	s.segmentOf(d).remove(d)
 	if d.spare.listed {
 		s.spareOf(d).remove(d)
 	}
 }
 
-// liveDroppedLocked takes d out of the spare list once its live backends
+// liveDropped takes d out of the spare list once its live backends
 // dropped below two (one closing, or a dial's token returned). Live
 // backends only grow while d has no idle one (a dial is for a waiter, and a
-// database with waiters has no idle backend), so d never joins the list
+// pool with waiters has no idle backend), so d never joins the list
 // other than at the front, when touched.
-func (s *slru) liveDroppedLocked(d *database) {
+func (s *slru) liveDropped(d *backendPool) {
 	if d.spare.listed && !hasSpare(d) {
 		s.spareOf(d).remove(d)
 	}
 }
 
-// reusedLocked records a hit: a backend of d was used again. A database on
+// took counts a token taken by d (protectedOpen).
+func (s *slru) took(d *backendPool) {
+	if d.protected {
+		s.protectedOpen++
+	}
+}
+
+// gave counts a token d gave back. A protected pool left without a backend
+// is out of the cache: when it gets one again it starts on probation.
+func (s *slru) gave(d *backendPool) {
+	if d.protected {
+		s.protectedOpen--
+		if d.tokens.open == 0 {
+			d.protected = false
+		}
+	}
+	s.liveDropped(d)
+}
+
+// reused records a hit: a backend of d was used again. A pool on
 // probation is promoted; when that makes the protected segment hold more
-// than its share of the budget, the least recently used protected database
+// than its share of the budget, the least recently used protected pool
 // with idle backends goes back on probation.
-func (s *slru) reusedLocked(d *database) {
+func (s *slru) reused(d *backendPool, limit int) {
 	if !d.protected {
 		if d.lru.listed {
 			s.probation.remove(d)
 			if d.spare.listed {
-				s.spareProbation.remove(d) // touchLocked lists it again
+				s.spareProbation.remove(d) // touch lists it again
 			}
 		}
 		d.protected = true
-		s.protectedOpen += d.open
-		// One demotion per promotion, as in SLRU: databases whose backends
+		s.protectedOpen += d.tokens.open
+		// One demotion per promotion, as in SLRU: pools whose backends
 		// are all busy count but cannot be demoted, and demoting until
 		// under the limit could empty the segment.
-		if x := s.protected.back; x != nil && s.protectedOpen > protectedLimit(d.srv.limit) {
+		if x := s.protected.back; x != nil && s.protectedOpen > protectedLimit(limit) {
 			s.protected.remove(x)
 			x.protected = false
-			s.protectedOpen -= x.open
+			s.protectedOpen -= x.tokens.open
 			s.probation.pushFront(x)
 			if x.spare.listed {
 				s.spareProtected.remove(x)
@@ -141,23 +164,23 @@ func (s *slru) reusedLocked(d *database) {
 		}
 	}
 	if d.idleBackends.len > 0 {
-		s.touchLocked(d)
+		s.touch(d)
 	}
 }
 
 // protectedLimit is the protected segment's share of the budget: 80%, the
-// usual SLRU split; on a Zipf(1.1) trace over 400 databases it measured
+// usual SLRU split; on a Zipf(1.1) trace over 400 pools it measured
 // 58% hits with 20 slots where plain LRU measured 48%.
 func protectedLimit(limit int) int { return max(1, limit*4/5) }
 
-// victimLocked returns the idle backend to close to free a shared token:
-// the longest-idle backend of the least recently used database, probation
-// first. It skips databases whose backends all sit within their
+// victim returns the idle backend to close to free a shared token:
+// the longest-idle backend of the least recently used pool, probation
+// first. It skips pools whose backends all sit within their
 // reservation, as closing one would free no shared token.
-func (s *slru) victimLocked() *backend {
-	for _, l := range [2]*list[database, dbInRecency]{&s.probation, &s.protected} {
+func (s *slru) victim() *backend {
+	for _, l := range [2]*list[backendPool, poolInRecency]{&s.probation, &s.protected} {
 		for x := l.back; x != nil; x = l.prev(x) {
-			if x.open-x.closing > x.reserved {
+			if x.tokens.live() > x.tokens.reserved {
 				return x.idleBackends.back
 			}
 		}
@@ -165,32 +188,32 @@ func (s *slru) victimLocked() *backend {
 	return nil
 }
 
-// victimForLocked returns the idle backend to close so that a caller of d
+// victimFor returns the idle backend to close so that a caller of d
 // can dial at now: a spare one first, the longest-idle backend of the least
-// recently used database that keeps another live backend, since closing
-// it costs no database a dial now. Failing that, a miss (d holds no live
-// backend) takes victimLocked's, which its callers cannot do without.
+// recently used pool that keeps another live backend, since closing
+// it costs no pool a dial now. Failing that, a miss (d holds no live
+// backend) takes victim's, which its callers cannot do without.
 //
 // Spare first for a miss too: in a budget that holds every active
-// database's backend, a miss that closes another's last backend makes that
-// one miss in turn, where taking a spare one leaves every database one
+// pool's backend, a miss that closes another's last backend makes that
+// one miss in turn, where taking a spare one leaves every pool one
 // (with the step, the W=60 runs' evictions fell from hundreds to tens, on
 // a noisy machine; BENCHMARKS.md).
 //
 // Growth takes a spare backend only once it has been idle for
 // spareIdleAfter, and takes no last backend: d's callers wait for its own
-// backends meanwhile. A spare backend idle for less is one its database's
+// backends meanwhile. A spare backend idle for less is one its pool's
 // callers use now and then, which would dial it back as soon as their
-// waits added up to a dial. That hot databases took each other's spare
+// waits added up to a dial. That hot pools took each other's spare
 // backends in turn is an inference (the evictions left grew with the
 // run's throughput and the idle age removed them); it was not isolated.
-// Only the least recently used spare database's is looked at, so the
+// Only the least recently used spare pool's is looked at, so the
 // choice stays O(1).
-func (s *slru) victimForLocked(d *database, now time.Time) *backend {
-	miss := d.open-d.closing == 0
-	for _, l := range [2]*list[database, dbSpare]{&s.spareProbation, &s.spareProtected} {
+func (s *slru) victimFor(d *backendPool, now time.Time) *backend {
+	miss := d.tokens.live() == 0
+	for _, l := range [2]*list[backendPool, poolSpare]{&s.spareProbation, &s.spareProtected} {
 		for x := l.back; x != nil; x = l.prev(x) {
-			if x.open-x.closing > x.reserved {
+			if x.tokens.live() > x.tokens.reserved {
 				if v := x.idleBackends.back; miss || now.Sub(v.idleSince) >= spareIdleAfter {
 					return v
 				}
@@ -199,22 +222,22 @@ func (s *slru) victimForLocked(d *database, now time.Time) *backend {
 		}
 	}
 	if miss {
-		return s.victimLocked()
+		return s.victim()
 	}
 	return nil
 }
 
 // spareIdleAfter is how long a spare backend must have been idle before a
-// database that grows may take it: the horizon over which the grower's own
-// need is judged (waitDebtDecay), so that a backend its database did not
+// pool that grows may take it: the horizon over which the grower's own
+// need is judged (waitDebtDecay), so that a backend its pool did not
 // use over that horizon goes to one whose callers did wait. Only this
 // value (1s) was measured.
 const spareIdleAfter = waitDebtDecay
 
-// eachLocked calls fn for every database with idle backends in eviction
+// each calls fn for every pool with idle backends in eviction
 // order. fn may evict them.
-func (s *slru) eachLocked(fn func(*database)) {
-	for _, l := range [2]*list[database, dbInRecency]{&s.probation, &s.protected} {
+func (s *slru) each(fn func(*backendPool)) {
+	for _, l := range [2]*list[backendPool, poolInRecency]{&s.probation, &s.protected} {
 		for x := l.back; x != nil; {
 			prev := l.prev(x)
 			fn(x)

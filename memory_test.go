@@ -98,7 +98,7 @@ func TestWorkspacesOpenedOnceDoNotGrowTheHeap(t *testing.T) {
 		heaps = append(heaps, heapInUse())
 	}
 	drv.b.mu.Lock()
-	states := len(drv.b.dbs)
+	states := len(drv.b.poolsLocked())
 	drv.b.mu.Unlock()
 	require.Zero(t, states, "every closed workspace is forgotten")
 	// After the first round (lazily built pools, caches) the heap must not

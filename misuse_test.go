@@ -100,7 +100,7 @@ func TestDBCloseWhileQueriesRun(t *testing.T) {
 	require.Eventually(t, func() bool { return dbStats(e.drv.Stats(), "ws0").Open == 0 }, e2eWait, pollEvery)
 	e.requireQuiescent()
 	e.drv.b.mu.Lock()
-	for d := range e.drv.b.dbs {
+	for _, d := range e.drv.b.poolsLocked() {
 		require.NotEqual(t, "ws0", d.workspace, "a closed *sql.DB with no connection leaves no state")
 	}
 	e.drv.b.mu.Unlock()
@@ -188,7 +188,7 @@ func TestDoubleCloses(t *testing.T) {
 	require.Eventually(t, func() bool { return e.drv.Stats().Open == 0 && e.backends() == 0 }, e2eWait, pollEvery)
 	e.requireQuiescent()
 	e.drv.b.mu.Lock()
-	require.Empty(t, e.drv.b.dbs)
+	require.Empty(t, e.drv.b.poolsLocked())
 	e.drv.b.mu.Unlock()
 	require.NoError(t, e.drv.Close())
 	require.NoError(t, e.drv.Close())

@@ -290,12 +290,12 @@ func (m *metrics) observe(o metric.Observer, b *budget) {
 	}
 	o.ObserveInt64(m.budgetWaiters, int64(s.waiting), m.driverOpt)
 	for r := reasonNone + 1; r < numReasons; r++ {
-		o.ObserveInt64(m.budgetEvictions, int64(s.evictions[r]), m.reasonOpts[r])
+		o.ObserveInt64(m.budgetEvictions, int64(s.counters.evictions[r]), m.reasonOpts[r])
 	}
 	for k := dialErrorKind(0); k < numDialErrorKinds; k++ {
-		o.ObserveInt64(m.budgetDialErrors, int64(s.dialErrors[k]), m.dialOpts[k])
+		o.ObserveInt64(m.budgetDialErrors, int64(s.counters.dialErrors[k]), m.dialOpts[k])
 	}
-	o.ObserveInt64(m.budgetExhausted, int64(s.exhausted), m.driverOpt)
+	o.ObserveInt64(m.budgetExhausted, int64(s.counters.exhausted), m.driverOpt)
 	for _, x := range s.servers {
 		opts := m.serverOpts(x.srv)
 		down := int64(0)
@@ -329,7 +329,7 @@ func (m *metrics) observe(o metric.Observer, b *budget) {
 			o.ObserveInt64(m.fleetFailures, int64(f.Failures), opts.base)
 		}
 	}
-	o.ObserveInt64(m.budgetLeaks, int64(s.leaks), m.driverOpt)
+	o.ObserveInt64(m.budgetLeaks, int64(s.counters.leaks), m.driverOpt)
 }
 
 func (m *metrics) close() {

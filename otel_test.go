@@ -240,7 +240,7 @@ func TestMetricsCardinalityIsBounded(t *testing.T) {
 			old := open[0]
 			open = open[1:]
 			b.mu.Lock()
-			b.giveLocked(old.db)
+			b.giveLocked(old.db, backendDialing)
 			b.mu.Unlock()
 			require.NoError(t, old.Close())
 		}
@@ -256,7 +256,7 @@ func TestMetricsCardinalityIsBounded(t *testing.T) {
 	require.Equal(t, budget, maxSeries)
 	for _, c := range open {
 		b.mu.Lock()
-		b.giveLocked(c.db)
+		b.giveLocked(c.db, backendDialing)
 		b.mu.Unlock()
 		require.NoError(t, c.Close())
 	}
@@ -264,7 +264,7 @@ func TestMetricsCardinalityIsBounded(t *testing.T) {
 	require.Empty(t, got.pools("db.client.connection.count"))
 	require.Empty(t, got.pools("db.client.connection.max"))
 	b.mu.Lock()
-	require.Empty(t, b.dbs, "no per-database state is kept for quiet, closed databases")
+	require.Empty(t, b.poolsLocked(), "no per-database state is kept for quiet, closed databases")
 	b.mu.Unlock()
 
 	// Driver.Close unregisters the callback: the budget stops reporting.

@@ -39,7 +39,9 @@ const paceWindow = time.Second
 // a floor of 8 1.39x and 1.34x (one run each; BENCHMARKS.md).
 const minDialSlots = initialDialSlots
 
-// pacer is a server's dial pacing state; guarded by budget.mu.
+// pacer is a server's dial pacing state. Guarded by budget.mu; never
+// locks, never blocks, holds no *budget. A dial may start while
+// server.dialSlotFree.
 type pacer struct {
 	slots int    // dials allowed at once, claims included
 	good  int    // dials near the baseline since slots last changed
@@ -50,8 +52,9 @@ type pacer struct {
 	winMin, prevMin time.Duration
 }
 
-// dialedLocked adjusts the slots after a successful dial of t that took took.
-func (p *pacer) dialedLocked(t *token, took time.Duration, limit int, now time.Time) {
+// dialed adjusts the slots after a successful dial that took took, granted
+// in the pacer's epoch epoch, within a budget of limit.
+func (p *pacer) dialed(epoch uint64, took time.Duration, limit int, now time.Time) {
 	switch since := now.Sub(p.winStart); {
 	case since >= 2*paceWindow:
 		p.winStart, p.winMin, p.prevMin = now, took, 0
@@ -66,7 +69,7 @@ func (p *pacer) dialedLocked(t *token, took time.Duration, limit int, now time.T
 	}
 	switch {
 	case took > 2*base:
-		if t.paceEpoch == p.epoch {
+		if epoch == p.epoch { // a dial granted before the last cut says nothing of the new count
 			p.slots = max(minDialSlots, min(p.slots, limit)/2)
 			p.epoch++
 			p.good = 0
@@ -78,20 +81,5 @@ func (p *pacer) dialedLocked(t *token, took time.Duration, limit int, now time.T
 				p.slots++
 			}
 		}
-	}
-}
-
-// dialSlotFreeLocked reports whether another caller may start a dial to s,
-// or an eviction for one.
-func (s *tokens) dialSlotFreeLocked() bool {
-	return s.dialing+s.claims < min(s.pace.slots, s.limit)
-}
-
-// dropClaimLocked takes back the token w was promised, if any.
-func (b *budget) dropClaimLocked(w *waiter) {
-	if w.claim != nil {
-		w.claim.claim = nil
-		w.claim = nil
-		w.db.srv.claims--
 	}
 }

@@ -87,7 +87,7 @@ func TestPoolHandsOverAndClosesWhenUnused(t *testing.T) {
 	require.Eventually(t, func() bool { return e.drv.Stats().Open == 0 && e.backends() == 0 }, e2eWait, pollEvery)
 	require.Equal(t, uint64(1), e.drv.Stats().Evictions["unused"])
 	e.drv.b.mu.Lock()
-	require.Empty(t, e.drv.b.dbs)
+	require.Empty(t, e.drv.b.poolsLocked())
 	e.drv.b.mu.Unlock()
 }
 

@@ -135,7 +135,7 @@ func TestAbandonedRoutedHandlesAreReclaimed(t *testing.T) {
 	require.Contains(t, routed, WorkspacePlaceholder)
 	leakHandles(t, ctx, e.drv, routed)
 	require.Equal(t, 2, e.drv.Stats().InUse)
-	require.Equal(t, 2, locked(e.drv.b, func() int { return e.drv.b.strays }))
+	require.Equal(t, 2, locked(e.drv.b, func() int { return e.drv.b.strays.count }))
 
 	other, err := e.drv.OpenDB(routed)
 	require.NoError(t, err)
@@ -144,7 +144,7 @@ func TestAbandonedRoutedHandlesAreReclaimed(t *testing.T) {
 	require.NoError(t, other.QueryRowContext(ctx, "SELECT count(*) FROM kv").Scan(&n))
 	require.Equal(t, 10, n)
 	require.Equal(t, uint64(2), e.drv.Stats().Evictions["abandoned"])
-	require.Zero(t, locked(e.drv.b, func() int { return e.drv.b.strays }))
+	require.Zero(t, locked(e.drv.b, func() int { return e.drv.b.strays.count }))
 	e.requireQuiescent()
 }
 
@@ -173,7 +173,7 @@ func TestAbandonedHandlesAreReclaimed(t *testing.T) {
 	require.Equal(t, 2, s.InUse, "the leaked Rows and Conn hold the budget")
 	require.Equal(t, 2, s.Open)
 	e.drv.b.mu.Lock()
-	require.Equal(t, 2, e.drv.b.strays, "their handles outlive their *sql.DB")
+	require.Equal(t, 2, e.drv.b.strays.count, "their handles outlive their *sql.DB")
 	e.drv.b.mu.Unlock()
 
 	other := e.open(0)
@@ -198,7 +198,7 @@ func TestAbandonedHandlesAreReclaimed(t *testing.T) {
 	}
 	require.NotContains(t, logs.all(), testPassword)
 	e.drv.b.mu.Lock()
-	require.Zero(t, e.drv.b.strays)
+	require.Zero(t, e.drv.b.strays.count)
 	e.drv.b.mu.Unlock()
 	e.requireQuiescent()
 }
@@ -240,7 +240,7 @@ func TestLeakThresholdLogsHeldConnOnce(t *testing.T) {
 
 	// Once: the held backend is no longer watched, and nothing else is.
 	e.drv.b.mu.Lock()
-	watched := e.drv.b.watched.len
+	watched := e.drv.b.watch.watched.len
 	e.drv.b.mu.Unlock()
 	require.Zero(t, watched)
 	require.Equal(t, uint64(1), e.drv.Stats().SuspectedLeaks)
@@ -266,18 +266,18 @@ func TestLeakThresholdOffCapturesNothing(t *testing.T) {
 	b := e.drv.b
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	for d := range b.dbs {
+	for _, d := range b.poolsLocked() {
 		for be := d.busy.front; be != nil; be = d.busy.next(be) {
 			require.Nil(t, be.stack)
 		}
 	}
-	require.Zero(t, b.watched.len)
-	require.False(t, b.leakCheck.armed)
+	require.Zero(t, b.watch.watched.len)
+	require.False(t, b.watch.timer.armed)
 }
 
 // newManualBudget is a budget without a server on the state machine's
 // manual clock, with one database holding n idle backends.
-func newManualBudget(t *testing.T, cfg Config, n int) (*budget, *smClock, *database) {
+func newManualBudget(t *testing.T, cfg Config, n int) (*budget, *smClock, *backendPool) {
 	t.Helper()
 	cfg, err := cfg.normalize()
 	require.NoError(t, err)
@@ -285,13 +285,13 @@ func newManualBudget(t *testing.T, cfg Config, n int) (*budget, *smClock, *datab
 	b := newBudget(cfg, clk, nopIO{})
 	t.Cleanup(b.close)
 	b.mu.Lock()
-	d := addDatabaseLocked(b, serverKey{}, "db", "ws", n, smEpoch)
+	d := addPoolLocked(b, serverKey{}, "db", "ws", n, smEpoch)
 	b.mu.Unlock()
 	return b, clk, d
 }
 
 // takeIdle checks out an idle backend of d at the clock's time.
-func takeIdle(t *testing.T, b *budget, d *database) *backend {
+func takeIdle(t *testing.T, b *budget, d *backendPool) *backend {
 	t.Helper()
 	be, w, err := b.take(d, b.clock.Now(), nil)
 	require.NoError(t, err)
@@ -327,13 +327,13 @@ func TestLeakCheckScansInCheckoutOrder(t *testing.T) {
 	b, clk, d := newManualBudget(t, cfg, 4)
 	armedAt := func() time.Time {
 		return locked(b, func() time.Time {
-			if !b.leakCheck.armed {
+			if !b.watch.timer.armed {
 				return time.Time{}
 			}
-			return b.leakCheck.at
+			return b.watch.timer.at
 		})
 	}
-	watched := func() int { return locked(b, func() int { return b.watched.len }) }
+	watched := func() int { return locked(b, func() int { return b.watch.watched.len }) }
 	be1 := takeIdle(t, b, d)
 	clk.set(smEpoch.Add(20 * time.Second))
 	be2 := takeIdle(t, b, d)
@@ -343,8 +343,8 @@ func TestLeakCheckScansInCheckoutOrder(t *testing.T) {
 	require.Equal(t, smEpoch.Add(time.Minute), armedAt(), "armed for the first checkout")
 
 	b.checkin(be2) // returned in time: never reported
-	fire(t, b, clk, &b.leakCheck)
-	require.Equal(t, uint64(1), b.snapshot().leaks)
+	fire(t, b, clk, &b.watch.timer)
+	require.Equal(t, uint64(1), b.snapshot().counters.leaks)
 	warns := logs.lines(slog.LevelWarn, leakMsg)
 	require.Len(t, warns, 1)
 	require.Equal(t, "ws", warns[0].attrs["workspace"])
@@ -357,10 +357,10 @@ func TestLeakCheckScansInCheckoutOrder(t *testing.T) {
 	n, err := cfg.normalize()
 	require.NoError(t, err)
 	require.NoError(t, b.reconfigure(n))
-	fire(t, b, clk, &b.leakCheck)
+	fire(t, b, clk, &b.watch.timer)
 	require.Zero(t, watched())
 	require.True(t, armedAt().IsZero())
-	require.Equal(t, uint64(1), b.snapshot().leaks)
+	require.Equal(t, uint64(1), b.snapshot().counters.leaks)
 	be4 := takeIdle(t, b, d)
 	require.Zero(t, watched(), "nothing is watched while it is off")
 
@@ -381,7 +381,7 @@ func TestStraysTriggerBoundedCollections(t *testing.T) {
 	held := takeIdle(t, b, d) // the budget is full
 	var o owner
 	require.NoError(t, b.retain(d, &o))
-	collections := func() uint64 { return b.snapshot().collections }
+	collections := func() uint64 { return b.snapshot().counters.collections }
 
 	_, w, err := b.take(d, clk.Now(), nil) // waits, but no stray
 	require.NoError(t, err)
@@ -390,24 +390,24 @@ func TestStraysTriggerBoundedCollections(t *testing.T) {
 	giveUp(t, b, w)
 
 	b.closeOwner(nil, &o) // its *sql.DB closed: the open handle is a stray
-	require.Equal(t, 1, locked(b, func() int { return b.strays }))
+	require.Equal(t, 1, locked(b, func() int { return b.strays.count }))
 	_, w, err = b.take(d, clk.Now(), nil)
 	require.NoError(t, err)
 	require.Equal(t, uint64(1), collections())
 	_, w2, err := b.take(d, clk.Now(), nil)
 	require.NoError(t, err)
 	require.Equal(t, uint64(1), collections(), "at most one a second")
-	fire(t, b, clk, &b.collector) // a second later, callers still waiting
+	fire(t, b, clk, &b.strays.timer) // a second later, callers still waiting
 	require.Equal(t, uint64(2), collections())
 	require.Equal(t, smEpoch.Add(collectEvery), clk.Now())
 	giveUp(t, b, w)
 	giveUp(t, b, w2)
-	fire(t, b, clk, &b.collector) // no caller waits: no collection, not re-armed
+	fire(t, b, clk, &b.strays.timer) // no caller waits: no collection, not re-armed
 	require.Equal(t, uint64(2), collections())
-	require.False(t, locked(b, func() bool { return b.collector.armed }))
+	require.False(t, locked(b, func() bool { return b.strays.timer.armed }))
 
 	b.release(d, &o) // the handle closed, or reclaimed
-	require.Zero(t, locked(b, func() int { return b.strays }))
+	require.Zero(t, locked(b, func() int { return b.strays.count }))
 	b.checkin(held)
 	require.NoError(t, locked(b, b.checkInvariantsLocked))
 }
@@ -437,16 +437,16 @@ func TestReclaimClosesTheHeldBackendOnce(t *testing.T) {
 	h2.be.Store(nil) // checked in by its handle
 	b.checkin(be)
 	b.closeOwner(nil, &o)
-	require.Equal(t, 2, locked(b, func() int { return b.strays }))
+	require.Equal(t, 2, locked(b, func() int { return b.strays.count }))
 
 	reclaim(h)
 	s := b.snapshot()
-	require.Equal(t, uint64(1), s.evictions[reasonAbandoned])
+	require.Equal(t, uint64(1), s.counters.evictions[reasonAbandoned])
 	require.Equal(t, 0, s.inUse)
 	require.Equal(t, 1, s.open, "closed through the budget, its token is back; the other is idle")
 	reclaim(h2)
-	require.Equal(t, uint64(1), b.snapshot().evictions[reasonAbandoned], "nothing to close")
-	require.Zero(t, locked(b, func() int { return b.strays }))
+	require.Equal(t, uint64(1), b.snapshot().counters.evictions[reasonAbandoned], "nothing to close")
+	require.Zero(t, locked(b, func() int { return b.strays.count }))
 	require.Zero(t, locked(b, func() int { return o.handles }))
 	require.Equal(t, 1, locked(b, func() int { return d.refs }))
 	require.NoError(t, locked(b, b.checkInvariantsLocked))

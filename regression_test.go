@@ -7,6 +7,7 @@ import (
 	"net"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -180,7 +181,7 @@ func TestLoweredIdleTimeoutRearmsTheReaper(t *testing.T) {
 	b := newBudget(cfg, realClock{}, nopIO{})
 	defer b.close()
 	b.mu.Lock()
-	d := addDatabaseLocked(b, serverKey{}, "db", "ws", 0, time.Now())
+	d := addPoolLocked(b, serverKey{}, "db", "ws", 0, time.Now())
 	b.mu.Unlock()
 	be1, be2 := mustCheckout(t, b, d), mustCheckout(t, b, d) // both busy
 	b.checkin(be1)                                           // the reaper is armed for +30m
@@ -199,7 +200,7 @@ func TestLoweredIdleTimeoutRearmsTheReaper(t *testing.T) {
 
 // mustCheckout checks out a backend of d from a budget that runs without a
 // server: an idle one, or a new one when it is granted a token.
-func mustCheckout(t testing.TB, b *budget, d *database) *backend {
+func mustCheckout(t testing.TB, b *budget, d *backendPool) *backend {
 	t.Helper()
 	be, w, err := b.take(d, b.clock.Now(), nil)
 	require.NoError(t, err)
@@ -231,7 +232,7 @@ func TestCancelledCallerDoesNotDiscardIdleBackends(t *testing.T) {
 	pc.Release()
 	b := e.drv.b
 	b.mu.Lock()
-	for d := range b.dbs {
+	for _, d := range b.poolsLocked() {
 		for be := d.idleBackends.front; be != nil; be = d.idleBackends.next(be) {
 			be.idleSince = be.idleSince.Add(-2 * pingAfter) // long idle: the checkout pings it
 		}
@@ -255,4 +256,78 @@ func TestCancelledCallerDoesNotDiscardIdleBackends(t *testing.T) {
 	pc.Release()
 	require.Equal(t, uint64(1), e.drv.Stats().Dials)
 	e.requireQuiescent()
+}
+
+// TestReleaseIfIdleRunsTheClosesItQueues: a router forgetting a quiet
+// workspace serves its server's queue, which may choose a backend to close
+// for a caller that waits; that close must run before releaseIfIdle
+// returns. It released the lock without running it, leaving the backend
+// closing and the caller waiting for its token until some other call
+// unlocked (found by the architecture split, #21).
+func TestReleaseIfIdleRunsTheClosesItQueues(t *testing.T) {
+	cfg, err := Config{MaxConnections: 3, MaxConnectionsPerDB: 2, AcquireTimeout: time.Hour,
+		ConnMaxIdleTime: time.Hour, ConnMaxLifetime: time.Hour}.normalize()
+	require.NoError(t, err)
+	clk := &smClock{now: smEpoch}
+	io := &smIO{broke: map[*backend]bool{}, sockOpen: map[*backend]bool{}}
+	b := newBudget(cfg, clk, io)
+	io.b = b
+	t.Cleanup(b.close)
+	b.mu.Lock()
+	spare := addPoolLocked(b, serverKey{}, "spare", "spare", 2, smEpoch) // two idle: one is spare
+	grower := addPoolLocked(b, serverKey{}, "grower", "grower", 1, smEpoch)
+	quiet := addPoolLocked(b, serverKey{}, "quiet", "quiet", 0, smEpoch) // a router's, with nothing
+	b.mu.Unlock()
+	takeIdle(t, b, grower) // the budget is full
+
+	// A second caller of grower waits; its patience (nothing measured: at
+	// once) makes it seek a token, but the spare backend has not been idle
+	// for spareIdleAfter yet: nothing is evicted for growth.
+	_, w, err := b.take(grower, clk.Now(), nil)
+	require.NoError(t, err)
+	require.NotNil(t, w)
+	b.mu.Lock()
+	pt, _ := w.patience.(*smTimer)
+	b.mu.Unlock()
+	require.NotNil(t, pt)
+	clk.expire(pt)
+	pt.f()
+	require.True(t, locked(b, w.seeking))
+	require.Empty(t, io.takeClosed())
+
+	// Later the spare backend is old enough; the next event on the server
+	// is the router letting the quiet workspace go.
+	clk.set(smEpoch.Add(2 * spareIdleAfter))
+	require.True(t, b.releaseIfIdle(quiet))
+	closed := io.takeClosed()
+	require.Len(t, closed, 1, "the backend evicted for the waiter is closed before releaseIfIdle returns")
+	require.Same(t, spare, closed[0].db)
+	require.NoError(t, locked(b, b.checkInvariantsLocked))
+}
+
+// TestDialFailedAfterItsPoolClosed: a Pool closed while one of its Acquires
+// dials leaves the dial's token as all that keeps the pool's state; a dial
+// that then fails without having opened a socket gives the token back at
+// once, the pool is forgotten, and the failure's bookkeeping must not reach
+// for the pool's server through it. It did, and panicked on a nil server
+// (found by the architecture split, #21).
+func TestDialFailedAfterItsPoolClosed(t *testing.T) {
+	cfg, err := Config{MaxConnections: 2, AcquireTimeout: time.Hour}.normalize()
+	require.NoError(t, err)
+	b := newBudget(cfg, &smClock{now: smEpoch}, nopIO{})
+	b.mu.Lock()
+	d := addPoolLocked(b, serverKey{}, "db", "ws", 0, smEpoch) // the connector's reference
+	b.mu.Unlock()
+	_, w, err := b.take(d, b.clock.Now(), nil)
+	require.NoError(t, err)
+	ctx := context.Background()
+	_, tok, err := b.await(ctx, ctx, w)
+	require.NoError(t, err)
+	require.NotNil(t, tok, "it dials")
+	b.closeOwner(d, &owner{}) // Pool.Close: no handle of a Pool holds the pool
+	b.dialFailed(tok, dialDown, &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED})
+	require.Zero(t, b.snapshot().open)
+	require.Empty(t, locked(b, func() int { return len(b.poolsLocked()) }), "forgotten")
+	require.NoError(t, locked(b, b.checkInvariantsLocked))
+	b.close() // not deferred: a panic under the lock would hang it
 }

@@ -229,13 +229,9 @@ func (r *router) ping(ctx context.Context) error {
 	if cfg.ConnectTimeout > 0 {
 		timeout = min(timeout, cfg.ConnectTimeout)
 	}
-	b.mu.Lock()
-	if s := b.servers[serverKey{host: cfg.Host, port: cfg.Port}]; s != nil && s.down {
-		err := &ServerDownError{Database: cfg.Database, Server: s.label, Down: start.Sub(s.since), Waiting: s.waiting, Err: s.lastErr}
-		b.mu.Unlock()
+	if err := b.knownDown(cfg.Host, cfg.Port, cfg.Database, start); err != nil {
 		return err
 	}
-	b.mu.Unlock()
 
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()

@@ -383,7 +383,7 @@ func TestRouterForgetsQuietWorkspaces(t *testing.T) {
 	require.Equal(t, count, n)
 	require.Less(t, n, 2*minSweep)
 	drv.b.mu.Lock()
-	states := len(drv.b.dbs)
+	states := len(drv.b.poolsLocked())
 	drv.b.mu.Unlock()
 	require.Equal(t, n, states, "the budget keeps a state per route and no more")
 }

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -120,4 +121,36 @@ func TestMultiHostDSNRefused(t *testing.T) {
 	p, err := parseDSN("postgres://app:" + dsnPassword + "@a:5432/ws1?sslmode=prefer")
 	require.NoError(t, err)
 	require.Equal(t, serverKey{host: "a", port: 5432}, p.server)
+}
+
+// TestRoutedPingSeesTheAliasedCircuit: the health check of a routed DB
+// whose DSN names its server by an alias answers from the circuit of the
+// server the alias names, as its workspaces' checkouts count against it. It
+// looked the circuit up by the DSN's own host and port, found none, and
+// reported a server the circuit knew was down as reachable (found by the
+// architecture split, #21).
+func TestRoutedPingSeesTheAliasedCircuit(t *testing.T) {
+	drv, err := NewDriver(Config{MaxConnections: 2,
+		ServerAliases: map[string]string{"alias.example:5432": "db.example:5432"}})
+	require.NoError(t, err)
+	defer drv.Close()
+	c, err := drv.OpenConnector("postgres://u:p@alias.example:5432/ws_" + WorkspacePlaceholder + "?sslmode=disable")
+	require.NoError(t, err)
+	r := c.(*router)
+	r.tmpl.cfg.DialFunc = func(context.Context, string, string) (net.Conn, error) {
+		client, server := net.Pipe()
+		server.Close()
+		return client, nil // the host accepts TCP
+	}
+	b := drv.b
+	b.mu.Lock()
+	d := addPoolLocked(b, serverKey{host: "db.example", port: 5432}, "db", "ws", 0, time.Time{})
+	b.markDownLocked(d.srv, b.clock.Now().Add(-time.Second), errNotAnswering, "ws")
+	b.mu.Unlock()
+
+	err = r.ping(context.Background())
+	var sde *ServerDownError
+	require.ErrorAs(t, err, &sde, "the circuit of the aliased server knows it is down")
+	require.Equal(t, "db.example:5432", sde.Server)
+	require.Positive(t, sde.Down)
 }

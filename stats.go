@@ -122,15 +122,16 @@ type DatabaseStats struct {
 // holds or reserves connections.
 func (d *Driver) Stats() Stats {
 	b := d.b.snapshot()
+	c := &b.counters
 	s := Stats{
 		Limit: b.limit, Reserved: b.reserved, Open: b.open, InUse: b.inUse, Idle: b.idle,
 		Dialing: b.dialing, Closing: b.closing, Waiting: b.waiting, PeakOpen: b.peakOpen, LongestUse: b.longestUse,
-		Dials: b.dials, Handoffs: b.handoffs, DialTime: b.dialTime,
-		WaitCount: b.waitCount, WaitDuration: b.waitDuration, Timeouts: b.timeouts,
-		SuspectedLeaks: b.leaks, Collections: b.collections,
+		Dials: c.dials, Handoffs: c.handoffs, DialTime: b.dialTime,
+		WaitCount: c.waitCount, WaitDuration: c.waitDuration, Timeouts: c.timeouts,
+		SuspectedLeaks: c.leaks, Collections: c.collections,
 		Evictions: make(map[string]uint64, numReasons-1),
-		DialErrors: map[string]uint64{"rejected": b.dialErrors[dialRejected], "unavailable": b.dialErrors[dialDown],
-			"other": b.dialErrors[dialOther]},
+		DialErrors: map[string]uint64{"rejected": c.dialErrors[dialRejected], "unavailable": c.dialErrors[dialDown],
+			"other": c.dialErrors[dialOther]},
 	}
 	for _, x := range b.servers {
 		s.Servers = append(s.Servers, ServerStats{Server: x.label, Limit: x.limit, Reserved: x.reserved, Open: x.open,
@@ -145,7 +146,7 @@ func (d *Driver) Stats() Stats {
 		return s.Servers[i].Server < s.Servers[j].Server
 	})
 	for r := reasonNone + 1; r < numReasons; r++ {
-		s.Evictions[reasonNames[r]] = b.evictions[r]
+		s.Evictions[reasonNames[r]] = c.evictions[r]
 	}
 	for _, db := range b.dbs {
 		if db.open == 0 && db.reserved == 0 {
