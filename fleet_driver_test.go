@@ -36,15 +36,7 @@ func TestFleetDriversShareTheServer(t *testing.T) {
 	require.NoError(t, err)
 	t.Cleanup(func() { other.Close() })
 	drivers := []*Driver{e.drv, other}
-	dbs := make([][]*sql.DB, 2)
-	for r, drv := range drivers {
-		for i := range workspaces {
-			db, err := drv.OpenDB(e.dsn(i))
-			require.NoError(t, err)
-			t.Cleanup(func() { db.Close() })
-			dbs[r] = append(dbs[r], db)
-		}
-	}
+	dbs := e.openEach(drivers, workspaces)
 	peak := e.samplePeak()
 	var errs errCollector
 	load := func(r, workers, rounds int) {
@@ -217,15 +209,7 @@ func TestFleetSquatterUnderLoad(t *testing.T) {
 		t.Cleanup(func() { drv.Close() })
 		drivers = append(drivers, drv)
 	}
-	dbs := make([][]*sql.DB, replicas)
-	for r, drv := range drivers {
-		for i := range workspaces {
-			db, err := drv.OpenDB(e.dsn(i))
-			require.NoError(t, err)
-			t.Cleanup(func() { db.Close() })
-			dbs[r] = append(dbs[r], db)
-		}
-	}
+	dbs := e.openEach(drivers, workspaces)
 	fleetOf := func(drv *Driver) (ServerStats, FleetStats) {
 		s := drv.Stats()
 		require.Len(t, s.Servers, 1)
@@ -401,4 +385,20 @@ func TestFleetLoginFallsBackToAnotherDSN(t *testing.T) {
 		require.NotContains(t, text, testPassword)
 		require.NotContains(t, text, "postgres://")
 	}
+}
+
+// openEach opens the env's first n databases through each driver: dbs[r][i]
+// is database i through drivers[r], one pool each.
+func (e *env) openEach(drivers []*Driver, n int) [][]*sql.DB {
+	e.t.Helper()
+	dbs := make([][]*sql.DB, len(drivers))
+	for r, drv := range drivers {
+		for i := range n {
+			db, err := drv.OpenDB(e.dsn(i))
+			require.NoError(e.t, err)
+			e.t.Cleanup(func() { db.Close() })
+			dbs[r] = append(dbs[r], db)
+		}
+	}
+	return dbs
 }
