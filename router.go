@@ -235,25 +235,16 @@ func (r *router) ping(ctx context.Context) error {
 
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	var first error
-	tried := make(map[string]bool, 1+len(cfg.Fallbacks))
-	for _, h := range append([]*pgconn.FallbackConfig{{Host: cfg.Host, Port: cfg.Port}}, cfg.Fallbacks...) {
-		network, addr := pgconn.NetworkAddress(h.Host, h.Port)
-		if tried[addr] {
-			continue // sslmode=prefer lists each host twice
-		}
-		tried[addr] = true
-		nc, err := cfg.DialFunc(dctx, network, addr)
-		if err == nil {
-			_ = nc.Close()
-			return nil
-		}
-		if first == nil {
-			first = err
-		}
+	// One host: parseDSN refuses DSNs with others, and sslmode=prefer's
+	// fallback is the same address.
+	network, addr := pgconn.NetworkAddress(cfg.Host, cfg.Port)
+	nc, err := cfg.DialFunc(dctx, network, addr)
+	if err == nil {
+		_ = nc.Close()
+		return nil
 	}
 	return &ServerDownError{Database: cfg.Database, Server: net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port))),
-		Waited: b.clock.Now().Sub(start), Err: first, ctxErr: ctx.Err()}
+		Waited: b.clock.Now().Sub(start), Err: err, ctxErr: ctx.Err()}
 }
 
 // Close closes every workspace's connector: database/sql calls it from
