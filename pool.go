@@ -31,7 +31,6 @@ type Pool struct {
 // collector's next cycle after it was dropped: keep the PoolConn, not only
 // its *pgx.Conn, until Release.
 type PoolConn struct {
-	b  *budget
 	be *backend
 	// hold mirrors be for the cleanup that reclaims it if the PoolConn is
 	// dropped without Release; the cleanup must not reach the PoolConn.
@@ -92,7 +91,7 @@ func (p *Pool) Acquire(ctx context.Context) (*PoolConn, error) {
 	}
 	h := &hold{b: p.b}
 	h.be.Store(be)
-	c := &PoolConn{b: p.b, be: be, hold: h}
+	c := &PoolConn{be: be, hold: h}
 	c.cleanup = runtime.AddCleanup(c, reclaim, h)
 	return c, nil
 }
@@ -123,6 +122,6 @@ func (c *PoolConn) Release() {
 		c.be = nil
 		c.cleanup.Stop()
 		c.hold.be.Store(nil)
-		c.b.giveBack(be)
+		c.hold.b.giveBack(be)
 	}
 }
