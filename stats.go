@@ -38,13 +38,15 @@ type Stats struct {
 	Handoffs uint64 `json:"handoffs"`
 	// DialTime is the moving average of a dial's duration, which the
 	// driver weighs against waiting for a busy backend.
-	DialTime        time.Duration     `json:"dialTimeNs"`
-	WaitCount       uint64            `json:"waitCount"`
-	WaitDuration    time.Duration     `json:"waitDurationNs"`
-	Timeouts        uint64            `json:"timeouts"`
-	Evictions       map[string]uint64 `json:"evictions"`  // by reason: lru, handoff, idle_timeout, lifetime, budget_shrink, broken, driver_closed, server_full, unused, abandoned
-	DialErrors      map[string]uint64 `json:"dialErrors"` // rejected (server out of slots, SQLSTATE 53300), unavailable (server down), other
-	ActiveDatabases int               `json:"activeDatabases"`
+	DialTime     time.Duration     `json:"dialTimeNs"`
+	WaitCount    uint64            `json:"waitCount"`
+	WaitDuration time.Duration     `json:"waitDurationNs"`
+	Timeouts     uint64            `json:"timeouts"`
+	Evictions    map[string]uint64 `json:"evictions"`  // by reason: lru, handoff, idle_timeout, lifetime, budget_shrink, broken, driver_closed, server_full, unused, abandoned
+	DialErrors   map[string]uint64 `json:"dialErrors"` // rejected (server out of slots, SQLSTATE 53300), unavailable (server down), other
+	// ActiveDatabases is len(Databases): the pools holding or reserving
+	// connections (two pools of one database count twice).
+	ActiveDatabases int `json:"activeDatabases"`
 	// SuspectedLeaks counts connections held longer than
 	// Config.LeakThreshold, each once (zero while it is not set).
 	SuspectedLeaks uint64 `json:"suspectedLeaks"`
