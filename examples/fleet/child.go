@@ -46,6 +46,10 @@ type childSpec struct {
 	// lines carry the virtual replica's index; the driver's counters and
 	// state are in replica 0's lines only.
 	Virtual int
+	// Partitioned (mode partitioned) gives each virtual replica its own
+	// routed *sql.DB: its own pools, as a replica process has, under the
+	// one budget and its one recency order, with no coordination.
+	Partitioned bool
 	// ShareEvery is how often a fleet replica samples its driver's Stats to
 	// time share moves (0: never); ShareTarget is the share (backends) the
 	// hot replica is timed to reach from the start of its phase.
@@ -101,6 +105,9 @@ type line struct {
 	Reached []int  `json:"reached,omitempty"` // ms since the common start
 
 	Final bool `json:"final,omitempty"`
+	// DBs, in the final line, is how many routed *sql.DB the process's
+	// workers read through: 1, or in mode partitioned one per replica.
+	DBs int `json:"dbs,omitempty"`
 }
 
 // move is one share move, in milliseconds since the common start.
@@ -269,14 +276,24 @@ func childMain(arg string, stdout, stderr io.Writer) int {
 		}
 	}
 	recs := make([]*recorder, len(specs))
+	dbs := 1
 	var wg sync.WaitGroup
 	for i, vs := range specs {
 		recs[i] = &recorder{start: start, secs: map[int]*second{}}
+		vdb := db
+		if spec.Partitioned && i > 0 {
+			if vdb, err = tenantpg.OpenDB(os.Getenv(envChildDSN)); err != nil {
+				fmt.Fprintln(stderr, "open:", err)
+				return 1
+			}
+			defer vdb.Close()
+			dbs++
+		}
 		for j := 0; j < vs.Workers; j++ {
 			wg.Add(1)
 			go func(rec *recorder, vs childSpec, j int) {
 				defer wg.Done()
-				worker(db, vs, j, start, end, rec)
+				worker(vdb, vs, j, start, end, rec)
 			}(recs[i], vs, j)
 		}
 	}
@@ -310,7 +327,7 @@ func childMain(arg string, stdout, stderr io.Writer) int {
 	for i, vs := range specs {
 		l := line{Replica: vs.Replica, Final: true}
 		if i == 0 {
-			l.Dials, l.Rejected = st.Dials, st.DialErrors["rejected"]
+			l.Dials, l.Rejected, l.DBs = st.Dials, st.DialErrors["rejected"], dbs
 			for _, sv := range st.Servers {
 				if sv.Fleet != nil {
 					l.RoundTrips += sv.Fleet.RoundTrips

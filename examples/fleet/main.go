@@ -14,6 +14,9 @@
 //	               (the hot replica's workers in each phase, the others' cold
 //	               ones), so the offered load is the fleet's; it holds the
 //	               whole budget, pays no coordination and moves nothing
+//	partitioned    as single, but each replica's workers use their own
+//	               *sql.DB (own pools, as in a replica process): the
+//	               fleet's partition of sessions without its coordination
 //
 // By default the modes fleet, static and uncoordinated run; -modes picks
 // others (fleet,single,static for issue #22's fleet/single and fleet/static
@@ -77,7 +80,7 @@ type options struct {
 	dsn                            string
 }
 
-var allModes = []string{"fleet", "single", "static", "uncoordinated"}
+var allModes = []string{"fleet", "single", "partitioned", "static", "uncoordinated"}
 
 func defaultOptions() options {
 	return options{
@@ -103,7 +106,7 @@ func main() {
 	flag.DurationVar(&o.phase, "phase", o.phase, "how long each replica stays hot (whole seconds)")
 	flag.DurationVar(&o.duration, "duration", o.duration, "traffic per mode (whole seconds)")
 	flag.DurationVar(&o.opTimeout, "op-timeout", o.opTimeout, "deadline of one read")
-	modes := flag.String("modes", strings.Join(o.modes, ","), "modes to run, in order: fleet, single, static, uncoordinated; mode@B runs it with budget B instead of F (the role's CONNECTION LIMIT follows in fleet, static and uncoordinated); a mode may repeat")
+	modes := flag.String("modes", strings.Join(o.modes, ","), "modes to run, in order: fleet, single, partitioned, static, uncoordinated; mode@B runs it with budget B instead of F (the role's CONNECTION LIMIT follows in fleet, static and uncoordinated); a mode may repeat")
 	flag.DurationVar(&o.shareEvery, "share-every", o.shareEvery, "fleet replicas sample their driver's Stats this often to time share moves (0: off)")
 	flag.BoolVar(&o.timeline, "timeline", false, "print each replica's ops/open/fleet share/waiting per second")
 	flag.BoolVar(&o.kill, "kill", o.kill, "in fleet mode, SIGKILL a non-hot replica mid-run and time the reuse of its slots")
@@ -119,6 +122,8 @@ that moves from replica to replica, once per mode:
   single         one process with TENANTPG_MAX_CONNECTIONS=F (-single-budget)
                  running every replica's workers (same seeds and schedule):
                  the ideal the fleet is measured against (fleet/single)
+  partitioned    as single, each replica's workers on their own *sql.DB:
+                 the fleet's partition of sessions, one budget, no coordination
   static         TENANTPG_MAX_CONNECTIONS=F/N each
   uncoordinated  TENANTPG_MAX_CONNECTIONS=F each (the server refuses the excess)
 
@@ -232,7 +237,7 @@ func run(ctx context.Context, o options, stdout, status io.Writer) (*report, err
 		kind, budget, _ := parseMode(m, o.fleetBudget)
 		mo := o
 		mo.fleetBudget = budget
-		if kind != "single" && budget != w.connLimit {
+		if kind != "single" && kind != "partitioned" && budget != w.connLimit {
 			// The role's CONNECTION LIMIT is the budget under test.
 			if err := w.setConnLimit(ctx, budget); err != nil {
 				return nil, err

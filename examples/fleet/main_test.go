@@ -29,7 +29,7 @@ func TestFleetShort(t *testing.T) {
 	o.phase, o.duration = 2*time.Second, 4*time.Second
 	o.lead = 1500 * time.Millisecond // replicas under -race start slower
 	o.opTimeout = 5 * time.Second
-	o.modes = []string{"static", "fleet", "single"}
+	o.modes = []string{"static", "fleet", "single", "partitioned"}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -97,6 +97,13 @@ func TestFleetShort(t *testing.T) {
 	if single.peak > o.fleetBudget || single.coordPeak != 0 || single.errorCount() != 0 {
 		t.Errorf("single: server peak %d (budget %d), %d coordination sessions, caller errors %s",
 			single.peak, o.fleetBudget, single.coordPeak, single.errorText())
+	}
+	// Mode partitioned is single with each replica's workers on their own
+	// *sql.DB, so their own pools.
+	part := rep.mode("partitioned")
+	if part.peak > o.fleetBudget || part.coordPeak != 0 || part.errorCount() != 0 || part.dbs != o.replicas || single.dbs != 1 {
+		t.Errorf("partitioned: server peak %d (budget %d), %d coordination sessions, caller errors %s, %d *sql.DB (single %d)",
+			part.peak, o.fleetBudget, part.coordPeak, part.errorText(), part.dbs, single.dbs)
 	}
 	if !strings.Contains(out.String(), "- fleet/single ") {
 		t.Error("no fleet/single ratio in the summary")

@@ -208,6 +208,7 @@ func (rep *report) write(w io.Writer) {
 		if kind, _, _ := parseMode(l, 0); kind == "fleet" {
 			ratio(l, "single", " (target ≥ 0.9×)")
 			ratio(l, "static", " (target ≥ 1.5×)")
+			ratio(l, "partitioned", "")
 			ratio(l, "uncoordinated", "")
 		}
 	}
@@ -216,6 +217,7 @@ func (rep *report) write(w io.Writer) {
 			ratio(l, "single", "")
 		}
 	}
+	ratio("partitioned", "single", "")
 	ratio("single", "static", "")
 	for _, m := range rep.modes {
 		fmt.Fprintf(w, "- %s: %.0f ops/s, %s caller errors, the role peaked at %d of %d sessions, %s refusals in the server log",
@@ -350,5 +352,5 @@ func rank(v []float64, q float64) float64 {
 }
 
 // roleLimit is the role's CONNECTION LIMIT during the mode: its budget,
-// except in mode single, which leaves it as it was (F or the last mode@B's).
+// except in modes single and partitioned, which leave it as it was (F or the last mode@B's).
 func (m *modeResult) roleLimit() int { return m.connLimit }

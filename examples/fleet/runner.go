@@ -18,7 +18,7 @@ import (
 
 // modeResult is what one mode produced.
 type modeResult struct {
-	mode       string // fleet, single, static or uncoordinated
+	mode       string // fleet, single, partitioned, static or uncoordinated
 	label      string // as given in -modes: mode or mode@B
 	budget     int    // B: F, or the budget of mode@B
 	connLimit  int    // the role's CONNECTION LIMIT during the mode
@@ -37,6 +37,7 @@ type modeResult struct {
 	dials        uint64 // the drivers' dials, summed over replicas
 	yielded      uint64 // backends closed for another replica, summed over replicas
 	roundTrips   uint64 // statements on the coordination sessions, summed over replicas
+	dbs          int    // routed *sql.DBs the workers read through, summed over replicas
 
 	peak, coordPeak, samples int
 	refused                  int  // 53300 lines in the server log
@@ -83,7 +84,7 @@ func modeEnv(mode string, o options) (env []string, perReplica int) {
 			}
 		}
 		return env, o.fleetBudget
-	case "single":
+	case "single", "partitioned":
 		return []string{"TENANTPG_MAX_CONNECTIONS=" + f}, o.fleetBudget
 	case "static":
 		perReplica = o.fleetBudget / o.replicas
@@ -123,9 +124,10 @@ func runMode(ctx context.Context, o options, w *world, mode string, smp *sampler
 		OpTimeout: o.opTimeout, Workers: o.workers, ColdWorkers: o.coldWorkers, Workspaces: o.workspaces,
 		Rows: o.rows, Seed: o.seed, ZipfS: o.zipfS}
 	procs := o.replicas
-	if mode == "single" {
+	if mode == "single" || mode == "partitioned" {
 		// One process runs every replica's workers: the same offered load.
 		procs, spec.Virtual = 1, o.replicas
+		spec.Partitioned = mode == "partitioned"
 	}
 	if mode == "fleet" {
 		spec.ShareEvery, spec.ShareTarget = o.shareEvery, o.shareTarget()
@@ -320,6 +322,7 @@ func (r *modeResult) aggregate(o options, lines []line) {
 		roundTrips[l.Replica] = max(roundTrips[l.Replica], l.RoundTrips)
 		if l.Final {
 			r.finals++
+			r.dbs += l.DBs
 			continue
 		}
 		r.lines++
