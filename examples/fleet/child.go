@@ -88,6 +88,14 @@ type line struct {
 	Open    int `json:"open"`
 	Waiting int `json:"waiting"`
 	Share   int `json:"share"`
+	// Dialing, Closing and DialSlots are the driver's backends being dialed
+	// and being closed, and its servers' dial slots (pacing), at the end of
+	// the second; DialsIn is how many dials it started in the second.
+	Dialing   int     `json:"dialing"`
+	Closing   int     `json:"closing"`
+	DialSlots int     `json:"dialSlots"`
+	DialsIn   uint64  `json:"dialsIn"`
+	DialMs    float64 `json:"dialMs"` // the driver's moving average of a dial's time
 	// Yielded counts the backends it closed for other replicas so far.
 	Yielded uint64 `json:"yielded"`
 	// RoundTrips counts the statements of its coordination sessions so far
@@ -139,9 +147,10 @@ type second struct {
 
 // recorder collects outcomes by the second in which they ended.
 type recorder struct {
-	mu    sync.Mutex
-	start time.Time
-	secs  map[int]*second
+	mu        sync.Mutex
+	start     time.Time
+	secs      map[int]*second
+	lastDials uint64 // the driver's Dials at the last line (flush's goroutine only)
 }
 
 // secLocked returns the second at t, created if need be.
@@ -202,7 +211,11 @@ func (r *recorder) flush(spec childSpec, upTo int, enc *json.Encoder, driver boo
 		if driver {
 			st := tenantpg.Default().Stats()
 			l.Dials, l.Rejected, l.Open, l.Waiting, l.Yielded = st.Dials, st.DialErrors["rejected"], st.Open, st.Waiting, st.Evictions["fleet"]
+			l.Dialing, l.Closing, l.DialsIn = st.Dialing, st.Closing, st.Dials-r.lastDials
+			r.lastDials = st.Dials
+			l.DialMs = ms(st.DialTime)
 			for _, sv := range st.Servers {
+				l.DialSlots += sv.DialSlots
 				if sv.Fleet != nil {
 					l.Share += sv.Fleet.Share
 					l.RoundTrips += sv.Fleet.RoundTrips
