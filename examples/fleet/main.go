@@ -44,6 +44,7 @@
 //	cd examples && go run ./fleet
 //	go run ./fleet -kill=false -modes fleet,single,static,single,fleet   # issue #22's ratios, alternated
 //	go run ./fleet -kill=false -modes fleet,fleet@45,single,single@35    # the fleet given its 5 slots back, the ideal without them
+//	go run ./fleet -kill=false -modes single,partitioned,fleet,static    # the partition's share of fleet/single
 //	go run ./fleet -replicas 2 -phase 5s -duration 20s -modes static,uncoordinated
 //
 // Without -dsn (or DATABASE_URL, a superuser URL) it starts a throwaway
