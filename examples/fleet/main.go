@@ -75,6 +75,7 @@ type options struct {
 	modes                          []string
 	shareEvery                     time.Duration // fleet replicas' Stats sampling for share moves (0: off)
 	kill                           bool
+	cold                           bool // leave the workspace databases unwarmed (see warm)
 	timeline                       bool
 	seed                           int64
 	zipfS                          float64
@@ -109,6 +110,7 @@ func main() {
 	flag.DurationVar(&o.opTimeout, "op-timeout", o.opTimeout, "deadline of one read")
 	modes := flag.String("modes", strings.Join(o.modes, ","), "modes to run, in order: fleet, single, partitioned, static, uncoordinated; mode@B runs it with budget B instead of F (the role's CONNECTION LIMIT follows in fleet, static and uncoordinated); a mode may repeat")
 	flag.DurationVar(&o.shareEvery, "share-every", o.shareEvery, "fleet replicas sample their driver's Stats this often to time share moves (0: off)")
+	flag.BoolVar(&o.cold, "cold", false, "do not open a first session to each workspace database before the modes run; the first mode then pays for every database's first session (pg_internal.init), the later ones do not")
 	flag.BoolVar(&o.timeline, "timeline", false, "print each replica's ops/open/fleet share/waiting per second")
 	flag.BoolVar(&o.kill, "kill", o.kill, "in fleet mode, SIGKILL a non-hot replica mid-run and time the reuse of its slots")
 	flag.Int64Var(&o.seed, "seed", o.seed, "seed of the workers' random streams (the same in every mode)")

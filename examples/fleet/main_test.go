@@ -41,6 +41,10 @@ func TestFleetShort(t *testing.T) {
 		t.Log("\n" + status.String())
 	}
 
+	// The first mode must not pay for every database's first session.
+	if !strings.Contains(status.String(), "each warmed by a first session") {
+		t.Error("the workspace databases were not warmed before the modes")
+	}
 	if p := rep.problems(); len(p) > 0 {
 		t.Errorf("the run itself failed: %s", strings.Join(p, "; "))
 	}
