@@ -264,7 +264,7 @@ func (l *lockedWriter) Write(b []byte) (int, error) {
 func (rep *report) writeTimeline(w io.Writer) {
 	o := rep.o
 	for _, m := range rep.modes {
-		fmt.Fprintf(w, "\n%s, per second: ops/open/share/waiting, dials started/dialing/closing/dial slots/dial ms by replica (* hot; the driver's state in single and partitioned is r0's)\n\n| s |", m.label)
+		fmt.Fprintf(w, "\n%s, per second: ops/open/share/waiting, dials started/dialing/closing/dial slots/dial ms, p50/p99 ms by replica (* hot; the driver's state in single and partitioned is r0's)\n\n| s |", m.label)
 		for i := 0; i < o.replicas; i++ {
 			fmt.Fprintf(w, " r%d |", i)
 		}
@@ -281,8 +281,8 @@ func (rep *report) writeTimeline(w io.Writer) {
 				if l.Hot {
 					hot = "*"
 				}
-				cells[l.Replica] = fmt.Sprintf("%s%d/%d/%d/%d, %d/%d/%d/%d/%.1f", hot, l.Ops, l.Open, l.Share, l.Waiting,
-					l.DialsIn, l.Dialing, l.Closing, l.DialSlots, l.DialMs)
+				cells[l.Replica] = fmt.Sprintf("%s%d/%d/%d/%d, %d/%d/%d/%d/%.1f, %.1f/%.0f", hot, l.Ops, l.Open, l.Share, l.Waiting,
+					l.DialsIn, l.Dialing, l.Closing, l.DialSlots, l.DialMs, l.P50, l.P99)
 			}
 			fmt.Fprintf(w, "| %d | %s |\n", s, strings.Join(cells, " | "))
 		}
