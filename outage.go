@@ -116,7 +116,8 @@ func (b *budget) dialHungLocked(t *token) {
 	}
 	b.markDownLocked(s, b.clock.Now(), errNotAnswering, t.db.workspace)
 	s.circuit.wake.stop()
-	s.circuit.probing, t.probe = true, true
+	s.circuit.probing = true
+	s.circuit.startProbeTok(t)
 }
 
 // serverDownErrorLocked is the error of a caller of p whose wait ends while
