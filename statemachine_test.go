@@ -351,6 +351,7 @@ func (m *stateMachine) settle() {
 		if !ok {
 			m.fail("waiter w%d is done but another waiter returned", sw.id)
 		}
+		probe := r.tok != nil && r.err == nil && m.probeGranted(sw, r.tok)
 		m.dropWaiter(sw)
 		D := sw.db
 		if r.err == nil {
@@ -386,6 +387,9 @@ func (m *stateMachine) settle() {
 			sw.granted = true
 			m.grantedNow = append(m.grantedNow, sw)
 			sw.tok = &smToken{db: D, tok: r.tok, dialing: true, epoch: m.paceEpoch}
+			if probe {
+				m.circ.probeTok = sw.tok
+			}
 			if r.tok.paceEpoch != m.paceEpoch {
 				m.fail("waiter w%d granted in pacing epoch %d; the model is in %d", sw.id, r.tok.paceEpoch, m.paceEpoch)
 			}
@@ -655,4 +659,10 @@ func TestBudgetStateMachineCoverage(t *testing.T) {
 	require.Greater(t, cov.closes, 2, "Close during a run")
 	require.Greater(t, cov.spareTaken, 0, "spare backends evicted for a growing database")
 	require.Greater(t, cov.growthHeld, 20, "growing databases waiting while only a last backend was idle")
+	require.Greater(t, cov.trips, 30, "circuit trips")
+	require.Greater(t, cov.probes, 30, "probes started")
+	require.Greater(t, cov.probeFailed, 3, "probes failed: backoff")
+	require.Greater(t, cov.probeOK, 20, "probes succeeded: reset")
+	require.Greater(t, cov.downFails, 30, "waits ended with a ServerDownError")
+	require.Greater(t, cov.downHits, 5, "idle backends served while the server was down")
 }
