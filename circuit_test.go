@@ -560,3 +560,51 @@ func TestCircuitStaleProbeEndsNoLaterProbe(t *testing.T) {
 	r.b.checkin(ra)
 	r.check()
 }
+
+// TestCircuitProbesWithAFreeToken: while the server is down, the probe goes
+// to a caller that can get a token. The oldest caller here belongs to a
+// pool with no token free (the shared tokens are all held, nothing is
+// idle), while a later caller's pool has a reserved token free: had the
+// first probed, nobody would dial until it gave up. Found by the
+// state-machine test.
+func TestCircuitProbesWithAFreeToken(t *testing.T) {
+	r := newCircuitRig(t)
+	dr := r.db("r")
+	r.b.mu.Lock()
+	dr.srv.ledger.reserve(&dr.tokens, 1)
+	r.b.mu.Unlock()
+	refused := &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}
+	ctx := context.Background()
+
+	// The three shared tokens, busy.
+	var held []*backend
+	for _, name := range []string{"a", "b", "c"} {
+		_, ch := r.queue(r.db(name), ctx)
+		got := <-ch
+		require.NotNil(t, got.tok)
+		held = append(held, r.b.dialed(got.tok, &backend{}, time.Millisecond))
+	}
+	_, r1 := r.queue(dr, ctx)
+	got := <-r1
+	require.NotNil(t, got.tok, "r's reserved token")
+	r.b.dialFailed(got.tok, dialDown, refused)
+	require.True(t, r.server(dr).down)
+
+	wx, _ := r.queue(r.db("x"), ctx) // no token free for x
+	r.clk.set(r.clk.Now().Add(time.Millisecond))
+	wr, r2 := r.queue(dr, ctx)
+	r.advance(probeBackoffMax)
+	require.True(t, r.server(dr).probing)
+	require.True(t, r.served(wr), "r's caller, which has a token free, probes")
+	require.False(t, r.served(wx))
+	probe := <-r2
+	require.NotNil(t, probe.tok)
+	require.True(t, probe.tok.probe)
+	r.check()
+
+	r.b.dialed(probe.tok, &backend{}, time.Millisecond)
+	require.False(t, r.server(dr).down)
+	r.b.checkin(held[0])
+	require.True(t, r.served(wx), "x's caller takes the token a's backend frees")
+	r.check()
+}
