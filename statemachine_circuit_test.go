@@ -90,8 +90,9 @@ func (m *stateMachine) circuitUp(tk *smToken) {
 
 // probeCandidate reports whether sw may be the probe's caller: the first
 // waiter of a pool below its cap, no later than the first of any other
-// such pool (startProbeLocked). extra counts a token or a seek of sw's own
-// already reflected in its pool's numbers.
+// such pool that has a token free, and if its own pool has none, no such
+// pool (startProbeLocked). extra counts a token or a seek of sw's own
+// already reflected in its pool's numbers. b.mu is held.
 func (m *stateMachine) probeCandidate(sw *smWaiter, extra int) bool {
 	D := sw.db
 	if ws := m.waitersOf(D); len(ws) == 0 || ws[0] != sw {
@@ -100,12 +101,36 @@ func (m *stateMachine) probeCandidate(sw *smWaiter, extra int) bool {
 	if m.live(D)+D.d.waiters.seeking-extra >= m.capOf(D) {
 		return false
 	}
+	room := m.roomNow(D)
 	for _, x := range m.probeFronts() {
-		if x.since.Before(sw.since) {
+		if x == sw {
+			continue
+		}
+		if xr := m.roomNow(x.db); xr && !room || xr == room && x.since.Before(sw.since) {
 			return false
 		}
 	}
 	return true
+}
+
+// roomNow is room, with the tokens the budget released in the sub-step
+// under way (their owner done, their sockets drained) no longer counted,
+// as settle has yet to.
+func (m *stateMachine) roomNow(D *smDB) bool {
+	open, dOpen, inUse := 0, 0, 0
+	per := map[*smDB]int{}
+	for _, tk := range m.tokens {
+		if tk.released || tk.ended && len(tk.sockets) == 0 {
+			continue
+		}
+		open++
+		per[tk.db]++
+	}
+	for x, n := range per {
+		inUse += max(0, n-x.reserved)
+	}
+	dOpen = per[D]
+	return open < m.limit() && (dOpen < D.reserved || inUse < m.limit()-m.reservedSum())
 }
 
 // probeFronts lists the first waiter of every pool a probe may start for:
@@ -122,6 +147,24 @@ func (m *stateMachine) probeFronts() (out []*smWaiter) {
 	return out
 }
 
+// proberLeft notices the probe's caller leaving the dial queue while it
+// still waits: a lowered cap, or it had no token free and another caller
+// had one, and took the probe over. b.mu is held.
+func (m *stateMachine) proberLeft() {
+	sw := m.circ.prober
+	if sw == nil || m.byW[sw.w] != sw || sw.w.seeking() || sw.w.done {
+		return
+	}
+	D := sw.db
+	capped := m.live(D)+D.d.waiters.seeking >= m.capOf(D)
+	if !capped && (sw.w.claim != nil || m.roomNow(D)) {
+		m.fail("w%d, the probe's caller, stopped seeking though it could get a token", sw.id)
+	}
+	m.circ.prober = nil
+	m.cov.probeHandover++
+	m.logf("w%d no longer probes (capped %v)", sw.id, capped)
+}
+
 // probeGranted is the model of a grant of tok to sw, in settle before sw
 // leaves the model's queue: while the server is down only the probe's
 // caller is granted, and its token is the probe. It reports whether tok is
@@ -133,6 +176,7 @@ func (m *stateMachine) probeGranted(sw *smWaiter, tok *token) bool {
 	m.locked = true
 	defer func() { m.locked = false }()
 	probe := tok.probe
+	m.proberLeft()
 	switch {
 	case c.prober == sw:
 		if !probe {
@@ -242,15 +286,10 @@ func (m *stateMachine) checkCircuit() {
 	}
 
 	// The probe's caller, while it seeks a token.
+	m.proberLeft()
 	if c.prober != mc.prober.waiterOrNil() {
 		sw := m.byW[c.prober]
 		switch {
-		case c.prober == nil && mc.prober != nil && !mc.prober.w.seeking():
-			// A lowered cap took it out of the dial queue.
-			if D := mc.prober.db; m.live(D)+D.d.waiters.seeking < m.capOf(D) {
-				m.fail("w%d, the probe's caller, stopped seeking below its pool's cap", mc.prober.id)
-			}
-			mc.prober = nil
 		case c.prober == nil:
 			m.fail("the budget has no probe's caller; the model has w%d", mc.prober.id)
 		case sw == nil || !c.prober.seeking():

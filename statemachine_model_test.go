@@ -119,6 +119,7 @@ type smCov struct {
 	// succeeded (reset), waits ended with a ServerDownError, and checkouts
 	// served from an idle backend while the server was down.
 	trips, probes, probeFailed, probeOK, downFails, downHits int
+	probeHandover                                            int // the probe's caller left the dial queue still waiting
 }
 
 // smExpect is what the sub-step under way must do.
