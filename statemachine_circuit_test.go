@@ -22,8 +22,11 @@ type smCircuit struct {
 	drawn    bool      // the sub-step drew probeAt: check its bounds
 	prober   *smWaiter // the probe's caller, while it seeks a token
 	probeTok *smToken  // the probe's token, while its dial runs
-	outages  uint64
-	failed   uint64
+	// probeGrant: the sub-step chose and granted the probe's caller; its
+	// choice is checked once the model has seen all the sub-step did.
+	probeGrant *smWaiter
+	outages    uint64
+	failed     uint64
 }
 
 func (c *smCircuit) probing() bool { return c.prober != nil || c.probeTok != nil }
@@ -92,21 +95,19 @@ func (m *stateMachine) circuitUp(tk *smToken) {
 // waiter of a pool below its cap, no later than the first of any other
 // such pool that has a token free, and if its own pool has none, no such
 // pool (startProbeLocked). extra counts a token or a seek of sw's own
-// already reflected in its pool's numbers. b.mu is held.
-func (m *stateMachine) probeCandidate(sw *smWaiter, extra int) bool {
+// already reflected in its pool's numbers; skip, its token if it was
+// granted one. b.mu is held.
+func (m *stateMachine) probeCandidate(sw *smWaiter, extra int, skip *smToken) bool {
 	D := sw.db
-	if ws := m.waitersOf(D); len(ws) == 0 || ws[0] != sw {
-		return false
-	}
 	if m.live(D)+D.d.waiters.seeking-extra >= m.capOf(D) {
 		return false
 	}
-	room := m.roomNow(D)
+	room := m.roomNow(D, skip)
 	for _, x := range m.probeFronts() {
 		if x == sw {
 			continue
 		}
-		if xr := m.roomNow(x.db); xr && !room || xr == room && x.since.Before(sw.since) {
+		if xr := m.roomNow(x.db, nil); xr && !room || xr == room && x.since.Before(sw.since) {
 			return false
 		}
 	}
@@ -115,12 +116,12 @@ func (m *stateMachine) probeCandidate(sw *smWaiter, extra int) bool {
 
 // roomNow is room, with the tokens the budget released in the sub-step
 // under way (their owner done, their sockets drained) no longer counted,
-// as settle has yet to.
-func (m *stateMachine) roomNow(D *smDB) bool {
+// as settle has yet to, nor skip.
+func (m *stateMachine) roomNow(D *smDB, skip *smToken) bool {
 	open, dOpen, inUse := 0, 0, 0
 	per := map[*smDB]int{}
 	for _, tk := range m.tokens {
-		if tk.released || tk.ended && len(tk.sockets) == 0 {
+		if tk.released || tk.ended && len(tk.sockets) == 0 || tk == skip {
 			continue
 		}
 		open++
@@ -157,7 +158,7 @@ func (m *stateMachine) proberLeft() {
 	}
 	D := sw.db
 	capped := m.live(D)+D.d.waiters.seeking >= m.capOf(D)
-	if !capped && (sw.w.claim != nil || m.roomNow(D)) {
+	if !capped && (sw.w.claim != nil || m.roomNow(D, nil)) {
 		m.fail("w%d, the probe's caller, stopped seeking though it could get a token", sw.id)
 	}
 	m.circ.prober = nil
@@ -184,13 +185,15 @@ func (m *stateMachine) probeGranted(sw *smWaiter, tok *token) bool {
 		}
 		c.prober = nil
 	case probe && c.down && !c.probing():
-		// Chosen and granted within the sub-step.
+		// Chosen and granted within the sub-step: check checks the
+		// choice once the model has seen all the sub-step did.
 		if now := m.clk.Now(); now.Before(c.probeAt) {
 			m.fail("w%d probes %s before the backoff ends", sw.id, c.probeAt.Sub(now))
 		}
-		if !m.probeCandidate(sw, 0) {
-			m.fail("w%d of %s probes; it is not the first caller of a pool below its cap", sw.id, sw.db.ws)
+		if ws := m.waitersOf(sw.db); ws[0] != sw {
+			m.fail("w%d of %s probes; it is not its pool's first caller", sw.id, sw.db.ws)
 		}
+		m.circ.probeGrant = sw
 		m.cov.probes++
 		m.logf("w%d probes", sw.id)
 	case probe && c.down:
@@ -285,6 +288,12 @@ func (m *stateMachine) checkCircuit() {
 		m.fail("next probe at %s; the model %s", c.probeAt.Sub(smEpoch), mc.probeAt.Sub(smEpoch))
 	}
 
+	if sw := m.circ.probeGrant; sw != nil {
+		m.circ.probeGrant = nil
+		if !m.probeCandidate(sw, 1, sw.tok) {
+			m.fail("w%d of %s probes; it is not the oldest first caller of a pool below its cap with a token free", sw.id, sw.db.ws)
+		}
+	}
 	// The probe's caller, while it seeks a token.
 	m.proberLeft()
 	if c.prober != mc.prober.waiterOrNil() {
@@ -298,7 +307,7 @@ func (m *stateMachine) checkCircuit() {
 			m.fail("w%d probes while another probe is under way", sw.id)
 		case now.Before(mc.probeAt):
 			m.fail("w%d probes %s before the backoff ends", sw.id, mc.probeAt.Sub(now))
-		case !m.probeCandidate(sw, 1):
+		case m.waitersOf(sw.db)[0] != sw || !m.probeCandidate(sw, 1, nil):
 			m.fail("w%d of %s probes; it is not the first caller of a pool below its cap", sw.id, sw.db.ws)
 		default:
 			mc.prober = sw

@@ -374,6 +374,11 @@ func (m *stateMachine) settle() {
 					sw.id, D.ws, m.backends[r.be].id, exp)
 			}
 			m.exp.handedOff = true
+			if m.circ.prober == sw {
+				// Served without a dial: the next probe may start at once.
+				m.circ.prober = nil
+				m.logf("the probe's caller needs no dial")
+			}
 			m.logf("waiter w%d (%s) gets backend %d handed over", sw.id, D.ws, m.exp.busy.id)
 		case r.tok != nil:
 			if r.tok.db != D.d {
