@@ -15,8 +15,9 @@ import (
 // random sequences of the events the handles, the network and the timers
 // produce, and checks it after every event against a model: which tokens are
 // held and why, which backends exist and in which state, who waits in which
-// order, which database each eviction must pick (SLRU), which timers must be
-// armed, what every caller gets back, and the counters.
+// order, which database each eviction must pick (SLRU), whether the server
+// is down and who probes it, which timers must be armed, what every caller
+// gets back, and the counters.
 //
 // Everything that runs is the test's: the clock is manual and the test fires
 // the timers the budget armed (only those, and only when armed), sockets are
@@ -26,8 +27,9 @@ import (
 //
 // The fakes are in statemachine_fakes_test.go, the model's state and
 // arithmetic in statemachine_model_test.go, the events in
-// statemachine_events_test.go and the checks after each of them in
-// statemachine_check_test.go.
+// statemachine_events_test.go, the checks after each of them in
+// statemachine_check_test.go, and the server's circuit (outages and
+// probes) in statemachine_circuit_test.go.
 
 var (
 	smIdleTimeouts = [4]time.Duration{time.Hour, time.Hour, 2 * time.Second, 200 * time.Millisecond}
