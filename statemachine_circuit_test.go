@@ -161,6 +161,25 @@ func (m *stateMachine) proberLeft() {
 	if !capped && (sw.w.claim != nil || m.roomNow(D, nil)) {
 		m.fail("w%d, the probe's caller, stopped seeking though it could get a token", sw.id)
 	}
+	if !capped {
+		// Handed over, to a caller that can get a token (the new
+		// probe's caller, granted or not yet).
+		other := false
+		for _, x := range m.dbs {
+			ws := m.waitersOf(x)
+			if x == D || x.d == nil || len(ws) == 0 {
+				continue
+			}
+			seeking := x.d.waiters.seeking
+			if ws[0].w.seeking() {
+				seeking-- // the new probe's caller: it was not when chosen
+			}
+			other = other || m.live(x)+seeking < m.capOf(x) && m.roomNow(x, nil)
+		}
+		if !other {
+			m.fail("w%d, the probe's caller, stopped seeking while no other caller could get a token", sw.id)
+		}
+	}
 	m.circ.prober = nil
 	m.cov.probeHandover++
 	m.logf("w%d no longer probes (capped %v)", sw.id, capped)
