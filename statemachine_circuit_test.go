@@ -91,10 +91,10 @@ func (m *stateMachine) circuitUp(tk *smToken) {
 	}
 }
 
-// probeCandidate reports whether sw may be the probe's caller: the first
-// waiter of a pool below its cap, no later than the first of any other
-// such pool that has a token free, and if its own pool has none, no such
-// pool (startProbeLocked). extra counts a token or a seek of sw's own
+// probeCandidate reports whether sw, the first waiter of its pool, may be
+// the probe's caller: its pool below its cap, sw no later than the first of
+// any other such pool that has a token free, and if its own pool has none,
+// no such pool (startProbeLocked). extra counts a token or a seek of sw's own
 // already reflected in its pool's numbers; skip, its token if it was
 // granted one. b.mu is held.
 func (m *stateMachine) probeCandidate(sw *smWaiter, extra int, skip *smToken) bool {

@@ -149,6 +149,7 @@ type stateMachine struct {
 	waiters   []*smWaiter  // in await, in arrival order
 	byW       map[*waiter]*smWaiter
 	results   chan smResult
+	early     []smResult // results received before settle looked for them
 	pending   []*smTimer // fired; callback not run yet
 	roles     map[*smTimer]any
 	closed    bool

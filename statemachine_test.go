@@ -343,9 +343,22 @@ func (m *stateMachine) settle() {
 	}
 	b.mu.Unlock()
 	got := map[int]smResult{}
+	for _, r := range m.early {
+		got[r.id] = r
+	}
+	m.early = nil
 	for len(got) < len(done) {
 		r := m.receive()
 		got[r.id] = r
+	}
+	for id := range got {
+		served := false
+		for _, sw := range done {
+			served = served || sw.id == id
+		}
+		if !served {
+			m.fail("w%d returned though the budget did not serve it", id)
+		}
 	}
 	grants := map[*smDB]int{}
 	for _, sw := range done {
