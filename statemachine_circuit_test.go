@@ -25,6 +25,7 @@ type smCircuit struct {
 	// probeGrant: the sub-step chose and granted the probe's caller; its
 	// choice is checked once the model has seen all the sub-step did.
 	probeGrant *smWaiter
+	left       *smWaiter // the probe's caller until the sub-step, still waiting
 	outages    uint64
 	failed     uint64
 }
@@ -150,39 +151,37 @@ func (m *stateMachine) probeFronts() (out []*smWaiter) {
 
 // proberLeft notices the probe's caller leaving the dial queue while it
 // still waits: a lowered cap, or it had no token free and another caller
-// had one, and took the probe over. b.mu is held.
+// had one, and took the probe over. handedOver checks why, once the model
+// has seen all the sub-step did. b.mu is held.
 func (m *stateMachine) proberLeft() {
 	sw := m.circ.prober
 	if sw == nil || m.byW[sw.w] != sw || sw.w.seeking() || sw.w.done {
 		return
 	}
+	m.circ.prober, m.circ.left = nil, sw
+	m.cov.probeHandover++
+	m.logf("w%d no longer probes", sw.id)
+}
+
+// handedOver checks that sw, the probe's caller until the sub-step, left
+// the dial queue for a lowered cap, or for a caller that could get a token
+// when sw could not: grant (granted in the sub-step), or the new probe's
+// caller. b.mu is held.
+func (m *stateMachine) handedOver(sw, grant *smWaiter) {
 	D := sw.db
-	capped := m.live(D)+D.d.waiters.seeking >= m.capOf(D)
-	if !capped && (sw.w.claim != nil || m.roomNow(D, nil)) {
+	if m.byW[sw.w] != sw || m.live(D)+D.d.waiters.seeking >= m.capOf(D) {
+		return // served meanwhile, or capped
+	}
+	if sw.w.claim != nil || m.roomNow(D, nil) {
 		m.fail("w%d, the probe's caller, stopped seeking though it could get a token", sw.id)
 	}
-	if !capped {
-		// Handed over, to a caller that can get a token (the new
-		// probe's caller, granted or not yet).
-		other := false
-		for _, x := range m.dbs {
-			ws := m.waitersOf(x)
-			if x == D || x.d == nil || len(ws) == 0 {
-				continue
-			}
-			seeking := x.d.waiters.seeking
-			if ws[0].w.seeking() {
-				seeking-- // the new probe's caller: it was not when chosen
-			}
-			other = other || m.live(x)+seeking < m.capOf(x) && m.roomNow(x, nil)
-		}
-		if !other {
-			m.fail("w%d, the probe's caller, stopped seeking while no other caller could get a token", sw.id)
-		}
+	to, skip := m.circ.prober, (*smToken)(nil)
+	if grant != nil {
+		to, skip = grant, grant.tok
 	}
-	m.circ.prober = nil
-	m.cov.probeHandover++
-	m.logf("w%d no longer probes (capped %v)", sw.id, capped)
+	if to == nil || to == sw || !m.roomNow(to.db, skip) {
+		m.fail("w%d, the probe's caller, stopped seeking with no token free, and no caller with one took the probe over", sw.id)
+	}
 }
 
 // probeGranted is the model of a grant of tok to sw, in settle before sw
@@ -288,6 +287,7 @@ func (m *stateMachine) checkCircuit() {
 		m.fail("circuit down %v outages %d failed waits %d; the model %v %d %d", c.down, c.outages, c.failed, mc.down, mc.outages, mc.failed)
 	}
 	if !c.down {
+		mc.probeGrant, mc.left = nil, nil
 		if c.wake.armed {
 			m.fail("the probe timer is armed while the server is up")
 		}
@@ -307,11 +307,10 @@ func (m *stateMachine) checkCircuit() {
 		m.fail("next probe at %s; the model %s", c.probeAt.Sub(smEpoch), mc.probeAt.Sub(smEpoch))
 	}
 
-	if sw := m.circ.probeGrant; sw != nil {
-		m.circ.probeGrant = nil
-		if !m.probeCandidate(sw, 1, sw.tok) {
-			m.fail("w%d of %s probes; it is not the oldest first caller of a pool below its cap with a token free", sw.id, sw.db.ws)
-		}
+	grant := mc.probeGrant
+	mc.probeGrant = nil
+	if grant != nil && !m.probeCandidate(grant, 1, grant.tok) {
+		m.fail("w%d of %s probes; it is not the oldest first caller of a pool below its cap with a token free", grant.id, grant.db.ws)
 	}
 	// The probe's caller, while it seeks a token.
 	m.proberLeft()
@@ -333,6 +332,10 @@ func (m *stateMachine) checkCircuit() {
 			m.cov.probes++
 			m.logf("w%d seeks a token to probe", sw.id)
 		}
+	}
+	if sw := mc.left; sw != nil {
+		mc.left = nil
+		m.handedOver(sw, grant)
 	}
 	if c.probing != mc.probing() {
 		m.fail("circuit probing %v; the model %v (caller %v, token %v)", c.probing, mc.probing(), mc.prober != nil, mc.probeTok != nil)
