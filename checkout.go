@@ -180,7 +180,7 @@ func (b *budget) grantLocked(w *waiter, now time.Time) {
 	}
 	if s.circuit.prober == w {
 		s.circuit.prober = nil // its dial is the probe now
-		w.tok.probe = true
+		s.circuit.startProbeTok(w.tok)
 	}
 	b.serveLocked(w, now)
 }

@@ -45,6 +45,7 @@ type circuit struct {
 	lastErr  error     // what the last failed dial found, without its DSN details
 	probing  bool      // a probe is under way: prober seeks a token, or its dial runs
 	prober   *waiter   // the waiter that is to dial the probe, while it seeks a token
+	probeTok *token    // the probe's token, while its dial runs
 	failures int       // probes failed since it went down
 	probeAt  time.Time // no probe starts before
 	wake     wakeup    // starts the next probe
@@ -76,6 +77,9 @@ func (c *circuit) reset(now time.Time) (wasDown bool, downFor time.Duration) {
 	downFor = now.Sub(c.since)
 	c.down, c.probing, c.failures = false, false, 0
 	c.prober = nil
+	// A probe's dial still running is an ordinary dial from now on: if it
+	// fails in a later outage, that outage's probe is another.
+	c.endProbeTok()
 	c.wake.stop()
 	return true, downFor
 }
@@ -85,9 +89,24 @@ func (c *circuit) reset(now time.Time) (wasDown bool, downFor time.Duration) {
 // first) the next one may start at once.
 func (c *circuit) probeEnded(now time.Time, failed bool) {
 	c.probing = false
+	c.endProbeTok()
 	if c.down && failed {
 		c.failures++
 		c.probeAt = now.Add(probeBackoff(c.failures))
+	}
+}
+
+// startProbeTok records that t's dial is the probe.
+func (c *circuit) startProbeTok(t *token) {
+	c.probeTok, t.probe = t, true
+}
+
+// endProbeTok records that the probe's token, if any, no longer dials the
+// probe.
+func (c *circuit) endProbeTok() {
+	if c.probeTok != nil {
+		c.probeTok.probe = false
+		c.probeTok = nil
 	}
 }
 

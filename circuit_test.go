@@ -493,3 +493,118 @@ func TestCircuitOpensBeforeTheTokenReturns(t *testing.T) {
 	}
 	r.check()
 }
+
+// TestCircuitStaleProbeEndsNoLaterProbe: a probe's dial still running when
+// another dial's answer resets the circuit is no longer the probe. If it
+// then finds the server down in a later outage, it trips that outage, and
+// must not end that outage's probe nor count as a failed probe of it:
+// otherwise a second probe dials beside the first, and the first probe of
+// the new outage waits a doubled backoff. Found by the state-machine test.
+func TestCircuitStaleProbeEndsNoLaterProbe(t *testing.T) {
+	r := newCircuitRig(t)
+	da, db, dc := r.db("a"), r.db("b"), r.db("c")
+	refused := &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}
+	ctx := context.Background()
+
+	// Two dials run; one finds the server down.
+	_, a1 := r.queue(da, ctx)
+	ta := (<-a1).tok
+	_, b1 := r.queue(db, ctx)
+	tb := (<-b1).tok
+	require.NotNil(t, ta)
+	require.NotNil(t, tb)
+	r.b.dialFailed(tb, dialDown, refused)
+	require.True(t, r.server(da).down)
+
+	// A caller of a waits; after the backoff it dials the probe.
+	_, a2 := r.queue(da, ctx)
+	r.advance(probeBackoffMax)
+	p1 := (<-a2).tok
+	require.NotNil(t, p1, "the probe")
+	require.True(t, r.server(da).probing)
+
+	// The other dial, started before the outage, connects: the server is
+	// up, and p1 is an ordinary dial now.
+	ra := r.b.dialed(ta, &backend{}, time.Millisecond)
+	require.False(t, r.server(da).down)
+
+	// A second outage, with its own probe.
+	_, c1 := r.queue(dc, ctx)
+	tc := (<-c1).tok
+	require.NotNil(t, tc)
+	r.b.dialFailed(tc, dialDown, refused)
+	s := r.server(da)
+	require.True(t, s.down)
+	require.Equal(t, uint64(2), s.outages)
+	_, c2 := r.queue(dc, ctx)
+	r.advance(probeBackoffMax)
+	p2 := (<-c2).tok
+	require.NotNil(t, p2, "the second outage's probe")
+
+	// p1, from the first outage, fails: p2 is still the probe.
+	r.b.dialFailed(p1, dialDown, refused)
+	s = r.server(da)
+	require.True(t, s.probing, "p2 still dials the probe")
+	require.Zero(t, s.failures, "p2 has not failed yet")
+	wb, b2 := r.queue(db, ctx)
+	r.advance(probeBackoffMax)
+	require.False(t, r.served(wb), "a second probe dials while p2 does")
+	r.check()
+
+	// p2 connects: the server is up and b's caller dials.
+	r.b.dialed(p2, &backend{}, time.Millisecond)
+	require.False(t, r.server(da).down)
+	got := <-b2
+	require.NotNil(t, got.tok)
+	r.b.dialFailed(got.tok, dialOther, errors.New("refused"))
+	r.b.checkin(ra)
+	r.check()
+}
+
+// TestCircuitProbesWithAFreeToken: while the server is down, the probe goes
+// to a caller that can get a token. The oldest caller here belongs to a
+// pool with no token free (the shared tokens are all held, nothing is
+// idle), while a later caller's pool has a reserved token free: had the
+// first probed, nobody would dial until it gave up. Found by the
+// state-machine test.
+func TestCircuitProbesWithAFreeToken(t *testing.T) {
+	r := newCircuitRig(t)
+	dr := r.db("r")
+	r.b.mu.Lock()
+	dr.srv.ledger.reserve(&dr.tokens, 1)
+	r.b.mu.Unlock()
+	refused := &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}
+	ctx := context.Background()
+
+	// The three shared tokens, busy.
+	var held []*backend
+	for _, name := range []string{"a", "b", "c"} {
+		_, ch := r.queue(r.db(name), ctx)
+		got := <-ch
+		require.NotNil(t, got.tok)
+		held = append(held, r.b.dialed(got.tok, &backend{}, time.Millisecond))
+	}
+	_, r1 := r.queue(dr, ctx)
+	got := <-r1
+	require.NotNil(t, got.tok, "r's reserved token")
+	r.b.dialFailed(got.tok, dialDown, refused)
+	require.True(t, r.server(dr).down)
+
+	wx, _ := r.queue(r.db("x"), ctx) // no token free for x
+	r.clk.set(r.clk.Now().Add(time.Millisecond))
+	wr, r2 := r.queue(dr, ctx)
+	r.advance(probeBackoffMax)
+	require.True(t, r.server(dr).probing)
+	require.True(t, r.served(wr), "r's caller, which has a token free, probes")
+	require.False(t, r.served(wx))
+	probe := <-r2
+	require.NotNil(t, probe.tok)
+	require.True(t, probe.tok.probe)
+	r.check()
+
+	r.b.dialed(probe.tok, &backend{}, time.Millisecond)
+	require.False(t, r.server(dr).down)
+	r.b.checkin(held[0])
+	require.True(t, r.served(wx), "x's caller takes the token a's backend frees")
+	r.check()
+}

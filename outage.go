@@ -74,15 +74,40 @@ func (b *budget) armProbeLocked(s *server, now time.Time) {
 
 // startProbeLocked lets the oldest caller waiting on down server s dial, if
 // no probe is under way and its backoff has passed. It returns whether one
-// started.
+// started. The oldest caller that can get a token now probes first: one of
+// a pool with no token free (the shared ones held, and its reservation, if
+// any, in use) would hold the probe until a token comes, while another
+// pool's caller could dial at once. A probe's caller that still waits for
+// a token hands the probe over to such a caller.
 func (b *budget) startProbeLocked(s *server, now time.Time) bool {
 	if b.closed {
 		return false
 	}
-	if !s.circuit.probeDue(now) {
+	c := &s.circuit
+	if w := c.prober; w != nil && w.claim == nil && !w.db.room() && b.probeCallerLocked(s, true) != nil {
+		b.unseekLocked(w) // ends its probe: the next may start at once
+	}
+	if !c.probeDue(now) {
 		b.armProbeLocked(s, now)
 		return false
 	}
+	oldest := b.probeCallerLocked(s, true)
+	if oldest == nil {
+		// None can get a token now: the oldest evicts an idle backend,
+		// or takes the next token freed.
+		oldest = b.probeCallerLocked(s, false)
+	}
+	if oldest == nil {
+		return false // the next caller to queue starts it
+	}
+	c.probing, c.prober = true, oldest
+	b.seekLocked(oldest)
+	return true
+}
+
+// probeCallerLocked returns the oldest first caller of a pool of s that may
+// dial the probe: below its cap and, with room, with a token free.
+func (b *budget) probeCallerLocked(s *server, room bool) *waiter {
 	var oldest *waiter
 	for p := s.pools.front; p != nil; p = s.pools.next(p) {
 		if p.waiters.len == 0 {
@@ -91,16 +116,14 @@ func (b *budget) startProbeLocked(s *server, now time.Time) bool {
 		if p.tokens.live()+p.waiters.seeking >= b.capLocked(p) {
 			continue // at its cap: it waits for a backend of its own
 		}
+		if room && !p.room() {
+			continue
+		}
 		if w := p.waiters.front; oldest == nil || w.since.Before(oldest.since) {
 			oldest = w
 		}
 	}
-	if oldest == nil {
-		return false // the next caller to queue starts it
-	}
-	s.circuit.probing, s.circuit.prober = true, oldest
-	b.seekLocked(oldest)
-	return true
+	return oldest
 }
 
 // dialHungLocked marks t's server down because t's dial has run too long:
@@ -116,7 +139,8 @@ func (b *budget) dialHungLocked(t *token) {
 	}
 	b.markDownLocked(s, b.clock.Now(), errNotAnswering, t.db.workspace)
 	s.circuit.wake.stop()
-	s.circuit.probing, t.probe = true, true
+	s.circuit.probing = true
+	s.circuit.startProbeTok(t)
 }
 
 // serverDownErrorLocked is the error of a caller of p whose wait ends while

@@ -25,6 +25,12 @@ func (m *stateMachine) check() {
 			m.roles[t] = smReaper{}
 			continue
 		}
+		if s := b.servers[serverKey{}]; s != nil {
+			if wt, ok := s.circuit.wake.timer.(*smTimer); ok && wt == t {
+				m.roles[t] = smProbe{s}
+				continue
+			}
+		}
 		m.fail("a timer armed for something the model does not know")
 	}
 
@@ -98,6 +104,7 @@ func (m *stateMachine) check() {
 		}
 		m.paceSlots, m.paceGood, m.paceEpoch, m.paceDials = initialDialSlots, 0, 0, nil
 	}
+	m.checkCircuit()
 	_, sharedLive := m.shared()
 	switch {
 	case b.open != totalOpen:
@@ -233,6 +240,9 @@ func (m *stateMachine) check() {
 		}
 		starts := 0
 		for _, sw := range append(m.waitersOf(D), m.grantedNow...) {
+			if sw == m.circ.prober || sw.tok != nil && sw.tok == m.circ.probeTok {
+				continue // the probe dials for the server, whatever the growth rule
+			}
 			if sw.db == D && sw != m.exp.patience && !sw.preSeeking && (sw.granted || sw.w.seeking()) {
 				starts++
 			}
@@ -251,7 +261,7 @@ func (m *stateMachine) check() {
 		}
 	}
 	for _, D := range m.exp.grow {
-		if D.d == nil {
+		if D.d == nil || m.circ.down {
 			continue
 		}
 		n := m.live(D) + D.d.waiters.seeking

@@ -129,6 +129,9 @@ func (m *stateMachine) take(D *smDB, dead bool) (got *smBackend, queued *smWaite
 				mb.state, mb.checkedOut = smBusy, now
 				m.reused(D)
 				m.cov.reuses++
+				if m.circ.down {
+					m.cov.downHits++
+				}
 				m.logf("takes idle backend %d", mb.id)
 			case be != nil || w == nil:
 				m.fail("%s: take returned a backend while the model has none idle", D.ws)
@@ -234,6 +237,8 @@ func (m *stateMachine) dialOK(tk *smToken, arg int) {
 		mb.created, mb.checkedOut = now, now
 		if m.closed {
 			m.exp.busy, m.exp.busyReason = mb, reasonDriverClosed
+		} else {
+			m.circuitUp(tk)
 		}
 		got := m.b.dialed(tk.tok, nb, took)
 		switch {
@@ -250,6 +255,12 @@ func (m *stateMachine) dialOK(tk *smToken, arg int) {
 func (m *stateMachine) dialFail(tk *smToken, arg int) {
 	D := tk.db
 	kind := dialErrorKind(arg >> 2 & 1)
+	if arg&0x60 == 0x60 || tk == m.circ.probeTok && arg&0x20 != 0 {
+		// A quarter find the server down, half of the probes: enough
+		// outages and failed probes for the backoff to grow, few enough
+		// that the budget still fills.
+		kind = dialDown
+	}
 	m.subf("%s: dial fails (kind %d, %d sockets)", D.ws, kind, arg%3)(func() {
 		for i := 0; i < arg%3; i++ {
 			m.startDrain(m.openSocket(tk, nil))
@@ -260,6 +271,11 @@ func (m *stateMachine) dialFail(tk *smToken, arg int) {
 		}
 		m.exp.grow = []*smDB{D}
 		m.cov.dialFailures++
+		if kind == dialDown {
+			m.circuitDown(tk)
+		} else {
+			m.circuitUp(tk) // the server answered, if only to refuse
+		}
 		m.b.dialFailed(tk.tok, kind, errSMDial)
 	})
 	m.followups = append(m.followups, func() { m.closeHandle(D) })
@@ -376,6 +392,7 @@ func (m *stateMachine) drain(s *smSocket) {
 func (m *stateMachine) giveUp(sw *smWaiter, timeout bool) {
 	D := sw.db
 	var be *BudgetError
+	var de *ServerDownError
 	var open, dbOpen, waiting int
 	m.subf("%s: w%d gives up (timeout %v)", D.ws, sw.id, timeout)(func() {
 		now := m.clk.Now()
@@ -389,11 +406,21 @@ func (m *stateMachine) giveUp(sw *smWaiter, timeout bool) {
 		}
 		m.exp.grow = []*smDB{D}
 		r := m.receive()
-		if r.id != sw.id {
-			m.fail("w%d returned while w%d gave up", r.id, sw.id)
+		for r.id != sw.id {
+			// A waiter served as this one left: its goroutine may report
+			// first. settle checks that it was served.
+			m.early = append(m.early, r)
+			r = m.receive()
+		}
+		D.owe(now.Sub(sw.since))
+		if m.circ.down {
+			// Its caller learns why no backend came: the server is down.
+			de = m.giveUpDown(sw, r, now, timeout)
+			m.dropWaiter(sw)
+			waiting = len(m.waiters)
+			return
 		}
 		m.exhausted++
-		D.owe(now.Sub(sw.since))
 		if !errors.As(r.err, &be) || !errors.Is(r.err, ErrBudgetExhausted) || r.be != nil || r.tok != nil {
 			m.fail("w%d gave up: got %v", sw.id, r.err)
 		}
@@ -408,6 +435,15 @@ func (m *stateMachine) giveUp(sw *smWaiter, timeout bool) {
 		}
 		open, dbOpen, waiting = m.openTotal(), m.counts(D).open, len(m.waiters)
 	})
+	if de != nil {
+		// Counted after the probe's caller, if it was granted as this
+		// caller left, has left too.
+		if de.Waiting != waiting && de.Waiting != len(m.waiters) {
+			m.fail("w%d: %+v; the model: %d waiting (or %d)", sw.id, *de, waiting, len(m.waiters))
+		}
+		m.followups = append(m.followups, func() { m.closeHandle(D) })
+		return
+	}
 	// The numbers are those of when the wait ended: before, or after, the
 	// database's other callers were reconsidered for a dial.
 	if be.Open != open && be.Open != m.openTotal() || be.DatabaseOpen != dbOpen && be.DatabaseOpen != m.counts(D).open ||
@@ -435,6 +471,8 @@ func (m *stateMachine) runTimer(t *smTimer) {
 		defer m.dropTimer(t) // its waiter is gone: nothing can arm it again
 	}
 	switch role := m.roles[t].(type) {
+	case smProbe:
+		m.probeTimer(t, role.s)
 	case smReaper:
 		m.sub("the reaper runs", func() {
 			now := m.clk.Now()
@@ -457,7 +495,7 @@ func (m *stateMachine) runTimer(t *smTimer) {
 			b := m.b
 			b.mu.Lock()
 			waiting := !sw.w.done && !sw.w.seeking()
-			want := waiting && sw.db.d != nil && m.live(sw.db)+sw.db.d.waiters.seeking < m.capOf(sw.db)
+			want := waiting && sw.db.d != nil && m.live(sw.db)+sw.db.d.waiters.seeking < m.capOf(sw.db) && !m.circ.down
 			b.mu.Unlock()
 			t.f()
 			b.mu.Lock()
@@ -530,6 +568,7 @@ func (m *stateMachine) closeDriver() {
 			}
 		}
 		m.closed = true
+		m.circ.prober = nil // failed with every waiter
 		m.closeDone = make(chan struct{})
 		go func() {
 			m.b.close()

@@ -115,6 +115,11 @@ type smCov struct {
 	// spareTaken: a growing database's caller evicted a spare backend;
 	// growthHeld: one waited while only a last backend was idle.
 	spareTaken, growthHeld int
+	// The circuit: trips, probes started, probes failed (backoff) and
+	// succeeded (reset), waits ended with a ServerDownError, and checkouts
+	// served from an idle backend while the server was down.
+	trips, probes, probeFailed, probeOK, downFails, downHits int
+	probeHandover                                            int // the probe's caller left the dial queue still waiting
 }
 
 // smExpect is what the sub-step under way must do.
@@ -144,6 +149,7 @@ type stateMachine struct {
 	waiters   []*smWaiter  // in await, in arrival order
 	byW       map[*waiter]*smWaiter
 	results   chan smResult
+	early     []smResult // results received before settle looked for them
 	pending   []*smTimer // fired; callback not run yet
 	roles     map[*smTimer]any
 	closed    bool
@@ -170,6 +176,7 @@ type stateMachine struct {
 	handoffs, dials, exhausted, timeouts, waitCount uint64
 	dialErrors                                      [numDialErrorKinds]uint64
 	dialTime                                        float64
+	circ                                            smCircuit
 	exp                                             smExpect
 	preOpen, preShared, preReserved                 int
 	preLive                                         map[*smDB]int

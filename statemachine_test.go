@@ -15,8 +15,9 @@ import (
 // random sequences of the events the handles, the network and the timers
 // produce, and checks it after every event against a model: which tokens are
 // held and why, which backends exist and in which state, who waits in which
-// order, which database each eviction must pick (SLRU), which timers must be
-// armed, what every caller gets back, and the counters.
+// order, which database each eviction must pick (SLRU), whether the server
+// is down and who probes it, which timers must be armed, what every caller
+// gets back, and the counters.
 //
 // Everything that runs is the test's: the clock is manual and the test fires
 // the timers the budget armed (only those, and only when armed), sockets are
@@ -26,8 +27,9 @@ import (
 //
 // The fakes are in statemachine_fakes_test.go, the model's state and
 // arithmetic in statemachine_model_test.go, the events in
-// statemachine_events_test.go and the checks after each of them in
-// statemachine_check_test.go.
+// statemachine_events_test.go, the checks after each of them in
+// statemachine_check_test.go, and the server's circuit (outages and
+// probes) in statemachine_circuit_test.go.
 
 var (
 	smIdleTimeouts = [4]time.Duration{time.Hour, time.Hour, 2 * time.Second, 200 * time.Millisecond}
@@ -341,9 +343,22 @@ func (m *stateMachine) settle() {
 	}
 	b.mu.Unlock()
 	got := map[int]smResult{}
+	for _, r := range m.early {
+		got[r.id] = r
+	}
+	m.early = nil
 	for len(got) < len(done) {
 		r := m.receive()
 		got[r.id] = r
+	}
+	for id := range got {
+		served := false
+		for _, sw := range done {
+			served = served || sw.id == id
+		}
+		if !served {
+			m.fail("w%d returned though the budget did not serve it", id)
+		}
 	}
 	grants := map[*smDB]int{}
 	for _, sw := range done {
@@ -351,6 +366,7 @@ func (m *stateMachine) settle() {
 		if !ok {
 			m.fail("waiter w%d is done but another waiter returned", sw.id)
 		}
+		probe := r.tok != nil && r.err == nil && m.probeGranted(sw, r.tok)
 		m.dropWaiter(sw)
 		D := sw.db
 		if r.err == nil {
@@ -373,6 +389,11 @@ func (m *stateMachine) settle() {
 					sw.id, D.ws, m.backends[r.be].id, exp)
 			}
 			m.exp.handedOff = true
+			if m.circ.prober == sw {
+				// Served without a dial: the next probe may start at once.
+				m.circ.prober = nil
+				m.logf("the probe's caller needs no dial")
+			}
 			m.logf("waiter w%d (%s) gets backend %d handed over", sw.id, D.ws, m.exp.busy.id)
 		case r.tok != nil:
 			if r.tok.db != D.d {
@@ -386,6 +407,9 @@ func (m *stateMachine) settle() {
 			sw.granted = true
 			m.grantedNow = append(m.grantedNow, sw)
 			sw.tok = &smToken{db: D, tok: r.tok, dialing: true, epoch: m.paceEpoch}
+			if probe {
+				m.circ.probeTok = sw.tok
+			}
 			if r.tok.paceEpoch != m.paceEpoch {
 				m.fail("waiter w%d granted in pacing epoch %d; the model is in %d", sw.id, r.tok.paceEpoch, m.paceEpoch)
 			}
@@ -655,4 +679,10 @@ func TestBudgetStateMachineCoverage(t *testing.T) {
 	require.Greater(t, cov.closes, 2, "Close during a run")
 	require.Greater(t, cov.spareTaken, 0, "spare backends evicted for a growing database")
 	require.Greater(t, cov.growthHeld, 20, "growing databases waiting while only a last backend was idle")
+	require.Greater(t, cov.trips, 30, "circuit trips")
+	require.Greater(t, cov.probes, 30, "probes started")
+	require.Greater(t, cov.probeFailed, 3, "probes failed: backoff")
+	require.Greater(t, cov.probeOK, 20, "probes succeeded: reset")
+	require.Greater(t, cov.downFails, 30, "waits ended with a ServerDownError")
+	require.Greater(t, cov.downHits, 5, "idle backends served while the server was down")
 }

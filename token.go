@@ -26,7 +26,7 @@ type token struct {
 	released  bool
 	claim     *waiter       // the waiter that gets this token when it is released
 	gone      chan struct{} // made on demand; closed when the token is released
-	probe     bool          // its dial is its server's probe
+	probe     bool          // its dial is its server's probe in the current outage (circuit.probeTok)
 	dialDone  bool          // its dial has ended, or was never started
 	dialStart time.Time     // when its dial started
 	paceEpoch uint64        // the pacer's epoch when it was granted
@@ -134,6 +134,7 @@ func (b *budget) dialFailedLocked(t *token, kind dialErrorKind, cause error) {
 		s.answered = now
 		if t.probe {
 			s.circuit.probing = false
+			s.circuit.endProbeTok()
 		}
 		b.markUpLocked(s, now)
 	}
