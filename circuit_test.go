@@ -353,7 +353,7 @@ func TestCircuitOneProbeAtATime(t *testing.T) {
 
 	ctx := context.Background()
 	wa, a := r.queue(d1, ctx)
-	got := <-a
+	got := awaitResult(t, a)
 	require.NotNil(t, got.tok, "the first caller dials")
 	r.b.dialFailed(got.tok, dialDown, refused)
 	s := r.server(d1)
@@ -374,7 +374,7 @@ func TestCircuitOneProbeAtATime(t *testing.T) {
 
 	// The probe: the oldest caller, after the first backoff.
 	r.advance(probeBackoffMin)
-	got = <-b1
+	got = awaitResult(t, b1)
 	require.NotNil(t, got.tok, "the oldest caller probes")
 	require.True(t, got.tok.probe)
 	require.Equal(t, 1, r.dialing())
@@ -390,7 +390,7 @@ func TestCircuitOneProbeAtATime(t *testing.T) {
 	require.Zero(t, r.dialing(), "the backoff grows after a failed probe")
 	r.advance(2 * probeBackoffMin)
 	require.True(t, r.served(wc), "the next probe is the oldest caller left")
-	got = <-c2
+	got = awaitResult(t, c2)
 	require.True(t, got.tok.probe)
 	cancel()
 
@@ -400,7 +400,7 @@ func TestCircuitOneProbeAtATime(t *testing.T) {
 	wd, d := r.queue(d1, ctx)
 	r.fireDue()
 	require.True(t, r.served(wd), "a probe whose caller gave up is handed on at once")
-	got = <-d
+	got = awaitResult(t, d)
 	require.True(t, got.tok.probe)
 	we, e := r.queue(d2, ctx)
 	r.fireDue()
@@ -414,7 +414,7 @@ func TestCircuitOneProbeAtATime(t *testing.T) {
 	s = r.server(d1)
 	require.False(t, s.down)
 	require.Equal(t, uint64(1), s.outages)
-	got = <-e
+	got = awaitResult(t, e)
 	require.NotNil(t, got.tok, "the server is up: its callers dial again")
 	require.False(t, got.tok.probe)
 	be2 := r.b.dialed(got.tok, &backend{}, time.Millisecond)
@@ -430,19 +430,19 @@ func TestCircuitDeadlineWhileDown(t *testing.T) {
 	r := newCircuitRig(t)
 	d1 := r.db("one")
 	_, a := r.queue(d1, context.Background())
-	got := <-a
+	got := awaitResult(t, a)
 	r.b.dialFailed(got.tok, dialDown, &pgconn.PgError{Severity: "FATAL", Code: "57P03", Message: "the database system is starting up"})
 	// A probe is under way, and hangs.
 	_, p := r.queue(d1, context.Background())
 	r.advance(300 * time.Millisecond)
-	probe := <-p
+	probe := awaitResult(t, p)
 	require.True(t, probe.tok.probe)
 	ctx := newSMCtx()
 	w, b1 := r.queue(d1, ctx)
 	r.advance(200 * time.Millisecond)
 	require.False(t, r.served(w), "one probe at a time")
 	ctx.end(context.DeadlineExceeded)
-	got = <-b1
+	got = awaitResult(t, b1)
 	var de *ServerDownError
 	require.True(t, errors.As(got.err, &de), "%v", got.err)
 	require.ErrorIs(t, got.err, ErrServerDown)
@@ -471,12 +471,12 @@ func TestCircuitOpensBeforeTheTokenReturns(t *testing.T) {
 	var held []*backend
 	for _, name := range []string{"c1", "c2", "c3"} { // 3 of the 4 tokens, busy
 		_, ch := r.queue(r.db(name), ctx)
-		got := <-ch
+		got := awaitResult(t, ch)
 		require.NotNil(t, got.tok)
 		held = append(held, r.b.dialed(got.tok, &backend{}, time.Millisecond))
 	}
 	_, a := r.queue(r.db("a"), ctx)
-	got := <-a
+	got := awaitResult(t, a)
 	require.NotNil(t, got.tok, "the last token")
 	wb, _ := r.queue(r.db("b"), ctx)
 	require.False(t, r.served(wb), "the budget is full and nothing is idle")
@@ -508,9 +508,9 @@ func TestCircuitStaleProbeEndsNoLaterProbe(t *testing.T) {
 
 	// Two dials run; one finds the server down.
 	_, a1 := r.queue(da, ctx)
-	ta := (<-a1).tok
+	ta := awaitResult(t, a1).tok
 	_, b1 := r.queue(db, ctx)
-	tb := (<-b1).tok
+	tb := awaitResult(t, b1).tok
 	require.NotNil(t, ta)
 	require.NotNil(t, tb)
 	r.b.dialFailed(tb, dialDown, refused)
@@ -519,7 +519,7 @@ func TestCircuitStaleProbeEndsNoLaterProbe(t *testing.T) {
 	// A caller of a waits; after the backoff it dials the probe.
 	_, a2 := r.queue(da, ctx)
 	r.advance(probeBackoffMax)
-	p1 := (<-a2).tok
+	p1 := awaitResult(t, a2).tok
 	require.NotNil(t, p1, "the probe")
 	require.True(t, r.server(da).probing)
 
@@ -530,7 +530,7 @@ func TestCircuitStaleProbeEndsNoLaterProbe(t *testing.T) {
 
 	// A second outage, with its own probe.
 	_, c1 := r.queue(dc, ctx)
-	tc := (<-c1).tok
+	tc := awaitResult(t, c1).tok
 	require.NotNil(t, tc)
 	r.b.dialFailed(tc, dialDown, refused)
 	s := r.server(da)
@@ -538,7 +538,7 @@ func TestCircuitStaleProbeEndsNoLaterProbe(t *testing.T) {
 	require.Equal(t, uint64(2), s.outages)
 	_, c2 := r.queue(dc, ctx)
 	r.advance(probeBackoffMax)
-	p2 := (<-c2).tok
+	p2 := awaitResult(t, c2).tok
 	require.NotNil(t, p2, "the second outage's probe")
 
 	// p1, from the first outage, fails: p2 is still the probe.
@@ -554,7 +554,7 @@ func TestCircuitStaleProbeEndsNoLaterProbe(t *testing.T) {
 	// p2 connects: the server is up and b's caller dials.
 	r.b.dialed(p2, &backend{}, time.Millisecond)
 	require.False(t, r.server(da).down)
-	got := <-b2
+	got := awaitResult(t, b2)
 	require.NotNil(t, got.tok)
 	r.b.dialFailed(got.tok, dialOther, errors.New("refused"))
 	r.b.checkin(ra)
@@ -580,12 +580,12 @@ func TestCircuitProbesWithAFreeToken(t *testing.T) {
 	var held []*backend
 	for _, name := range []string{"a", "b", "c"} {
 		_, ch := r.queue(r.db(name), ctx)
-		got := <-ch
+		got := awaitResult(t, ch)
 		require.NotNil(t, got.tok)
 		held = append(held, r.b.dialed(got.tok, &backend{}, time.Millisecond))
 	}
 	_, r1 := r.queue(dr, ctx)
-	got := <-r1
+	got := awaitResult(t, r1)
 	require.NotNil(t, got.tok, "r's reserved token")
 	r.b.dialFailed(got.tok, dialDown, refused)
 	require.True(t, r.server(dr).down)
@@ -597,7 +597,7 @@ func TestCircuitProbesWithAFreeToken(t *testing.T) {
 	require.True(t, r.server(dr).probing)
 	require.True(t, r.served(wr), "r's caller, which has a token free, probes")
 	require.False(t, r.served(wx))
-	probe := <-r2
+	probe := awaitResult(t, r2)
 	require.NotNil(t, probe.tok)
 	require.True(t, probe.tok.probe)
 	r.check()
@@ -607,4 +607,18 @@ func TestCircuitProbesWithAFreeToken(t *testing.T) {
 	r.b.checkin(held[0])
 	require.True(t, r.served(wx), "x's caller takes the token a's backend frees")
 	r.check()
+}
+
+// awaitResult receives a queued caller's result within smHang: a caller the
+// budget never serves or fails then fails the test by name (with the
+// mutations of RELIABILITY.md, a bare receive hung the whole run instead).
+func awaitResult(t *testing.T, ch <-chan awaited) awaited {
+	t.Helper()
+	select {
+	case r := <-ch:
+		return r
+	case <-time.After(smHang):
+		t.Fatal("a queued caller was never served or failed")
+	}
+	panic("unreachable")
 }
