@@ -97,7 +97,7 @@ func (b *budget) giveUpLocked(w *waiter, now time.Time, deadline bool, callerErr
 		} else {
 			b.giveLocked(p, backendDialing)
 			w.tok.dialDone = true
-			if w.tok.probe {
+			if p.srv.circuit.isProbe(w.tok) {
 				b.probeEndedLocked(p.srv, now, false) // never dialed: no news of the server
 			}
 			b.serveQueueLocked(p.srv)

@@ -45,7 +45,7 @@ type circuit struct {
 	lastErr  error     // what the last failed dial found, without its DSN details
 	probing  bool      // a probe is under way: prober seeks a token, or its dial runs
 	prober   *waiter   // the waiter that is to dial the probe, while it seeks a token
-	probeTok *token    // the probe's token, while its dial runs
+	probeTok *token    // the probe's token, while its dial runs: the one dial whose end is the probe's
 	failures int       // probes failed since it went down
 	probeAt  time.Time // no probe starts before
 	wake     wakeup    // starts the next probe
@@ -97,18 +97,14 @@ func (c *circuit) probeEnded(now time.Time, failed bool) {
 }
 
 // startProbeTok records that t's dial is the probe.
-func (c *circuit) startProbeTok(t *token) {
-	c.probeTok, t.probe = t, true
-}
+func (c *circuit) startProbeTok(t *token) { c.probeTok = t }
 
-// endProbeTok records that the probe's token, if any, no longer dials the
-// probe.
-func (c *circuit) endProbeTok() {
-	if c.probeTok != nil {
-		c.probeTok.probe = false
-		c.probeTok = nil
-	}
-}
+// endProbeTok records that no dial is the probe any more.
+func (c *circuit) endProbeTok() { c.probeTok = nil }
+
+// isProbe reports whether t's dial is the probe of the current outage: a
+// probe's dial outlived by a reset is an ordinary dial from then on.
+func (c *circuit) isProbe(t *token) bool { return t != nil && c.probeTok == t }
 
 // probeDue reports whether a probe may start at now: the server is down,
 // none is under way, and the backoff has passed.

@@ -287,6 +287,13 @@ func (r *circuitRig) served(w *waiter) bool {
 	return w.done
 }
 
+// isProbe reports whether tok's dial is its server's probe.
+func (r *circuitRig) isProbe(tok *token) bool {
+	r.b.mu.Lock()
+	defer r.b.mu.Unlock()
+	return tok.db.srv.circuit.isProbe(tok)
+}
+
 func (r *circuitRig) check() {
 	r.t.Helper()
 	r.b.mu.Lock()
@@ -376,7 +383,7 @@ func TestCircuitOneProbeAtATime(t *testing.T) {
 	r.advance(probeBackoffMin)
 	got = awaitResult(t, b1)
 	require.NotNil(t, got.tok, "the oldest caller probes")
-	require.True(t, got.tok.probe)
+	require.True(t, r.isProbe(got.tok))
 	require.Equal(t, 1, r.dialing())
 	require.False(t, r.served(wc), "one probe at a time")
 	r.check()
@@ -391,7 +398,7 @@ func TestCircuitOneProbeAtATime(t *testing.T) {
 	r.advance(2 * probeBackoffMin)
 	require.True(t, r.served(wc), "the next probe is the oldest caller left")
 	got = awaitResult(t, c2)
-	require.True(t, got.tok.probe)
+	require.True(t, r.isProbe(got.tok))
 	cancel()
 
 	// Its caller gave up before the server said anything: the probe goes
@@ -401,7 +408,7 @@ func TestCircuitOneProbeAtATime(t *testing.T) {
 	r.fireDue()
 	require.True(t, r.served(wd), "a probe whose caller gave up is handed on at once")
 	got = awaitResult(t, d)
-	require.True(t, got.tok.probe)
+	require.True(t, r.isProbe(got.tok))
 	we, e := r.queue(d2, ctx)
 	r.fireDue()
 	require.False(t, r.served(we))
@@ -416,7 +423,7 @@ func TestCircuitOneProbeAtATime(t *testing.T) {
 	require.Equal(t, uint64(1), s.outages)
 	got = awaitResult(t, e)
 	require.NotNil(t, got.tok, "the server is up: its callers dial again")
-	require.False(t, got.tok.probe)
+	require.False(t, r.isProbe(got.tok))
 	be2 := r.b.dialed(got.tok, &backend{}, time.Millisecond)
 	r.check()
 	r.b.checkin(be)
@@ -436,7 +443,7 @@ func TestCircuitDeadlineWhileDown(t *testing.T) {
 	_, p := r.queue(d1, context.Background())
 	r.advance(300 * time.Millisecond)
 	probe := awaitResult(t, p)
-	require.True(t, probe.tok.probe)
+	require.True(t, r.isProbe(probe.tok))
 	ctx := newSMCtx()
 	w, b1 := r.queue(d1, ctx)
 	r.advance(200 * time.Millisecond)
@@ -599,7 +606,7 @@ func TestCircuitProbesWithAFreeToken(t *testing.T) {
 	require.False(t, r.served(wx))
 	probe := awaitResult(t, r2)
 	require.NotNil(t, probe.tok)
-	require.True(t, probe.tok.probe)
+	require.True(t, r.isProbe(probe.tok))
 	r.check()
 
 	r.b.dialed(probe.tok, &backend{}, time.Millisecond)

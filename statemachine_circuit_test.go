@@ -194,7 +194,7 @@ func (m *stateMachine) probeGranted(sw *smWaiter, tok *token) bool {
 	defer m.b.mu.Unlock()
 	m.locked = true
 	defer func() { m.locked = false }()
-	probe := tok.probe
+	probe := m.srv().circuit.isProbe(tok)
 	m.proberLeft()
 	switch {
 	case c.prober == sw:

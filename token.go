@@ -26,7 +26,6 @@ type token struct {
 	released  bool
 	claim     *waiter       // the waiter that gets this token when it is released
 	gone      chan struct{} // made on demand; closed when the token is released
-	probe     bool          // its dial is its server's probe in the current outage (circuit.probeTok)
 	dialDone  bool          // its dial has ended, or was never started
 	dialStart time.Time     // when its dial started
 	paceEpoch uint64        // the pacer's epoch when it was granted
@@ -112,27 +111,28 @@ func (b *budget) dialFailedLocked(t *token, kind dialErrorKind, cause error) {
 	}
 	b.closingLocked(t, backendDialing)
 	now := b.clock.Now()
+	probe := s.circuit.isProbe(t)
 	switch {
 	case kind == dialDown && isContextError(cause) && s.answered.After(t.dialStart):
 		// Cut short by its deadline while the server answered other
 		// dials: slow, not down.
-		if t.probe {
+		if probe {
 			b.probeEndedLocked(s, now, false)
 		}
 	case kind == dialDown:
 		b.markDownLocked(s, now, downCause(cause), p.workspace)
-		if t.probe {
+		if probe {
 			b.probeEndedLocked(s, now, true)
 		}
 	case isContextError(cause):
 		// The caller gave up before the server said anything.
-		if t.probe {
+		if probe {
 			b.probeEndedLocked(s, now, false)
 		}
 	default:
 		// The server answered, if only to refuse this dial.
 		s.answered = now
-		if t.probe {
+		if probe {
 			s.circuit.probing = false
 			s.circuit.endProbeTok()
 		}
